@@ -1,0 +1,5 @@
+"""Schedule validation (placeholder, being written)."""
+
+
+def validate(schedule) -> None:
+    raise NotImplementedError

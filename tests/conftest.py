@@ -1,0 +1,38 @@
+"""Test setup: 8 fake CPU devices requested once, strict numerics, a mesh helper that skips."""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before the JAX backend starts; both spellings for robustness.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+NUM_FAKE_DEVICES = 8
+
+
+def make_mesh_or_skip(shape: tuple[int, ...], axis_names: tuple[str, ...]) -> jax.sharding.Mesh:
+    """A mesh of `shape` over the first prod(shape) devices; skips the test when devices are short."""
+    needed = 1
+    for size in shape:
+        needed *= size
+    if len(jax.devices()) < needed:
+        pytest.skip(f"needs {needed} devices, have {len(jax.devices())}")
+    return jax.make_mesh(shape, axis_names, devices=jax.devices()[:needed])
+
+
+@pytest.fixture
+def mesh_factory():
+    return make_mesh_or_skip
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
