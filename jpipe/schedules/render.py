@@ -1,9 +1,249 @@
-"""Text and matplotlib charts of schedules (placeholder, being written)."""
+"""Text charts and matplotlib Gantt charts of schedules and simulations.
+
+`render` draws a schedule as text: one row per device, one column per time step, each cell an action
+printed as torch.pipelining does (`<stage><op><microbatch>`, e.g. `0F3`), idle steps as `.`.
+`plot` draws the timeline of one or several `Simulation`s as a Gantt chart (PNG, SVG or PDF).
+
+matplotlib is imported inside `plot` only, so `import jpipe.schedules` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import textwrap
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
+from jpipe.schedules.simulate import Cost, simulate
+from jpipe.schedules.ticks import pack
+
+if TYPE_CHECKING:
+    from jpipe.schedules.simulate import Simulation
+
+IDLE = "."
+CONTINUATION = "-"
+OP_NAMES = {Op.F: "forward", Op.B: "backward", Op.I: "input grad", Op.W: "weight grad"}
+OP_COLORS = {Op.F: "#4c72b0", Op.B: "#dd8452", Op.I: "#55a868", Op.W: "#8172b3"}
+# Above this many columns a timed layout coarsens its time quantum (keeps text charts printable).
+MAX_TIME_COLUMNS = 2000
 
 
-def render(schedule, **kwargs) -> str:
-    raise NotImplementedError
+def _header(schedule: Schedule) -> str:
+    return (
+        f"{schedule.name}: p={schedule.num_devices} m={schedule.num_microbatches} "
+        f"v={schedule.virtual} ({schedule.num_stages} stages)"
+    )
 
 
-def plot(simulation, path, **kwargs):
-    raise NotImplementedError
+def _tick_grid(schedule: Schedule) -> tuple[list[list[str]], str]:
+    """Cells laid out on the lockstep ticks of `pack(schedule, split=False)`, and what a column means."""
+    try:
+        table = pack(schedule, split=False)
+    except ScheduleError as error:
+        grid = [[str(action) for action in row] for row in schedule.actions]
+        return grid, f"column = position in the device's list (not time: {error})"
+    grid = [
+        [IDLE if tick[device] is None else str(tick[device]) for tick in table.ticks]
+        for device in range(schedule.num_devices)
+    ]
+    return grid, f"column = one lockstep tick of pack(split=False), {table.num_ticks} ticks"
+
+
+def _time_grid(schedule: Schedule, cost: Cost, mode: str) -> tuple[list[list[str]], str]:
+    """Cells laid out on simulated time: an action spans its duration, `-` marks its continuation."""
+    simulation = simulate(schedule, cost, mode)
+    events = list(simulation.timeline)
+    durations = [event.end - event.start for event in events if event.end > event.start]
+    makespan = max((event.end for event in events), default=0.0)
+    quantum = min(durations, default=1.0)
+    quantum = max(quantum, makespan / MAX_TIME_COLUMNS)
+    num_columns = max(1, math.ceil(makespan / quantum - 1e-9))
+    grid = [[IDLE] * num_columns for _ in range(schedule.num_devices)]
+    for event in sorted(events, key=lambda event: (event.device, event.start)):
+        first = min(round(event.start / quantum), num_columns - 1)
+        last = max(first + 1, min(round(event.end / quantum), num_columns))
+        grid[event.device][first] = str(event.action)
+        for column in range(first + 1, last):
+            grid[event.device][column] = CONTINUATION
+    return grid, (
+        f"{mode} simulation, column = {quantum:.4g} time units, makespan {simulation.makespan:.4g}, "
+        f"bubble {simulation.bubble_fraction:.1%}"
+    )
+
+
+def render(
+    schedule: Schedule,
+    *,
+    cost: Cost | None = None,
+    mode: str = "lockstep",
+    width: int | None = None,
+) -> str:
+    """A text chart of `schedule`: rows are devices, columns time steps, `.` idle.
+
+    Args:
+      schedule: the schedule to draw.
+      cost: when given (or when `mode` is not "lockstep"), the actions are laid out on the timeline of
+        `simulate(schedule, cost, mode)`: each column is one time quantum (the shortest action), an
+        action prints in its first column and `-` fills the rest. When None with mode "lockstep",
+        one column is one tick of `pack(schedule, split=False)` (if that deadlocks, the columns are
+        positions in each device's list and a note says so).
+      mode: "lockstep" or "async" (the simulation mode; the default cost is used when `cost` is None).
+      width: the maximum line length: header lines are wrapped, wider charts are cut after the last
+        whole column that fits (at least one column is shown) and a note tells how many were left out.
+
+    Returns:
+      A header line, a legend line, a column ruler, then one line per device, e.g. `d0 | 0F0 0F1 .`.
+    """
+    if cost is None and mode == "lockstep":
+        grid, column_meaning = _tick_grid(schedule)
+    else:
+        grid, column_meaning = _time_grid(schedule, cost if cost is not None else Cost(), mode)
+    num_columns = max((len(row) for row in grid), default=0)
+    cell_width = max([len(IDLE)] + [len(cell) for row in grid for cell in row])
+    label_width = len(f"d{schedule.num_devices - 1}")
+    prefix_width = label_width + 3  # "d0 | "
+    shown = num_columns
+    if width is not None:
+        fits = (width - prefix_width + 1) // (cell_width + 1)
+        shown = min(num_columns, max(1, fits))
+
+    ops_present = {action.op for row in schedule.actions for action in row}
+    legend = ", ".join(f"{op.value} {OP_NAMES[op]}" for op in Op if op in ops_present) or "no actions"
+    lines = [
+        _header(schedule),
+        f"cell = <stage><op><microbatch>: {legend}; {IDLE} idle; {column_meaning}",
+    ]
+    if width is not None:
+        lines = [wrapped for line in lines for wrapped in textwrap.wrap(line, width, subsequent_indent="  ")]
+    ruler = [" "] * (shown * (cell_width + 1))
+    for column in range(0, shown, 5):
+        for offset, char in enumerate(str(column)):
+            position = column * (cell_width + 1) + offset
+            if position < len(ruler):
+                ruler[position] = char
+    lines.append(" " * prefix_width + "".join(ruler).rstrip())
+    for device, row in enumerate(grid):
+        padded = row + [IDLE] * (num_columns - len(row))
+        cells = " ".join(cell.ljust(cell_width) for cell in padded[:shown])
+        lines.append(f"{f'd{device}'.ljust(label_width)} | {cells}".rstrip())
+    if shown < num_columns:
+        note = (
+            f"[truncated to width {width}: showing columns 0-{shown - 1} of {num_columns}; "
+            f"{num_columns - shown} more not shown]"
+        )
+        lines.extend(textwrap.wrap(note, width, subsequent_indent="  "))
+    return "\n".join(lines)
+
+
+def _event_label(action: Action, virtual: int) -> str:
+    return f"{action.microbatch}" if virtual == 1 else f"{action.microbatch}/s{action.stage}"
+
+
+def plot(
+    simulation: Simulation | Sequence[Simulation],
+    path: str | pathlib.Path,
+    *,
+    title: str | None = None,
+) -> pathlib.Path:
+    """Draw the timeline of a simulation (or several, stacked, sharing the time axis) as a Gantt chart.
+
+    One row per device (device 0 on top), one bar per event from its start to its end, coloured by op
+    (F, B, I, W), labelled with its microbatch (`mb/s<stage>` when a device holds several stages);
+    idle time stays blank. Each panel's title gives schedule name, p, m, v, mode, makespan and bubble
+    fraction.
+
+    Args:
+      simulation: a `Simulation` or a sequence of them.
+      path: the output file; its suffix picks the format (.png, .svg or .pdf). Parent folders are made.
+      title: an optional title above all panels.
+
+    Returns:
+      `path` as a `pathlib.Path`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    path = pathlib.Path(path)
+    file_format = path.suffix.lower().lstrip(".")
+    if file_format not in ("png", "svg", "pdf"):
+        raise ValueError(f"plot writes .png, .svg or .pdf files, not {path.name!r}")
+    simulations = list(simulation) if isinstance(simulation, Sequence) else [simulation]
+    if not simulations:
+        raise ValueError("plot needs at least one simulation")
+
+    max_events_per_device = max(
+        (
+            sum(1 for e in sim.timeline if e.device == d)
+            for sim in simulations
+            for d in range(sim.schedule.num_devices)
+        ),
+        default=1,
+    )
+    figure_width = min(40.0, max(10.0, 0.3 * max_events_per_device))
+    panel_heights = [0.45 * sim.schedule.num_devices + 0.9 for sim in simulations]
+    figure = Figure(
+        figsize=(figure_width, sum(panel_heights) + (0.5 if title else 0.0)), layout="constrained"
+    )
+    FigureCanvasAgg(figure)
+    axes_column = figure.subplots(
+        len(simulations), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": panel_heights}
+    )[:, 0]
+    longest = max(max((e.end for e in sim.timeline), default=0.0) for sim in simulations) or 1.0
+    points_per_time = figure_width * 0.85 * 72 / longest
+    ops_drawn: set[Op] = set()
+    for axes, sim in zip(axes_column, simulations, strict=True):
+        schedule = sim.schedule
+        for op in Op:
+            events = [e for e in sim.timeline if e.action.op is op]
+            if not events:
+                continue
+            ops_drawn.add(op)
+            axes.barh(
+                [e.device for e in events],
+                [e.end - e.start for e in events],
+                left=[e.start for e in events],
+                height=0.8,
+                color=OP_COLORS[op],
+                edgecolor="black",
+                linewidth=0.4,
+            )
+        for event in sim.timeline:
+            label = _event_label(event.action, schedule.virtual)
+            bar_points = (event.end - event.start) * points_per_time
+            font_size = min(8.0, bar_points / (0.62 * len(label) + 0.4))
+            if font_size >= 4.0:
+                axes.text(
+                    (event.start + event.end) / 2,
+                    event.device,
+                    label,
+                    ha="center",
+                    va="center",
+                    fontsize=font_size,
+                    color="white",
+                )
+        axes.set_yticks(range(schedule.num_devices), [f"device {d}" for d in range(schedule.num_devices)])
+        axes.set_ylim(schedule.num_devices - 0.5, -0.5)
+        axes.set_xlim(0, longest)
+        axes.grid(axis="x", linewidth=0.3, alpha=0.5)
+        axes.set_axisbelow(True)
+        axes.set_title(
+            f"{schedule.name} (p={schedule.num_devices}, m={schedule.num_microbatches}, v={schedule.virtual})"
+            f" — {sim.mode}: makespan {sim.makespan:.4g}, bubble {sim.bubble_fraction:.1%}",
+            fontsize=10,
+        )
+    axes_column[-1].set_xlabel("time")
+    handles = [
+        Patch(facecolor=OP_COLORS[op], edgecolor="black", label=f"{op.value} ({OP_NAMES[op]})")
+        for op in Op
+        if op in ops_drawn
+    ]
+    if handles:
+        axes_column[0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if title:
+        figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format=file_format, dpi=120)
+    return path
