@@ -196,6 +196,8 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
     forward_only = program.forward_only
     tables = {name: jnp.asarray(a) for name, a in program.per_tick_arrays().items()}
     channels = program.channels
+    # [T, C]: whether any device receives on channel c in tick t (identical on every device).
+    channel_used = jnp.asarray((program.recv_slot < program.num_inbox_slots).any(axis=1))
     scale = 1.0 / m
 
     def per_device(local_params, loss_params, inputs, targets):
@@ -206,21 +208,20 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
         loss_params = _varying(loss_params, axis)
         device = lax.axis_index(axis)
         rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
+        rows["channel_used"] = channel_used
         x_example = _varying(_take(inputs, 0), axis)
         # Traced here (dead code, removed by XLA) so that residual shapes and varying types are
         # exactly those of the forward branch.
         residual_shapes = stash.forward(_take(local_params, rows["chunk"][0]), x_example)[1]
 
         def slots(n, example):
-            return jax.tree.map(lambda a: jnp.zeros((n + 1,) + a.shape, a.dtype), example)
+            return jax.tree.map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), example)
 
-        carry = {
-            "inbox": slots(program.num_inbox_slots, x_example),
-            "stash": slots(program.num_stash_slots, residual_shapes),
-        }
+        carry = {"inbox": slots(program.num_inbox_slots + 1, x_example)}  # + a scratch slot
         if forward_only:
             carry["outputs"] = _zeros_like(inputs)
         else:
+            carry["stash"] = slots(program.num_stash_slots, residual_shapes)
             carry["grads"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), local_params)
             carry["loss"] = jnp.zeros((), jnp.float32)
             carry["loss_grads"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), loss_params)
@@ -228,15 +229,16 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
         carry = _varying(carry, axis)
         zero_message = _varying(_zeros_like(x_example), axis)
 
-        def idle(state, row):
-            return state, zero_message
+        # Buffers are only ever updated under a `lax.cond` whose other branch returns them unchanged:
+        # XLA then updates them in place. (One `lax.switch` over all ops that both reads and writes the
+        # same buffers makes XLA copy every buffer each tick and doubles their memory.)
 
         def run_forward(state, row):
             params = _take(local_params, row["chunk"])
             x = jax.tree.map(
                 lambda a, b: jnp.where(row["is_first"] == 1, a, b),
                 _take(inputs, row["microbatch"]),
-                _take(state["inbox"], row["inbox_slot"]),
+                _take(row["inbox"], row["inbox_slot"]),
             )
             x = _varying(x, axis)
             if forward_only:
@@ -266,12 +268,11 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
 
             return lax.cond(row["is_last"] == 1, with_loss, lambda s: (s, y), state)
 
-        def vjp_of(state, row):
+        def vjp_of(row):
             params = _take(local_params, row["chunk"])
-            residuals = _take(state["stash"], row["stash_slot"])
+            residuals = _take(row["stash"], row["stash_slot"])
             vjp_fn = stash.rebuild(params, zero_message, residuals)
-            grad_out = _take(state["inbox"], row["inbox_slot"])
-            return vjp_fn(grad_out)
+            return vjp_fn(_take(row["inbox"], row["inbox_slot"]))
 
         def store_input_grad(state, row, d_x):
             input_grads = lax.cond(
@@ -283,34 +284,60 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
             return {**state, "input_grads": input_grads}
 
         def run_backward(state, row):
-            d_params, d_x = vjp_of(state, row)
+            d_params, d_x = vjp_of(row)
             state = {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}
             return store_input_grad(state, row, d_x), d_x
 
         def run_input_grad(state, row):
-            _, d_x = vjp_of(state, row)
+            _, d_x = vjp_of(row)
             return store_input_grad(state, row, d_x), d_x
 
         def run_weight_grad(state, row):
-            d_params, _ = vjp_of(state, row)
+            d_params, _ = vjp_of(row)
             return {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}, zero_message
 
-        branches = [idle, run_forward]
-        if not forward_only:
-            branches += [run_backward, run_input_grad, run_weight_grad]
+        def skip(state, row):
+            return state, zero_message
+
+        forward_keys = ("outputs",) if forward_only else ("stash", "loss", "loss_grads")
+        backward_keys = ("grads", "input_grads")
 
         def tick(state, row):
-            state, message = lax.switch(row["op"], branches, state, row)
+            # Branches read the inbox and stash through `row` (read-only views).
+            row = {**row, "inbox": state["inbox"], "stash": state.get("stash")}
+            part = {k: state[k] for k in forward_keys}
+            part, message = lax.cond(row["op"] == prog.FORWARD, run_forward, skip, part, row)
+            state = {**state, **part}
+            if not forward_only:
+                part = {k: state[k] for k in backward_keys}
+                backward_ops = [run_backward, run_input_grad, run_weight_grad]
+                part, backward_message = lax.cond(
+                    row["op"] >= prog.BACKWARD,
+                    lambda s, r: lax.switch(r["op"] - prog.BACKWARD, backward_ops, s, r),
+                    skip,
+                    part,
+                    row,
+                )
+                state = {**state, **part}
+                message = jax.tree.map(
+                    lambda a, b: jnp.where(row["op"] == prog.FORWARD, a, b), message, backward_message
+                )
             inbox = state["inbox"]
             for c, offset in enumerate(channels):
                 if offset == 0:
                     arrived = message
                 else:
+                    # The predicate is the same on every device, so all take the same branch and the
+                    # collective is skipped only where no device sends on this channel.
                     perm = [(d, (d + offset) % p) for d in range(p)]
-                    arrived = jax.tree.map(lambda a, perm=perm: lax.ppermute(a, axis, perm), message)
+                    arrived = lax.cond(
+                        row["channel_used"][c],
+                        lambda msg, perm=perm: jax.tree.map(lambda a: lax.ppermute(a, axis, perm), msg),
+                        lambda msg: msg,
+                        message,
+                    )
                 inbox = _put(inbox, row["recv_slot"][c], arrived)
             return {**state, "inbox": inbox}, None
-
         state, _ = lax.scan(tick, carry, rows)
         if forward_only:
             return lax.psum(state["outputs"], axis)

@@ -91,11 +91,8 @@ def _colour_intervals(intervals: list[tuple[int, int, object]], strict: bool) ->
     slot_of: dict = {}
     free_at: list[int] = []  # per slot: the earliest start that may reuse it
     for start, end, key in sorted(intervals, key=lambda item: (item[0], item[1])):
-        for slot, earliest in enumerate(free_at):
-            if start >= earliest:
-                break
-        else:
-            slot = len(free_at)
+        slot = next((i for i, earliest in enumerate(free_at) if start >= earliest), len(free_at))
+        if slot == len(free_at):
             free_at.append(0)
         slot_of[key] = slot
         free_at[slot] = end + 1 if strict else end

@@ -1,17 +1,435 @@
-"""Schedule generators by name (placeholder, being written)."""
-from typing import Callable
+"""Schedule generators by name: `build("1f1b", num_devices=4, num_microbatches=8)`.
 
-from jpipe.schedules.ir import Schedule
+Every generator is a function `(num_devices, num_microbatches, virtual) -> Schedule` registered under
+a name with `@register(name)`; `build` checks the common arguments, calls it, names the result and
+validates it. The orders follow the published schedules (references in each docstring); the code is
+written from the descriptions, with torch.distributed.pipelining's written schedules as a cross-check.
 
-SCHEDULES: dict[str, Callable[..., Schedule]] = {}
+Notation in the docstrings: `p` devices, `m` microbatches, `v` stages (chunks) per device, `r` a device.
+
+Limits on the arguments (each violation raises `ScheduleError` naming the argument and the rule):
+
+| name | virtual | num_microbatches |
+|---|---|---|
+| naive, gpipe, 1f1b, zb_h1, zb_h2 | 1 | any m >= 1 |
+| interleaved_1f1b | >= 2 | any m >= 1 (microbatches go in groups of p, the last group may be smaller) |
+| looped_bfs | any v >= 1 | any m >= 1 |
+| zbv | 2 | any m >= 1 (m < 2p - 1 drops the missing microbatches from the m = 2p - 1 order) |
+| dualpipev | 2 | m >= 2p (DeepSeek's DualPipeV requires it) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError, loop_placement, v_placement
+from jpipe.schedules.validate import validate
+
+Generator = Callable[[int, int, int], Schedule]
+
+SCHEDULES: dict[str, Generator] = {}
 
 
-def register(name: str):
-    def wrap(fn):
+def register(name: str) -> Callable[[Generator], Generator]:
+    """Decorator registering `fn(num_devices, num_microbatches, virtual) -> Schedule` under `name`.
+
+    `build(name, ...)` then calls it; a later registration under the same name replaces the former.
+    """
+
+    def wrap(fn: Generator) -> Generator:
         SCHEDULES[name] = fn
         return fn
+
     return wrap
 
 
+def _check_positive_int(value: object, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScheduleError(f"{argument} must be an int, got {value!r}")
+    if value < 1:
+        raise ScheduleError(f"{argument} must be >= 1, got {value}")
+
+
 def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule:
-    raise NotImplementedError
+    """Build the schedule registered under `name`.
+
+    Args:
+      name: a key of `SCHEDULES` (e.g. "gpipe", "1f1b", "interleaved_1f1b", "zbv").
+      num_devices: pipeline devices `p` (>= 1).
+      num_microbatches: microbatches `m` per step (>= 1; some schedules need more, see the module doc).
+      virtual: stages (chunks) per device `v` (>= 1); the schedule has `p * v` logical stages.
+
+    Returns:
+      A schedule named `name` that passes `validate`.
+
+    Raises:
+      ScheduleError: unknown name (the message lists the known ones), or arguments the schedule does
+        not support (the message names the argument and the rule).
+    """
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(sorted(SCHEDULES))}")
+    _check_positive_int(num_devices, "num_devices")
+    _check_positive_int(num_microbatches, "num_microbatches")
+    _check_positive_int(virtual, "virtual")
+    schedule = SCHEDULES[name](num_devices, num_microbatches, virtual)
+    if schedule.name != name:
+        schedule = dataclasses.replace(schedule, name=name)
+    validate(schedule)
+    return schedule
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _require_virtual(name: str, virtual: int, allowed: int) -> None:
+    if virtual != allowed:
+        raise ScheduleError(f"{name} needs virtual == {allowed}, got virtual={virtual}")
+
+
+def _schedule(
+    name: str, num_devices: int, num_microbatches: int, placement: tuple[int, ...], rows: Iterable[list[Action]]
+) -> Schedule:
+    return Schedule(
+        num_devices=num_devices,
+        num_microbatches=num_microbatches,
+        placement=placement,
+        actions=tuple(tuple(row) for row in rows),
+        name=name,
+    )
+
+
+def _one_f_one_b_order(num_forward_first: int, forwards: list[Action], backwards: list[Action]) -> list[Action]:
+    """`num_forward_first` forwards, then alternate one forward / one backward, then the backwards left.
+
+    `forwards` and `backwards` have the same length and are in the order they must run.
+    """
+    warmup = min(num_forward_first, len(forwards))
+    row = list(forwards[:warmup])
+    for index in range(len(forwards) - warmup):
+        row.append(forwards[warmup + index])
+        row.append(backwards[index])
+    row.extend(backwards[len(forwards) - warmup :])
+    return row
+
+
+# --- single-chunk schedules (virtual = 1) ---------------------------------------------------------
+
+
+@register("naive")
+def naive(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule:
+    """One microbatch at a time through all stages, forward then backward: no overlap (a baseline).
+
+    Device r runs `F(r, k), B(r, k)` for k = 0..m-1; the data dependencies serialise everything, so the
+    makespan is `m * p * (F + B)`.
+    """
+    _require_virtual("naive", virtual, 1)
+    rows = []
+    for device in range(num_devices):
+        row: list[Action] = []
+        for mb in range(num_microbatches):
+            row += [Action(device, Op.F, mb), Action(device, Op.B, mb)]
+        rows.append(row)
+    return _schedule("naive", num_devices, num_microbatches, loop_placement(num_devices, 1), rows)
+
+
+@register("gpipe")
+def gpipe(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule:
+    """GPipe (Huang et al. 2019): every forward, then every backward, both in microbatch order.
+
+    Makespan `(m + p - 1)(F + B)`; every device holds all m microbatches' activations at the turn.
+    """
+    _require_virtual("gpipe", virtual, 1)
+    rows = [
+        [Action(d, Op.F, mb) for mb in range(num_microbatches)]
+        + [Action(d, Op.B, mb) for mb in range(num_microbatches)]
+        for d in range(num_devices)
+    ]
+    return _schedule("gpipe", num_devices, num_microbatches, loop_placement(num_devices, 1), rows)
+
+
+@register("1f1b")
+def one_f_one_b(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule:
+    """1F1B (PipeDream-Flush, Narayanan et al. 2021).
+
+    Device r: `p - 1 - r` warmup forwards, then one forward / one backward in turn, then the remaining
+    backwards. Same makespan as GPipe, but device r holds at most `min(m, p - r)` microbatches.
+    """
+    _require_virtual("1f1b", virtual, 1)
+    rows = []
+    for d in range(num_devices):
+        forwards = [Action(d, Op.F, mb) for mb in range(num_microbatches)]
+        backwards = [Action(d, Op.B, mb) for mb in range(num_microbatches)]
+        rows.append(_one_f_one_b_order(num_devices - 1 - d, forwards, backwards))
+    return _schedule("1f1b", num_devices, num_microbatches, loop_placement(num_devices, 1), rows)
+
+
+@register("zb_h1")
+def zb_h1(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule:
+    """ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", handcrafted H1), B split into I + W.
+
+    Device r follows 1F1B with I in place of B (`p - 1 - r` warmup forwards), and delays each W by r
+    backwards: `W(k)` runs right after `I(k + r)`; the last r W's end the list. The delayed W's fill the
+    cool-down bubble, so the bubble is `(p - 1)(F + I - W)` (a third of 1F1B's when F = I = W), while
+    the peak stays `p` microbatches on every device (`min(m, p)`).
+    """
+    _require_virtual("zb_h1", virtual, 1)
+    rows = []
+    for d in range(num_devices):
+        forwards = [Action(d, Op.F, mb) for mb in range(num_microbatches)]
+        inputs = [Action(d, Op.I, mb) for mb in range(num_microbatches)]
+        row: list[Action] = []
+        next_weight = 0
+        for action in _one_f_one_b_order(num_devices - 1 - d, forwards, inputs):
+            row.append(action)
+            if action.op is Op.I and action.microbatch >= d:
+                row.append(Action(d, Op.W, next_weight))
+                next_weight += 1
+        row += [Action(d, Op.W, mb) for mb in range(next_weight, num_microbatches)]
+        rows.append(row)
+    return _schedule("zb_h1", num_devices, num_microbatches, loop_placement(num_devices, 1), rows)
+
+
+@register("zb_h2")
+def zb_h2(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule:
+    """ZB-H2 (Qi et al. 2023, handcrafted H2), B split into I + W; peak `2p - 1` microbatches.
+
+    Device r runs (with `s = max(0, m - (2p - 1))` steady cycles):
+      1. warmup: `a = min(m, 2(p - 1 - r) + 1)` forwards (enough to cover the first I's round trip);
+      2. steady: s cycles `I(k), W(k), F(a + k)`;
+      3. tail 1: `t = min(2r, m - a - s)` cycles `I, F` with the W's held back (the I's now reach the
+         earlier devices every `F + I` instead of every `F + I + W`);
+      4. tail 2: each remaining I followed by the oldest pending W; then the W's left.
+    With F = I = W every device is busy from its first action to its last one: the schedule is the
+    paper's parallelogram. The per-device bubble is `(p - 1)(F + I - 2W)`; the global makespan also
+    counts the last device's late start, see `tests/test_simulate.py`.
+    """
+    _require_virtual("zb_h2", virtual, 1)
+    p, m = num_devices, num_microbatches
+    steady = max(0, m - (2 * p - 1))
+    rows = []
+    for d in range(p):
+        warmup = min(m, 2 * (p - 1 - d) + 1)
+        held = min(2 * d, m - warmup - steady)
+        row = [Action(d, Op.F, mb) for mb in range(warmup)]
+        next_forward, next_weight = warmup, 0
+        for mb in range(m):
+            row.append(Action(d, Op.I, mb))
+            if mb < steady or mb >= steady + held:
+                row.append(Action(d, Op.W, next_weight))
+                next_weight += 1
+            if next_forward < m:
+                row.append(Action(d, Op.F, next_forward))
+                next_forward += 1
+        row += [Action(d, Op.W, mb) for mb in range(next_weight, m)]
+        rows.append(row)
+    return _schedule("zb_h2", p, m, loop_placement(p, 1), rows)
+
+
+# --- loop placement, several chunks per device -----------------------------------------------------
+
+
+def _interleaved_order(num_devices: int, num_microbatches: int, virtual: int) -> list[tuple[int, int]]:
+    """Megatron's forward order of (chunk, microbatch) on every device.
+
+    Microbatches go in groups of `p` (the last group may be smaller); each group runs through chunk 0,
+    then chunk 1, ..., then the next group.
+    """
+    order = []
+    for first in range(0, num_microbatches, num_devices):
+        group = range(first, min(first + num_devices, num_microbatches))
+        for chunk in range(virtual):
+            order += [(chunk, mb) for mb in group]
+    return order
+
+
+@register("interleaved_1f1b")
+def interleaved_1f1b(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
+    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM), loop placement: stage `r + k p` on r.
+
+    Device r: `min(m v, 2(p - 1 - r) + (v - 1) p)` warmup forwards, then 1F1B over (chunk, microbatch)
+    pairs in Megatron's order (groups of p microbatches, chunk by chunk; the backward walks the chunks
+    from the last one). Needs `virtual >= 2`; any `m >= 1` (Megatron asks `m % p == 0`: then the bubble
+    is `(p - 1)(F + B) / v` in full-stage times and device 0 holds `p + (p - 1) / v`).
+    """
+    if virtual < 2:
+        raise ScheduleError(f"interleaved_1f1b needs virtual >= 2, got virtual={virtual} (use '1f1b' for 1)")
+    p, m = num_devices, num_microbatches
+    order = _interleaved_order(p, m, virtual)
+    rows = []
+    for d in range(p):
+        forwards = [Action(d + chunk * p, Op.F, mb) for chunk, mb in order]
+        backwards = [Action(d + (virtual - 1 - chunk) * p, Op.B, mb) for chunk, mb in order]
+        warmup = 2 * (p - 1 - d) + (virtual - 1) * p
+        rows.append(_one_f_one_b_order(warmup, forwards, backwards))
+    return _schedule("interleaved_1f1b", p, m, loop_placement(p, virtual), rows)
+
+
+@register("looped_bfs")
+def looped_bfs(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
+    """Looped BFS (Lamy-Poirier 2023, "Breadth-First Pipeline Parallelism"), loop placement.
+
+    Device r runs the forwards of its chunk 0 for every microbatch, then chunk 1, ..., then the
+    backwards chunk by chunk from the last one, microbatches in reverse. Bubble `(p - 1)(F + B) / v` in
+    full-stage times when `m >= p`; every device holds all m microbatches at the turn.
+    """
+    p, m = num_devices, num_microbatches
+    rows = []
+    for d in range(p):
+        stages = [d + chunk * p for chunk in range(virtual)]
+        row = [Action(s, Op.F, mb) for s in stages for mb in range(m)]
+        row += [Action(s, Op.B, mb) for s in reversed(stages) for mb in reversed(range(m))]
+        rows.append(row)
+    return _schedule("looped_bfs", p, m, loop_placement(p, virtual), rows)
+
+
+# --- V placement: device r holds stages r and 2p - 1 - r ------------------------------------------
+
+
+@register("zbv")
+def zbv(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
+    """ZB-V (Qi et al. 2023, section 6, handcrafted for F = I = W), V placement, B split into I + W.
+
+    Device r with chunks `c0 = r` and `c1 = 2p - 1 - r` (`n = max(m, 2p - 1)`):
+      1. `2(p - r) - 1` forwards of c0; then r pairs `F(c1), F(c0)`; then `p - r` triples
+         `F(c1), I(c1), W(c1)`;
+      2. steady: `F(c0)` (while any are left), `I(c0), W(c0), F(c1), I(c1), W(c1)` until every c0
+         forward has its c1 forward;
+      3. cool-down: r pairs `I(c0), I(c1)`; `p - r` pairs `I(c0), W(c0)`; the c1 W's left; the c0 W's left.
+    When `m < 2p - 1` the order is made for `n` microbatches and those >= m are dropped. Peak `p`
+    full-stage microbatches (`2p` chunk activations) per device; with F = I = W = t per chunk and
+    `m >= 2p - 1`, makespan `6 m t + (p - 1) t`.
+    """
+    _require_virtual("zbv", virtual, 2)
+    p, m = num_devices, num_microbatches
+    n = max(m, 2 * p - 1)
+    last = 2 * p - 1
+    rows = []
+    for d in range(p):
+        c0, c1 = d, last - d
+        count = {(c0, Op.F): 0, (c1, Op.F): 0, (c0, Op.I): 0, (c1, Op.I): 0, (c0, Op.W): 0, (c1, Op.W): 0}
+        row: list[Action] = []
+
+        def emit(stage: int, op: Op, row: list[Action] = row, count: dict = count) -> None:
+            row.append(Action(stage, op, count[stage, op]))
+            count[stage, op] += 1
+
+        for _ in range(2 * (p - d) - 1):
+            emit(c0, Op.F)
+        for _ in range(d):
+            emit(c1, Op.F)
+            emit(c0, Op.F)
+        for _ in range(p - d):
+            emit(c1, Op.F)
+            emit(c1, Op.I)
+            emit(c1, Op.W)
+        while count[c1, Op.F] < count[c0, Op.F] or count[c0, Op.F] < n:
+            if count[c0, Op.F] < n:
+                emit(c0, Op.F)
+            emit(c0, Op.I)
+            emit(c0, Op.W)
+            emit(c1, Op.F)
+            emit(c1, Op.I)
+            emit(c1, Op.W)
+        for _ in range(d):
+            emit(c0, Op.I)
+            emit(c1, Op.I)
+        for _ in range(p - d):
+            emit(c0, Op.I)
+            emit(c0, Op.W)
+        while count[c1, Op.W] < count[c1, Op.I]:
+            emit(c1, Op.W)
+        while count[c0, Op.W] < count[c0, Op.I]:
+            emit(c0, Op.W)
+        rows.append([action for action in row if action.microbatch < m])
+    return _schedule("zbv", p, m, v_placement(p), rows)
+
+
+@register("dualpipev")
+def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
+    """DualPipeV (DeepSeek's DualPipe cut in half, Sea AI Lab), V placement; needs `m >= 2p`.
+
+    DeepSeek's order (deepseek-ai/DualPipe, `DualPipeV.step`) for device r with chunks `c0 = r` and
+    `c1 = 2p - 1 - r`, where each overlapped "F&B" pair runs here as the forward then the backward
+    (a device runs one action at a time):
+      1. `2(p - 1 - r)` forwards of c0;  2. r + 1 pairs `F(c0), F(c1)`;
+      3. `p - 1 - r` triples `I(c1), W, F(c1)` (W = the oldest pending weight gradient);
+      4. `m - 2p + r + 1` rounds `F(c0), B(c1), F(c1), B(c0)`;
+      5. `p - 1 - r` rounds `B(c1), F(c1), B(c0)`;
+      6. r + 1 pairs of backwards (c1 then c0): full B in the first half, I (W deferred) after;
+      7. `p - 1 - r` pairs `W, I(c0)`;  8. the r + 1 W's left.
+    Bubble per DeepSeek's README (PP = 2p stages): `(p - 1)(F&B + B - 3W)` with F&B = F + B here.
+    """
+    _require_virtual("dualpipev", virtual, 2)
+    p, m = num_devices, num_microbatches
+    if m < 2 * p:
+        raise ScheduleError(
+            f"dualpipev needs num_microbatches >= 2 * num_devices = {2 * p}, got num_microbatches={m}"
+        )
+    last = 2 * p - 1
+    rows = []
+    for d in range(p):
+        c0, c1 = d, last - d
+        next_forward = {c0: 0, c1: 0}
+        next_backward = {c0: 0, c1: 0}
+        pending_weights: deque[Action] = deque()
+        row: list[Action] = []
+
+        def forward(stage: int, row: list[Action] = row, next_forward: dict = next_forward) -> None:
+            row.append(Action(stage, Op.F, next_forward[stage]))
+            next_forward[stage] += 1
+
+        def backward(
+            stage: int,
+            split: bool = False,
+            row: list[Action] = row,
+            next_backward: dict = next_backward,
+            pending_weights: deque = pending_weights,
+        ) -> None:
+            mb = next_backward[stage]
+            next_backward[stage] += 1
+            if split:
+                row.append(Action(stage, Op.I, mb))
+                pending_weights.append(Action(stage, Op.W, mb))
+            else:
+                row.append(Action(stage, Op.B, mb))
+
+        def weight(row: list[Action] = row, pending_weights: deque = pending_weights) -> None:
+            if pending_weights:
+                row.append(pending_weights.popleft())
+
+        for _ in range(2 * (p - 1 - d)):
+            forward(c0)
+        for _ in range(d + 1):
+            forward(c0)
+            forward(c1)
+        for _ in range(p - 1 - d):
+            backward(c1, split=True)
+            weight()
+            forward(c1)
+        for _ in range(m - 2 * p + d + 1):
+            forward(c0)
+            backward(c1)
+            forward(c1)
+            backward(c0)
+        for _ in range(p - 1 - d):
+            backward(c1)
+            forward(c1)
+            backward(c0)
+        pairs = d + 1
+        split = False
+        for index in range(pairs):
+            if index == pairs // 2 and d % 2 == 1:
+                split = True
+            backward(c1, split)
+            if index == pairs // 2 and d % 2 == 0:
+                split = True
+            backward(c0, split)
+        for _ in range(p - 1 - d):
+            weight()
+            backward(c0, split=True)
+        while pending_weights:
+            weight()
+        rows.append(row)
+    return _schedule("dualpipev", p, m, v_placement(p), rows)

@@ -109,7 +109,8 @@ def render(
         fits = (width - prefix_width + 1) // (cell_width + 1)
         shown = min(num_columns, max(1, fits))
 
-    ops_present = {action.op for row in schedule.actions for action in row}
+    # From the cells, not the schedule: a simulation may run each B as I and W.
+    ops_present = {Action.parse(cell).op for row in grid for cell in row if cell not in (IDLE, CONTINUATION)}
     legend = ", ".join(f"{op.value} {OP_NAMES[op]}" for op in Op if op in ops_present) or "no actions"
     lines = [
         _header(schedule),

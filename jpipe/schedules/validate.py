@@ -1,5 +1,184 @@
-"""Schedule validation (placeholder, being written)."""
+"""Schedule validation, stricter than torch.pipelining's: every error names the action and device.
+
+`validate(schedule)` checks, in this order:
+  1. shape: `num_devices >= 1`, one action row per device, `num_microbatches >= 1`;
+  2. placement: its length is a non-zero multiple of `num_devices`, every device index is in range and
+     every device holds the same number of stages (`virtual`);
+  3. actions: each is an `Action` with its stage and microbatch in range, on the device that holds
+     its stage, and appears once;
+  4. completeness: every (stage, microbatch) has one F and either one B or one I and one W;
+  5. local order: on each device an action comes after the actions it needs that live on the same
+     device (F before its I/B, I before its W, F of stage s-1 before F of s under V placement, ...);
+  6. cross-device order: running every device's list in order, with each action waiting for the
+     actions it consumes (`jpipe.schedules.deps.dependencies`), finishes; otherwise the message lists
+     the blocked head action of every unfinished device and what it waits for.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+from jpipe.schedules.deps import dependencies
+from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
 
 
-def validate(schedule) -> None:
-    raise NotImplementedError
+def validate(schedule: Schedule) -> None:
+    """Raise `ScheduleError` (naming the offending action and device) unless `schedule` can run.
+
+    Args:
+      schedule: the schedule to check.
+    """
+    _check_shape(schedule)
+    _check_placement(schedule)
+    positions = _check_actions(schedule)
+    _check_complete(schedule, positions)
+    deps = dependencies(schedule)
+    _check_local_order(schedule, positions, deps)
+    _check_progress(schedule, deps)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shape(schedule: Schedule) -> None:
+    if not _is_int(schedule.num_devices) or schedule.num_devices < 1:
+        raise ScheduleError(f"num_devices must be an int >= 1, got {schedule.num_devices!r}")
+    if not _is_int(schedule.num_microbatches) or schedule.num_microbatches < 1:
+        raise ScheduleError(f"num_microbatches must be an int >= 1, got {schedule.num_microbatches!r}")
+    if len(schedule.actions) != schedule.num_devices:
+        raise ScheduleError(
+            f"actions has {len(schedule.actions)} rows, expected one per device (num_devices="
+            f"{schedule.num_devices})"
+        )
+
+
+def _check_placement(schedule: Schedule) -> None:
+    p = schedule.num_devices
+    num_stages = len(schedule.placement)
+    if num_stages == 0 or num_stages % p != 0:
+        raise ScheduleError(
+            f"placement has {num_stages} stages, which is not a non-zero multiple of num_devices={p}"
+        )
+    for stage, device in enumerate(schedule.placement):
+        if not 0 <= device < p:
+            raise ScheduleError(f"placement[{stage}] = {device}: device out of range [0, {p})")
+    held = defaultdict(list)
+    for stage, device in enumerate(schedule.placement):
+        held[device].append(stage)
+    virtual = num_stages // p
+    for device in range(p):
+        if len(held[device]) != virtual:
+            raise ScheduleError(
+                f"device {device} holds {len(held[device])} stages {held[device]}, expected {virtual} "
+                f"(every device holds num_stages / num_devices = {num_stages} / {p})"
+            )
+
+
+def _check_actions(schedule: Schedule) -> dict[Action, tuple[int, int]]:
+    """Check types, ranges, placement and duplicates; return each action's (device, position)."""
+    num_stages, m = schedule.num_stages, schedule.num_microbatches
+    positions: dict[Action, tuple[int, int]] = {}
+    for device, row in enumerate(schedule.actions):
+        for position, action in enumerate(row):
+            if not isinstance(action, Action) or not isinstance(action.op, Op):
+                raise ScheduleError(f"device {device}, position {position}: expected an Action, got {action!r}")
+            if not _is_int(action.stage) or not 0 <= action.stage < num_stages:
+                raise ScheduleError(
+                    f"action {action} on device {device}: stage {action.stage} out of range [0, {num_stages})"
+                )
+            if not _is_int(action.microbatch) or not 0 <= action.microbatch < m:
+                raise ScheduleError(
+                    f"action {action} on device {device}: microbatch {action.microbatch} out of range [0, {m})"
+                )
+            home = schedule.placement[action.stage]
+            if home != device:
+                raise ScheduleError(
+                    f"action {action} is on device {device}, but stage {action.stage} is placed on device "
+                    f"{home} (a stage cannot run on two devices)"
+                )
+            if action in positions:
+                first_device, first_position = positions[action]
+                raise ScheduleError(
+                    f"duplicate action {action} on device {device}: positions {first_position} and {position}"
+                )
+            positions[action] = (device, position)
+    return positions
+
+
+def _check_complete(schedule: Schedule, positions: dict[Action, tuple[int, int]]) -> None:
+    for stage in range(schedule.num_stages):
+        device = schedule.placement[stage]
+        for mb in range(schedule.num_microbatches):
+            forward, full, grad_input, grad_weight = (Action(stage, op, mb) for op in (Op.F, Op.B, Op.I, Op.W))
+            if forward not in positions:
+                raise ScheduleError(
+                    f"missing action {forward} on device {device}: stage {stage} microbatch {mb} has no forward"
+                )
+            has_split = grad_input in positions or grad_weight in positions
+            if full in positions and has_split:
+                split = grad_input if grad_input in positions else grad_weight
+                raise ScheduleError(
+                    f"action {full} on device {device} mixes a full backward with a split one ({split}): "
+                    f"stage {stage} microbatch {mb} needs either one B or one I and one W"
+                )
+            if full in positions:
+                continue
+            if not has_split:
+                raise ScheduleError(
+                    f"missing backward on device {device}: stage {stage} microbatch {mb} needs {full}, or "
+                    f"{grad_input} and {grad_weight}"
+                )
+            if grad_weight not in positions:
+                raise ScheduleError(
+                    f"missing action {grad_weight} on device {device}: {grad_input} has no weight gradient"
+                )
+            if grad_input not in positions:
+                raise ScheduleError(
+                    f"missing action {grad_input} on device {device}: {grad_weight} has no input gradient"
+                )
+
+
+def _check_local_order(
+    schedule: Schedule, positions: dict[Action, tuple[int, int]], deps: dict[Action, tuple[Action, ...]]
+) -> None:
+    for device, row in enumerate(schedule.actions):
+        for position, action in enumerate(row):
+            for needed in deps[action]:
+                needed_device, needed_position = positions[needed]
+                if needed_device == device and needed_position > position:
+                    raise ScheduleError(
+                        f"action {action} on device {device} comes before {needed}, which it needs "
+                        f"(positions {position} and {needed_position} on the same device)"
+                    )
+
+
+def _check_progress(schedule: Schedule, deps: dict[Action, tuple[Action, ...]]) -> None:
+    """Run the device lists in order, each action waiting for its inputs; report a deadlock."""
+    done: set[Action] = set()
+    cursor = [0] * schedule.num_devices
+    waiting: dict[Action, list[int]] = defaultdict(list)
+    ready = deque(range(schedule.num_devices))
+    while ready:
+        device = ready.popleft()
+        row = schedule.actions[device]
+        while cursor[device] < len(row):
+            action = row[cursor[device]]
+            missing = next((needed for needed in deps[action] if needed not in done), None)
+            if missing is not None:
+                waiting[missing].append(device)
+                break
+            done.add(action)
+            cursor[device] += 1
+            ready.extend(waiting.pop(action, ()))
+    blocked = []
+    for device, row in enumerate(schedule.actions):
+        if cursor[device] < len(row):
+            head = row[cursor[device]]
+            missing = [str(needed) for needed in deps[head] if needed not in done]
+            blocked.append(f"device {device}: {head} waits for {', '.join(missing)}")
+    if blocked:
+        raise ScheduleError(
+            f"schedule {schedule.name!r} deadlocks: the device orders cannot all finish; blocked head "
+            f"actions: {'; '.join(blocked)}"
+        )

@@ -1,0 +1,177 @@
+"""Makespan, bubble and activation memory of every jpipe schedule, async (MPMD) vs lockstep (SPMD).
+
+Command (from the repository root):
+
+    .venv/bin/python experiments/schedule_table.py --out experiments/out/schedules
+
+For p in {4, 8} devices and m in {4, 8, 16, 32} microbatches it builds every schedule registered in
+`jpipe.schedules.SCHEDULES` (v=2 chunks per device for interleaved_1f1b, looped_bfs, zbv and
+dualpipev, v=1 otherwise), validates it and simulates it under the cost model (default F=1, B=2,
+I=1, W=1, comm=0, i.e. times per full stage) in both modes:
+
+- async: event driven, each device starts an op as soon as its inputs have arrived (what MPMD gets);
+- lockstep: ticks separated by a collective, a tick costs its slowest device (what jpipe's SPMD
+  executor does).
+
+It prints one markdown table (schedule, p, m, v, async makespan and bubble fraction, lockstep makespan
+and bubble fraction, lockstep/async makespan ratio, peak live activations as the maximum over
+devices) and writes it to `<out>/schedule_table.md`, plus one async Gantt chart per schedule at
+p=4, m=8 (`<out>/gantt-<name>-p4-m8.png`). Combinations a generator rejects (a ScheduleError, e.g. a
+microbatch count it does not support) are skipped and listed under the table.
+
+Expected, from DESIGN.md's oracles with these costs: gpipe and 1f1b have bubble (p-1)/(m+p-1) in
+async mode; splitting B into I and W for the lockstep packing keeps 1f1b's lockstep/async ratio at 1.
+The ratio column shows what SPMD lockstep costs for each schedule.
+
+Flags: --out DIR (default experiments/out/schedules), --cost f,b,i,w,comm (default 1,2,1,1,0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from jpipe.schedules import SCHEDULES, Cost, ScheduleError, build, plot, simulate, validate
+
+DEVICE_COUNTS = (4, 8)
+MICROBATCH_COUNTS = (4, 8, 16, 32)
+VIRTUAL_BY_NAME = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+GANTT_DEVICES, GANTT_MICROBATCHES = 4, 8
+COLUMNS = (
+    "schedule",
+    "p",
+    "m",
+    "v",
+    "async makespan",
+    "async bubble",
+    "lockstep makespan",
+    "lockstep bubble",
+    "lockstep/async",
+    "peak activations",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    name: str
+    num_devices: int
+    num_microbatches: int
+    virtual: int
+    async_makespan: float
+    async_bubble: float
+    lockstep_makespan: float
+    lockstep_bubble: float
+    peak_activations: float
+
+    def cells(self) -> tuple[str, ...]:
+        return (
+            self.name,
+            str(self.num_devices),
+            str(self.num_microbatches),
+            str(self.virtual),
+            f"{self.async_makespan:g}",
+            f"{self.async_bubble:.3f}",
+            f"{self.lockstep_makespan:g}",
+            f"{self.lockstep_bubble:.3f}",
+            f"{self.lockstep_makespan / self.async_makespan:.3f}",
+            f"{self.peak_activations:g}",
+        )
+
+
+def parse_cost(text: str) -> Cost:
+    """`"1,2,1,1,0"` -> Cost(f=1, b=2, i=1, w=1, comm=0)."""
+    values = [float(part) for part in text.split(",")]
+    if len(values) != 5:
+        raise argparse.ArgumentTypeError(f"--cost needs 5 comma-separated numbers f,b,i,w,comm, got {text!r}")
+    f, b, i, w, comm = values
+    return Cost(f=f, b=b, i=i, w=w, comm=comm)
+
+
+def max_over_devices(per_device: object) -> float:
+    """The largest value of a per-device quantity given as a sequence, a mapping or a number."""
+    if isinstance(per_device, dict):
+        return float(max(per_device.values()))
+    if isinstance(per_device, Sequence):
+        return float(max(per_device))
+    return float(per_device)  # type: ignore[arg-type]
+
+
+def measure(name: str, num_devices: int, num_microbatches: int, cost: Cost) -> Row:
+    """Build, validate and simulate one schedule in both modes. Raises ScheduleError if rejected."""
+    virtual = VIRTUAL_BY_NAME.get(name, 1)
+    schedule = build(name, num_devices, num_microbatches, virtual)
+    validate(schedule)
+    asynchronous = simulate(schedule, cost, "async")
+    lockstep = simulate(schedule, cost, "lockstep")
+    return Row(
+        name=name,
+        num_devices=num_devices,
+        num_microbatches=num_microbatches,
+        virtual=virtual,
+        async_makespan=asynchronous.makespan,
+        async_bubble=asynchronous.bubble_fraction,
+        lockstep_makespan=lockstep.makespan,
+        lockstep_bubble=lockstep.bubble_fraction,
+        peak_activations=max_over_devices(asynchronous.peak_activations),
+    )
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("experiments/out/schedules"))
+    parser.add_argument("--cost", type=parse_cost, default=Cost(f=1, b=2, i=1, w=1, comm=0))
+    args = parser.parse_args(argv)
+    cost: Cost = args.cost
+    out: pathlib.Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows: list[Row] = []
+    skipped: list[str] = []
+    for num_devices in DEVICE_COUNTS:
+        for num_microbatches in MICROBATCH_COUNTS:
+            for name in SCHEDULES:
+                try:
+                    rows.append(measure(name, num_devices, num_microbatches, cost))
+                except ScheduleError as error:
+                    virtual = VIRTUAL_BY_NAME.get(name, 1)
+                    skipped.append(f"{name} p={num_devices} m={num_microbatches} v={virtual}: {error}")
+
+    charts = []
+    for name in SCHEDULES:
+        virtual = VIRTUAL_BY_NAME.get(name, 1)
+        try:
+            schedule = build(name, GANTT_DEVICES, GANTT_MICROBATCHES, virtual)
+        except ScheduleError as error:
+            skipped.append(f"chart {name}: {error}")
+            continue
+        path = out / f"gantt-{name}-p{GANTT_DEVICES}-m{GANTT_MICROBATCHES}.png"
+        charts.append(plot(simulate(schedule, cost, "async"), path))
+
+    report = [
+        f"# Schedules: async vs lockstep (cost f={cost.f:g} b={cost.b:g} i={cost.i:g} w={cost.w:g} "
+        f"comm={cost.comm:g})",
+        "",
+        markdown_table(rows),
+    ]
+    if skipped:
+        report += ["", "Skipped:", ""] + [f"- {note}" for note in skipped]
+    text = "\n".join(report) + "\n"
+    print(text)
+    (out / "schedule_table.md").write_text(text)
+    print(f"wrote {out / 'schedule_table.md'} and {len(charts)} Gantt charts to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

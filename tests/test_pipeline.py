@@ -1,0 +1,205 @@
+"""The executor: pipelined == sequential (loss and all three gradients) for every schedule."""
+
+from __future__ import annotations
+
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_mesh_or_skip
+from pipeline_cases import (
+    assert_trees_close,
+    loss_fn,
+    make_problem,
+    reference_value_and_grad,
+    sequential_outputs,
+    stage_fn,
+)
+
+import jpipe
+from jpipe import schedules
+from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff
+
+FIXTURES = sorted((pathlib.Path(__file__).parent / "fixtures" / "torch-schedules").glob("*.csv"))
+VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+
+
+def _cases():
+    for name in sorted(schedules.SCHEDULES):
+        virtual = VIRTUAL.get(name, 1)
+        for p in (2, 4):
+            for m in sorted({1, p - 1, p, 2 * p + 1}):
+                if m < 1:
+                    continue
+                try:
+                    schedules.build(name, p, m, virtual)
+                except schedules.ScheduleError:
+                    continue  # a combination the schedule does not support (tested in test_generators)
+                yield pytest.param(name, p, m, virtual, id=f"{name}-p{p}-m{m}-v{virtual}")
+
+
+def _run_and_compare(schedule, **options):
+    mesh = make_mesh_or_skip((schedule.num_devices,), ("stage",))
+    problem = make_problem(schedule.num_stages, schedule.num_microbatches)
+    step = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, **options))
+    loss, grads = step(*problem)
+    ref_loss, ref_grads = reference_value_and_grad(*problem)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize(("name", "p", "m", "virtual"), list(_cases()))
+def test_named_schedule_matches_sequential(name, p, m, virtual):
+    _run_and_compare(schedules.build(name, p, m, virtual))
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[f.stem for f in FIXTURES])
+def test_torch_written_schedule_matches_sequential(path):
+    schedule = schedules.from_csv(path.read_text(), name=path.stem)
+    assert schedule.num_devices == 4 and schedule.num_stages == 8
+    _run_and_compare(schedule)
+
+
+@pytest.mark.parametrize(
+    "remat",
+    ["none", "full", "dots", jax.checkpoint_policies.everything_saveable],
+    ids=["none", "full", "dots", "policy"],
+)
+@pytest.mark.parametrize(("name", "p", "m", "virtual"), [("1f1b", 4, 6, 1), ("zbv", 2, 4, 2)])
+def test_remat_modes_give_the_same_numbers(name, p, m, virtual, remat):
+    _run_and_compare(schedules.build(name, p, m, virtual), remat=remat)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "interleaved_1f1b"])
+def test_unsplit_backward_matches_sequential(name):
+    _run_and_compare(schedules.build(name, 2, 4, VIRTUAL.get(name, 1)), split_backward=False)
+
+
+@pytest.mark.parametrize(("name", "virtual"), [("1f1b", 1), ("interleaved_1f1b", 2), ("zbv", 2)])
+def test_forward_matches_sequential(name, virtual):
+    schedule = schedules.build(name, 4, 8, virtual)
+    mesh = make_mesh_or_skip((4,), ("stage",))
+    stage_params, _, inputs, _ = make_problem(schedule.num_stages, 8)
+    outputs = jax.jit(jpipe.forward(stage_fn, schedule=schedule, mesh=mesh))(stage_params, inputs)
+    assert_trees_close(outputs, sequential_outputs(stage_params, inputs))
+
+
+@pytest.mark.parametrize("virtual", [1, 2])
+def test_gpipe_autodiff_baseline_matches_sequential(virtual):
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    problem = make_problem(2 * virtual, 4)
+    step = jax.jit(gpipe_autodiff(stage_fn, loss_fn, mesh=mesh, num_microbatches=4, virtual=virtual))
+    loss, grads = step(*problem)
+    ref_loss, ref_grads = reference_value_and_grad(*problem)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
+
+
+def test_runs_on_a_submesh_with_other_axes_left_to_the_compiler():
+    mesh = make_mesh_or_skip((2, 2), ("data", "stage"))
+    schedule = schedules.build("1f1b", 2, 4)
+    problem = make_problem(2, 4)
+    loss, grads = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh))(*problem)
+    ref_loss, ref_grads = reference_value_and_grad(*problem)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
+
+
+def test_compiles_once_for_new_data():
+    schedule = schedules.build("1f1b", 2, 4)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh)
+    traced = jax.jit(chex.assert_max_traces(step, n=1))
+    first = make_problem(2, 4, seed=1)
+    second = make_problem(2, 4, seed=2)
+    loss_a, _ = traced(*first)
+    loss_b, _ = traced(*second)
+    assert float(loss_a) != float(loss_b)
+
+
+def test_buffers_are_sized_by_peak_in_flight_not_by_microbatches():
+    mesh = make_mesh_or_skip((4,), ("stage",))
+    sizes = {}
+    for m in (8, 32):
+        step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedules.build("1f1b", 4, m), mesh=mesh)
+        sizes[m] = (step.program.num_stash_slots, step.program.num_inbox_slots)
+    assert sizes[8] == sizes[32]
+    assert sizes[32][0] == 4  # 1f1b device 0 holds p = 4 microbatches of residuals at its peak
+    gpipe = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedules.build("gpipe", 4, 32), mesh=mesh)
+    assert gpipe.program.num_stash_slots == 32
+
+
+def test_idle_ticks_compute_nothing_and_ticks_use_one_op_per_device():
+    program = jpipe.pipeline.compile_program(schedules.build("1f1b", 4, 8))
+    busy = (program.op != 0).sum()
+    assert busy == 4 * 8 * 3  # F, I, W per stage and microbatch: no op is duplicated or masked
+    assert program.op.shape == (program.num_ticks, 4)
+
+
+class TestErrors:
+    def setup_method(self):
+        self.schedule = schedules.build("1f1b", 2, 4)
+        self.problem = make_problem(2, 4)
+
+    def _step(self, mesh=None, **kwargs):
+        mesh = mesh if mesh is not None else make_mesh_or_skip((2,), ("stage",))
+        return jpipe.value_and_grad(stage_fn, loss_fn, schedule=self.schedule, mesh=mesh, **kwargs)
+
+    def test_mesh_axis_size_must_match_num_devices(self):
+        with pytest.raises(ValueError, match=r"mesh: axis 'stage' has 4 devices .* num_devices=2"):
+            self._step(make_mesh_or_skip((4,), ("stage",)))
+
+    def test_mesh_needs_the_stage_axis(self):
+        with pytest.raises(ValueError, match=r"mesh: no axis named 'stage'"):
+            self._step(make_mesh_or_skip((2,), ("pipe",)))
+
+    def test_stage_params_leading_axis(self):
+        stage_params, loss_params, inputs, targets = make_problem(3, 4)
+        with pytest.raises(ValueError, match=r"stage_params\['g'\]: expected a leading axis of length 2"):
+            self._step()(stage_params, loss_params, inputs, targets)
+
+    def test_inputs_leading_axis(self):
+        stage_params, loss_params, inputs, targets = make_problem(2, 5)
+        with pytest.raises(ValueError, match=r"inputs\['aux'\]: expected a leading axis of length 4"):
+            self._step()(stage_params, loss_params, inputs, targets)
+
+    def test_stage_fn_changing_shape(self):
+        def widening(params, x):
+            return {"h": jnp.concatenate([x["h"], x["h"]], -1), "aux": x["aux"]}
+
+        mesh = make_mesh_or_skip((2,), ("stage",))
+        step = jpipe.value_and_grad(widening, loss_fn, schedule=self.schedule, mesh=mesh)
+        with pytest.raises(ValueError, match=r"stage_fn changes the activation\['h'\]"):
+            step(*self.problem)
+
+    def test_stage_fn_changing_dtype(self):
+        def casting(params, x):
+            return {"h": x["h"].astype(jnp.bfloat16), "aux": x["aux"]}
+
+        mesh = make_mesh_or_skip((2,), ("stage",))
+        step = jpipe.value_and_grad(casting, loss_fn, schedule=self.schedule, mesh=mesh)
+        with pytest.raises(ValueError, match=r"bfloat16"):
+            step(*self.problem)
+
+    def test_invalid_schedule_is_rejected_before_compiling(self):
+        rows = [list(row) for row in self.schedule.actions]
+        rows[0] = rows[0][1:] + rows[0][:1]  # move the first forward to the end: B before F
+        broken = schedules.Schedule(2, 4, self.schedule.placement, rows, name="broken")
+        with pytest.raises(schedules.ScheduleError):
+            jpipe.value_and_grad(stage_fn, loss_fn, schedule=broken, mesh=make_mesh_or_skip((2,), ("stage",)))
+
+    def test_bad_remat(self):
+        with pytest.raises(ValueError, match=r"remat: expected one of"):
+            self._step(remat="sometimes")
+
+
+def test_input_grads_flow_for_every_microbatch():
+    schedule = schedules.build("zb_h1", 2, 3)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    problem = make_problem(2, 3)
+    step = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh))
+    _, (_, _, input_grads) = step(*problem)
+    assert np.all(np.abs(np.asarray(input_grads["h"])).reshape(3, -1).max(-1) > 0)
