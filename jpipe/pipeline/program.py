@@ -33,13 +33,14 @@ class Program:
 
     Attributes:
       tick_table: the packed schedule the tables were built from.
-      op, chunk, microbatch, is_first, is_last, inbox_slot, stash_slot: int32 `[T, p]`.
-        `inbox_slot` is where the op's input (activation for F, output gradient for B/I/W) waits;
-        `stash_slot` is where an F writes its residuals and B/I/W read them.
+      op, chunk, microbatch, is_first, is_last, inbox_slot, stash_slot, weight_slot: int32 `[T, p]`.
+        `inbox_slot` is where the op's input (activation for F, output gradient for B/I) waits;
+        `stash_slot` is where an F writes its residuals and B/I/W read them; `weight_slot` is where
+        an I leaves what its W needs (the weight residuals).
       recv_slot: int32 `[T, p, C]`, the inbox slot for the message arriving on channel c at the end
         of the tick, or `num_inbox_slots` (a scratch slot) when nothing real arrives.
       channels: ring offsets, one per channel.
-      num_inbox_slots, num_stash_slots: buffer sizes (real slots; one scratch slot is added).
+      num_inbox_slots, num_stash_slots, num_weight_slots: buffer sizes per device.
       device_major_stages: `[p * v]`, the logical stage at device-major position `d * v + k`.
       forward_only: whether the program runs only forwards (inference).
     """
@@ -52,10 +53,12 @@ class Program:
     is_last: np.ndarray
     inbox_slot: np.ndarray
     stash_slot: np.ndarray
+    weight_slot: np.ndarray
     recv_slot: np.ndarray
     channels: tuple[int, ...]
     num_inbox_slots: int
     num_stash_slots: int
+    num_weight_slots: int
     device_major_stages: np.ndarray
     forward_only: bool
 
@@ -77,6 +80,7 @@ class Program:
             "is_last": self.is_last,
             "inbox_slot": self.inbox_slot,
             "stash_slot": self.stash_slot,
+            "weight_slot": self.weight_slot,
             "recv_slot": self.recv_slot,
         }
 
@@ -136,9 +140,9 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
             if s < last:
                 messages.append((action, [Action(s + 1, Op.F, m)]))
             elif not forward_only:
-                messages.append((action, _grad_readers(grad_op[(s, m)])))
+                messages.append((action, [grad_op[(s, m)]]))
         elif action.op in (Op.B, Op.I) and s > 0:
-            messages.append((action, _grad_readers(grad_op[(s - 1, m)])))
+            messages.append((action, [grad_op[(s - 1, m)]]))
 
     offsets = sorted({(sched.placement[c[0].stage] - sched.placement[a.stage]) % p for a, c in messages})
     channels = tuple(offsets) if offsets else (0,)
@@ -173,6 +177,19 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         stash_slot_of.update(slots)
         num_stash = max(num_stash, count)
 
+    # Weight slots: from an I until its W.
+    weight_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
+    for action, t in tick_of.items():
+        if action.op is Op.I:
+            weight_tick = tick_of[Action(action.stage, Op.W, action.microbatch)]
+            weight_intervals[sched.placement[action.stage]].append((t, weight_tick, (action.stage, action.microbatch)))
+    weight_slot_of: dict = {}
+    num_weight = 0
+    for intervals in weight_intervals:
+        slots, count = _colour_intervals(intervals, strict=True)
+        weight_slot_of.update(slots)
+        num_weight = max(num_weight, count)
+
     shape = (table.num_ticks, p)
     op = np.zeros(shape, np.int32)
     chunk = np.zeros(shape, np.int32)
@@ -180,7 +197,8 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
     is_first = np.zeros(shape, np.int32)
     is_last = np.zeros(shape, np.int32)
     inbox_slot = np.full(shape, num_inbox, np.int32)
-    stash_slot = np.full(shape, num_stash, np.int32)
+    stash_slot = np.zeros(shape, np.int32)
+    weight_slot = np.zeros(shape, np.int32)
     recv_slot = np.full(shape + (len(channels),), num_inbox, np.int32)
 
     input_message: dict[Action, Action] = {}
@@ -199,6 +217,8 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         key = (action.stage, action.microbatch)
         if key in stash_slot_of:
             stash_slot[t, d] = stash_slot_of[key]
+        if key in weight_slot_of and action.op in (Op.I, Op.W):
+            weight_slot[t, d] = weight_slot_of[key]
     for producer, readers in messages:
         src = sched.placement[producer.stage]
         dst = sched.placement[readers[0].stage]
@@ -215,17 +235,12 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         is_last=is_last,
         inbox_slot=inbox_slot,
         stash_slot=stash_slot,
+        weight_slot=weight_slot,
         recv_slot=recv_slot,
         channels=channels,
         num_inbox_slots=num_inbox,
         num_stash_slots=num_stash,
+        num_weight_slots=num_weight,
         device_major_stages=device_major,
         forward_only=forward_only,
     )
-
-
-def _grad_readers(grad_action: Action) -> list[Action]:
-    """Actions reading an output gradient: the B, or the I and its W."""
-    if grad_action.op is Op.B:
-        return [grad_action]
-    return [grad_action, Action(grad_action.stage, Op.W, grad_action.microbatch)]

@@ -12,7 +12,7 @@ Limits on the arguments (each violation raises `ScheduleError` naming the argume
 | name | virtual | num_microbatches |
 |---|---|---|
 | naive, gpipe, 1f1b, zb_h1, zb_h2 | 1 | any m >= 1 |
-| interleaved_1f1b | >= 2 | any m >= 1 (microbatches go in groups of p, the last group may be smaller) |
+| interleaved_1f1b | >= 2 | any m >= 1 (Megatron's m % p == 0 generalised: groups of p..2p-1) |
 | looped_bfs | any v >= 1 | any m >= 1 |
 | zbv | 2 | any m >= 1 (m < 2p - 1 drops the missing microbatches from the m = 2p - 1 order) |
 | dualpipev | 2 | m >= 2p (DeepSeek's DualPipeV requires it) |
@@ -230,38 +230,47 @@ def zb_h2(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule
 # --- loop placement, several chunks per device -----------------------------------------------------
 
 
-def _interleaved_order(num_devices: int, num_microbatches: int, virtual: int) -> list[tuple[int, int]]:
-    """Megatron's forward order of (chunk, microbatch) on every device.
+def _microbatch_groups(num_devices: int, num_microbatches: int) -> list[range]:
+    """Split the microbatches into `max(1, m // p)` consecutive groups, sizes as equal as possible.
 
-    Microbatches go in groups of `p` (the last group may be smaller); each group runs through chunk 0,
-    then chunk 1, ..., then the next group.
+    Every group has between p and 2p - 1 microbatches (all m in one group when m < p); the larger
+    groups come first. When `m % p == 0` these are Megatron's groups of exactly p.
     """
-    order = []
-    for first in range(0, num_microbatches, num_devices):
-        group = range(first, min(first + num_devices, num_microbatches))
-        for chunk in range(virtual):
-            order += [(chunk, mb) for mb in group]
-    return order
+    num_groups = max(1, num_microbatches // num_devices)
+    base, extra = divmod(num_microbatches, num_groups)
+    groups, first = [], 0
+    for index in range(num_groups):
+        size = base + (1 if index < extra else 0)
+        groups.append(range(first, first + size))
+        first += size
+    return groups
 
 
 @register("interleaved_1f1b")
 def interleaved_1f1b(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
     """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM), loop placement: stage `r + k p` on r.
 
-    Device r: `min(m v, 2(p - 1 - r) + (v - 1) p)` warmup forwards, then 1F1B over (chunk, microbatch)
-    pairs in Megatron's order (groups of p microbatches, chunk by chunk; the backward walks the chunks
-    from the last one). Needs `virtual >= 2`; any `m >= 1` (Megatron asks `m % p == 0`: then the bubble
-    is `(p - 1)(F + B) / v` in full-stage times and device 0 holds `p + (p - 1) / v`).
+    The microbatches are cut into `max(1, m // p)` consecutive groups of as equal sizes as possible
+    (larger first; each between p and 2p - 1, or all m when m < p). The forward order on every device
+    runs a group through chunk 0, chunk 1, ..., chunk v-1, then the next group; the backward order is
+    the same with the chunks from the last one. Device r runs `2(p - 1 - r) + (v - 1) g` warmup
+    forwards (g = the first group's size; at most m v), then 1F1B, then the remaining backwards.
+
+    When `m % p == 0` this is Megatron's schedule (groups of p, warmup `2(p - 1 - r) + (v - 1) p`);
+    other m generalise it as torch.pipelining does (which requires `m % (m // p) == 0`). Needs
+    `virtual >= 2`; any m >= 1. For every `m >= p` the bubble is `(p - 1)(F + B) / v` in full-stage
+    times; device 0 holds `p + (p - 1) / v` microbatches when `m % p == 0`.
     """
     if virtual < 2:
         raise ScheduleError(f"interleaved_1f1b needs virtual >= 2, got virtual={virtual} (use '1f1b' for 1)")
     p, m = num_devices, num_microbatches
-    order = _interleaved_order(p, m, virtual)
+    groups = _microbatch_groups(p, m)
+    order = [(chunk, mb) for group in groups for chunk in range(virtual) for mb in group]
     rows = []
     for d in range(p):
         forwards = [Action(d + chunk * p, Op.F, mb) for chunk, mb in order]
         backwards = [Action(d + (virtual - 1 - chunk) * p, Op.B, mb) for chunk, mb in order]
-        warmup = 2 * (p - 1 - d) + (virtual - 1) * p
+        warmup = 2 * (p - 1 - d) + (virtual - 1) * len(groups[0])
         rows.append(_one_f_one_b_order(warmup, forwards, backwards))
     return _schedule("interleaved_1f1b", p, m, loop_placement(p, virtual), rows)
 
