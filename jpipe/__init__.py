@@ -6,8 +6,27 @@
     loss, (stage_grads, loss_grads, input_grads) = jax.jit(step)(stage_params, loss_params, x, y)
 """
 
-from jpipe import schedules
-from jpipe.pipeline import forward, value_and_grad
+from __future__ import annotations
 
-__all__ = ["forward", "schedules", "value_and_grad"]
+import importlib
+from typing import Any
+
+__all__ = ["forward", "layered", "schedules", "value_and_grad"]
 __version__ = "0.1.0"
+
+# Lazy attributes: `import jpipe.schedules` must work without importing jax.
+_LAZY = {
+    "schedules": ("jpipe.schedules", None),
+    "pipeline": ("jpipe.pipeline", None),
+    "forward": ("jpipe.pipeline", "forward"),
+    "value_and_grad": ("jpipe.pipeline", "value_and_grad"),
+    "layered": ("jpipe.pipeline", "layered"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'jpipe' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)

@@ -19,7 +19,7 @@ def stage_fn(params, x):
     h = x["h"]
     mean = h.mean(-1, keepdims=True)
     var = ((h - mean) ** 2).mean(-1, keepdims=True)
-    normed = (h - mean) * jax.lax.rsqrt(var + 1e-5) * params["g"]
+    normed = (h - mean) * jax.lax.rsqrt(var + 1e-5) * params["g"][None, None, :]
     h = h + jnp.tanh(normed @ params["w1"]) @ params["w2"]
     return {"h": h, "aux": 0.9 * x["aux"] + jnp.sin(h.sum(-1))}
 
@@ -30,13 +30,17 @@ def loss_fn(loss_params, y, target):
     return jnp.mean((prediction - target) ** 2) + 0.1 * jnp.mean(y["aux"] ** 2)
 
 
-def make_problem(num_stages: int, num_microbatches: int, seed: int = 0):
-    """Returns (stage_params [S, ...], loss_params, inputs [m, ...], targets [m, B, T, OUT])."""
+def make_problem(num_stages: int, num_microbatches: int, seed: int = 0, layers: int | None = None):
+    """Returns (stage_params [S, ...], loss_params, inputs [m, ...], targets [m, B, T, OUT]).
+
+    With `layers`, stage parameters get a layer axis, `[S, layers, ...]`, for `jpipe.layered(stage_fn)`.
+    """
     keys = jax.random.split(jax.random.key(seed), 6)
+    lead = (num_stages,) if layers is None else (num_stages, layers)
     stage_params = {
-        "g": 1.0 + 0.1 * jax.random.normal(keys[0], (num_stages, WIDTH)),
-        "w1": jax.random.normal(keys[1], (num_stages, WIDTH, HIDDEN)) / np.sqrt(WIDTH),
-        "w2": jax.random.normal(keys[2], (num_stages, HIDDEN, WIDTH)) / np.sqrt(HIDDEN),
+        "g": 1.0 + 0.1 * jax.random.normal(keys[0], lead + (WIDTH,)),
+        "w1": jax.random.normal(keys[1], lead + (WIDTH, HIDDEN)) / np.sqrt(WIDTH),
+        "w2": jax.random.normal(keys[2], lead + (HIDDEN, WIDTH)) / np.sqrt(HIDDEN),
     }
     loss_params = {"head": jax.random.normal(keys[3], (WIDTH, OUT)) / np.sqrt(WIDTH)}
     inputs = {
@@ -47,25 +51,30 @@ def make_problem(num_stages: int, num_microbatches: int, seed: int = 0):
     return stage_params, loss_params, inputs, targets
 
 
-def sequential_outputs(stage_params, inputs):
-    """All stages in logical order on every microbatch, unpipelined."""
+def sequential_outputs(stage_params, inputs, stage=stage_fn):
+    """All stages in logical order on every microbatch, unpipelined, with plain Python loops."""
     num_stages = jax.tree.leaves(stage_params)[0].shape[0]
 
     def one(x):
         for s in range(num_stages):
-            x = stage_fn(jax.tree.map(lambda a, s=s: a[s], stage_params), x)
+            params = jax.tree.map(lambda a, s=s: a[s], stage_params)
+            if stage is stage_fn:
+                x = stage_fn(params, x)
+            else:  # a layered stage: apply its layers one by one
+                for layer in range(jax.tree.leaves(params)[0].shape[0]):
+                    x = stage_fn(jax.tree.map(lambda a, layer=layer: a[layer], params), x)
         return x
 
     return jax.vmap(one)(inputs)
 
 
-def sequential_loss(stage_params, loss_params, inputs, targets):
+def sequential_loss(stage_params, loss_params, inputs, targets, stage=stage_fn):
     """Mean over microbatches of the per-microbatch loss, unpipelined (the reference)."""
-    outputs = sequential_outputs(stage_params, inputs)
+    outputs = sequential_outputs(stage_params, inputs, stage)
     return jnp.mean(jax.vmap(lambda y, t: loss_fn(loss_params, y, t))(outputs, targets))
 
 
-reference_value_and_grad = jax.jit(jax.value_and_grad(sequential_loss, argnums=(0, 1, 2)))
+reference_value_and_grad = jax.jit(jax.value_and_grad(sequential_loss, argnums=(0, 1, 2)), static_argnums=4)
 
 
 def assert_trees_close(actual, expected, rtol: float = 1e-5) -> None:

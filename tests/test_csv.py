@@ -135,9 +135,7 @@ def test_round_trip_random_schedules(num_devices: int, virtual: int, num_microba
     rows: list[list[Action]] = [[] for _ in range(num_devices)]
     for stage, device in enumerate(placement):
         count = rng.randint(1, 4)
-        rows[device].extend(
-            Action(stage, rng.choice(list(Op)), rng.randrange(num_microbatches)) for _ in range(count)
-        )
+        rows[device].extend(Action(stage, rng.choice(list(Op)), rng.randrange(num_microbatches)) for _ in range(count))
     for row in rows:
         rng.shuffle(row)
     microbatches = max(action.microbatch for row in rows for action in row) + 1

@@ -74,8 +74,28 @@ def test_remat_modes_give_the_same_numbers(name, p, m, virtual, remat):
 
 
 @pytest.mark.parametrize("name", ["1f1b", "interleaved_1f1b"])
-def test_unsplit_backward_matches_sequential(name):
-    _run_and_compare(schedules.build(name, 2, 4, VIRTUAL.get(name, 1)), split_backward=False)
+def test_split_backward_matches_sequential(name):
+    _run_and_compare(schedules.build(name, 2, 4, VIRTUAL.get(name, 1)), split_backward=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "p", "m", "virtual", "split"),
+    [("zbv", 2, 4, 2, False), ("zb_h1", 2, 3, 1, False), ("1f1b", 2, 3, 1, True), ("dualpipev", 2, 4, 2, False)],
+)
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_layered_stage_matches_sequential(name, p, m, virtual, split, remat):
+    """A `jpipe.layered` stage: per-layer residuals, W computed from I's per-layer output gradients."""
+    schedule = schedules.build(name, p, m, virtual)
+    mesh = make_mesh_or_skip((p,), ("stage",))
+    stage = jpipe.layered(stage_fn)
+    problem = make_problem(schedule.num_stages, m, layers=3)
+    step = jax.jit(
+        jpipe.value_and_grad(stage, loss_fn, schedule=schedule, mesh=mesh, remat=remat, split_backward=split)
+    )
+    loss, grads = step(*problem)
+    ref_loss, ref_grads = reference_value_and_grad(*problem, stage)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
 
 
 @pytest.mark.parametrize(("name", "virtual"), [("1f1b", 1), ("interleaved_1f1b", 2), ("zbv", 2)])

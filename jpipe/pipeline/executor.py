@@ -116,7 +116,10 @@ def value_and_grad(
         the compiler (the shard_map is manual over `stage_axis` only).
       remat: what a forward saves for its backward (see `jpipe.pipeline.remat.apply_remat`).
       stage_axis: the mesh axis the pipeline runs over.
-      split_backward: run each B as I then W in consecutive ticks (recommended).
+      split_backward: run each B of the schedule as I then W in consecutive ticks. Ticks then hold
+        ops of equal cost (better lockstep packing), but W must redo part of the backward chain
+        (all of it for an opaque stage, the inside of each layer for a `jpipe.layered` stage), so it
+        costs compute; off by default. Schedules written with I and W always run them split.
 
     Returns:
       `step(stage_params, loss_params, inputs, targets) -> (loss, (stage_grads, loss_grads,
@@ -156,7 +159,7 @@ def forward(
     def apply(stage_params, inputs):
         check_call(schedule, stage_fn, stage_params, inputs, None)
         local = to_device_layout(schedule, mesh, stage_params)
-        return run(local, None, inputs, None)
+        return run(local, inputs)
 
     apply.program = program
     return apply

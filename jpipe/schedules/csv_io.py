@@ -44,9 +44,7 @@ _COMPOSITE_TYPES = ("OVERLAP_F_B",)
 
 _COMPUTE_CELL = re.compile(r"(\d+)([FBIW])(\d+)")
 # Longer names first so `SEND_F` is not read as something shorter.
-_COMMUNICATION_CELL = re.compile(
-    r"(\d+)(" + "|".join(sorted(_COMMUNICATION_TYPES, key=len, reverse=True)) + r")(\d*)"
-)
+_COMMUNICATION_CELL = re.compile(r"(\d+)(" + "|".join(sorted(_COMMUNICATION_TYPES, key=len, reverse=True)) + r")(\d*)")
 _COMPOSITE_CELL = re.compile(r"\((.*)\)([A-Z_]+)")
 
 

@@ -54,7 +54,7 @@ class Action:
         return f"Action({self})"
 
     @classmethod
-    def parse(cls, text: str) -> "Action":
+    def parse(cls, text: str) -> Action:
         """Parse `"2I1"` into `Action(stage=2, op=Op.I, microbatch=1)`."""
         match = _ACTION_RE.match(text)
         if match is None:

@@ -176,18 +176,12 @@ def plot(
         raise ValueError("plot needs at least one simulation")
 
     max_events_per_device = max(
-        (
-            sum(1 for e in sim.timeline if e.device == d)
-            for sim in simulations
-            for d in range(sim.schedule.num_devices)
-        ),
+        (sum(1 for e in sim.timeline if e.device == d) for sim in simulations for d in range(sim.schedule.num_devices)),
         default=1,
     )
     figure_width = min(40.0, max(10.0, 0.3 * max_events_per_device))
     panel_heights = [0.45 * sim.schedule.num_devices + 0.9 for sim in simulations]
-    figure = Figure(
-        figsize=(figure_width, sum(panel_heights) + (0.5 if title else 0.0)), layout="constrained"
-    )
+    figure = Figure(figsize=(figure_width, sum(panel_heights) + (0.5 if title else 0.0)), layout="constrained")
     FigureCanvasAgg(figure)
     axes_column = figure.subplots(
         len(simulations), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": panel_heights}

@@ -23,7 +23,7 @@ import math
 from jpipe.schedules.deps import dependencies
 from jpipe.schedules.ir import Action, Op, Schedule
 from jpipe.schedules.ticks import pack
-from jpipe.schedules.validate import validate
+from jpipe.schedules.validate import validated_dependencies
 
 MODES = ("async", "lockstep")
 
@@ -119,8 +119,7 @@ def peak_activations(schedule: Schedule) -> tuple[float, ...]:
     return tuple(peaks)
 
 
-def _simulate_async(schedule: Schedule, cost: Cost) -> list[Event]:
-    deps = dependencies(schedule)
+def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Action, ...]]) -> list[Event]:
     placement = schedule.placement
     end: dict[Action, float] = {}
     events = []
@@ -191,9 +190,9 @@ def simulate(schedule: Schedule, cost: Cost | None = None, mode: str = "async") 
         cost = Cost()
     if not isinstance(cost, Cost):
         raise ValueError(f"cost must be a Cost, got {cost!r}")
-    validate(schedule)
+    deps = validated_dependencies(schedule)
     if mode == "async":
-        events, num_ticks = _simulate_async(schedule, cost), None
+        events, num_ticks = _simulate_async(schedule, cost, deps), None
     else:
         events, num_ticks = _simulate_lockstep(schedule, cost)
     events.sort(key=lambda event: (event.start, event.device))

@@ -87,6 +87,9 @@ def pack(schedule: Schedule, *, split: bool = True) -> TickTable:
             raise ScheduleError(f"schedule {schedule.name!r} deadlocks: blocked actions {blocked}")
     num_ticks = max(tick.values(), default=-1) + 1
     grid: list[list[Action | None]] = [[None] * schedule.num_devices for _ in range(num_ticks)]
-    for action, t in tick.items():
-        grid[t][schedule.placement[action.stage]] = action
+    for device, row in enumerate(schedule.actions):
+        for action in row:
+            if grid[tick[action]][device] is not None:
+                raise ScheduleError(f"action {action} appears twice (validate the schedule before packing)")
+            grid[tick[action]][device] = action
     return TickTable(schedule=schedule, ticks=tuple(tuple(row) for row in grid))

@@ -28,6 +28,11 @@ def validate(schedule: Schedule) -> None:
     Args:
       schedule: the schedule to check.
     """
+    validated_dependencies(schedule)
+
+
+def validated_dependencies(schedule: Schedule) -> dict[Action, tuple[Action, ...]]:
+    """`validate(schedule)`, then return `dependencies(schedule)` (computed once, for the simulator)."""
     _check_shape(schedule)
     _check_placement(schedule)
     positions = _check_actions(schedule)
@@ -35,6 +40,7 @@ def validate(schedule: Schedule) -> None:
     deps = dependencies(schedule)
     _check_local_order(schedule, positions, deps)
     _check_progress(schedule, deps)
+    return deps
 
 
 def _is_int(value: object) -> bool:
