@@ -18,14 +18,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 NUM_FAKE_DEVICES = 8
 
 
-def make_mesh_or_skip(shape: tuple[int, ...], axis_names: tuple[str, ...]) -> jax.sharding.Mesh:
-    """A mesh of `shape` over the first prod(shape) devices; skips the test when devices are short."""
+def make_mesh_or_skip(
+    shape: tuple[int, ...], axis_names: tuple[str, ...], axis_types: tuple | None = None
+) -> jax.sharding.Mesh:
+    """A mesh of `shape` over the first prod(shape) devices; skips the test when devices are short.
+
+    `axis_types` defaults to JAX's (explicit); pass `jax.sharding.AxisType.Auto` entries for axes the
+    compiler should shard (data and tensor parallelism around the pipeline).
+    """
     needed = 1
     for size in shape:
         needed *= size
     if len(jax.devices()) < needed:
         pytest.skip(f"needs {needed} devices, have {len(jax.devices())}")
-    return jax.make_mesh(shape, axis_names, devices=jax.devices()[:needed])
+    return jax.make_mesh(shape, axis_names, axis_types=axis_types, devices=jax.devices()[:needed])
 
 
 @pytest.fixture

@@ -11,8 +11,13 @@ from jpipe.schedules.ir import Schedule
 PyTree = Any
 
 
-def check_mesh(schedule: Schedule, mesh: jax.sharding.Mesh, stage_axis: str) -> None:
-    """The mesh must have `stage_axis` with `schedule.num_devices` devices."""
+def check_mesh(schedule: Schedule, mesh: jax.sharding.Mesh, stage_axis: str, data_axes: tuple[str, ...] = ()) -> None:
+    """The mesh must have `stage_axis` with `schedule.num_devices` devices, and every data axis."""
+    for name in data_axes:
+        if name not in mesh.shape:
+            raise ValueError(f"data_axes: mesh has no axis {name!r} (axes: {dict(mesh.shape)})")
+        if name == stage_axis:
+            raise ValueError(f"data_axes: {name!r} is the stage axis; the pipeline and data axes must differ")
     if stage_axis not in mesh.shape:
         raise ValueError(f"mesh: no axis named {stage_axis!r} (axes: {dict(mesh.shape)}); pass stage_axis=")
     if mesh.shape[stage_axis] != schedule.num_devices:
@@ -32,12 +37,22 @@ def _leading(tree: PyTree, what: str, expected: int, meaning: str) -> None:
             )
 
 
-def check_call(schedule: Schedule, stage_fn, stage_params: PyTree, inputs: PyTree, targets: PyTree) -> None:
+def check_call(
+    schedule: Schedule, stage_fn, stage_params: PyTree, inputs: PyTree, targets: PyTree, num_data: int = 1
+) -> None:
     """Shapes of the step's arguments, and that `stage_fn` preserves the activation's shape/dtype."""
     _leading(stage_params, "stage_params", schedule.num_stages, "num_stages")
     _leading(inputs, "inputs", schedule.num_microbatches, "num_microbatches")
     if targets is not None:
         _leading(targets, "targets", schedule.num_microbatches, "num_microbatches")
+    if num_data > 1:
+        for what, tree in (("inputs", inputs), ("targets", targets)):
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if tree is not None else []:
+                if leaf.ndim < 2 or leaf.shape[1] % num_data:
+                    raise ValueError(
+                        f"{what}{jax.tree_util.keystr(path)}: the batch dimension (axis 1) must divide over "
+                        f"{num_data} data-parallel devices, got shape {tuple(leaf.shape)}"
+                    )
     one_stage = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stage_params)
     x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
     try:

@@ -31,19 +31,31 @@ from jpipe.schedules.ir import Schedule
 PyTree = Any
 
 
-def _varying(tree: PyTree, axis: str) -> PyTree:
-    """Mark arrays as varying over the manual `axis` (scan carries, vjp cotangents)."""
+def _varying(tree: PyTree, axes: tuple[str, ...]) -> PyTree:
+    """Mark arrays as varying over the manual `axes` (scan carries, vjp cotangents)."""
 
     def cast(x):
-        if axis in jax.typeof(x).manual_axis_type.varying:
-            return x
-        return lax.pcast(x, axis, to="varying")
+        missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+        return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
 
 
 def _zeros_like(tree: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _zeros(leading: tuple[int, ...], like: jax.Array, dtype=None) -> jax.Array:
+    """Zeros shaped `leading + like.shape` that keep `like`'s sharding over non-manual mesh axes.
+
+    Under explicit sharding, buffers must carry the sharding of what is written into them (e.g. a
+    batch dimension split over `data`).
+    """
+    dtype = like.dtype if dtype is None else dtype
+    spec = _spec_of(like)
+    if not any(entry is not None for entry in spec):
+        return jnp.zeros(leading + like.shape, dtype)
+    return jnp.zeros(leading + like.shape, dtype, out_sharding=P(*((None,) * len(leading) + spec)))
 
 
 def _take(tree: PyTree, index) -> PyTree:
@@ -104,6 +116,7 @@ def value_and_grad(
     mesh: jax.sharding.Mesh,
     remat: str | Callable | None = "none",
     stage_axis: str = "stage",
+    data_axes: str | tuple[str, ...] = (),
     split_backward: bool = False,
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
@@ -112,10 +125,13 @@ def value_and_grad(
       stage_fn: `(params_of_one_stage, x) -> y`, y with x's structure, shapes and dtypes.
       loss_fn: `(loss_params, y, target) -> scalar`, applied per microbatch after the last stage.
       schedule: any schedule `jpipe.schedules.validate` accepts.
-      mesh: a mesh with an axis `stage_axis` of size `schedule.num_devices`; other axes are left to
-        the compiler (the shard_map is manual over `stage_axis` only).
+      mesh: a mesh with an axis `stage_axis` of size `schedule.num_devices`. Axes other than the
+        stage and data axes (e.g. tensor) are left to the compiler.
       remat: what a forward saves for its backward (see `jpipe.pipeline.remat.apply_remat`).
       stage_axis: the mesh axis the pipeline runs over.
+      data_axes: mesh axes that split each microbatch's batch dimension (dimension 1 of `inputs`
+        and `targets` leaves): data parallelism, run manually. `loss_fn` must then be a mean over
+        the batch; loss and gradients are averaged over these axes.
       split_backward: run each B of the schedule as I then W in consecutive ticks. Ticks then hold
         ops of equal cost (better lockstep packing), but W must redo part of the backward chain
         (all of it for an opaque stage, the inside of each layer for a `jpipe.layered` stage), so it
@@ -126,12 +142,13 @@ def value_and_grad(
       input_grads))` where stage_params leaves are `[num_stages, ...]` in logical order,
       inputs/targets leaves are `[num_microbatches, ...]`; gradients match their arguments.
     """
-    check_mesh(schedule, mesh, stage_axis)
+    data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+    check_mesh(schedule, mesh, stage_axis, data_axes)
     program = prog.compile_program(schedule, split=split_backward)
-    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis)
+    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes)
 
     def step(stage_params, loss_params, inputs, targets):
-        check_call(schedule, stage_fn, stage_params, inputs, targets)
+        check_call(schedule, stage_fn, stage_params, inputs, targets, _axes_size(mesh, data_axes))
         local = to_device_layout(schedule, mesh, stage_params)
         loss, grads, loss_grads, input_grads = run(local, loss_params, inputs, targets)
         stage_grads = to_logical_layout(schedule, mesh, grads)
@@ -147,17 +164,20 @@ def forward(
     schedule: Schedule,
     mesh: jax.sharding.Mesh,
     stage_axis: str = "stage",
+    data_axes: str | tuple[str, ...] = (),
 ) -> Callable:
     """Pipelined forward (inference): `run(stage_params, inputs) -> outputs`, all `[m, ...]`.
 
-    Runs the schedule's forwards in each device's order (a fill/drain without backward).
+    Runs the schedule's forwards in each device's order (a fill/drain without backward). Arguments
+    as for `value_and_grad`.
     """
-    check_mesh(schedule, mesh, stage_axis)
+    data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+    check_mesh(schedule, mesh, stage_axis, data_axes)
     program = prog.compile_program(schedule, forward_only=True)
-    run = _build_runner(program, stage_ops(stage_fn, "none"), None, mesh, stage_axis)
+    run = _build_runner(program, stage_ops(stage_fn, "none"), None, mesh, stage_axis, data_axes)
 
     def apply(stage_params, inputs):
-        check_call(schedule, stage_fn, stage_params, inputs, None)
+        check_call(schedule, stage_fn, stage_params, inputs, None, _axes_size(mesh, data_axes))
         local = to_device_layout(schedule, mesh, stage_params)
         return run(local, inputs)
 
@@ -165,8 +185,17 @@ def forward(
     return apply
 
 
-def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str) -> Callable:
+def _axes_size(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
+    size = 1
+    for name in axes:
+        size *= mesh.shape[name]
+    return size
+
+
+def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axes: tuple[str, ...]) -> Callable:
     """The shard_map'ed scan over ticks. `ops`: a `jpipe.pipeline.stage` op implementation."""
+    num_data = _axes_size(mesh, data_axes)
+    manual_axes = (axis, *data_axes)
     schedule = program.schedule
     p, m = schedule.num_devices, schedule.num_microbatches
     forward_only = program.forward_only
@@ -181,14 +210,15 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str) -> Calla
         local_params = jax.tree.map(lambda a: a[0], local_params)
         # Differentiating w.r.t. an invariant (replicated) value inside a branch would transpose its
         # implicit pcast into a psum that only some devices reach: make it varying up front.
-        loss_params = _varying(loss_params, axis)
+        loss_params = _varying(loss_params, manual_axes)
+        local_params = _varying(local_params, manual_axes)
         device = lax.axis_index(axis)
         rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
         rows["channel_used"] = channel_used
-        x_like = _varying(_zeros_like(_take(inputs, 0)), axis)
+        x_like = _varying(_zeros_like(_take(inputs, 0)), manual_axes)
 
         def slots(n, example):
-            return jax.tree.map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), example)
+            return jax.tree.map(lambda a: _zeros((n,), a), example)
 
         carry = {"inbox": slots(program.num_inbox_slots + 1, x_like)}  # + a scratch slot
         if forward_only:
@@ -200,11 +230,11 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str) -> Calla
             weight_residuals = ops.input_grad(some_params, residuals, x_like, x_like)[1]
             carry["stash"] = slots(program.num_stash_slots, residuals)
             carry["weight_stash"] = slots(program.num_weight_slots, weight_residuals)
-            carry["grads"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), local_params)
+            carry["grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), local_params)
             carry["loss"] = jnp.zeros((), jnp.float32)
-            carry["loss_grads"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), loss_params)
+            carry["loss_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), loss_params)
             carry["input_grads"] = _zeros_like(inputs)
-        carry = _varying(carry, axis)
+        carry = _varying(carry, manual_axes)
 
         def run_forward(state, row, view):
             params = _take(local_params, row["chunk"])
@@ -213,7 +243,7 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str) -> Calla
                 _take(inputs, row["microbatch"]),
                 _take(view["inbox"], row["inbox_slot"]),
             )
-            x = _varying(x, axis)
+            x = _varying(x, manual_axes)
             if forward_only:
                 y = ops.fn(params, x)
                 outputs = lax.cond(
@@ -226,7 +256,7 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str) -> Calla
             def with_loss(state):
                 target = _take(targets, row["microbatch"])
                 loss, loss_vjp = jax.vjp(lambda lp, out: loss_fn(lp, out, target), loss_params, y)
-                d_loss_params, d_y = loss_vjp(_varying(jnp.asarray(scale, loss.dtype), axis))
+                d_loss_params, d_y = loss_vjp(_varying(jnp.asarray(scale, loss.dtype), manual_axes))
                 state = {
                     **state,
                     "loss": state["loss"] + loss.astype(jnp.float32) * scale,
@@ -309,37 +339,65 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str) -> Calla
         state, _ = lax.scan(tick, carry, rows)
         if forward_only:
             return lax.psum(state["outputs"], axis)
-        grads = jax.tree.map(lambda g, a: g.astype(a.dtype)[None], state["grads"], local_params)
-        loss_grads = jax.tree.map(lambda g, a: g.astype(a.dtype), lax.psum(state["loss_grads"], axis), loss_params)
-        return (
-            lax.psum(state["loss"], axis),
-            grads,
-            loss_grads,
-            lax.psum(state["input_grads"], axis),
+
+        def data_mean(tree):
+            return jax.tree.map(lambda a: lax.pmean(a, data_axes), tree) if data_axes else tree
+
+        grads = jax.tree.map(lambda g, a: g.astype(a.dtype)[None], data_mean(state["grads"]), local_params)
+        loss_grads = jax.tree.map(
+            lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["loss_grads"], axis)), loss_params
         )
+        # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
+        input_grads = jax.tree.map(lambda g: g / num_data, lax.psum(state["input_grads"], axis))
+        return data_mean(lax.psum(state["loss"], axis)), grads, loss_grads, input_grads
 
     stage_spec = P(axis)
+    batch_spec = P(None, data_axes) if data_axes else P()
     if forward_only:
-        in_specs = (stage_spec, P())
-        out_specs = P()
+        in_specs = (stage_spec, batch_spec)
+        out_specs = batch_spec
         body = lambda lp, x: per_device(lp, None, x, None)  # noqa: E731
     else:
-        in_specs = (stage_spec, P(), P(), P())
-        out_specs = (P(), stage_spec, P(), P())
+        in_specs = (stage_spec, P(), batch_spec, batch_spec)
+        out_specs = (P(), stage_spec, P(), batch_spec)
         body = per_device
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={axis})
+    manual = {axis, *data_axes}
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual)
 
     def run(*args):
-        args = tuple(_reshard(mesh, spec, arg) for spec, arg in zip(in_specs, args))
+        args = tuple(_place(mesh, manual, spec, arg) for spec, arg in zip(in_specs, args))
         return mapped(*args)
 
     return run
 
 
-def _reshard(mesh: jax.sharding.Mesh, spec: P, tree: PyTree) -> PyTree:
-    """Put `tree` in the sharding shard_map expects (explicit-axis meshes refuse anything else)."""
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    return jax.tree.map(lambda a: jax.sharding.reshard(a, sharding), tree)
+def _place(mesh: jax.sharding.Mesh, manual: set[str], spec: P, tree: PyTree) -> PyTree:
+    """Give `tree` the sharding over the manual axes that shard_map's `spec` asks for.
+
+    Entries for other mesh axes (e.g. tensor) are kept, so what the compiler shards stays sharded.
+    Explicit-axis meshes require the exact sharding; for auto meshes it is a constraint.
+    """
+
+    def fix(a):
+        current = _spec_of(a)
+        entries = []
+        for dim in range(a.ndim):
+            entry = current[dim] if dim < len(current) else None
+            kept = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n and n not in manual)
+            wanted = spec[dim] if dim < len(spec) else None
+            wanted = tuple(n for n in (wanted if isinstance(wanted, tuple) else (wanted,)) if n)
+            names = wanted + kept
+            entries.append(names[0] if len(names) == 1 else (names or None))
+        target = jax.sharding.NamedSharding(mesh, P(*entries))
+        if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            return jax.sharding.reshard(a, target)
+        return jax.lax.with_sharding_constraint(a, target)
+
+    return jax.tree.map(fix, tree)
 
 
-__all__ = ["forward", "value_and_grad"]
+def _spec_of(a: jax.Array) -> tuple:
+    """The array's current PartitionSpec entries (empty when unknown, e.g. under auto sharding)."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return tuple(spec) if spec is not None else ()

@@ -373,9 +373,7 @@ def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2) -> Sche
     _require_virtual("dualpipev", virtual, 2)
     p, m = num_devices, num_microbatches
     if m < 2 * p:
-        raise ScheduleError(
-            f"dualpipev needs num_microbatches >= 2 * num_devices = {2 * p}, got num_microbatches={m}"
-        )
+        raise ScheduleError(f"dualpipev needs num_microbatches >= 2 * num_devices = {2 * p}, got num_microbatches={m}")
     last = 2 * p - 1
     rows = []
     for d in range(p):

@@ -54,8 +54,7 @@ def _check_shape(schedule: Schedule) -> None:
         raise ScheduleError(f"num_microbatches must be an int >= 1, got {schedule.num_microbatches!r}")
     if len(schedule.actions) != schedule.num_devices:
         raise ScheduleError(
-            f"actions has {len(schedule.actions)} rows, expected one per device (num_devices="
-            f"{schedule.num_devices})"
+            f"actions has {len(schedule.actions)} rows, expected one per device (num_devices={schedule.num_devices})"
         )
 
 
@@ -63,9 +62,7 @@ def _check_placement(schedule: Schedule) -> None:
     p = schedule.num_devices
     num_stages = len(schedule.placement)
     if num_stages == 0 or num_stages % p != 0:
-        raise ScheduleError(
-            f"placement has {num_stages} stages, which is not a non-zero multiple of num_devices={p}"
-        )
+        raise ScheduleError(f"placement has {num_stages} stages, which is not a non-zero multiple of num_devices={p}")
     for stage, device in enumerate(schedule.placement):
         if not 0 <= device < p:
             raise ScheduleError(f"placement[{stage}] = {device}: device out of range [0, {p})")
