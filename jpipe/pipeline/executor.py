@@ -375,7 +375,7 @@ def _place(mesh: jax.sharding.Mesh, manual: set[str], spec: P, tree: PyTree) -> 
     """Give `tree` the sharding over the manual axes that shard_map's `spec` asks for.
 
     Entries for other mesh axes (e.g. tensor) are kept, so what the compiler shards stays sharded.
-    Explicit-axis meshes require the exact sharding; for auto meshes it is a constraint.
+    Only explicit-axis meshes need this (shard_map refuses inputs sharded otherwise).
     """
 
     def fix(a):
@@ -388,11 +388,12 @@ def _place(mesh: jax.sharding.Mesh, manual: set[str], spec: P, tree: PyTree) -> 
             wanted = tuple(n for n in (wanted if isinstance(wanted, tuple) else (wanted,)) if n)
             names = wanted + kept
             entries.append(names[0] if len(names) == 1 else (names or None))
-        target = jax.sharding.NamedSharding(mesh, P(*entries))
-        if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-            return jax.sharding.reshard(a, target)
-        return jax.lax.with_sharding_constraint(a, target)
+        return jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P(*entries)))
 
+    if not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        # Auto axes: shard_map moves data over its manual axes itself, and a constraint here would
+        # erase what the compiler shards over the other axes (e.g. tensor).
+        return tree
     return jax.tree.map(fix, tree)
 
 
