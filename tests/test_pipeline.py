@@ -250,3 +250,24 @@ def test_data_parallel_matches_sequential(axis_type):
     # Each device computes on its half of the batch: no full-batch [B, T, D] activation appears.
     assert f"f32[1,{SEQ},{WIDTH}]" in hlo
     assert f"f32[{BATCH},{SEQ},{WIDTH}]" not in hlo
+
+
+@pytest.mark.parametrize(("name", "virtual"), [("interleaved_1f1b", 2), ("zbv", 2)])
+def test_device_stage_order_keeps_parameters_in_place(name, virtual):
+    """stage_order="device": params stored device-major and sharded over stage never move."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    schedule = schedules.build(name, 2, 4, virtual)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    problem = make_problem(schedule.num_stages, 4)
+    order = jpipe.pipeline.device_major_order(schedule)
+    stage_params = jax.tree.map(lambda a: jax.device_put(a[order], NamedSharding(mesh, P("stage"))), problem[0])
+    step = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, stage_order="device"))
+    loss, (stage_grads, loss_grads, input_grads) = step(stage_params, *problem[1:])
+    ref_loss, (ref_stage, ref_loss_grads, ref_input) = reference_value_and_grad(*problem)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(stage_grads, jax.tree.map(lambda a: a[order], ref_stage))
+    assert_trees_close((loss_grads, input_grads), (ref_loss_grads, ref_input))
+    hlo = step.lower(stage_params, *problem[1:]).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo

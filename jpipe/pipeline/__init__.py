@@ -1,8 +1,17 @@
 """jpipe.pipeline: the SPMD executor (any valid schedule) and the AD-GPipe baseline."""
 
-from jpipe.pipeline.executor import forward, value_and_grad
+from jpipe.pipeline.executor import device_major_order, forward, value_and_grad
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff
 from jpipe.pipeline.program import Program, compile_program
 from jpipe.pipeline.stage import Layered, layered
 
-__all__ = ["Layered", "Program", "compile_program", "forward", "gpipe_autodiff", "layered", "value_and_grad"]
+__all__ = [
+    "Layered",
+    "Program",
+    "compile_program",
+    "device_major_order",
+    "forward",
+    "gpipe_autodiff",
+    "layered",
+    "value_and_grad",
+]

@@ -88,16 +88,19 @@ def _permute_leading(mesh: jax.sharding.Mesh, a: jax.Array, order: np.ndarray) -
     return a[order]
 
 
-def to_device_layout(schedule: Schedule, mesh: jax.sharding.Mesh, tree: PyTree) -> PyTree:
-    """`[S, ...]` in logical stage order -> `[p, v, ...]` with device d's stages at `[d]`."""
+def to_device_layout(schedule: Schedule, mesh: jax.sharding.Mesh, tree: PyTree, permute: bool = True) -> PyTree:
+    """`[S, ...]` in logical stage order -> `[p, v, ...]` with device d's stages at `[d]`.
+
+    With `permute=False` the input is already in device-major order and is only reshaped.
+    """
     p, v = schedule.num_devices, schedule.virtual
-    order = device_major_order(schedule)
+    order = device_major_order(schedule) if permute else np.arange(schedule.num_stages)
     return jax.tree.map(lambda a: _permute_leading(mesh, a, order).reshape((p, v) + a.shape[1:]), tree)
 
 
-def to_logical_layout(schedule: Schedule, mesh: jax.sharding.Mesh, tree: PyTree) -> PyTree:
-    """Inverse of `to_device_layout`: `[p, v, ...]` -> `[S, ...]` in logical stage order."""
-    inverse = np.argsort(device_major_order(schedule))
+def to_logical_layout(schedule: Schedule, mesh: jax.sharding.Mesh, tree: PyTree, permute: bool = True) -> PyTree:
+    """Inverse of `to_device_layout`: `[p, v, ...]` -> `[S, ...]` (logical order if `permute`)."""
+    inverse = np.argsort(device_major_order(schedule)) if permute else np.arange(schedule.num_stages)
     return jax.tree.map(
         lambda a: _permute_leading(mesh, a.reshape((schedule.num_stages,) + a.shape[2:]), inverse), tree
     )
@@ -118,6 +121,7 @@ def value_and_grad(
     stage_axis: str = "stage",
     data_axes: str | tuple[str, ...] = (),
     split_backward: bool = False,
+    stage_order: str = "logical",
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -136,6 +140,11 @@ def value_and_grad(
         ops of equal cost (better lockstep packing), but W must redo part of the backward chain
         (all of it for an opaque stage, the inside of each layer for a `jpipe.layered` stage), so it
         costs compute; off by default. Schedules written with I and W always run them split.
+      stage_order: "logical" (stage_params leaves `[S, ...]` in stage order 0..S-1) or "device"
+        (in `device_major_order(schedule)`: device 0's stages, then device 1's, ...). With
+        "device" and leaves sharded `P(stage_axis)`, every device already holds exactly its stages
+        and no parameter moves between devices; use it for training (gradients come back in the
+        same order). With "logical", interleaved and V placements permute the stages every step.
 
     Returns:
       `step(stage_params, loss_params, inputs, targets) -> (loss, (stage_grads, loss_grads,
@@ -144,14 +153,17 @@ def value_and_grad(
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     check_mesh(schedule, mesh, stage_axis, data_axes)
+    if stage_order not in ("logical", "device"):
+        raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
     program = prog.compile_program(schedule, split=split_backward)
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes)
 
     def step(stage_params, loss_params, inputs, targets):
         check_call(schedule, stage_fn, stage_params, inputs, targets, _axes_size(mesh, data_axes))
-        local = to_device_layout(schedule, mesh, stage_params)
+        logical = stage_order == "logical"
+        local = to_device_layout(schedule, mesh, stage_params, permute=logical)
         loss, grads, loss_grads, input_grads = run(local, loss_params, inputs, targets)
-        stage_grads = to_logical_layout(schedule, mesh, grads)
+        stage_grads = to_logical_layout(schedule, mesh, grads, permute=logical)
         return loss, (stage_grads, loss_grads, input_grads)
 
     step.program = program  # for inspection: tick tables, slot counts

@@ -1,0 +1,126 @@
+"""Typed, frozen configuration for a training run; every check explains what is wrong.
+
+A run is `TrainConfig(model=..., parallel=..., optimizer=..., data=..., run=...)`. Presets live in
+`jpipe.train.presets`; the CLI starts from a preset and applies overrides with
+`dataclasses.replace`, so an invalid override fails in `__post_init__` before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from jpipe.schedules.generators import SCHEDULES
+
+REMAT_CHOICES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field, the rule and the value."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Mesh and schedule: `data x stage x tensor` devices, `virtual` chunks per pipeline device."""
+
+    data: int = 2
+    stage: int = 4
+    tensor: int = 1
+    virtual: int = 1
+    schedule: str = "1f1b"
+    microbatches: int = 8
+    fsdp: bool = False
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("data", "stage", "tensor", "virtual", "microbatches"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"parallel.{name}: must be an integer >= 1, got {value!r}")
+        _require(
+            self.schedule in SCHEDULES,
+            f"parallel.schedule: unknown schedule {self.schedule!r}; known: {', '.join(sorted(SCHEDULES))}",
+        )
+        _require(self.remat in REMAT_CHOICES, f"parallel.remat: expected one of {REMAT_CHOICES}, got {self.remat!r}")
+
+    @property
+    def num_devices(self) -> int:
+        return self.data * self.stage * self.tensor
+
+    @property
+    def num_stages(self) -> int:
+        return self.stage * self.virtual
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay, and global-norm clipping."""
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_learning_rate_ratio: float = 0.1
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, f"optimizer.learning_rate: must be > 0, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, f"optimizer.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _require(
+            0.0 <= self.min_learning_rate_ratio <= 1.0,
+            f"optimizer.min_learning_rate_ratio: must be in [0, 1], got {self.min_learning_rate_ratio}",
+        )
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {self.weight_decay}")
+        _require(self.clip_norm > 0, f"optimizer.clip_norm: must be > 0, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Byte-level text: `path` None means the Python standard library's sources."""
+
+    path: str | None = None
+    seq_len: int = 64
+    batch_size: int = 16  # global examples per step, split into microbatches
+    seed: int = 0
+    eval_fraction: float = 0.01
+    max_corpus_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, f"data.seq_len: must be >= 2, got {self.seq_len}")
+        _require(self.batch_size >= 1, f"data.batch_size: must be >= 1, got {self.batch_size}")
+        _require(0.0 < self.eval_fraction < 0.5, f"data.eval_fraction: must be in (0, 0.5), got {self.eval_fraction}")
+        if self.path is not None:
+            _require(pathlib.Path(self.path).exists(), f"data.path: {self.path!r} does not exist")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Length, output folder, checkpoint and evaluation cadence."""
+
+    out: str = "runs/default"
+    steps: int = 200
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"run.steps: must be >= 1, got {self.steps}")
+        _require(self.checkpoint_every >= 1, f"run.checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+        _require(self.keep_checkpoints >= 1, f"run.keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+        _require(self.eval_every >= 1, f"run.eval_every: must be >= 1, got {self.eval_every}")
+        _require(self.eval_batches >= 1, f"run.eval_batches: must be >= 1, got {self.eval_batches}")
+        _require(self.log_every >= 1, f"run.log_every: must be >= 1, got {self.log_every}")
+
+
+def as_dict(config: Any) -> dict:
+    """A JSON-able dict of a (nested) config dataclass."""
+    return dataclasses.asdict(config)
