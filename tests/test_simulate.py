@@ -89,6 +89,15 @@ def test_gpipe_and_1f1b_makespan_bubble_and_peak(name: str, cost: Cost):
                 assert simulation.peak_activations == tuple(min(m, p - r) for r in range(p))
 
 
+def test_naive_serialises_everything():
+    for p in (1, 2, 4):
+        for m in (1, 3, 8):
+            simulation = simulate(build("naive", p, m), SKEW)
+            assert simulation.makespan == exactly(m * p * (SKEW.f + SKEW.b))
+            assert simulation.bubble_fraction == exactly(1 - 1 / p)
+            assert simulation.peak_activations == (1,) * p
+
+
 # --- oracles: loop placement ------------------------------------------------------------------------
 
 

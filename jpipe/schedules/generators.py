@@ -171,8 +171,9 @@ def zb_h1(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule
 
     Device r follows 1F1B with I in place of B (`p - 1 - r` warmup forwards), and delays each W by r
     backwards: `W(k)` runs right after `I(k + r)`; the last r W's end the list. The delayed W's fill the
-    cool-down bubble, so the bubble is `(p - 1)(F + I - W)` (a third of 1F1B's when F = I = W), while
-    the peak stays `p` microbatches on every device (`min(m, p)`).
+    cool-down bubble: for `m >= p` and `W <= min(F, I)` the makespan is `m(F + I + W) + (p - 1)(F + I - W)`
+    (the bubble is a third of 1F1B's when F = I = W), while every device holds at most `min(m, p)`
+    microbatches.
     """
     _require_virtual("zb_h1", virtual, 1)
     rows = []
@@ -202,8 +203,10 @@ def zb_h2(num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule
          earlier devices every `F + I` instead of every `F + I + W`);
       4. tail 2: each remaining I followed by the oldest pending W; then the W's left.
     With F = I = W every device is busy from its first action to its last one: the schedule is the
-    paper's parallelogram. The per-device bubble is `(p - 1)(F + I - 2W)`; the global makespan also
-    counts the last device's late start, see `tests/test_simulate.py`.
+    paper's parallelogram. For `m >= 2p - 1` and `W <= min(F, I)` each device's own bubble (its span
+    from first to last action, minus its busy time) is at most `(p - 1)(F + I - 2W)`, reached on some
+    device. The global makespan also counts the last device's late start: `m(F + I + W) + (p - 1)F`
+    at F = I = W (no schedule can start device p - 1 before `(p - 1)F`).
     """
     _require_virtual("zb_h2", virtual, 1)
     p, m = num_devices, num_microbatches
@@ -368,7 +371,11 @@ def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2) -> Sche
       5. `p - 1 - r` rounds `B(c1), F(c1), B(c0)`;
       6. r + 1 pairs of backwards (c1 then c0): full B in the first half, I (W deferred) after;
       7. `p - 1 - r` pairs `W, I(c0)`;  8. the r + 1 W's left.
-    Bubble per DeepSeek's README (PP = 2p stages): `(p - 1)(F&B + B - 3W)` with F&B = F + B here.
+    DeepSeek's README gives the bubble `(PP/2 - 1)(F&B + B - 3W)` with PP = 2p stages, counting an
+    F&B pair as one unit whose results are ready when it ends; with F&B = F + B and F = I = W this
+    order reproduces it exactly. Run as F then B (the forward's output leaves earlier), the makespan
+    is never above it, and equals `2m(F + B) + (p - 1)F` when I <= W. Peak `p + 1/2` full stages
+    (DeepSeek's PP + 1 chunk activations).
     """
     _require_virtual("dualpipev", virtual, 2)
     p, m = num_devices, num_microbatches

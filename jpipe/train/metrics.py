@@ -1,0 +1,102 @@
+"""Metrics to JSONL, a one-line progress display, and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import IO
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to `<out>/metrics.jsonl` (flushed each write).
+
+    On resume, records at or after the resumed step are dropped first so the file never holds two
+    records for one step.
+    """
+
+    def __init__(self, path: pathlib.Path, resume_from_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_from_step is not None and path.exists():
+            kept = [json.dumps(r) for r in read_metrics(path) if r["step"] < resume_from_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_from_step is None and path.exists():
+            path.unlink()
+        self._file: IO[str] = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    """All complete records of a metrics.jsonl file (a line cut short by a crash is skipped)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class Progress:
+    """A single updating line: step, loss, tokens/s, step time (plain lines when not a terminal)."""
+
+    def __init__(self, total_steps: int, stream: IO[str] = sys.stdout):
+        self.total = total_steps
+        self.stream = stream
+        self.interactive = stream.isatty()
+        self.started = time.perf_counter()
+
+    def update(self, step: int, loss: float, tokens_per_second: float, step_seconds: float, extra: str = "") -> None:
+        width = 24
+        done = int(width * step / self.total)
+        bar = "#" * done + "." * (width - done)
+        line = (
+            f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  {tokens_per_second:,.0f} tok/s  "
+            f"{step_seconds * 1e3:.0f} ms/step{extra}"
+        )
+        if self.interactive:
+            self.stream.write("\r" + line)
+            if step == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.interactive:
+            self.stream.write("\n")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def plot_loss_curve(records: list[dict], path: pathlib.Path, title: str = "") -> pathlib.Path:
+    """Training (and evaluation, when present) loss against step, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        axes.plot(*zip(*evals), "o-", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/byte)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
