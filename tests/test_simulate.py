@@ -374,28 +374,30 @@ def test_lockstep_equals_async_of_the_split_schedule_at_unit_cost(name: str):
     assert lockstep.peak_activations == simulate(schedule, UNIT, "async").peak_activations
 
 
-LOCKSTEP_VS_ASYNC_MISSES = {
-    # p=4, m=16, f=1, b=2, i=w=1: lockstep runs each B as I then W, which takes W off the critical
-    # path, so lockstep (54) beats async with full B (57): ratio 0.947, 5.3% away.
-    "gpipe": "lockstep 54 vs async 57 (0.947): split backward is faster, outside the 5% band",
-    "1f1b": "lockstep 54 vs async 57 (0.947): split backward is faster, outside the 5% band",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=LOCKSTEP_VS_ASYNC_MISSES[name]))
-        if name in LOCKSTEP_VS_ASYNC_MISSES
-        else name
-        for name in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
-    ],
-)
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"])
 def test_lockstep_within_5_percent_of_async_p4_m16(name: str):
-    """Project target: lockstep packing within 5% of the async makespan (p=4, m=16, F=1, B=2, I=W=1)."""
+    """Project target: SPMD lockstep packing loses at most 5% against async (p=4, m=16, F=1, B=2, I=W=1).
+
+    Lockstep runs each B as I then W, which takes W off the critical path, so for schedules written
+    with full B it is even faster than async of the schedule as written (gpipe, 1f1b: 54 vs 57).
+    """
     schedule = build(name, 4, 16, VIRTUAL.get(name, 1))
     ratio = simulate(schedule, UNIT, "lockstep").makespan / simulate(schedule, UNIT, "async").makespan
-    assert abs(ratio - 1) <= 0.05, ratio
+    assert ratio <= 1.05, ratio
+
+
+@pytest.mark.parametrize("name", ["1f1b", "interleaved_1f1b"])
+def test_unsplit_lockstep_pays_for_mixed_ticks(name: str):
+    """With B as one tick, a tick mixing F and B costs B: 1f1b 72 vs 57 async (1.26x) at p=4, m=16.
+
+    (gpipe has no mixed ticks: all forwards, then all backwards, so unsplit lockstep equals async.)
+    """
+    schedule = build(name, 4, 16, VIRTUAL.get(name, 1))
+    unsplit = simulate(schedule, UNIT, "lockstep", split_backward=False)
+    split = simulate(schedule, UNIT, "lockstep", split_backward=True)
+    asynchronous = simulate(schedule, UNIT, "async")
+    assert unsplit.makespan > asynchronous.makespan > split.makespan
+    assert unsplit.num_ticks < split.num_ticks
 
 
 # --- arguments ------------------------------------------------------------------------------------------

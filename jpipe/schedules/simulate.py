@@ -149,8 +149,8 @@ def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Act
     return events
 
 
-def _simulate_lockstep(schedule: Schedule, cost: Cost) -> tuple[list[Event], int]:
-    table = pack(schedule, split=True)
+def _simulate_lockstep(schedule: Schedule, cost: Cost, split_backward: bool) -> tuple[list[Event], int]:
+    table = pack(schedule, split=split_backward)
     placement = table.schedule.placement
     crosses = set()  # actions whose result some other device consumes
     for action, needed in dependencies(table.schedule).items():
@@ -169,13 +169,17 @@ def _simulate_lockstep(schedule: Schedule, cost: Cost) -> tuple[list[Event], int
     return events, table.num_ticks
 
 
-def simulate(schedule: Schedule, cost: Cost | None = None, mode: str = "async") -> Simulation:
+def simulate(
+    schedule: Schedule, cost: Cost | None = None, mode: str = "async", *, split_backward: bool = True
+) -> Simulation:
     """Simulate `schedule` under `cost` in `mode`.
 
     Args:
       schedule: any schedule; it is validated first (ScheduleError if invalid).
       cost: per-op times per logical stage and per-hop latency; default `Cost()` (F=1, B=2, I=W=1).
-      mode: "async" (event-driven) or "lockstep" (ticks of `pack(schedule, split=True)`).
+      mode: "async" (event-driven) or "lockstep" (ticks of `pack(schedule, split=split_backward)`).
+      split_backward: lockstep only: run each B as I then W in two ticks (the executor's
+        `split_backward=True`); with False a B is one tick (the executor's default).
 
     Returns:
       A `Simulation`.
@@ -194,7 +198,7 @@ def simulate(schedule: Schedule, cost: Cost | None = None, mode: str = "async") 
     if mode == "async":
         events, num_ticks = _simulate_async(schedule, cost, deps), None
     else:
-        events, num_ticks = _simulate_lockstep(schedule, cost)
+        events, num_ticks = _simulate_lockstep(schedule, cost, split_backward)
     events.sort(key=lambda event: (event.start, event.device))
     p = schedule.num_devices
     busy = [0.0] * p
