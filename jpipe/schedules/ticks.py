@@ -4,8 +4,10 @@ An SPMD program advances all devices together: in each tick every device runs at
 then all devices exchange messages. Data produced in tick `t` is usable from tick `t + 1`. A tick
 lasts as long as its slowest action, so mixing a forward with a full backward in one tick wastes
 time; running each B as I then W (one op per device per tick) evens the ticks out. With unit F and
-I = W = F, this packing makes gpipe, 1f1b, interleaved_1f1b and zb_h1 exactly as fast in lockstep as
-in an event-driven (async) run.
+I = W = F, this packing makes every named schedule exactly as fast in lockstep as an event-driven
+(async) run of the same split schedule (and gpipe/1f1b 5% faster than async with whole B's, since W
+leaves the critical path). Without the split, ticks mixing F and B cost a B: 1f1b at p=4, m=16 takes
+72 instead of 57.
 """
 
 from __future__ import annotations
