@@ -26,6 +26,8 @@ previous stage gets its gradient after I, not after the whole B. For schedules w
 schedule as written (ratio < 1): the two modes run different programs. The "split" ratio compares
 like with like; with comm=0 it is 1.000 for every schedule (seen with the default costs), i.e. the
 SPMD tick packing costs nothing against an MPMD runtime running the same split schedule.
+The last two columns pack each B as one tick (the executor's default, `split_backward=False`): ticks
+that mix an F with a B then cost a B.
 
 Expected, from DESIGN.md's oracles with the default costs: gpipe and 1f1b have async bubble
 (p-1)/(m+p-1) and makespan (m+p-1)(F+B); zb_h1 makespan m(F+I+W)+(p-1)(F+I-W); peak activations
@@ -60,6 +62,8 @@ COLUMNS = (
     "lockstep/async",
     "async makespan, B split",
     "lockstep/async split",
+    "lockstep, B whole",
+    "B whole/async",
     "peak activations",
 )
 
@@ -77,6 +81,7 @@ class Row:
     lockstep_makespan: float
     lockstep_bubble: float
     async_split_makespan: float
+    lockstep_whole_makespan: float
     peak_activations: float
 
     def cells(self) -> tuple[str, ...]:
@@ -92,6 +97,8 @@ class Row:
             f"{self.lockstep_makespan / self.async_makespan:.3f}",
             f"{self.async_split_makespan:g}",
             f"{self.lockstep_makespan / self.async_split_makespan:.3f}",
+            f"{self.lockstep_whole_makespan:g}",
+            f"{self.lockstep_whole_makespan / self.async_makespan:.3f}",
             f"{self.peak_activations:g}",
         )
 
@@ -132,6 +139,7 @@ def measure(name: str, num_devices: int, num_microbatches: int, cost: Cost) -> R
         lockstep_makespan=lockstep.makespan,
         lockstep_bubble=lockstep.bubble_fraction,
         async_split_makespan=asynchronous_split.makespan,
+        lockstep_whole_makespan=simulate(schedule, cost, "lockstep", split_backward=False).makespan,
         peak_activations=max_over_devices(asynchronous.peak_activations),
     )
 
