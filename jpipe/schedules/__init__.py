@@ -5,13 +5,17 @@ This package imports no jax and no flax.
 
 from jpipe.schedules.csv_io import from_csv, to_csv
 from jpipe.schedules.generators import SCHEDULES, build, register
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError, loop_placement, v_placement
+from jpipe.schedules.ir import Action, B, F, I, Op, Schedule, ScheduleError, W, loop_placement, v_placement
 from jpipe.schedules.render import plot, render
 from jpipe.schedules.simulate import Cost, Event, Simulation, simulate
 from jpipe.schedules.ticks import TickTable, pack, split_backward
 from jpipe.schedules.validate import validate
 
 __all__ = [
+    "B",
+    "F",
+    "I",
+    "W",
     "Action",
     "Cost",
     "Event",
