@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import chex
 import jax
@@ -271,3 +272,19 @@ def test_device_stage_order_keeps_parameters_in_place(name, virtual):
     assert_trees_close((loss_grads, input_grads), (ref_loss_grads, ref_input))
     hlo = step.lower(stage_params, *problem[1:]).compile().as_text()
     assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def test_hlo_has_one_collective_permute_per_channel_and_leaf_and_no_gathers():
+    """Per tick: one ppermute per ring offset and activation leaf; no all-gather/all-to-all at all."""
+    schedule = schedules.build("1f1b", 4, 8)
+    mesh = make_mesh_or_skip((4,), ("stage",))
+    step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh)
+    problem = make_problem(4, 8)
+    hlo = jax.jit(step).lower(*problem).compile().as_text()
+    remote_channels = [offset for offset in step.program.channels if offset != 0]
+    assert remote_channels == [1, 3]  # +1 (activations) and -1 (gradients) on a ring of 4
+    num_leaves = len(jax.tree.leaves(problem[2]))
+    permutes = re.findall(r"collective-permute(?:-start)?\(", hlo)
+    assert len(permutes) == len(remote_channels) * num_leaves
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    assert hlo.count(" while(") == 1  # one scan over ticks; nothing unrolled per microbatch
