@@ -37,6 +37,7 @@ class ParallelConfig:
     microbatches: int = 8
     fsdp: bool = False
     remat: str = "none"
+    split_backward: bool = False
 
     def __post_init__(self) -> None:
         for name in ("data", "stage", "tensor", "virtual", "microbatches"):

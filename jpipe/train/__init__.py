@@ -1,0 +1,1 @@
+"""jpipe.train: configuration, data, checkpoints, the training loop and its command line."""

@@ -1,0 +1,67 @@
+"""Named starting points for runs; the CLI applies overrides on top (`dataclasses.replace`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jpipe.models.config import GPTConfig
+from jpipe.train.config import DataConfig, OptimizerConfig, ParallelConfig, RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs: model, parallel layout and schedule, optimizer, data, run."""
+
+    model: GPTConfig
+    parallel: ParallelConfig
+    optimizer: OptimizerConfig
+    data: DataConfig
+    run: RunConfig
+
+    def __post_init__(self) -> None:
+        from jpipe.train.config import ConfigError
+
+        if self.data.seq_len > self.model.seq_len:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) exceeds the model's seq_len ({self.model.seq_len})"
+            )
+        per_step = self.parallel.microbatches * self.parallel.data
+        if self.data.batch_size % per_step:
+            raise ConfigError(
+                f"data.batch_size ({self.data.batch_size}) must divide into microbatches x data = "
+                f"{self.parallel.microbatches} x {self.parallel.data}"
+            )
+        if self.model.vocab_size < 256:
+            raise ConfigError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
+
+
+def _quickstart() -> TrainConfig:
+    """The README's main job: a small byte-level GPT, data 2 x stage 4, 1f1b, 8 fake CPU devices."""
+    return TrainConfig(
+        model=GPTConfig(vocab_size=256, seq_len=64, d_model=64, num_heads=4, num_layers=8, mlp_ratio=4),
+        parallel=ParallelConfig(data=2, stage=4, tensor=1, virtual=1, schedule="1f1b", microbatches=8),
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20),
+        data=DataConfig(seq_len=64, batch_size=32),
+        run=RunConfig(out="runs/quickstart", steps=150, checkpoint_every=50, eval_every=50),
+    )
+
+
+def _tiny() -> TrainConfig:
+    """For tests: seconds per run."""
+    return TrainConfig(
+        model=GPTConfig(vocab_size=256, seq_len=16, d_model=16, num_heads=2, num_layers=4, mlp_ratio=2),
+        parallel=ParallelConfig(data=2, stage=2, tensor=1, virtual=1, schedule="1f1b", microbatches=2),
+        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
+        data=DataConfig(seq_len=16, batch_size=8, max_corpus_bytes=2_000_000),
+        run=RunConfig(out="runs/tiny", steps=6, checkpoint_every=2, eval_every=3, eval_batches=1),
+    )
+
+
+PRESETS = {"quickstart": _quickstart, "tiny": _tiny}
+
+
+def preset(name: str) -> TrainConfig:
+    """The preset called `name`."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
