@@ -1,0 +1,28 @@
+"""jpipe.models: Flax NNX models whose blocks are stacked on a leading layer axis, and their pipelines.
+
+    config = GPTConfig(vocab_size=256, seq_len=128, d_model=128, num_heads=4, num_layers=6)
+    pipe = PipelinedLM(config, schedule=schedule, mesh=make_mesh(data=2, stage=2, tensor=2))
+    params = pipe.init(seed=0)
+    loss, grads = jax.jit(pipe.value_and_grad())(params, tokens, targets)
+"""
+
+from jpipe.models.config import GPTConfig
+from jpipe.models.gpt import GPT, Block, cross_entropy, logical_axes, params_of
+from jpipe.models.layout import StageLayout, masked_layer
+from jpipe.models.parts import LMParts, num_params, reference_value_and_grad
+from jpipe.models.pipelined import PipelinedLM
+
+__all__ = [
+    "GPT",
+    "Block",
+    "GPTConfig",
+    "LMParts",
+    "PipelinedLM",
+    "StageLayout",
+    "cross_entropy",
+    "logical_axes",
+    "masked_layer",
+    "num_params",
+    "params_of",
+    "reference_value_and_grad",
+]

@@ -1,0 +1,195 @@
+"""The full LM gradient step on a (data, stage, tensor) mesh: embedding -> pipelined blocks -> head.
+
+    pipe = PipelinedLM(config, schedule=schedule, mesh=mesh, rules=ShardingRules(fsdp=True))
+    params = pipe.init(seed=0)                       # pipeline layout, placed on the mesh
+    loss, grads = jax.jit(pipe.value_and_grad())(params, tokens, targets)   # tokens [m, B, T]
+
+How each kind of parallelism enters:
+- pipeline: the blocks run under `jpipe.value_and_grad` with the model's block as a
+  `jpipe.layered` stage. Block parameters are stored `[S, layers_per_stage, ...]` sharded over
+  `stage`, rows in *device order* (row `d * v + k` is device d's k-th stage, see
+  `jpipe.pipeline.executor.device_major_order`), so each device stores exactly the stages the
+  schedule places on it, also for interleaved (loop) and V placements.
+- data: microbatches are split over `data` on their batch dimension (the executor's `data_axes`);
+  the embedding runs outside the pipeline on the same split and gets its gradient by chaining the
+  executor's input gradients through `jax.vjp`.
+- tensor (Megatron): parameters carry `tensor` shardings from the rules (heads and MLP width), the
+  compiler partitions the blocks and inserts the reductions; no model code changes.
+- FSDP (`ShardingRules(fsdp=True)`): parameters are also stored split over `data`; entering the
+  executor's `shard_map` (replicated over its manual data axis) gathers them, once per step, before
+  the tick loop. Gradients come back replicated and are re-split to the parameters' sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jpipe.models.config import GPTConfig
+from jpipe.models.gpt import GPT, logical_axes, params_of
+from jpipe.models.layout import StageLayout, as_layout, masked_layer
+from jpipe.models.parts import LMParts
+from jpipe.parallel.mesh import DATA, STAGE
+from jpipe.parallel.rules import ShardingRules
+from jpipe.pipeline import executor
+from jpipe.pipeline.stage import layered
+from jpipe.schedules.ir import Schedule
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinedLM:
+    """`GPT(config)` trained with `schedule` on `mesh` under `rules`.
+
+    Attributes:
+      config: the model.
+      schedule: any schedule the executor runs; its `num_stages` logical stages share the layers.
+      mesh: a mesh with a `stage` axis of `schedule.num_devices` devices (see
+        `jpipe.parallel.make_mesh`); a `data` axis, if present, splits each microbatch's batch.
+      rules: logical -> mesh axes and FSDP on/off.
+      layout: layers per logical stage: a `StageLayout`, explicit counts, or None (balanced).
+      remat, split_backward: passed to `jpipe.value_and_grad`.
+    """
+
+    config: GPTConfig
+    schedule: Schedule
+    mesh: jax.sharding.Mesh
+    rules: ShardingRules = dataclasses.field(default_factory=ShardingRules)
+    layout: StageLayout | Sequence[int] | None = None
+    remat: str | Callable | None = "none"
+    split_backward: bool = False
+
+    def __post_init__(self):
+        if STAGE not in self.mesh.shape:
+            raise ValueError(f"mesh: no {STAGE!r} axis (axes: {dict(self.mesh.shape)}); see jpipe.parallel.make_mesh")
+        layout = as_layout(self.layout, self.config.num_layers, self.schedule.num_stages)
+        object.__setattr__(self, "layout", layout)
+
+    @property
+    def parts(self) -> LMParts:
+        return LMParts(self.config)
+
+    @property
+    def data_axes(self) -> tuple[str, ...]:
+        return (DATA,) if DATA in self.mesh.shape else ()
+
+    # Parameters: structure, logical axes, shardings, creation.
+
+    def logical_axes(self) -> PyTree:
+        """Logical axis names of the pipeline-layout parameters (blocks `("stage", "layer", ...)`)."""
+        model = nnx.eval_shape(lambda: GPT(self.config, rngs=nnx.Rngs(0)))
+        names = logical_axes(model)
+        names["blocks"] = jax.tree.map(
+            lambda axes: ("stage", *axes), names["blocks"], is_leaf=lambda x: isinstance(x, tuple)
+        )
+        return names
+
+    def abstract_params(self) -> PyTree:
+        """`jax.ShapeDtypeStruct`s of the pipeline-layout parameters."""
+        return jax.eval_shape(lambda: self.to_pipeline(params_of(GPT(self.config, rngs=nnx.Rngs(0)))))
+
+    def shardings(self, *, gathered: bool = False) -> PyTree:
+        """`NamedSharding` of every pipeline-layout parameter on the mesh.
+
+        With `gathered`, the sharding parameters have where they are used: without FSDP's split.
+        """
+        rules = dataclasses.replace(self.rules, fsdp=False) if gathered else self.rules
+        return rules.param_shardings(self.logical_axes(), self.abstract_params(), self.mesh)
+
+    @property
+    def stage_order(self) -> np.ndarray:
+        """`stage_order[r]`: the logical stage stored in row r of the block parameters."""
+        return executor.device_major_order(self.schedule)
+
+    def to_pipeline(self, model_params: PyTree) -> PyTree:
+        """Model-layout params (blocks `[L, ...]`) -> pipeline layout (blocks `[S, slots, ...]`, device order)."""
+        stages = self.layout.to_stages(model_params["blocks"])
+        return {**model_params, "blocks": _reorder(stages, self.stage_order)}
+
+    def to_model(self, params: PyTree) -> PyTree:
+        """Pipeline layout -> model layout (e.g. to compare with, or load into, `GPT`)."""
+        stages = _reorder(params["blocks"], np.argsort(self.stage_order))
+        return {**params, "blocks": self.layout.from_stages(stages)}
+
+    def place(self, model_params: PyTree) -> PyTree:
+        """Model-layout params -> pipeline layout, placed on the mesh with `shardings()`."""
+        return jax.jit(self.to_pipeline, out_shardings=self.shardings())(model_params)
+
+    def init(self, seed: int = 0) -> PyTree:
+        """Fresh parameters (those of `GPT(config, rngs=nnx.Rngs(seed))`), created directly sharded."""
+        create = lambda: self.to_pipeline(params_of(GPT(self.config, rngs=nnx.Rngs(seed))))  # noqa: E731
+        return jax.jit(create, out_shardings=self.shardings())()
+
+    # The step.
+
+    def value_and_grad(self) -> Callable:
+        """`step(params, tokens, targets) -> (loss, grads)`, params in pipeline layout.
+
+        tokens, targets: int `[m, B, T]` (m = `schedule.num_microbatches`; B divisible by the data
+        axis). The loss is the mean over microbatches of the mean next-token cross-entropy; grads
+        have the structure and sharding of params (padding slots get zero gradients).
+        """
+        parts, layout, mesh = self.parts, self.layout, self.mesh
+        if layout.padded:
+            stage_fn = layered(masked_layer(parts.layer_fn))
+        else:
+            stage_fn = layered(parts.layer_fn)
+        pipelined = executor.value_and_grad(
+            stage_fn,
+            parts.head_loss,
+            schedule=self.schedule,
+            mesh=mesh,
+            remat=self.remat,
+            data_axes=self.data_axes,
+            split_backward=self.split_backward,
+        )
+        shardings = self.shardings()
+        embed_in_use = self.shardings(gathered=True)["embed"]
+        batch = NamedSharding(mesh, P(None, *self.data_axes[:1]))
+
+        def step(params: PyTree, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Array, PyTree]:
+            tokens = jax.lax.with_sharding_constraint(tokens, batch)
+            targets = jax.lax.with_sharding_constraint(targets, batch)
+            with jax.named_scope("embed"):
+                # FSDP: gather the embedding once, explicitly, rather than let the lookup reshard.
+                embed_params = jax.lax.with_sharding_constraint(params["embed"], embed_in_use)
+                embed = lambda table: jax.vmap(lambda t: parts.embed({"embed": table}, t))(tokens)  # noqa: E731
+                x, embed_vjp = jax.vjp(embed, embed_params)
+                x = jax.lax.with_sharding_constraint(x, batch)  # [m, B, T, D]
+            stage_params = _reorder(params["blocks"], np.argsort(self.stage_order))  # logical order
+            if layout.padded:
+                stage_params = {"layer": stage_params, "active": jnp.asarray(layout.mask)}
+            loss, (stage_grads, loss_grads, input_grads) = pipelined(
+                stage_params, parts.loss_params(params), x, targets
+            )
+            (embed_grads,) = embed_vjp(input_grads)
+            # Reduce into the embedding where it was used, then split (FSDP) like the parameters.
+            embed_grads = jax.lax.with_sharding_constraint(embed_grads, embed_in_use)
+            grads = {
+                "embed": embed_grads,
+                "blocks": _reorder(stage_grads["layer"] if layout.padded else stage_grads, self.stage_order),
+                "head": loss_grads["head"],
+            }
+            if self.config.tie_embeddings:
+                tokens_grad = grads["embed"]["tokens"] + loss_grads["embed"]["tokens"]
+                grads["embed"] = {**grads["embed"], "tokens": tokens_grad}
+            return loss, jax.lax.with_sharding_constraint(grads, shardings)
+
+        step.program = pipelined.program
+        return step
+
+
+def _reorder(tree: PyTree, order: np.ndarray) -> PyTree:
+    """`a[order]` on every leaf's leading axis; the identity costs nothing."""
+    if np.array_equal(order, np.arange(len(order))):
+        return tree
+    return jax.tree.map(lambda a: jnp.take(a, order, axis=0), tree)

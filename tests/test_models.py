@@ -1,0 +1,170 @@
+"""The GPT model, its pipeline parts, stage layouts, and the pipelined LM step == the unpipelined model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from lm_cases import CASE_IDS, CASES, TINY, batch, compiled_step, mesh_of, model_params, pipeline, placed_params
+from lm_cases import reference as reference_of
+from lm_cases import reference_step
+from pipeline_cases import assert_trees_close
+
+from jpipe import schedules
+from jpipe.models import GPT, GPTConfig, LMParts, PipelinedLM, StageLayout, logical_axes, masked_layer
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_pipelined_lm_matches_unpipelined(case):
+    """Loss and every parameter gradient equal the one-device model's (float32, relative 1e-5)."""
+    pipe = pipeline(case)
+    loss, grads = compiled_step(case)(placed_params(case), *batch(case.config))
+    ref_loss, ref_grads = reference_of(case.config)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(pipe.to_model(grads), ref_grads)
+    if pipe.layout.padded:  # padding slots: exactly zero gradient
+        stages = pipe.to_model({"blocks": grads["blocks"]})  # noqa: F841 - shape check only
+        order = np.argsort(pipe.stage_order)
+        padding = np.asarray(pipe.layout.mask)[order] == 0  # rows in storage (device) order
+        padding_rows = pipe.layout.mask[pipe.stage_order] == 0
+        for leaf in jax.tree.leaves(grads["blocks"]):
+            assert np.all(np.asarray(leaf)[padding_rows] == 0)
+        assert padding.sum() == padding_rows.sum()
+
+
+def test_uneven_layers_train_like_the_reference():
+    """6 layers on 4 stages: three SGD steps give the reference's losses; padding slots stay zero."""
+    case = CASES[0]
+    pipe, step = pipeline(case), compiled_step(case)
+    assert pipe.layout.layer_counts == (2, 2, 1, 1)
+    tokens, targets = batch(case.config)
+    params, ref_params = placed_params(case), model_params(case.config)
+    sgd = lambda p, g: jax.tree.map(lambda a, b: a - 0.5 * b, p, g)  # noqa: E731
+    losses = []
+    for _ in range(3):
+        loss, grads = step(params, tokens, targets)
+        ref_loss, ref_grads = reference_step(case.config)(ref_params, tokens, targets)
+        assert_trees_close(loss, ref_loss)
+        params, ref_params = sgd(params, grads), sgd(ref_params, ref_grads)
+        losses.append(float(loss))
+    assert losses[2] < losses[0]
+    assert_trees_close(pipe.to_model(params), ref_params)
+    padding_rows = pipe.layout.mask[pipe.stage_order] == 0
+    assert all(np.all(np.asarray(a)[padding_rows] == 0) for a in jax.tree.leaves(params["blocks"]))
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    """bfloat16 activations and matmuls, float32 parameters and loss: near the float32 reference."""
+    config = dataclasses.replace(TINY, compute_dtype="bfloat16")
+    mesh = mesh_of((2, 2, 1))
+    pipe = PipelinedLM(config, schedule=schedules.build("1f1b", 2, 4), mesh=mesh)
+    params = pipe.place(model_params(TINY))
+    loss, grads = jax.jit(pipe.value_and_grad())(params, *batch(TINY))
+    assert loss.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    ref_loss, ref_grads = reference_of(TINY)
+    assert_trees_close(loss, ref_loss, rtol=1e-2)
+    assert_trees_close(pipe.to_model(grads), ref_grads, rtol=0.1)
+
+
+def test_init_creates_the_models_parameters_sharded():
+    pipe = pipeline(CASES[1])
+    created = pipe.init(seed=0)
+    assert_trees_close(pipe.to_model(created), model_params(CASES[1].config), rtol=0)
+    specs = jax.tree.map(lambda a: a.sharding.spec, created)
+    assert specs == jax.tree.map(lambda s: s.spec, pipe.shardings())
+
+
+class TestModel:
+    def test_blocks_are_stacked_on_a_layer_axis_with_distinct_layers(self):
+        model = GPT(TINY, rngs=nnx.Rngs(0))
+        params, names = model_params(TINY), logical_axes(model)
+        for leaf, axes in zip(jax.tree.leaves(params["blocks"]), jax.tree.leaves(names["blocks"], is_leaf=_is_axes)):
+            assert leaf.shape[0] == TINY.num_layers and axes[0] == "layer" and len(axes) == leaf.ndim
+        wq = np.asarray(params["blocks"]["attention"]["wq"])
+        assert not np.allclose(wq[0], wq[1])  # split_rngs: each layer drew its own initial values
+        assert names["blocks"]["attention"]["wq"] == ("layer", "embed", "heads", "head_dim")
+        assert names["blocks"]["mlp"]["w_down"] == ("layer", "mlp", "embed")
+
+    def test_parts_run_the_module(self):
+        """embed -> layer_fn per layer -> head_loss == GPT.loss."""
+        config = dataclasses.replace(TINY, positions="rope", tie_embeddings=True, num_layers=2)
+        model = GPT(config, rngs=nnx.Rngs(1))
+        params, parts = nnx.to_pure_dict(nnx.state(model, nnx.Param)), LMParts(config)
+        tokens, targets = (t[0] for t in batch(config))
+        x = parts.embed(params, tokens)
+        assert x.shape == (tokens.shape[0], config.seq_len, config.d_model)
+        for layer in range(config.num_layers):
+            x = parts.layer_fn(jax.tree.map(lambda a, i=layer: a[i], params["blocks"]), x)
+        expected = model.loss(tokens, targets)
+        np.testing.assert_allclose(parts.head_loss(parts.loss_params(params), x, targets), expected, rtol=1e-6)
+        assert model(tokens).shape == (tokens.shape[0], config.seq_len, config.vocab_size)
+
+    @pytest.mark.parametrize(
+        ("change", "message"),
+        [
+            ({"d_model": 18}, "must divide by num_heads"),
+            ({"num_layers": 0}, "num_layers"),
+            ({"positions": "alibi"}, "positions"),
+            ({"compute_dtype": "float16"}, "compute_dtype"),
+            ({"d_model": 12, "num_heads": 4, "positions": "rope"}, "even head_dim"),
+        ],
+    )
+    def test_config_checks(self, change, message):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(TINY, **change)
+
+    def test_sequence_longer_than_config_is_rejected(self):
+        with pytest.raises(ValueError, match="exceeds GPTConfig.seq_len"):
+            GPT(TINY, rngs=nnx.Rngs(0))(jnp.zeros((1, TINY.seq_len + 1), jnp.int32))
+
+
+class TestStageLayout:
+    def test_balanced_counts(self):
+        assert StageLayout.balanced(6, 4).layer_counts == (2, 2, 1, 1)
+        assert StageLayout.balanced(8, 4).layer_counts == (2, 2, 2, 2)
+        assert not StageLayout.balanced(8, 4).padded and StageLayout.balanced(6, 4).padded
+        np.testing.assert_array_equal(StageLayout((2, 1)).slot_layer, [[0, 1], [2, -1]])
+
+    def test_round_trip_and_zero_padding(self):
+        layout = StageLayout((1, 3, 0, 2))
+        blocks = {"w": jnp.arange(6 * 2, dtype=jnp.float32).reshape(6, 2) + 1}
+        stages = layout.to_stages(blocks)
+        assert stages["w"].shape == (4, 3, 2)
+        np.testing.assert_array_equal(np.asarray(stages["w"])[layout.mask == 0], 0)
+        np.testing.assert_array_equal(stages["w"][1, 2], blocks["w"][3])
+        np.testing.assert_array_equal(layout.from_stages(stages)["w"], blocks["w"])
+
+    def test_masked_layer_is_the_identity_with_zero_gradient(self):
+        layer = masked_layer(lambda p, x: x * p["w"] + 1.0)
+        x = jnp.arange(3.0)
+
+        def out(active, w):
+            return jnp.sum(layer({"layer": {"w": w}, "active": active}, x) ** 2)
+
+        np.testing.assert_array_equal(layer({"layer": {"w": 2.0}, "active": jnp.float32(0)}, x), x)
+        assert float(jax.grad(out, argnums=1)(jnp.float32(0), jnp.float32(2))) == 0.0
+        assert float(jax.grad(out, argnums=1)(jnp.float32(1), jnp.float32(2))) != 0.0
+
+    def test_errors(self):
+        with pytest.raises(ValueError, match="at least one layer"):
+            StageLayout((0, 0))
+        with pytest.raises(ValueError, match="expected a leading layer axis of 3"):
+            StageLayout((1, 2)).to_stages({"w": jnp.zeros((4, 2))})
+        mesh = mesh_of((1, 2, 1))
+        with pytest.raises(ValueError, match=r"layout: 5 layers .* the model has 6"):
+            PipelinedLM(TINY, schedule=schedules.build("1f1b", 2, 4), mesh=mesh, layout=(3, 2))
+        with pytest.raises(ValueError, match=r"layout: 3 stages .* the schedule has 2"):
+            PipelinedLM(TINY, schedule=schedules.build("1f1b", 2, 4), mesh=mesh, layout=(2, 2, 2))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
+
+
+def test_model_config_is_a_plain_dataclass():
+    assert GPTConfig().head_dim == 32 and GPTConfig().d_ff == 512
