@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import pathlib
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -123,15 +125,26 @@ def test_periodic_and_final_saves_keep_last_n(tmp_path):
     reopened.close()
 
 
-def test_async_save_is_not_reported_before_it_commits(tmp_path):
+def test_async_save_is_not_reported_before_it_commits(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.path import atomicity
+
+    release = threading.Event()
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def gated_finalize(self):  # hold the commit (the rename) until the test says so
+        await asyncio.to_thread(release.wait, 30)
+        return await original(self)
+
     ckpt = Checkpointer(tmp_path, keep=None)
     ckpt.save(1, make_state(1), {})
     ckpt.wait()
-    ckpt.save(2, make_state(2), {})
-    # Either still writing (not reported) or already committed (its folder exists), never in between.
-    assert ckpt.latest_step() == (2 if (tmp_path / "2").exists() else 1)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", gated_finalize)
+    ckpt.save(2, make_state(2), {})  # returns: data copied, write running in the background
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert not (tmp_path / "2").exists()
+    release.set()
     ckpt.wait()
-    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
     ckpt.close()
 
 
@@ -179,10 +192,15 @@ def _start_child(tmp_path: pathlib.Path, mode: str, n_words: int) -> subprocess.
     )
 
 
-def _read_until(proc: subprocess.Popen, marker: str) -> None:
-    for line in proc.stdout:
-        if line.strip() == marker:
-            return
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float = 60.0) -> None:
+    watchdog = threading.Timer(timeout, proc.kill)  # a hung child fails the test instead of hanging it
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.strip() == marker:
+                return
+    finally:
+        watchdog.cancel()
     proc.kill()
     pytest.fail(f"child exited (rc={proc.wait()}) before printing {marker!r}")
 

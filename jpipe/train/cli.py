@@ -30,6 +30,7 @@ OVERRIDES = {
     "eval_every": ("run", "eval_every", int),
     "out": ("run", "out", str),
     "seed": ("run", "seed", int),
+    "stop_at_step": ("run", "stop_at_step", int),
     "learning_rate": ("optimizer", "learning_rate", float),
     "warmup_steps": ("optimizer", "warmup_steps", int),
     "batch_size": ("data", "batch_size", int),

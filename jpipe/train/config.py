@@ -112,6 +112,7 @@ class RunConfig:
     eval_batches: int = 4
     log_every: int = 1
     seed: int = 0
+    stop_at_step: int | None = None  # leave early as if preempted (the schedule still spans `steps`)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps: must be >= 1, got {self.steps}")
@@ -120,6 +121,10 @@ class RunConfig:
         _require(self.eval_every >= 1, f"run.eval_every: must be >= 1, got {self.eval_every}")
         _require(self.eval_batches >= 1, f"run.eval_batches: must be >= 1, got {self.eval_batches}")
         _require(self.log_every >= 1, f"run.log_every: must be >= 1, got {self.log_every}")
+        _require(
+            self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps,
+            f"run.stop_at_step: must be in [1, steps={self.steps}], got {self.stop_at_step}",
+        )
 
 
 def as_dict(config: Any) -> dict:

@@ -146,7 +146,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     def train_step_fn(params, opt_state, tokens, targets):
         loss, grads = loss_and_grads(params, tokens, targets)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
     # donated, so parameters and optimizer state are updated in place.
@@ -181,7 +181,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
             "rng": jax.random.key_data(jax.random.fold_in(jax.random.key(config.run.seed), step)),
         }
         metadata = {"step": step, "data_position": step, "seed": config.run.seed, "config": as_dict(config)}
-        checkpointer.save(step, jax.device_get(state), json.loads(json.dumps(metadata, default=str)))
+        checkpointer.save(step, state, json.loads(json.dumps(metadata, default=str)))
 
     try:
         for step in range(start + 1, total_steps + 1):
@@ -215,14 +215,18 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
             metrics.write(record)
             if step % config.run.log_every == 0 or step == total_steps:
                 progress.update(step, loss, record["tokens_per_second"], seconds, extra)
-            if step % config.run.checkpoint_every == 0 or step == total_steps:
+            stopping = step == config.run.stop_at_step
+            if step % config.run.checkpoint_every == 0 or step == total_steps or stopping:
                 save(step)
+            if stopping:
+                progress.message(f"stopping at step {step} as asked (--stop-at-step); resume with --resume")
+                break
     finally:
         metrics.close()
         checkpointer.close()
     plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{schedule.name}, {out.name}")
     progress.message(f"done: {len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.4f}; wrote {out}")
-    return RunSummary(out, start + 1, total_steps, tuple(losses), final_eval)
+    return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval)
 
 
 def _replicate_unsharded(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:

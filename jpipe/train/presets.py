@@ -31,6 +31,12 @@ class TrainConfig:
                 f"data.batch_size ({self.data.batch_size}) must divide into microbatches x data = "
                 f"{self.parallel.microbatches} x {self.parallel.data}"
             )
+        from jpipe.schedules import ScheduleError, build
+
+        try:
+            build(self.parallel.schedule, self.parallel.stage, self.parallel.microbatches, self.parallel.virtual)
+        except ScheduleError as error:
+            raise ConfigError(f"parallel (schedule/stages/microbatches/virtual): {error}") from error
         if self.model.vocab_size < 256:
             raise ConfigError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
 

@@ -1,0 +1,188 @@
+"""The training system: CLI errors, resume after kill -9, layout-changing resume, NaN stop, quick start."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jpipe.train import cli
+from jpipe.train.config import ConfigError
+from jpipe.train.metrics import read_metrics
+from jpipe.train.presets import preset
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _standard_promotion():
+    """optax mixes Python floats with int32 step counts, which strict promotion refuses."""
+    import jax
+
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+def _tiny(out: pathlib.Path, **run_changes):
+    config = preset("tiny")
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, out=str(out), **run_changes))
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jpipe.train", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+
+
+def _losses(out: pathlib.Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
+
+
+class TestCommandLineErrors:
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--stages", "0"], "--stages: parallel.stage: must be an integer >= 1, got 0"),
+            (["--schedule", "1f2b"], "unknown schedule '1f2b'; known: 1f1b, dualpipev"),
+            (["--remat", "most"], "--remat: parallel.remat: expected one of"),
+            (["--batch-size", "7"], "data.batch_size (7) must divide into microbatches x data"),
+            (["--steps", "0"], "--steps: run.steps: must be >= 1, got 0"),
+            (["--data-path", "/no/such/place"], "--data-path: data.path: '/no/such/place' does not exist"),
+            (["--preset", "huge"], "--preset: unknown preset 'huge'"),
+        ],
+    )
+    def test_bad_values_are_named_before_anything_runs(self, args, message, capsys):
+        assert cli.main(["--preset", "tiny", *args] if "--preset" not in args else args) == 2
+        assert message in capsys.readouterr().err
+
+    def test_schedule_rules_are_checked_with_the_config(self):
+        with pytest.raises(ConfigError, match="virtual"):
+            cli.build_config(cli.parser().parse_args(["--preset", "tiny", "--schedule", "zbv", "--virtual", "3"]))
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    common = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "2", "--eval-every", "100"]
+    reference = _cli(*common, "--out", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jpipe.train", *common, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until step 5 is done (checkpoint 4 exists), then kill -9
+        if (out / "metrics.jsonl").exists() and max(_losses(out), default=0) >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_at = max(_losses(out))
+    assert killed_at < 8, "the run finished before it could be killed"
+
+    resumed = _cli(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stdout
+    expected, actual = _losses(tmp_path / "reference"), _losses(out)
+    assert sorted(actual) == list(range(1, 9))
+    for step in range(1, 9):
+        assert actual[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+
+
+def test_resume_with_another_layout_and_schedule_continues_the_same_run(tmp_path):
+    from jpipe.train.loop import train
+
+    base = _tiny(tmp_path / "reference", steps=6, checkpoint_every=3, eval_every=100)
+    interleaved = dataclasses.replace(
+        base.parallel, stage=2, virtual=2, schedule="interleaved_1f1b", microbatches=2, data=2
+    )
+    reference = train(dataclasses.replace(base, parallel=interleaved), stream=io.StringIO())
+
+    out = tmp_path / "changed"
+    first = dataclasses.replace(
+        base, parallel=interleaved, run=dataclasses.replace(base.run, out=str(out), stop_at_step=3)
+    )
+    train(first, stream=io.StringIO())
+    # Same run, now on 4 pipeline devices with one stage each, zero-bubble schedule, no data parallelism.
+    other = dataclasses.replace(base.parallel, stage=4, virtual=1, schedule="zb_h1", microbatches=2, data=1)
+    second = dataclasses.replace(base, parallel=other, run=dataclasses.replace(base.run, out=str(out)))
+    resumed = train(second, resume=True, stream=io.StringIO())
+    assert resumed.first_step == 4
+    np.testing.assert_allclose(resumed.losses, reference.losses[3:], rtol=1e-5)
+
+
+def test_nonfinite_loss_stops_without_overwriting_a_good_checkpoint(tmp_path):
+    out = tmp_path / "diverge"
+    result = _cli(
+        "--preset",
+        "tiny",
+        "--steps",
+        "30",
+        "--checkpoint-every",
+        "1",
+        "--learning-rate",
+        "1e9",
+        "--warmup-steps",
+        "0",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "non-finite loss" in result.stderr and "the last good one" in result.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    bad_step = next(r["step"] for r in records if r.get("nonfinite"))
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) == bad_step - 1
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+    from jpipe.train.loop import train
+
+    out = tmp_path / "corrupt"
+    train(_tiny(out, steps=4, checkpoint_every=2, eval_every=100), stream=io.StringIO())
+    latest = out / "checkpoints" / "4"
+    for file in latest.rglob("*"):
+        if file.is_file() and file.stat().st_size > 0 and "metadata" not in file.name:
+            file.write_bytes(b"\0" * 7)
+    with pytest.warns(UserWarning, match="4"):
+        resumed = train(
+            _tiny(out, steps=4, checkpoint_every=2, eval_every=100), resume=True, stream=io.StringIO()
+        )
+    assert resumed.first_step == 3
+
+
+@pytest.mark.slow
+def test_readme_quick_start_trains_with_falling_loss(tmp_path):
+    """`bash scripts/train.sh` as in the README (output redirected to a temporary folder)."""
+    out = tmp_path / "quickstart"
+    env = {**os.environ}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        ["bash", "scripts/train.sh", "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mesh: data=2 x stage=4 x tensor=1 (8 cpu devices)" in result.stdout
+    assert "step 150/150" in result.stdout
+    losses = _losses(out)
+    assert np.mean([losses[s] for s in range(1, 11)]) - np.mean([losses[s] for s in range(141, 151)]) > 1.5
+    for name in ("metrics.jsonl", "loss.png", "schedule.png", "schedule.txt", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "checkpoints" / "150").is_dir()
+    config = json.loads((out / "config.json").read_text())
+    assert config["parallel"]["schedule"] == "1f1b"
