@@ -61,9 +61,29 @@ def parser() -> argparse.ArgumentParser:
         "--cpu-devices",
         type=int,
         default=None,
-        help="fake CPU devices to create (default: data x stages x tensor when running on CPU)",
+        help="fake CPU devices per process (default: data x stages x tensor / processes)",
+    )
+    multi = result.add_argument_group("multi-host (jax.distributed)")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with the cluster's own settings (Cloud TPU, SLURM, ...)",
+    )
+    multi.add_argument("--coordinator", default=os.environ.get("JPIPE_COORDINATOR"), help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=int, default=_env_int("JPIPE_NUM_PROCESSES"))
+    multi.add_argument("--process-id", type=int, default=_env_int("JPIPE_PROCESS_ID"))
+    multi.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=30,
+        help="seconds after which a silent peer is declared dead and every process stops with an error",
     )
     return result
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def build_config(args: argparse.Namespace):
@@ -106,12 +126,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     parallel = config.parallel
-    devices = args.cpu_devices or parallel.num_devices
+    processes = args.num_processes or 1
+    if args.coordinator and (args.num_processes is None or args.process_id is None):
+        print("error: --coordinator needs --num-processes and --process-id", file=sys.stderr)
+        return 2
+    if parallel.num_devices % processes:
+        print(f"error: {parallel.num_devices} devices do not divide over {processes} processes", file=sys.stderr)
+        return 2
+    devices = args.cpu_devices or parallel.num_devices // processes
     # Fake CPU devices must be requested before JAX starts its backend.
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
     import jax
 
     jax.config.update("jax_num_cpu_devices", devices)  # only the CPU backend reads it
+    if args.coordinator or args.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            heartbeat_timeout_seconds=args.heartbeat_timeout,
+        )
     if len(jax.devices()) < parallel.num_devices:
         print(
             f"error: data {parallel.data} x stages {parallel.stage} x tensor {parallel.tensor} needs "

@@ -19,6 +19,7 @@ checkpoint stays the newest.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import optax
 
 from jpipe import schedules
 from jpipe.models.pipelined import PipelinedLM
-from jpipe.parallel.mesh import make_mesh
+from jpipe.parallel.mesh import DATA, STAGE, TENSOR, make_mesh
 from jpipe.parallel.rules import ShardingRules
 from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import as_dict
@@ -75,13 +76,36 @@ def _map_params_like(fn, tree: PyTree, params_structure) -> PyTree:
     )
 
 
-def _microbatches(batch: dict[str, np.ndarray], num_microbatches: int) -> tuple[np.ndarray, np.ndarray]:
-    """`[B, T]` examples -> `[m, B/m, T]` tokens and targets."""
+def _microbatches(
+    batch: dict[str, np.ndarray], num_microbatches: int, mesh: jax.sharding.Mesh
+) -> tuple[jax.Array, jax.Array]:
+    """`[B, T]` examples -> global `[m, B/m, T]` token and target arrays, batch split over `data`.
+
+    Every process computes the same global batch (it is a function of seed and step) and hands JAX
+    the shards its own devices hold, which also works when the data axis spans processes.
+    """
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA))
 
     def split(a):
-        return a.reshape((num_microbatches, a.shape[0] // num_microbatches) + a.shape[1:])
+        a = a.reshape((num_microbatches, a.shape[0] // num_microbatches) + a.shape[1:])
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
     return split(batch["inputs"]), split(batch["targets"])
+
+
+def training_mesh(parallel) -> jax.sharding.Mesh:
+    """The (data, stage, tensor) mesh; with several processes the stage axis spans them.
+
+    Devices come process by process, so ordering them stage-major puts consecutive pipeline stages
+    on different hosts: the pipeline's point-to-point traffic crosses hosts, while data and tensor
+    parallel collectives stay inside a host.
+    """
+    if jax.process_count() == 1:
+        return make_mesh(data=parallel.data, stage=parallel.stage, tensor=parallel.tensor)
+    devices = np.array(jax.devices()[: parallel.num_devices])
+    grid = devices.reshape(parallel.stage, parallel.data, parallel.tensor).transpose(1, 0, 2)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.sharding.Mesh(grid, (DATA, STAGE, TENSOR), axis_types=auto)
 
 
 def describe(config: TrainConfig, pipe: PipelinedLM, stream: IO[str]) -> str:
@@ -111,10 +135,15 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     """Run (or resume) training as configured; returns the losses of the steps it ran."""
     out = pathlib.Path(config.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(as_dict(config), indent=2, default=str) + "\n")
+    # In a multi-process run every process trains; process 0 alone writes files and prints.
+    lead = jax.process_index() == 0
+    if not lead:
+        stream = io.StringIO()
+    if lead:
+        (out / "config.json").write_text(json.dumps(as_dict(config), indent=2, default=str) + "\n")
     parallel = config.parallel
 
-    mesh = make_mesh(data=parallel.data, stage=parallel.stage, tensor=parallel.tensor)
+    mesh = training_mesh(parallel)
     schedule = schedules.build(parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual)
     pipe = PipelinedLM(
         config.model,
@@ -125,10 +154,10 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
         split_backward=parallel.split_backward,
     )
     chart = describe(config, pipe, stream)
-    (out / "schedule.txt").write_text(chart + "\n")
-    schedules.plot(
-        schedules.simulate(schedule, mode="lockstep", split_backward=parallel.split_backward), out / "schedule.png"
-    )
+    if lead:
+        (out / "schedule.txt").write_text(chart + "\n")
+        simulation = schedules.simulate(schedule, mode="lockstep", split_backward=parallel.split_backward)
+        schedules.plot(simulation, out / "schedule.png")
 
     corpus = build_corpus(config.data.path, cache_dir(), config.data.max_corpus_bytes)
     train_data = ByteDataset.open(corpus, config.data.seq_len, "train", config.data.eval_fraction)
@@ -168,7 +197,8 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
             "pass --resume to continue that run, or choose another --out"
         )
 
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_from_step=start + 1 if resume else None)
+    metrics_path = out / "metrics.jsonl" if lead else out / f".metrics.process{jax.process_index()}.jsonl"
+    metrics = MetricsWriter(metrics_path, resume_from_step=start + 1 if resume else None)
     progress = Progress(total_steps, stream)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     losses: list[float] = []
@@ -178,7 +208,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
         state = {
             "params": pipe.to_model(params),
             "opt_state": _map_params_like(pipe.to_model, opt_state, params_structure),
-            "rng": jax.random.key_data(jax.random.fold_in(jax.random.key(config.run.seed), step)),
+            "rng": np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(config.run.seed), step))),
         }
         metadata = {"step": step, "data_position": step, "seed": config.run.seed, "config": as_dict(config)}
         checkpointer.save(step, state, json.loads(json.dumps(metadata, default=str)))
@@ -186,7 +216,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     try:
         for step in range(start + 1, total_steps + 1):
             batch = train_data.batch(config.data.seed, step - 1, config.data.batch_size)
-            tokens, targets = _microbatches(batch, parallel.microbatches)
+            tokens, targets = _microbatches(batch, parallel.microbatches, mesh)
             began = time.perf_counter()
             params, opt_state, loss, grad_norm = train_step(params, opt_state, tokens, targets)
             loss = float(loss)
@@ -209,7 +239,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
             losses.append(loss)
             extra = ""
             if step % config.run.eval_every == 0 or step == total_steps:
-                final_eval = _evaluate(eval_loss, params, eval_data, config)
+                final_eval = _evaluate(eval_loss, params, eval_data, config, mesh)
                 record["eval_loss"] = final_eval
                 extra = f"  eval {final_eval:.4f}"
             metrics.write(record)
@@ -224,7 +254,8 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     finally:
         metrics.close()
         checkpointer.close()
-    plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{schedule.name}, {out.name}")
+    if lead:
+        plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{schedule.name}, {out.name}")
     progress.message(f"done: {len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.4f}; wrote {out}")
     return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval)
 
@@ -242,12 +273,12 @@ def _replicate_unsharded(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
     return jax.tree.map(place, tree)
 
 
-def _evaluate(eval_loss, params, dataset: ByteDataset, config: TrainConfig) -> float:
+def _evaluate(eval_loss, params, dataset: ByteDataset, config: TrainConfig, mesh: jax.sharding.Mesh) -> float:
     """Mean loss over `eval_batches` fixed held-out batches."""
     values = []
     for index in range(config.run.eval_batches):
         batch = dataset.batch(config.data.seed + 1, index, config.data.batch_size)
-        tokens, targets = _microbatches(batch, config.parallel.microbatches)
+        tokens, targets = _microbatches(batch, config.parallel.microbatches, mesh)
         values.append(float(eval_loss(params, tokens, targets)))
     return float(np.mean(values))
 
