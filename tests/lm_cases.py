@@ -56,9 +56,21 @@ def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
 
 
 @functools.cache
-def model_params(config: GPTConfig) -> dict:
-    """The parameters of `GPT(config, rngs=nnx.Rngs(0))` (model layout, one device)."""
-    return params_of(GPT(config, rngs=nnx.Rngs(0)))
+def model_params(config: GPTConfig, seed: int = 0) -> dict:
+    """Random parameters shaped like `GPT(config)`'s (model layout, one device).
+
+    Drawn with numpy: compiling the model's own initialiser costs seconds on CPU (tested once, in
+    test_models). Norm scales are 1 + noise so that they matter for the gradients.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: params_of(GPT(config, rngs=nnx.Rngs(0))))
+
+    def draw(path, leaf):
+        is_scale = jax.tree_util.keystr(path).endswith("['scale']")
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
+        return jnp.asarray(1.0 + 0.1 * noise if is_scale else noise / np.sqrt(leaf.shape[-1]))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @functools.cache

@@ -9,9 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from lm_cases import CASE_IDS, CASES, TINY, batch, compiled_step, mesh_of, model_params, pipeline, placed_params
+from lm_cases import (
+    CASE_IDS,
+    CASES,
+    TINY,
+    batch,
+    compiled_step,
+    mesh_of,
+    model_params,
+    pipeline,
+    placed_params,
+    reference_step,
+)
 from lm_cases import reference as reference_of
-from lm_cases import reference_step
 from pipeline_cases import assert_trees_close
 
 from jpipe import schedules
@@ -27,13 +37,9 @@ def test_pipelined_lm_matches_unpipelined(case):
     assert_trees_close(loss, ref_loss)
     assert_trees_close(pipe.to_model(grads), ref_grads)
     if pipe.layout.padded:  # padding slots: exactly zero gradient
-        stages = pipe.to_model({"blocks": grads["blocks"]})  # noqa: F841 - shape check only
-        order = np.argsort(pipe.stage_order)
-        padding = np.asarray(pipe.layout.mask)[order] == 0  # rows in storage (device) order
-        padding_rows = pipe.layout.mask[pipe.stage_order] == 0
+        assert pipe.padding.any()
         for leaf in jax.tree.leaves(grads["blocks"]):
-            assert np.all(np.asarray(leaf)[padding_rows] == 0)
-        assert padding.sum() == padding_rows.sum()
+            assert np.all(np.asarray(leaf)[pipe.padding] == 0)
 
 
 def test_uneven_layers_train_like_the_reference():
@@ -53,13 +59,16 @@ def test_uneven_layers_train_like_the_reference():
         losses.append(float(loss))
     assert losses[2] < losses[0]
     assert_trees_close(pipe.to_model(params), ref_params)
-    padding_rows = pipe.layout.mask[pipe.stage_order] == 0
-    assert all(np.all(np.asarray(a)[padding_rows] == 0) for a in jax.tree.leaves(params["blocks"]))
+    assert all(np.all(np.asarray(a)[pipe.padding] == 0) for a in jax.tree.leaves(params["blocks"]))
 
 
 def test_bfloat16_compute_is_close_to_float32():
-    """bfloat16 activations and matmuls, float32 parameters and loss: near the float32 reference."""
-    config = dataclasses.replace(TINY, compute_dtype="bfloat16")
+    """bfloat16 matmuls, float32 parameters, residual stream and loss: near the float32 reference.
+
+    A bfloat16 residual stream (fp32_residual=False) is not run here: the executor's bfloat16
+    `psum` of input gradients in its partial-manual shard_map aborts the XLA:CPU compiler.
+    """
+    config = dataclasses.replace(TINY, compute_dtype="bfloat16", fp32_residual=True)
     mesh = mesh_of((2, 2, 1))
     pipe = PipelinedLM(config, schedule=schedules.build("1f1b", 2, 4), mesh=mesh)
     params = pipe.place(model_params(TINY))
@@ -68,41 +77,56 @@ def test_bfloat16_compute_is_close_to_float32():
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     ref_loss, ref_grads = reference_of(TINY)
     assert_trees_close(loss, ref_loss, rtol=1e-2)
-    assert_trees_close(pipe.to_model(grads), ref_grads, rtol=0.1)
+    for leaf, ref_leaf in zip(jax.tree.leaves(pipe.to_model(grads)), jax.tree.leaves(ref_grads)):
+        a, e = np.asarray(leaf).ravel(), np.asarray(ref_leaf).ravel()
+        assert a @ e / (np.linalg.norm(a) * np.linalg.norm(e)) > 0.98  # same direction, bfloat16 noise
 
 
-def test_init_creates_the_models_parameters_sharded():
-    pipe = pipeline(CASES[1])
+def test_init_creates_the_model_directly_sharded():
+    pipe = pipeline(CASES[1])  # 8 layers on 2 stages, tied embeddings
     created = pipe.init(seed=0)
-    assert_trees_close(pipe.to_model(created), model_params(CASES[1].config), rtol=0)
-    specs = jax.tree.map(lambda a: a.sharding.spec, created)
-    assert specs == jax.tree.map(lambda s: s.spec, pipe.shardings())
+    assert jax.tree.map(lambda a: a.sharding.spec, created) == jax.tree.map(lambda s: s.spec, pipe.shardings())
+    params = pipe.to_model(created)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, model_params(pipe.config))
+    np.testing.assert_array_equal(params["head"]["norm"]["scale"], 1.0)
+    wq = np.asarray(params["blocks"]["attention"]["wq"])
+    assert not np.allclose(wq[0], wq[1])  # split_rngs: each layer drew its own values
+    assert 0.015 < wq.std() < 0.025  # init_std 0.02
 
 
 class TestModel:
     def test_blocks_are_stacked_on_a_layer_axis_with_distinct_layers(self):
-        model = GPT(TINY, rngs=nnx.Rngs(0))
-        params, names = model_params(TINY), logical_axes(model)
+        model = nnx.eval_shape(lambda: GPT(TINY, rngs=nnx.Rngs(0)))
+        params, names = nnx.to_pure_dict(nnx.state(model, nnx.Param)), logical_axes(model)
         for leaf, axes in zip(jax.tree.leaves(params["blocks"]), jax.tree.leaves(names["blocks"], is_leaf=_is_axes)):
             assert leaf.shape[0] == TINY.num_layers and axes[0] == "layer" and len(axes) == leaf.ndim
-        wq = np.asarray(params["blocks"]["attention"]["wq"])
-        assert not np.allclose(wq[0], wq[1])  # split_rngs: each layer drew its own initial values
         assert names["blocks"]["attention"]["wq"] == ("layer", "embed", "heads", "head_dim")
         assert names["blocks"]["mlp"]["w_down"] == ("layer", "mlp", "embed")
 
     def test_parts_run_the_module(self):
         """embed -> layer_fn per layer -> head_loss == GPT.loss."""
         config = dataclasses.replace(TINY, positions="rope", tie_embeddings=True, num_layers=2)
-        model = GPT(config, rngs=nnx.Rngs(1))
-        params, parts = nnx.to_pure_dict(nnx.state(model, nnx.Param)), LMParts(config)
+        parts = LMParts(config)
         tokens, targets = (t[0] for t in batch(config))
-        x = parts.embed(params, tokens)
-        assert x.shape == (tokens.shape[0], config.seq_len, config.d_model)
-        for layer in range(config.num_layers):
-            x = parts.layer_fn(jax.tree.map(lambda a, i=layer: a[i], params["blocks"]), x)
-        expected = model.loss(tokens, targets)
-        np.testing.assert_allclose(parts.head_loss(parts.loss_params(params), x, targets), expected, rtol=1e-6)
-        assert model(tokens).shape == (tokens.shape[0], config.seq_len, config.vocab_size)
+
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+
+        @jax.jit
+        def both(params, tokens, targets):
+            model = nnx.merge(graphdef, params)
+            x = parts.embed(params, tokens)
+            for layer in range(config.num_layers):
+                x = parts.layer_fn(jax.tree.map(lambda a, i=layer: a[i], params["blocks"]), x)
+            return parts.head_loss(parts.loss_params(params), x, targets), model.loss(tokens, targets), model(tokens)
+
+        from_parts, from_module, logits = both(model_params(config), tokens, targets)
+        np.testing.assert_allclose(from_parts, from_module, rtol=1e-6)
+        assert logits.shape == (tokens.shape[0], config.seq_len, config.vocab_size)
+
+    def test_config_derived_sizes(self):
+        config = GPTConfig(d_model=64, num_heads=4, mlp_ratio=3, compute_dtype="bfloat16", fp32_residual=True)
+        assert (config.head_dim, config.d_ff) == (16, 192)
+        assert (config.dtype, config.residual_dtype, config.params_dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
 
     @pytest.mark.parametrize(
         ("change", "message"),
@@ -119,8 +143,9 @@ class TestModel:
             dataclasses.replace(TINY, **change)
 
     def test_sequence_longer_than_config_is_rejected(self):
+        model = nnx.eval_shape(lambda: GPT(TINY, rngs=nnx.Rngs(0)))
         with pytest.raises(ValueError, match="exceeds GPTConfig.seq_len"):
-            GPT(TINY, rngs=nnx.Rngs(0))(jnp.zeros((1, TINY.seq_len + 1), jnp.int32))
+            model(jnp.zeros((1, TINY.seq_len + 1), jnp.int32))
 
 
 class TestStageLayout:
@@ -164,7 +189,3 @@ class TestStageLayout:
 
 def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
-
-
-def test_model_config_is_a_plain_dataclass():
-    assert GPTConfig().head_dim == 32 and GPTConfig().d_ff == 512

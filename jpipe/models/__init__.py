@@ -3,7 +3,9 @@
     config = GPTConfig(vocab_size=256, seq_len=128, d_model=128, num_heads=4, num_layers=6)
     pipe = PipelinedLM(config, schedule=schedule, mesh=make_mesh(data=2, stage=2, tensor=2))
     params = pipe.init(seed=0)
-    loss, grads = jax.jit(pipe.value_and_grad())(params, tokens, targets)
+    loss, grads = jax.jit(pipe.value_and_grad())(params, tokens, targets)  # tokens, targets [m, B, T]
+
+`reference_value_and_grad(config)` is the same loss and gradients, unpipelined, on one device.
 """
 
 from jpipe.models.config import GPTConfig

@@ -6,8 +6,9 @@ Every parameter carries a `logical_axes` metadata entry naming its dimensions ("
 axis (logical name "layer"), ready to be regrouped into pipeline stages (`jpipe.models.layout`).
 
 Shapes: B batch, T sequence, D d_model, H heads, K head_dim, F mlp width, V vocabulary, L layers.
-Activations between blocks are `[B, T, D]` in the compute dtype; norms, softmax and the loss run
-in float32.
+Activations between blocks are `[B, T, D]` in `config.residual_dtype` (the compute dtype, or
+float32 with `fp32_residual`); matmuls run in the compute dtype; norms, softmax and the loss in
+float32.
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, T, D] -> [B, T, D]`, compute dtype."""
+        """`[B, T, D] -> [B, T, D]` in x's dtype (the residual dtype); branches in the compute dtype."""
+        dtype = self.attention.config.dtype
         with jax.named_scope("attention"):
-            x = x + self.attention(self.attention_norm(x))
+            x = x + self.attention(self.attention_norm(x).astype(dtype)).astype(x.dtype)
         with jax.named_scope("mlp"):
-            return x + self.mlp(self.mlp_norm(x))
+            return x + self.mlp(self.mlp_norm(x).astype(dtype)).astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -131,14 +133,14 @@ class Embed(nnx.Module):
             self.positions = _normal(rngs, config, (config.seq_len, config.d_model), std, ("position", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Token ids `[B, T]` -> activations `[B, T, D]` in the compute dtype."""
+        """Token ids `[B, T]` -> activations `[B, T, D]` in the residual dtype."""
         seq = tokens.shape[-1]
         if seq > self.config.seq_len:
             raise ValueError(f"tokens: sequence length {seq} exceeds GPTConfig.seq_len={self.config.seq_len}")
         x = jnp.take(self.tokens[...], tokens, axis=0)  # [B, T, D]
         if self.config.positions == "learned":
             x = x + self.positions[...][None, :seq]
-        return x.astype(self.config.dtype)
+        return x.astype(self.config.residual_dtype)
 
 
 class Head(nnx.Module):
@@ -153,7 +155,7 @@ class Head(nnx.Module):
     def __call__(self, x: jax.Array, table: jax.Array | None = None) -> jax.Array:
         """`[B, T, D]` -> float32 logits `[B, T, V]`; `table` `[V, D]` is the tied embedding."""
         dtype = self.config.dtype
-        h = self.norm(x)
+        h = self.norm(x).astype(dtype)
         if self.config.tie_embeddings:
             if table is None:
                 raise ValueError("Head: tie_embeddings=True needs the embedding table")
@@ -219,9 +221,7 @@ class GPT(nnx.Module):
 def logical_axes(module: nnx.Module) -> PyTree:
     """The `logical_axes` of every parameter, as a pure dict shaped like the module's parameters."""
     state = nnx.state(module, nnx.Param)
-    names = jax.tree.map(
-        lambda v: v.get_metadata("logical_axes"), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
+    names = jax.tree.map(lambda v: v.get_metadata("logical_axes"), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(names)
 
 

@@ -38,7 +38,7 @@ class LMParts:
     config: GPTConfig
 
     def embed(self, params: PyTree, tokens: jax.Array) -> jax.Array:
-        """Token ids `[B, T]` -> activations `[B, T, D]` (compute dtype); reads `params["embed"]`."""
+        """Token ids `[B, T]` -> activations `[B, T, D]` (residual dtype); reads `params["embed"]`."""
         return nnx.merge(_graphdefs(self.config)[1], params["embed"])(tokens)
 
     def layer_fn(self, layer_params: PyTree, x: jax.Array) -> jax.Array:

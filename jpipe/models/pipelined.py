@@ -15,9 +15,15 @@ How each kind of parallelism enters:
   executor's input gradients through `jax.vjp`.
 - tensor (Megatron): parameters carry `tensor` shardings from the rules (heads and MLP width), the
   compiler partitions the blocks and inserts the reductions; no model code changes.
-- FSDP (`ShardingRules(fsdp=True)`): parameters are also stored split over `data`; entering the
-  executor's `shard_map` (replicated over its manual data axis) gathers them, once per step, before
-  the tick loop. Gradients come back replicated and are re-split to the parameters' sharding.
+- FSDP (`ShardingRules(fsdp=True)`): parameters are also stored split over `data` (the embedding
+  and head over `data` and `stage`); entering the executor's `shard_map` (replicated over its
+  manual axes) gathers them, once per step, before the tick loop; the embedding is gathered
+  explicitly before its lookup. Gradients come back all-reduced and are re-split (a slice) to the
+  parameters' sharding.
+
+Block parameters go to the executor in their storage (device) order (`stage_order="device"`), so
+with several stages per device (interleaved, ZB-V) no stage parameter or gradient moves between
+devices either.
 """
 
 from __future__ import annotations
@@ -110,6 +116,11 @@ class PipelinedLM:
         """`stage_order[r]`: the logical stage stored in row r of the block parameters."""
         return executor.device_major_order(self.schedule)
 
+    @property
+    def padding(self) -> np.ndarray:
+        """`[S, layers_per_stage]` bool, rows in storage order: True at padding slots of the blocks."""
+        return self.layout.mask[self.stage_order] == 0
+
     def to_pipeline(self, model_params: PyTree) -> PyTree:
         """Model-layout params (blocks `[L, ...]`) -> pipeline layout (blocks `[S, slots, ...]`, device order)."""
         stages = self.layout.to_stages(model_params["blocks"])
@@ -151,6 +162,7 @@ class PipelinedLM:
             remat=self.remat,
             data_axes=self.data_axes,
             split_backward=self.split_backward,
+            stage_order="device",
         )
         shardings = self.shardings()
         embed_in_use = self.shardings(gathered=True)["embed"]
@@ -165,9 +177,9 @@ class PipelinedLM:
                 embed = lambda table: jax.vmap(lambda t: parts.embed({"embed": table}, t))(tokens)  # noqa: E731
                 x, embed_vjp = jax.vjp(embed, embed_params)
                 x = jax.lax.with_sharding_constraint(x, batch)  # [m, B, T, D]
-            stage_params = _reorder(params["blocks"], np.argsort(self.stage_order))  # logical order
+            stage_params = params["blocks"]  # device order, as stored
             if layout.padded:
-                stage_params = {"layer": stage_params, "active": jnp.asarray(layout.mask)}
+                stage_params = {"layer": stage_params, "active": jnp.asarray(layout.mask[self.stage_order])}
             loss, (stage_grads, loss_grads, input_grads) = pipelined(
                 stage_params, parts.loss_params(params), x, targets
             )
@@ -176,7 +188,7 @@ class PipelinedLM:
             embed_grads = jax.lax.with_sharding_constraint(embed_grads, embed_in_use)
             grads = {
                 "embed": embed_grads,
-                "blocks": _reorder(stage_grads["layer"] if layout.padded else stage_grads, self.stage_order),
+                "blocks": stage_grads["layer"] if layout.padded else stage_grads,
                 "head": loss_grads["head"],
             }
             if self.config.tie_embeddings:

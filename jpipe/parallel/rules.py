@@ -115,7 +115,8 @@ class ShardingRules:
 
         Every sharded dimension must divide by its mesh axes (an error names the parameter). FSDP
         picks the largest dimension left unsharded that the FSDP axes divide (the first among equals;
-        never a stage or layer axis); a parameter with no such dimension stays replicated over them.
+        never a stage or layer axis); if none, it tries fewer FSDP axes (dropping the last), and a
+        parameter no FSDP axis divides stays replicated over them.
         """
         if len(logical_axes) != len(shape):
             raise ValueError(f"{what}: {len(logical_axes)} logical axes {logical_axes} for shape {shape}")
@@ -124,7 +125,9 @@ class ShardingRules:
             axes = _as_tuple(entry)
             for axis in axes:
                 if axis not in mesh.shape:
-                    raise ValueError(f"{what}: logical axis {logical!r} maps to {axis!r}, not a mesh axis {mesh.axis_names}")
+                    raise ValueError(
+                        f"{what}: logical axis {logical!r} maps to {axis!r}, not a mesh axis {mesh.axis_names}"
+                    )
             size = _size(mesh, axes)
             if shape[dim] % size:
                 raise ValueError(
@@ -133,16 +136,18 @@ class ShardingRules:
                 )
         if self.fsdp:
             used = {axis for entry in entries for axis in _as_tuple(entry)}
-            fsdp_axes = tuple(a for a in self.fsdp_axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
-            size = _size(mesh, fsdp_axes)
-            candidates = [
-                dim
-                for dim, (logical, entry) in enumerate(zip(logical_axes, entries))
-                if entry is None and logical not in _NOT_FSDP and shape[dim] % size == 0
-            ]
-            if fsdp_axes and candidates:
-                dim = max(candidates, key=lambda d: (shape[d], -d))
-                entries[dim] = fsdp_axes[0] if len(fsdp_axes) == 1 else fsdp_axes
+            axes = tuple(a for a in self.fsdp_axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
+            for count in range(len(axes), 0, -1):  # all FSDP axes if some dimension allows, else fewer
+                size = _size(mesh, axes[:count])
+                free = [
+                    dim
+                    for dim, (logical, entry) in enumerate(zip(logical_axes, entries))
+                    if entry is None and logical not in _NOT_FSDP and shape[dim] % size == 0
+                ]
+                if free:
+                    dim = max(free, key=lambda d: (shape[d], -d))
+                    entries[dim] = axes[0] if count == 1 else axes[:count]
+                    break
         return P(*entries)
 
     def param_shardings(self, logical_axes: PyTree, params: PyTree, mesh: jax.sharding.Mesh) -> PyTree:

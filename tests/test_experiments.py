@@ -1,0 +1,120 @@
+"""Each experiment script runs at its smallest size, as a user would run it, and writes its table/PNG.
+
+The scripts run in subprocesses without the test suite's XLA_FLAGS, so each one's own fake-device
+setup is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_experiment(script: str, *args: str, cache: pathlib.Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JPIPE_CACHE": str(cache), "MPLBACKEND": "Agg"}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def assert_png(path: pathlib.Path) -> None:
+    assert path.exists(), f"{path} was not written"
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("corpus-cache")
+
+
+def test_schedule_table(tmp_path, cache):
+    result = run_experiment("schedule_table.py", "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "schedule_table.md").read_text()
+    assert table in result.stdout
+    for name in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv", "dualpipev"):
+        assert f"| {name} | 4 | 16 |" in table
+        assert_png(tmp_path / f"gantt-{name}-p4-m8.png")
+    # The docstring's oracle: 1f1b at p=4, m=16 has async makespan (m+p-1)(F+B) = 57, bubble 3/19.
+    assert "| 1f1b | 4 | 16 | 1 | 57 | 0.158 |" in table
+
+
+def test_parity(tmp_path, cache):
+    small = ["--layers", "4", "--d-model", "16", "--heads", "2", "--seq-len", "16", "--batch-size", "4"]
+    args = ["--steps", "3", "--schedules", "1f1b", "--stages", "2", "--microbatches", "2", "--corpus-bytes", "200000"]
+    result = run_experiment("parity.py", *args, *small, "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "parity.md").read_text()
+    assert table in result.stdout
+    for run in ("| unpipelined |", "| unpipelined, accumulated |", "| 1f1b | 1 |"):
+        assert run in table
+    assert_png(tmp_path / "parity.png")
+    losses = json.loads((tmp_path / "parity.json").read_text())["losses"]
+    assert set(losses) == {"unpipelined", "unpipelined, accumulated", "1f1b"}
+    assert all(len(curve) == 3 for curve in losses.values())
+    for name in ("unpipelined, accumulated", "1f1b"):
+        assert max(abs(a - b) for a, b in zip(losses[name], losses["unpipelined"])) < 1e-4, name
+    assert (tmp_path / "runs" / "1f1b" / "metrics.jsonl").exists()
+
+
+def test_throughput(tmp_path, cache):
+    small = ["--layers", "4", "--d-model", "16", "--heads", "2", "--seq-len", "16", "--batch-size", "8"]
+    mesh = ["--cpu-devices", "4", "--stages", "2", "--data", "2", "--microbatches", "2"]
+    args = ["--schedule", "1f1b", "--steps", "2", "--warmup", "1", *mesh, *small]
+    result = run_experiment("throughput.py", *args, "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "throughput.md").read_text()
+    assert table in result.stdout
+    assert "MFU: not meaningful on CPU" in table
+    assert "| 1f1b | 1 | 2 x 2 x 1 | 2 | 8 | 16 |" in table
+    record = json.loads((tmp_path / "throughput.json").read_text())
+    (row,) = record["results"]
+    assert row["tokens_per_second"] > 0 and row["mfu"] is None
+    assert record["backend"] == "cpu"
+
+
+def test_throughput_flops_and_peaks():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    import jax
+    from flax import nnx
+
+    from jpipe.models import GPT, GPTConfig, params_of
+
+    config = GPTConfig(vocab_size=256, seq_len=32, d_model=16, num_heads=2, num_layers=3, mlp_ratio=4)
+    shapes = jax.eval_shape(lambda: params_of(GPT(config, rngs=nnx.Rngs(0))))
+    flops, matmul_params = throughput.model_flops_per_token(config, shapes)
+    d, layers = config.d_model, config.num_layers
+    per_block = 4 * d * d + 2 * d * config.d_ff + 2 * d  # q, k, v, o; up, down; two norm scales
+    assert matmul_params == layers * per_block + d * 256 + d  # blocks, head projection and final norm
+    assert flops == 6 * matmul_params + 12 * layers * d * config.seq_len
+    assert throughput.peak_tflops("TPU v5 lite") == 197.0
+    assert throughput.peak_tflops("TPU v5") == 459.0
+    assert throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert throughput.peak_tflops("cpu") is None
+
+
+@pytest.mark.slow  # about a minute on 2 cores: its --quick subset still compiles 2 m x 10 programs
+def test_pipeline_memory(tmp_path, cache):
+    result = run_experiment("pipeline_memory.py", "--quick", "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "pipeline_memory.md").read_text()
+    assert table in result.stdout
+    assert "| ad_gpipe (baseline) | 1 | none | 16 |" in table
+    assert "| 1f1b | 1 | none | 16 |" in table
