@@ -245,7 +245,8 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axe
             carry["grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), local_params)
             carry["loss"] = jnp.zeros((), jnp.float32)
             carry["loss_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), loss_params)
-            carry["input_grads"] = _zeros_like(inputs)
+            # float32 accumulator: a bfloat16 psum over a partly-manual mesh crashes XLA:CPU's compiler.
+            carry["input_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), inputs)
         carry = _varying(carry, manual_axes)
 
         def run_forward(state, row, view):
@@ -360,7 +361,9 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axe
             lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["loss_grads"], axis)), loss_params
         )
         # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
-        input_grads = jax.tree.map(lambda g: g / num_data, lax.psum(state["input_grads"], axis))
+        input_grads = jax.tree.map(
+            lambda g, a: (g / num_data).astype(a.dtype), lax.psum(state["input_grads"], axis), inputs
+        )
         return data_mean(lax.psum(state["loss"], axis)), grads, loss_grads, input_grads
 
     stage_spec = P(axis)
