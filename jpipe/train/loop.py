@@ -204,10 +204,17 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     losses: list[float] = []
     final_eval: float | None = None
 
+    # One compiled program for the layout change: with several processes, a string of eager ops on
+    # arrays spanning them can deadlock between the processes' collectives.
+    to_model_state = jax.jit(
+        lambda params, opt_state: (pipe.to_model(params), _map_params_like(pipe.to_model, opt_state, params_structure))
+    )
+
     def save(step: int) -> None:
+        model_params, model_opt_state = to_model_state(params, opt_state)
         state = {
-            "params": pipe.to_model(params),
-            "opt_state": _map_params_like(pipe.to_model, opt_state, params_structure),
+            "params": model_params,
+            "opt_state": model_opt_state,
             "rng": np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(config.run.seed), step))),
         }
         metadata = {"step": step, "data_position": step, "seed": config.run.seed, "config": as_dict(config)}
