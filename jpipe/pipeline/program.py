@@ -103,6 +103,17 @@ def _colour_intervals(intervals: list[tuple[int, int, object]], strict: bool) ->
     return slot_of, len(free_at)
 
 
+def _assign_slots(intervals_per_device: list[list[tuple[int, int, object]]], strict: bool) -> tuple[dict, int]:
+    """Colour each device's intervals; return every key's slot and the most slots any device needs."""
+    slot_of: dict = {}
+    most = 0
+    for intervals in intervals_per_device:
+        slots, count = _colour_intervals(intervals, strict=strict)
+        slot_of.update(slots)
+        most = max(most, count)
+    return slot_of, most
+
+
 def forward_only_schedule(schedule: Schedule) -> Schedule:
     """The schedule's forwards, in each device's order (an inference fill/drain)."""
     rows = tuple(tuple(a for a in row if a.op is Op.F) for row in schedule.actions)
@@ -152,12 +163,7 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
     for producer, readers in messages:
         device = sched.placement[readers[0].stage]
         inbox_intervals[device].append((tick_of[producer], max(tick_of[r] for r in readers), producer))
-    inbox_slot_of: dict = {}
-    num_inbox = 0
-    for intervals in inbox_intervals:
-        slots, count = _colour_intervals(intervals, strict=False)
-        inbox_slot_of.update(slots)
-        num_inbox = max(num_inbox, count)
+    inbox_slot_of, num_inbox = _assign_slots(inbox_intervals, strict=False)
 
     # Stash slots: from the F until the last backward op that reads its residuals.
     stash_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
@@ -170,12 +176,7 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
             if action.op is Op.F:
                 key = (action.stage, action.microbatch)
                 stash_intervals[sched.placement[action.stage]].append((t, max(readers_of[key]), key))
-    stash_slot_of: dict = {}
-    num_stash = 0
-    for intervals in stash_intervals:
-        slots, count = _colour_intervals(intervals, strict=True)
-        stash_slot_of.update(slots)
-        num_stash = max(num_stash, count)
+    stash_slot_of, num_stash = _assign_slots(stash_intervals, strict=True)
 
     # Weight slots: from an I until its W.
     weight_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
@@ -183,12 +184,7 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         if action.op is Op.I:
             weight_tick = tick_of[Action(action.stage, Op.W, action.microbatch)]
             weight_intervals[sched.placement[action.stage]].append((t, weight_tick, (action.stage, action.microbatch)))
-    weight_slot_of: dict = {}
-    num_weight = 0
-    for intervals in weight_intervals:
-        slots, count = _colour_intervals(intervals, strict=True)
-        weight_slot_of.update(slots)
-        num_weight = max(num_weight, count)
+    weight_slot_of, num_weight = _assign_slots(weight_intervals, strict=True)
 
     shape = (table.num_ticks, p)
     op = np.zeros(shape, np.int32)
