@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["forward", "layered", "schedules", "value_and_grad"]
+__all__ = ["forward", "layered", "measure_costs", "schedules", "value_and_grad"]
 __version__ = "0.1.0"
 
 # Lazy attributes: `import jpipe.schedules` must work without importing jax.
@@ -21,6 +21,7 @@ _LAZY = {
     "forward": ("jpipe.pipeline", "forward"),
     "value_and_grad": ("jpipe.pipeline", "value_and_grad"),
     "layered": ("jpipe.pipeline", "layered"),
+    "measure_costs": ("jpipe.pipeline", "measure_costs"),
 }
 
 

@@ -77,18 +77,34 @@ def test_remat_modes_give_the_same_numbers(name, p, m, virtual, remat):
     _run_and_compare(schedules.build(name, p, m, virtual), remat=remat)
 
 
-@pytest.mark.parametrize("name", ["1f1b", "interleaved_1f1b"])
-def test_split_backward_matches_sequential(name):
-    _run_and_compare(schedules.build(name, 2, 4, VIRTUAL.get(name, 1)), split_backward=True)
+def _split_cases():
+    for name in sorted(schedules.SCHEDULES):
+        schedule = schedules.build(name, 2, 4, VIRTUAL.get(name, 1))
+        has_whole_backward = any(a.op is schedules.Op.B for row in schedule.actions for a in row)
+        for split in (True, False) if has_whole_backward else (True,):
+            yield pytest.param(name, split, id=f"{name}-{'split' if split else 'whole'}")
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize(("name", "split"), list(_split_cases()))
+def test_split_and_whole_backward_match_sequential(name, split, remat):
+    """Every schedule, B split into I and W (the exact split) or whole, under every remat mode."""
+    _run_and_compare(schedules.build(name, 2, 4, VIRTUAL.get(name, 1)), split_backward=split, remat=remat)
 
 
 @pytest.mark.parametrize(
     ("name", "p", "m", "virtual", "split"),
-    [("zbv", 2, 4, 2, False), ("zb_h1", 2, 3, 1, False), ("1f1b", 2, 3, 1, True), ("dualpipev", 2, 4, 2, False)],
+    [
+        ("zbv", 2, 4, 2, True),
+        ("zb_h1", 2, 3, 1, True),
+        ("1f1b", 2, 3, 1, True),
+        ("1f1b", 2, 3, 1, False),
+        ("dualpipev", 2, 4, 2, False),
+    ],
 )
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_layered_stage_matches_sequential(name, p, m, virtual, split, remat):
-    """A `jpipe.layered` stage: per-layer residuals, W computed from I's per-layer output gradients."""
+    """A `jpipe.layered` stage (remat per layer; the split cuts the scan over layers in two)."""
     schedule = schedules.build(name, p, m, virtual)
     mesh = make_mesh_or_skip((p,), ("stage",))
     stage = jpipe.layered(stage_fn)

@@ -40,14 +40,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, logical_axes, params_of
+from jpipe.models.gpt import GPT, Block, logical_axes, params_of
 from jpipe.models.layout import StageLayout, as_layout, masked_layer
 from jpipe.models.parts import LMParts
 from jpipe.parallel.mesh import DATA, STAGE
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline import executor
+from jpipe.pipeline.costs import StageCosts, measure_costs
 from jpipe.pipeline.stage import layered
 from jpipe.schedules.ir import Schedule
+from jpipe.schedules.simulate import Cost
 
 PyTree = Any
 
@@ -63,7 +65,8 @@ class PipelinedLM:
         `jpipe.parallel.make_mesh`); a `data` axis, if present, splits each microbatch's batch.
       rules: logical -> mesh axes and FSDP on/off.
       layout: layers per logical stage: a `StageLayout`, explicit counts, or None (balanced).
-      remat, split_backward: passed to `jpipe.value_and_grad`.
+      remat, split_backward, cost: passed to `jpipe.value_and_grad` (`cost` decides the "auto"
+        split; `stage_costs()` measures it for this model).
     """
 
     config: GPTConfig
@@ -72,7 +75,8 @@ class PipelinedLM:
     rules: ShardingRules = dataclasses.field(default_factory=ShardingRules)
     layout: StageLayout | Sequence[int] | None = None
     remat: str | Callable | None = "none"
-    split_backward: bool = False
+    split_backward: bool | str = "auto"
+    cost: Cost | None = None
 
     def __post_init__(self):
         if STAGE not in self.mesh.shape:
@@ -140,6 +144,19 @@ class PipelinedLM:
         create = lambda: self.to_pipeline(params_of(GPT(self.config, rngs=nnx.Rngs(seed))))  # noqa: E731
         return jax.jit(create, out_shardings=self.shardings())()
 
+    def stage_costs(self, batch: int = 1) -> StageCosts:
+        """Measured F/B/I/W FLOPs and memory of this model's largest stage on one microbatch.
+
+        `batch`: sequences of `config.seq_len` tokens per microbatch on one device (the microbatch
+        batch divided by the data axis). Compiles each op alone for the default backend.
+        """
+        config = self.config
+        layers = max(self.layout.layer_counts)
+        one_layer = jax.eval_shape(lambda: params_of(Block(config, rngs=nnx.Rngs(0))))
+        stage_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape), a.dtype), one_layer)
+        x = jax.ShapeDtypeStruct((batch, config.seq_len, config.d_model), config.residual_dtype)
+        return measure_costs(layered(self.parts.layer_fn), stage_params, x, remat=self.remat)
+
     # The step.
 
     def value_and_grad(self) -> Callable:
@@ -162,6 +179,7 @@ class PipelinedLM:
             remat=self.remat,
             data_axes=self.data_axes,
             split_backward=self.split_backward,
+            cost=self.cost,
             stage_order="device",
         )
         shardings = self.shardings()

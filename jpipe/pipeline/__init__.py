@@ -1,5 +1,6 @@
 """jpipe.pipeline: the SPMD executor (any valid schedule) and the AD-GPipe baseline."""
 
+from jpipe.pipeline.costs import StageCosts, measure_costs
 from jpipe.pipeline.executor import device_major_order, forward, value_and_grad
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff
 from jpipe.pipeline.program import Program, compile_program
@@ -8,10 +9,12 @@ from jpipe.pipeline.stage import Layered, layered
 __all__ = [
     "Layered",
     "Program",
+    "StageCosts",
     "compile_program",
     "device_major_order",
     "forward",
     "gpipe_autodiff",
     "layered",
+    "measure_costs",
     "value_and_grad",
 ]

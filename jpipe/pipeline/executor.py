@@ -27,6 +27,7 @@ from jpipe.pipeline import program as prog
 from jpipe.pipeline.checks import check_call, check_mesh
 from jpipe.pipeline.stage import stage_ops
 from jpipe.schedules.ir import Schedule
+from jpipe.schedules.simulate import Cost, best_split
 
 PyTree = Any
 
@@ -120,7 +121,8 @@ def value_and_grad(
     remat: str | Callable | None = "none",
     stage_axis: str = "stage",
     data_axes: str | tuple[str, ...] = (),
-    split_backward: bool = False,
+    split_backward: bool | str = "auto",
+    cost: Cost | None = None,
     stage_order: str = "logical",
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
@@ -136,10 +138,13 @@ def value_and_grad(
       data_axes: mesh axes that split each microbatch's batch dimension (dimension 1 of `inputs`
         and `targets` leaves): data parallelism, run manually. `loss_fn` must then be a mean over
         the batch; loss and gradients are averaged over these axes.
-      split_backward: run each B of the schedule as I then W in consecutive ticks. Ticks then hold
-        ops of equal cost (better lockstep packing), but W must redo part of the backward chain
-        (all of it for an opaque stage, the inside of each layer for a `jpipe.layered` stage), so it
-        costs compute; off by default. Schedules written with I and W always run them split.
+      split_backward: run each B of the schedule as I then W in consecutive ticks (ticks then hold
+        ops of similar cost). The split is exact (I + W evaluate B's equations once, see
+        `jpipe.pipeline.split`), so it costs no compute, only the weight residuals I keeps for W.
+        "auto" (default) splits when the lockstep simulation under `cost` says it is faster
+        (`jpipe.schedules.best_split`). Schedules written with I and W always run them split.
+      cost: per-op costs for the "auto" choice (default `Cost()`: F=1, B=2, I=W=1); measure a
+        real stage's with `jpipe.measure_costs`.
       stage_order: "logical" (stage_params leaves `[S, ...]` in stage order 0..S-1) or "device"
         (in `device_major_order(schedule)`: device 0's stages, then device 1's, ...). With
         "device" and leaves sharded `P(stage_axis)`, every device already holds exactly its stages
@@ -155,7 +160,7 @@ def value_and_grad(
     check_mesh(schedule, mesh, stage_axis, data_axes)
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
-    program = prog.compile_program(schedule, split=split_backward)
+    program = prog.compile_program(schedule, split=resolve_split(schedule, split_backward, cost))
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes)
 
     def step(stage_params, loss_params, inputs, targets):
@@ -168,6 +173,15 @@ def value_and_grad(
 
     step.program = program  # for inspection: tick tables, slot counts
     return step
+
+
+def resolve_split(schedule: Schedule, split_backward: bool | str, cost: Cost | None = None) -> bool:
+    """The executor's `split_backward` option as a bool ("auto": the faster one in simulation)."""
+    if split_backward == "auto":
+        return best_split(schedule, cost)
+    if not isinstance(split_backward, bool):
+        raise ValueError(f"split_backward: expected True, False or 'auto', got {split_backward!r}")
+    return split_backward
 
 
 def forward(

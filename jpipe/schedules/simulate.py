@@ -12,7 +12,9 @@ Two modes:
 Peak activations are counted in microbatches x full device stage: the forward of a chunk allocates
 `1 / virtual`; a full backward B frees it; with the split backward, I frees nothing (the weight
 gradient still needs the stage's saved inputs) and W frees it. A device's peak depends only on the
-order of its own list, so it is the same in both modes.
+order of its own list, so it is the same in both modes. Peak memory adds the weight residuals an I
+keeps for its W (`Cost.weight_residuals`, relative to what an F stashes), so it also counts the
+split backward of lockstep mode.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class Cost:
       w: weight-gradient time (W actions; also the second half of a B in lockstep mode).
       comm: latency added when a result crosses devices (async: per dependency edge; lockstep: per
         tick that sends anything).
-    All must be finite and >= 0.
+      weight_residuals: memory, not time: what an I keeps for its W (the weight residuals), relative
+        to what an F stashes for its backward (1). Used by `Simulation.peak_memory`.
+    All must be finite and >= 0. `jpipe.measure_costs` measures them for a real stage.
     """
 
     f: float = 1.0
@@ -47,6 +51,7 @@ class Cost:
     i: float = 1.0
     w: float = 1.0
     comm: float = 0.0
+    weight_residuals: float = 0.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -83,6 +88,9 @@ class Simulation:
       bubble_fraction: `1 - sum(busy) / (num_devices * makespan)` (0 when the makespan is 0).
       busy: per device, the total time spent running actions.
       peak_activations: per device, the most live activations, in microbatches x full device stage.
+      peak_memory: per device, the most live activations plus weight residuals (each weighted by
+        `cost.weight_residuals`), same unit; in lockstep mode with `split_backward`, of the split
+        schedule the executor runs.
       timeline: every action as an `Event`, sorted by start time then device.
       num_ticks: lockstep ticks (None in async mode).
       spans: per device, end of its last action minus start of its first one; `span - busy` is the
@@ -96,6 +104,7 @@ class Simulation:
     bubble_fraction: float
     busy: tuple[float, ...]
     peak_activations: tuple[float, ...]
+    peak_memory: tuple[float, ...]
     timeline: tuple[Event, ...]
     num_ticks: int | None
     spans: tuple[float, ...]
@@ -117,6 +126,42 @@ def peak_activations(schedule: Schedule) -> tuple[float, ...]:
                 live -= 1
         peaks.append(peak / schedule.virtual)
     return tuple(peaks)
+
+
+def peak_memory(schedule: Schedule, weight_residuals: float = 0.0) -> tuple[float, ...]:
+    """Per device, the most live stash plus weight residuals (microbatch x full device stage).
+
+    F adds a stash of `1 / virtual`, B removes it; I adds weight residuals of `weight_residuals /
+    virtual` (relative to a stash), W removes both.
+    """
+    peaks = []
+    for row in schedule.actions:
+        stash = residuals = 0
+        peak = 0.0
+        for action in row:
+            if action.op is Op.F:
+                stash += 1
+            elif action.op is Op.I:
+                residuals += 1
+            elif action.op is Op.B:
+                stash -= 1
+            else:
+                stash, residuals = stash - 1, residuals - 1
+            peak = max(peak, stash + residuals * weight_residuals)
+        peaks.append(peak / schedule.virtual)
+    return tuple(peaks)
+
+
+def best_split(schedule: Schedule, cost: Cost | None = None) -> bool:
+    """Whether the lockstep executor is faster with each B run as I then W, under `cost`.
+
+    Ties keep B whole (fewer ticks, no weight residuals). Schedules without B return False.
+    """
+    if not any(action.op is Op.B for row in schedule.actions for action in row):
+        return False
+    split = simulate(schedule, cost, "lockstep", split_backward=True).makespan
+    whole = simulate(schedule, cost, "lockstep", split_backward=False).makespan
+    return split < whole
 
 
 def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Action, ...]]) -> list[Event]:
@@ -149,7 +194,7 @@ def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Act
     return events
 
 
-def _simulate_lockstep(schedule: Schedule, cost: Cost, split_backward: bool) -> tuple[list[Event], int]:
+def _simulate_lockstep(schedule: Schedule, cost: Cost, split_backward: bool) -> tuple[list[Event], int, Schedule]:
     table = pack(schedule, split=split_backward)
     placement = table.schedule.placement
     crosses = set()  # actions whose result some other device consumes
@@ -166,7 +211,7 @@ def _simulate_lockstep(schedule: Schedule, cost: Cost, split_backward: bool) -> 
             duration += cost.comm
         events += [Event(device, action, now, now + cost.of(action.op)) for device, action in present]
         now += duration
-    return events, table.num_ticks
+    return events, table.num_ticks, table.schedule
 
 
 def simulate(
@@ -196,9 +241,9 @@ def simulate(
         raise ValueError(f"cost must be a Cost, got {cost!r}")
     deps = validated_dependencies(schedule)
     if mode == "async":
-        events, num_ticks = _simulate_async(schedule, cost, deps), None
+        events, num_ticks, ran = _simulate_async(schedule, cost, deps), None, schedule
     else:
-        events, num_ticks = _simulate_lockstep(schedule, cost, split_backward)
+        events, num_ticks, ran = _simulate_lockstep(schedule, cost, split_backward)
     events.sort(key=lambda event: (event.start, event.device))
     p = schedule.num_devices
     busy = [0.0] * p
@@ -219,6 +264,7 @@ def simulate(
         bubble_fraction=bubble,
         busy=tuple(busy),
         peak_activations=peak_activations(schedule),
+        peak_memory=peak_memory(ran, cost.weight_residuals),
         timeline=tuple(events),
         num_ticks=num_ticks,
         spans=spans,

@@ -37,7 +37,7 @@ class ParallelConfig:
     microbatches: int = 8
     fsdp: bool = False
     remat: str = "none"
-    split_backward: bool = False
+    split_backward: bool | str = "auto"  # True, False or "auto" (the faster in simulation)
 
     def __post_init__(self) -> None:
         for name in ("data", "stage", "tensor", "virtual", "microbatches"):
@@ -48,6 +48,10 @@ class ParallelConfig:
             f"parallel.schedule: unknown schedule {self.schedule!r}; known: {', '.join(sorted(SCHEDULES))}",
         )
         _require(self.remat in REMAT_CHOICES, f"parallel.remat: expected one of {REMAT_CHOICES}, got {self.remat!r}")
+        _require(
+            self.split_backward in (True, False, "auto"),
+            f"parallel.split_backward: expected true, false or 'auto', got {self.split_backward!r}",
+        )
 
     @property
     def num_devices(self) -> int:

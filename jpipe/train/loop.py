@@ -37,6 +37,8 @@ from jpipe import schedules
 from jpipe.models.pipelined import PipelinedLM
 from jpipe.parallel.mesh import DATA, STAGE, TENSOR, make_mesh
 from jpipe.parallel.rules import ShardingRules
+from jpipe.pipeline.costs import StageCosts
+from jpipe.pipeline.executor import resolve_split
 from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import as_dict
 from jpipe.train.data import ByteDataset, build_corpus
@@ -108,12 +110,17 @@ def training_mesh(parallel) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(grid, (DATA, STAGE, TENSOR), axis_types=auto)
 
 
-def describe(config: TrainConfig, pipe: PipelinedLM, stream: IO[str]) -> str:
-    """Print the mesh, the schedule chart and its simulated bubble and memory; return the chart."""
+def describe(config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: IO[str]) -> str:
+    """Print the mesh, the schedule chart, the stage's measured costs and the simulated bubble and memory.
+
+    Returns the chart.
+    """
     schedule = pipe.schedule
     mesh_text = " x ".join(f"{name}={size}" for name, size in pipe.mesh.shape.items())
-    asynchronous = schedules.simulate(schedule, mode="async")
-    lockstep = schedules.simulate(schedule, mode="lockstep", split_backward=config.parallel.split_backward)
+    cost = costs.cost()
+    split = resolve_split(schedule, pipe.split_backward, cost)
+    asynchronous = schedules.simulate(schedule, cost, mode="async")
+    lockstep = schedules.simulate(schedule, cost, mode="lockstep", split_backward=split)
     chart = schedules.render(schedule, width=160)
     lines = [
         f"mesh: {mesh_text} ({len(pipe.mesh.devices.flat)} {jax.default_backend()} devices)",
@@ -121,9 +128,11 @@ def describe(config: TrainConfig, pipe: PipelinedLM, stream: IO[str]) -> str:
         f"{config.model.num_heads} heads, seq {config.data.seq_len}",
         f"layers per stage: {list(pipe.layout.layer_counts)}",
         chart,
-        f"simulated (F=1, B=2, I=W=1): bubble {asynchronous.bubble_fraction:.1%} async, "
-        f"{lockstep.bubble_fraction:.1%} lockstep (this executor); peak activations "
-        f"{max(lockstep.peak_activations):g} microbatch x stage (device max)",
+        f"stage costs per microbatch (XLA FLOPs): {costs}",
+        f"simulated with these costs (F=1, B={cost.b:.2f}, I={cost.i:.2f}, W={cost.w:.2f}): bubble "
+        f"{asynchronous.bubble_fraction:.1%} async, {lockstep.bubble_fraction:.1%} lockstep (this executor, "
+        f"backward {'split into I and W' if split else 'whole'}); peak memory "
+        f"{max(lockstep.peak_memory):.3g} microbatch x stage stashes (device max)",
     ]
     text = "\n".join(line for line in lines if line)
     stream.write(text + "\n")
@@ -153,10 +162,13 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
         remat=parallel.remat,
         split_backward=parallel.split_backward,
     )
-    chart = describe(config, pipe, stream)
+    costs = pipe.stage_costs(batch=max(1, config.data.batch_size // (parallel.microbatches * parallel.data)))
+    pipe = dataclasses.replace(pipe, cost=costs.cost())
+    chart = describe(config, pipe, costs, stream)
     if lead:
         (out / "schedule.txt").write_text(chart + "\n")
-        simulation = schedules.simulate(schedule, mode="lockstep", split_backward=parallel.split_backward)
+        split = resolve_split(schedule, pipe.split_backward, pipe.cost)
+        simulation = schedules.simulate(schedule, pipe.cost, mode="lockstep", split_backward=split)
         schedules.plot(simulation, out / "schedule.png")
 
     corpus = build_corpus(config.data.path, cache_dir(), config.data.max_corpus_bytes)
