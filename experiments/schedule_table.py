@@ -26,7 +26,7 @@ previous stage gets its gradient after I, not after the whole B. For schedules w
 schedule as written (ratio < 1): the two modes run different programs. The "split" ratio compares
 like with like; with comm=0 it is 1.000 for every schedule (seen with the default costs), i.e. the
 SPMD tick packing costs nothing against an MPMD runtime running the same split schedule.
-The last two columns pack each B as one tick (the executor's default, `split_backward=False`): ticks
+The last two columns pack each B as one tick (`split_backward=False`; the executor picks the faster): ticks
 that mix an F with a B then cost a B.
 
 Expected, from DESIGN.md's oracles with the default costs: gpipe and 1f1b have async bubble

@@ -35,7 +35,7 @@ the bubble ordering of `experiments/schedule_table.py` (zbv < 1f1b = gpipe at m 
 Flags (defaults in brackets): --schedule [1f1b], --virtual [2 for zbv, interleaved_1f1b, looped_bfs,
 dualpipev; else 1], --stages [4], --data [2], --tensor [1], --microbatches [8], --batch-size [32
 examples], --seq-len [64], --layers [8], --d-model [64], --heads [4], --mlp-ratio [4], --vocab-size
-[256], --compute-dtype [float32], --remat [none], --split-backward, --fsdp, --steps [10], --warmup
+[256], --compute-dtype [float32], --remat [none], --split-backward [auto|on|off], --fsdp, --steps [10], --warmup
 [2], --peak-tflops, --cpu-devices (fake CPU devices; only read by the CPU backend), --distributed
 (call `jax.distributed.initialize()` first, for multi-host runs), --out.
 """
@@ -165,7 +165,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
-    parser.add_argument("--split-backward", action="store_true", help="run each B as I then W")
+    parser.add_argument(
+        "--split-backward",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run each B as I then W (auto: the faster in the lockstep simulator with the stage's measured costs)",
+    )
     parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -212,8 +217,9 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
         mesh=mesh,
         rules=ShardingRules(fsdp=args.fsdp),
         remat=args.remat,
-        split_backward=args.split_backward,
+        split_backward={"auto": "auto", "on": True, "off": False}[args.split_backward],
     )
+    pipe = dataclasses.replace(pipe, cost=pipe.stage_costs().cost())
     flops_per_token, matmul_params = model_flops_per_token(config, pipe.abstract_params())
     loss_and_grads = pipe.value_and_grad()
     optimizer = make_optimizer(OptimizerConfig(), args.warmup + args.steps)

@@ -111,6 +111,21 @@ def test_throughput_flops_and_peaks():
     assert throughput.peak_tflops("cpu") is None
 
 
+def test_split_costs(tmp_path, cache):
+    result = run_experiment("split_costs.py", "--quick", "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "split_costs.md").read_text()
+    assert table in result.stdout
+    op_rows = [line for line in table.splitlines() if line.startswith("| gpt (seq 32), remat") or "| mlp" in line]
+    op_rows = [row for row in op_rows if row.count("|") == 10]  # the op table (9 columns)
+    assert len(op_rows) == 3
+    for row in op_rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        exact, two_vjps = float(cells[5]), float(cells[6])
+        assert exact <= 1.02, row  # the exact split: I + W = B
+        assert two_vjps > 1.1, row  # what two vjps would cost
+    assert "| gpt (seq 32), remat none | zbv |" in table
+
+
 @pytest.mark.slow  # about a minute on 2 cores: its --quick subset still compiles 2 m x 10 programs
 def test_pipeline_memory(tmp_path, cache):
     result = run_experiment("pipeline_memory.py", "--quick", "--out", str(tmp_path), cache=cache)

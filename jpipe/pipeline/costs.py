@@ -77,7 +77,8 @@ class StageCosts:
         return text
 
 
-def _flops(compiled) -> float:
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled computation from XLA's `cost_analysis()` (0 when it reports none)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
         analysis = analysis[0] if analysis else {}
@@ -155,7 +156,7 @@ def measure_costs(
                 samples.append(_time.perf_counter() - start)
             seconds[name] = float(np.median(samples))
     return StageCosts(
-        flops={name: _flops(c) for name, c in compiled.items()},
+        flops={name: xla_flops(c) for name, c in compiled.items()},
         stash_bytes=_nbytes(residual_spec),
         weight_residual_bytes=_nbytes(weight_spec),
         seconds=seconds,
