@@ -1,6 +1,6 @@
 """Executor benchmark: temp memory, compile time and step time of every schedule vs AD-GPipe.
 
-Command (about 10 minutes on 2 CPU cores; `--quick` for a 1-minute subset):
+Command (about 10-15 minutes on 2 CPU cores; `--quick` for a 1-minute subset):
 
     .venv/bin/python experiments/pipeline_memory.py --out experiments/out/pipeline
 
@@ -9,16 +9,35 @@ x v chunks (so every layout runs the same model); activations dominate memory. F
 remat mode and m in {4, 8, 16, 32} it prints the per-device temp bytes from XLA's
 `compile().memory_analysis()`, the ratio to the AD-GPipe baseline (the MaxText/Praxis approach) at
 the same m, compile time, and (at m = 16) the step time as a ratio to the baseline measured in the
-same run. It also compares with the simulator's peak-activation prediction (peak live activations x
-residual bytes per stage and microbatch): "stash / simulated peak" is the residual buffer the
-executor allocated, "temp / simulated peak" all of XLA's temp memory (stash, inbox, gradient
-accumulators, the current op's temporaries). Results: a markdown table on stdout and in
-`<out>/pipeline_memory.md`.
+same run.
+
+Costs come from `jpipe.measure_costs` on one stage (chunk) and one microbatch: the stash bytes an F
+keeps for its backward, the weight-residual bytes an I keeps for its W, and the op FLOPs. Its
+`.cost()` is passed both to `jpipe.value_and_grad(cost=...)` (so `split_backward="auto"` decides
+with it) and to the lockstep simulator, so both see the same split. Columns:
+
+- "split": whether each B ran as I then W ("yes"/"no", the executor's "auto" choice,
+  `resolve_split`); "I/W" for schedules written with I and W ops, which always run them split
+  (dualpipev has both: "I/W, B yes|no").
+- "weight residuals KiB / stage-mb": what one I keeps for its W, per stage and microbatch.
+- "weight stash MiB": the weight-residual buffer the executor allocated per device
+  (`num_weight_slots` x weight-residual bytes; 0 when no I runs).
+- "stash / simulated peak": the stash buffer the executor allocated (`num_stash_slots` x stash
+  bytes) over the simulator's peak live activations (max `peak_activations` x v x stash bytes).
+- "buffers / simulated peak memory": stash plus weight-stash buffers over the simulator's
+  `peak_memory` (stash plus weight residuals of the schedule the executor really runs, with the
+  measured `Cost`) x v x stash bytes. Above 1 when the two buffers peak at different ticks: each is
+  sized for its own peak.
+- "temp / simulated peak memory": all of XLA's temp memory (stash, weight stash, inbox, gradient
+  accumulators, the current op's temporaries) over the same `peak_memory` prediction.
+
+Results: a markdown table on stdout and in `<out>/pipeline_memory.md`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -34,8 +53,11 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import jpipe  # noqa: E402
 from jpipe import schedules  # noqa: E402
+from jpipe.pipeline.costs import StageCosts  # noqa: E402
+from jpipe.pipeline.executor import resolve_split  # noqa: E402
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff  # noqa: E402
-from jpipe.pipeline.stage import layered, stage_ops  # noqa: E402
+from jpipe.pipeline.stage import layered  # noqa: E402
+from jpipe.schedules.ir import Op  # noqa: E402
 
 P = 4
 TOTAL_LAYERS = 8
@@ -86,12 +108,20 @@ def measure(step, problem, time_it: bool, repeats: int = 10) -> dict:
     return result
 
 
-def residual_bytes(num_stages: int, remat) -> int:
-    """Bytes the executor stashes per (stage, microbatch) for this remat mode."""
+@functools.cache
+def residual_bytes(num_stages: int, remat) -> StageCosts:
+    """`jpipe.measure_costs` of one stage and one microbatch: stash bytes, weight-residual bytes, FLOPs."""
     params, _, inputs, _ = make_problem(num_stages, 1)
     one = jax.tree.map(lambda a: a[0], params)
-    shapes = jax.eval_shape(lambda p, x: stage_ops(stage_fn, remat).forward(p, x)[1], one, inputs[0])
-    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+    return jpipe.measure_costs(stage_fn, one, inputs[0], remat=remat)
+
+
+def split_label(schedule, split: bool) -> str:
+    ops = {action.op for row in schedule.actions for action in row}
+    whole = "yes" if split else "no"
+    if Op.I in ops:
+        return f"I/W, B {whole}" if Op.B in ops else "I/W"
+    return whole
 
 
 def main(argv=None) -> None:
@@ -104,6 +134,7 @@ def main(argv=None) -> None:
     remats = ("none",) if args.quick else ("none", "full", "dots")
     timed_m = 16
     mesh = jax.make_mesh((P,), ("stage",), devices=jax.devices()[:P])
+    nan = float("nan")
 
     rows = []
     baseline = {}
@@ -113,13 +144,20 @@ def main(argv=None) -> None:
             step = gpipe_autodiff(stage_fn, loss_fn, mesh=mesh, num_microbatches=m, remat=remat)
             baseline[(remat, m)] = measure(step, problem, time_it=m == timed_m)
             result = baseline[(remat, m)]
-            rows.append(("ad_gpipe (baseline)", 1, remat, m, result, 1.0, 1.0, float("nan"), float("nan")))
+            rows.append(
+                {
+                    "name": "ad_gpipe (baseline)", "virtual": 1, "remat": remat, "m": m, "split": "-",
+                    "result": result, "memory_ratio": 1.0, "time_ratio": 1.0, "weight_kib": nan,
+                    "weight_stash_mib": nan, "stash_ratio": nan, "buffers_ratio": nan, "temp_ratio": nan,
+                }
+            )  # fmt: skip
             print(f"ad_gpipe remat={remat} m={m}: temp {result['temp'] / 2**20:.2f} MiB", file=sys.stderr)
 
     for name in schedules.SCHEDULES:
         virtual = VIRTUAL.get(name, 1)
         for remat in remats:
-            per_stage = residual_bytes(P * virtual, remat)
+            costs = residual_bytes(P * virtual, remat)
+            cost = costs.cost()
             for m in microbatches:
                 try:
                     schedule = schedules.build(name, P, m, virtual)
@@ -127,40 +165,55 @@ def main(argv=None) -> None:
                     print(f"skip {name} m={m}: {error}", file=sys.stderr)
                     continue
                 problem = make_problem(P * virtual, m)
-                step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, remat=remat)
+                step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, remat=remat, cost=cost)
+                split = resolve_split(schedule, "auto", cost)
                 result = measure(step, problem, time_it=m == timed_m)
                 base = baseline[(remat, m)]
-                sim = schedules.simulate(schedule, mode="lockstep")
-                predicted = max(sim.peak_activations) * virtual * per_stage
-                stash = step.program.num_stash_slots * per_stage
+                sim = schedules.simulate(schedule, cost, mode="lockstep", split_backward=split)
+                ran = schedules.peak_memory(step.program.tick_table.schedule, cost.weight_residuals)
+                if ran != sim.peak_memory:  # the simulator packed a different schedule than the executor
+                    print(f"WARNING {name} m={m}: simulated {sim.peak_memory} != executor's {ran}", file=sys.stderr)
+                predicted_stash = max(sim.peak_activations) * virtual * costs.stash_bytes
+                predicted = max(sim.peak_memory) * virtual * costs.stash_bytes
+                stash = step.program.num_stash_slots * costs.stash_bytes
+                weight_stash = step.program.num_weight_slots * costs.weight_residual_bytes
                 rows.append(
-                    (
-                        name,
-                        virtual,
-                        remat,
-                        m,
-                        result,
-                        result["temp"] / base["temp"],
-                        result["step_s"] / base["step_s"] if m == timed_m else float("nan"),
-                        stash / predicted,
-                        result["temp"] / predicted,
-                    )
+                    {
+                        "name": name, "virtual": virtual, "remat": remat, "m": m,
+                        "split": split_label(schedule, split), "result": result,
+                        "memory_ratio": result["temp"] / base["temp"],
+                        "time_ratio": result["step_s"] / base["step_s"] if m == timed_m else nan,
+                        "weight_kib": costs.weight_residual_bytes / 2**10,
+                        "weight_stash_mib": weight_stash / 2**20,
+                        "stash_ratio": stash / predicted_stash,
+                        "buffers_ratio": (stash + weight_stash) / predicted,
+                        "temp_ratio": result["temp"] / predicted,
+                    }
+                )  # fmt: skip
+                print(
+                    f"{name} remat={remat} m={m} split={split}: temp {result['temp'] / 2**20:.2f} MiB, "
+                    f"weight stash {weight_stash / 2**20:.2f} MiB",
+                    file=sys.stderr,
                 )
-                print(f"{name} remat={remat} m={m}: temp {result['temp'] / 2**20:.2f} MiB", file=sys.stderr)
 
     header = (
-        "| schedule | v | remat | m | temp MiB | temp / AD-GPipe | compile s | step time / AD-GPipe (m=16) "
-        "| stash / simulated peak | temp / simulated peak |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| schedule | v | remat | m | split | temp MiB | temp / AD-GPipe | compile s | step time / AD-GPipe (m=16) "
+        "| weight residuals KiB / stage-mb | weight stash MiB | stash / simulated peak "
+        "| buffers / simulated peak memory | temp / simulated peak memory |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
-    for name, virtual, remat, m, result, memory_ratio, time_ratio, stash_ratio, temp_ratio in rows:
+    for row in rows:
+        result = row["result"]
         lines.append(
-            f"| {name} | {virtual} | {remat} | {m} | {result['temp'] / 2**20:.2f} | {memory_ratio:.2f} | "
-            f"{result['compile_s']:.2f} | {time_ratio:.2f} | {stash_ratio:.2f} | {temp_ratio:.2f} |"
+            f"| {row['name']} | {row['virtual']} | {row['remat']} | {row['m']} | {row['split']} | "
+            f"{result['temp'] / 2**20:.2f} | {row['memory_ratio']:.2f} | {result['compile_s']:.2f} | "
+            f"{row['time_ratio']:.2f} | {row['weight_kib']:.0f} | {row['weight_stash_mib']:.2f} | "
+            f"{row['stash_ratio']:.2f} | {row['buffers_ratio']:.2f} | {row['temp_ratio']:.2f} |"
         )
     compile_growth = []
     for name in schedules.SCHEDULES:
-        times = {r[3]: r[4]["compile_s"] for r in rows if r[0] == name and r[2] == "none"}
+        times = {r["m"]: r["result"]["compile_s"] for r in rows if r["name"] == name and r["remat"] == "none"}
         if min(microbatches) in times and max(microbatches) in times:
             compile_growth.append(
                 f"{name}: compile m={max(microbatches)} / m={min(microbatches)} = "

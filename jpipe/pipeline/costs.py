@@ -7,6 +7,10 @@
 Each op (F, B, I, W: `jpipe.pipeline.stage.StageOps`) is compiled alone for the default backend and
 XLA's `cost_analysis()` gives its FLOPs; `memory` gives the bytes of what F stashes and what I keeps
 for W. Arguments may be arrays or `jax.ShapeDtypeStruct`s (nothing runs unless `time=True`).
+
+XLA's `cost_analysis()` counts the body of a `lax.scan` once, whatever its length: for a
+`jpipe.layered` stage the FLOPs are one layer's. The ratios between ops (what the simulator uses)
+are unaffected; use `time=True` for absolute costs.
 """
 
 from __future__ import annotations
