@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from lm_cases import BATCH, CASE_IDS, CASES, TINY, compiled_step, mesh_of, model_params, pipeline, placed_params
 
 from jpipe import schedules
-from jpipe.models import PipelinedLM
+from jpipe.models import GPTConfig, PipelinedLM
 from jpipe.parallel import DATA, STAGE, TENSOR, ShardingRules, make_mesh, per_device_bytes, total_bytes
 from jpipe.parallel.hlo import collectives
 
@@ -151,3 +152,29 @@ def test_tensor_parallel_reduces_activations_inside_each_block():
     reductions = [c for c in found if c.in_loop and c.kind == "all-reduce" and activation in c.shape]
     assert len(reductions) >= 2  # after attention and after the MLP (forward), more in the backward
     assert not [c for c in found if c.in_loop and c.kind == "all-gather"]
+
+
+def _lm_step_memory(num_microbatches: int, remat: str = "full"):
+    """Per-device bytes and the collectives of the LM step compiled for 1f1b, data 1 x stage 4."""
+    config = GPTConfig(vocab_size=128, seq_len=32, d_model=64, num_heads=4, num_layers=8)
+    mesh = make_mesh(data=1, stage=4, tensor=1)
+    schedule = schedules.build("1f1b", 4, num_microbatches)
+    pipe = PipelinedLM(config, schedule=schedule, mesh=mesh, remat=remat)
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pipe.abstract_params(), pipe.shardings()
+    )
+    tokens = jax.ShapeDtypeStruct((num_microbatches, 4, config.seq_len), jnp.int32)
+    compiled = jax.jit(pipe.value_and_grad()).lower(params, tokens, tokens).compile()
+    memory = compiled.memory_analysis()
+    total = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    return total, collectives(compiled.as_text()), (4, config.seq_len, config.d_model)
+
+
+def test_lm_step_memory_is_flat_in_the_number_of_microbatches():
+    """The embedding runs inside the pipeline: no [m, B, T, D] buffer, no activation-sized all-reduce."""
+    small, _, _ = _lm_step_memory(4)
+    large, found, activation = _lm_step_memory(32)
+    assert large <= 1.25 * small, (small, large)
+    pattern = ",".join(str(d) for d in activation)  # B,T,D in an HLO shape: an activation-sized operand
+    reductions = [c for c in found if c.kind in ("all-reduce", "reduce-scatter", "all-gather")]
+    assert not [c for c in reductions if pattern in c.shape], reductions

@@ -304,3 +304,43 @@ def test_hlo_has_one_collective_permute_per_channel_and_leaf_and_no_gathers():
     assert len(permutes) == len(remote_channels) * num_leaves
     assert "all-gather" not in hlo and "all-to-all" not in hlo
     assert hlo.count(" while(") == 1  # one scan over ticks; nothing unrolled per microbatch
+
+
+def _prologue(prologue_params, raw):
+    """raw {"h": [B, T, 2], "aux": [B, T]} -> the stage activation, through a learned projection."""
+    return {"h": jnp.tanh(raw["h"] @ prologue_params["proj"]), "aux": raw["aux"] * prologue_params["gain"]}
+
+
+@pytest.mark.parametrize(("name", "virtual", "split"), [("1f1b", 1, True), ("zbv", 2, True), ("gpipe", 1, False)])
+def test_prologue_runs_inside_the_pipeline_and_gets_its_gradient(name, virtual, split):
+    schedule = schedules.build(name, 2, 4, virtual)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    stage_params, loss_params, inputs, targets = make_problem(schedule.num_stages, 4)
+    raw = {"h": inputs["h"][..., :2], "aux": inputs["aux"]}
+    prologue_params = {"proj": jax.random.normal(jax.random.key(7), (2, WIDTH)), "gain": jnp.float32(1.3)}
+    step = jax.jit(
+        jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, split_backward=split, prologue=_prologue)
+    )
+    loss, grads = step(stage_params, loss_params, raw, targets, prologue_params)
+
+    def reference(stage_params, loss_params, prologue_params):
+        x = jax.vmap(lambda r: _prologue(prologue_params, r))(raw)
+        outputs = sequential_outputs(stage_params, x)
+        return jnp.mean(jax.vmap(lambda y, t: loss_fn(loss_params, y, t))(outputs, targets))
+
+    ref_loss, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(stage_params, loss_params, prologue_params)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
+
+
+def test_prologue_params_must_match_the_prologue_option():
+    schedule = schedules.build("1f1b", 2, 2)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    problem = make_problem(2, 2)
+    with pytest.raises(ValueError, match="prologue_params"):
+        jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh)(*problem, {"proj": jnp.ones(2)})
+    step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, prologue=_prologue)
+    with pytest.raises(ValueError, match="prologue_params"):
+        step(*problem)
+    with pytest.raises(ValueError, match="prologue failed"):
+        step(*problem, {"proj": jnp.ones((3, WIDTH)), "gain": jnp.float32(1.0)})

@@ -10,16 +10,18 @@ How each kind of parallelism enters:
   `stage`, rows in *device order* (row `d * v + k` is device d's k-th stage, see
   `jpipe.pipeline.executor.device_major_order`), so each device stores exactly the stages the
   schedule places on it, also for interleaved (loop) and V placements.
-- data: microbatches are split over `data` on their batch dimension (the executor's `data_axes`);
-  the embedding runs outside the pipeline on the same split and gets its gradient by chaining the
-  executor's input gradients through `jax.vjp`.
+- data: microbatches are split over `data` on their batch dimension (the executor's `data_axes`).
+- the ends of the model run inside the pipeline: the embedding is the executor's `prologue` (run on
+  the device holding stage 0 as part of each microbatch's first forward, its gradient accumulated
+  there), the head and loss are its `loss_fn` (on the device holding the last stage). Only token ids
+  `[m, B, T]` enter the pipeline, so nothing activation-sized is replicated over `stage` or reduced
+  across it, and per-device memory does not grow with the number of microbatches.
 - tensor (Megatron): parameters carry `tensor` shardings from the rules (heads and MLP width), the
   compiler partitions the blocks and inserts the reductions; no model code changes.
 - FSDP (`ShardingRules(fsdp=True)`): parameters are also stored split over `data` (the embedding
   and head over `data` and `stage`); entering the executor's `shard_map` (replicated over its
-  manual axes) gathers them, once per step, before the tick loop; the embedding is gathered
-  explicitly before its lookup. Gradients come back all-reduced and are re-split (a slice) to the
-  parameters' sharding.
+  manual axes) gathers them, once per step, before the tick loop. Gradients come back all-reduced
+  and are re-split (a slice) to the parameters' sharding.
 
 Block parameters go to the executor in their storage (device) order (`stage_order="device"`), so
 with several stages per device (interleaved, ZB-V) no stage parameter or gradient moves between
@@ -171,6 +173,12 @@ class PipelinedLM:
             stage_fn = layered(masked_layer(parts.layer_fn))
         else:
             stage_fn = layered(parts.layer_fn)
+        embed_fn = parts.embed
+
+        def prologue(embed_params: PyTree, tokens: jax.Array) -> jax.Array:
+            """Token ids `[B, T]` -> activations `[B, T, D]`, on the device holding stage 0."""
+            return embed_fn({"embed": embed_params}, tokens)
+
         pipelined = executor.value_and_grad(
             stage_fn,
             parts.head_loss,
@@ -181,6 +189,7 @@ class PipelinedLM:
             split_backward=self.split_backward,
             cost=self.cost,
             stage_order="device",
+            prologue=prologue,
         )
         shardings = self.shardings()
         embed_in_use = self.shardings(gathered=True)["embed"]
@@ -189,27 +198,21 @@ class PipelinedLM:
         def step(params: PyTree, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Array, PyTree]:
             tokens = jax.lax.with_sharding_constraint(tokens, batch)
             targets = jax.lax.with_sharding_constraint(targets, batch)
-            with jax.named_scope("embed"):
-                # FSDP: gather the embedding once, explicitly, rather than let the lookup reshard.
-                embed_params = jax.lax.with_sharding_constraint(params["embed"], embed_in_use)
-                embed = lambda table: jax.vmap(lambda t: parts.embed({"embed": table}, t))(tokens)  # noqa: E731
-                x, embed_vjp = jax.vjp(embed, embed_params)
-                x = jax.lax.with_sharding_constraint(x, batch)  # [m, B, T, D]
+            # FSDP: gather the embedding once per step, explicitly, rather than let the lookup reshard.
+            embed_params = jax.lax.with_sharding_constraint(params["embed"], embed_in_use)
             stage_params = params["blocks"]  # device order, as stored
             if layout.padded:
                 stage_params = {"layer": stage_params, "active": jnp.asarray(layout.mask[self.stage_order])}
-            loss, (stage_grads, loss_grads, input_grads) = pipelined(
-                stage_params, parts.loss_params(params), x, targets
+            loss, (stage_grads, loss_grads, embed_grads) = pipelined(
+                stage_params, parts.loss_params(params), tokens, targets, embed_params
             )
-            (embed_grads,) = embed_vjp(input_grads)
-            # Reduce into the embedding where it was used, then split (FSDP) like the parameters.
-            embed_grads = jax.lax.with_sharding_constraint(embed_grads, embed_in_use)
             grads = {
                 "embed": embed_grads,
                 "blocks": stage_grads["layer"] if layout.padded else stage_grads,
                 "head": loss_grads["head"],
             }
             if self.config.tie_embeddings:
+                # The lookup's and the head's contributions meet once per step.
                 tokens_grad = grads["embed"]["tokens"] + loss_grads["embed"]["tokens"]
                 grads["embed"] = {**grads["embed"], "tokens": tokens_grad}
             return loss, jax.lax.with_sharding_constraint(grads, shardings)

@@ -38,7 +38,14 @@ def _leading(tree: PyTree, what: str, expected: int, meaning: str) -> None:
 
 
 def check_call(
-    schedule: Schedule, stage_fn, stage_params: PyTree, inputs: PyTree, targets: PyTree, num_data: int = 1
+    schedule: Schedule,
+    stage_fn,
+    stage_params: PyTree,
+    inputs: PyTree,
+    targets: PyTree,
+    num_data: int = 1,
+    prologue=None,
+    prologue_params: PyTree = None,
 ) -> None:
     """Shapes of the step's arguments, and that `stage_fn` preserves the activation's shape/dtype."""
     _leading(stage_params, "stage_params", schedule.num_stages, "num_stages")
@@ -55,6 +62,11 @@ def check_call(
                     )
     one_stage = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stage_params)
     x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+    if prologue is not None:
+        try:
+            x = jax.eval_shape(prologue, prologue_params, x)
+        except Exception as error:  # noqa: BLE001 - re-raised with context
+            raise ValueError(f"prologue failed on prologue_params and one microbatch of inputs: {error}") from error
     try:
         y = jax.eval_shape(stage_fn, one_stage, x)
     except Exception as error:  # noqa: BLE001 - re-raised with context

@@ -124,6 +124,7 @@ def value_and_grad(
     split_backward: bool | str = "auto",
     cost: Cost | None = None,
     stage_order: str = "logical",
+    prologue: Callable[[PyTree, PyTree], PyTree] | None = None,
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -150,26 +151,39 @@ def value_and_grad(
         "device" and leaves sharded `P(stage_axis)`, every device already holds exactly its stages
         and no parameter moves between devices; use it for training (gradients come back in the
         same order). With "logical", interleaved and V placements permute the stages every step.
+      prologue: optional `(prologue_params, inputs[i]) -> x`, the start of the model (e.g. an
+        embedding lookup of token ids). It runs inside the tick loop, on the device holding stage 0,
+        as part of each microbatch's first forward; its backward runs in that stage's B (or I) and
+        its parameter gradients are accumulated there and reduced over the pipeline once per step.
+        Inputs are then typically small (token ids), and no input gradient is computed.
 
     Returns:
       `step(stage_params, loss_params, inputs, targets) -> (loss, (stage_grads, loss_grads,
       input_grads))` where stage_params leaves are `[num_stages, ...]` in logical order,
-      inputs/targets leaves are `[num_microbatches, ...]`; gradients match their arguments.
+      inputs/targets leaves are `[num_microbatches, ...]`; gradients match their arguments. With a
+      `prologue`: `step(stage_params, loss_params, inputs, targets, prologue_params) -> (loss,
+      (stage_grads, loss_grads, prologue_grads))`.
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     check_mesh(schedule, mesh, stage_axis, data_axes)
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
     program = prog.compile_program(schedule, split=resolve_split(schedule, split_backward, cost))
-    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes)
+    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue)
 
-    def step(stage_params, loss_params, inputs, targets):
-        check_call(schedule, stage_fn, stage_params, inputs, targets, _axes_size(mesh, data_axes))
+    def step(stage_params, loss_params, inputs, targets, prologue_params=None):
+        if (prologue is None) != (prologue_params is None):
+            raise ValueError(
+                "prologue_params: pass them exactly when value_and_grad was given a prologue "
+                f"(prologue {'given' if prologue is not None else 'not given'})"
+            )
+        num_data = _axes_size(mesh, data_axes)
+        check_call(schedule, stage_fn, stage_params, inputs, targets, num_data, prologue, prologue_params)
         logical = stage_order == "logical"
         local = to_device_layout(schedule, mesh, stage_params, permute=logical)
-        loss, grads, loss_grads, input_grads = run(local, loss_params, inputs, targets)
+        loss, grads, loss_grads, first_grads = run(local, loss_params, inputs, targets, prologue_params)
         stage_grads = to_logical_layout(schedule, mesh, grads, permute=logical)
-        return loss, (stage_grads, loss_grads, input_grads)
+        return loss, (stage_grads, loss_grads, first_grads)
 
     step.program = program  # for inspection: tick tables, slot counts
     return step
@@ -218,7 +232,9 @@ def _axes_size(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
     return size
 
 
-def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axes: tuple[str, ...]) -> Callable:
+def _build_runner(
+    program: prog.Program, ops, loss_fn, mesh, axis: str, data_axes: tuple[str, ...], prologue=None
+) -> Callable:
     """The shard_map'ed scan over ticks. `ops`: a `jpipe.pipeline.stage` op implementation."""
     num_data = _axes_size(mesh, data_axes)
     manual_axes = (axis, *data_axes)
@@ -231,17 +247,22 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axe
     channel_used = jnp.asarray((program.recv_slot < program.num_inbox_slots).any(axis=1))
     scale = 1.0 / m
 
-    def per_device(local_params, loss_params, inputs, targets):
+    def per_device(local_params, loss_params, inputs, targets, prologue_params):
         # local_params leaves: [1, v, ...]; inputs/targets: [m, ...] replicated.
         local_params = jax.tree.map(lambda a: a[0], local_params)
         # Differentiating w.r.t. an invariant (replicated) value inside a branch would transpose its
         # implicit pcast into a psum that only some devices reach: make it varying up front.
         loss_params = _varying(loss_params, manual_axes)
         local_params = _varying(local_params, manual_axes)
+        prologue_params = _varying(prologue_params, manual_axes)
         device = lax.axis_index(axis)
         rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
         rows["channel_used"] = channel_used
-        x_like = _varying(_zeros_like(_take(inputs, 0)), manual_axes)
+        if prologue is None:
+            x_like = _varying(_zeros_like(_take(inputs, 0)), manual_axes)
+        else:
+            # Only the shapes matter: this prologue call is dead code, removed by XLA.
+            x_like = _varying(_zeros_like(prologue(prologue_params, _take(inputs, 0))), manual_axes)
 
         def slots(n, example):
             return jax.tree.map(lambda a: _zeros((n,), a), example)
@@ -259,18 +280,28 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axe
             carry["grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), local_params)
             carry["loss"] = jnp.zeros((), jnp.float32)
             carry["loss_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), loss_params)
-            # float32 accumulator: a bfloat16 psum over a partly-manual mesh crashes XLA:CPU's compiler.
-            carry["input_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), inputs)
+            if prologue is None:
+                # float32 accumulator: a bfloat16 psum over a partly-manual mesh crashes XLA:CPU's compiler.
+                carry["input_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), inputs)
+            else:
+                carry["input_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), prologue_params)
         carry = _varying(carry, manual_axes)
+
+        def stage_input(row, view):
+            arrived = _take(view["inbox"], row["inbox_slot"])
+            if prologue is None:
+                first = _take(inputs, row["microbatch"])
+                return jax.tree.map(lambda a, b: jnp.where(row["is_first"] == 1, a, b), first, arrived)
+
+            def start(arrived):
+                x = prologue(prologue_params, _take(inputs, row["microbatch"]))
+                return jax.tree.map(lambda a, b: a.astype(b.dtype), _varying(x, manual_axes), arrived)
+
+            return lax.cond(row["is_first"] == 1, start, lambda a: a, arrived)
 
         def run_forward(state, row, view):
             params = _take(local_params, row["chunk"])
-            x = jax.tree.map(
-                lambda a, b: jnp.where(row["is_first"] == 1, a, b),
-                _take(inputs, row["microbatch"]),
-                _take(view["inbox"], row["inbox_slot"]),
-            )
-            x = _varying(x, manual_axes)
+            x = _varying(stage_input(row, view), manual_axes)
             if forward_only:
                 y = ops.fn(params, x)
                 outputs = lax.cond(
@@ -299,9 +330,20 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axe
             return _take(local_params, row["chunk"]), _take(view["stash"], row["stash_slot"])
 
         def store_input_grad(state, row, d_x):
-            input_grads = lax.cond(
-                row["is_first"] == 1, lambda g: _put(g, row["microbatch"], d_x), lambda g: g, state["input_grads"]
-            )
+            if prologue is None:
+                input_grads = lax.cond(
+                    row["is_first"] == 1, lambda g: _put(g, row["microbatch"], d_x), lambda g: g, state["input_grads"]
+                )
+                return {**state, "input_grads": input_grads}
+
+            def accumulate(acc):
+                # The prologue's forward is recomputed here (an embedding lookup: cheap) rather than stashed.
+                tokens = _take(inputs, row["microbatch"])
+                _, prologue_vjp = jax.vjp(lambda pp: prologue(pp, tokens), prologue_params)
+                (d_prologue,) = prologue_vjp(jax.tree.map(lambda g, a: g.astype(a.dtype), d_x, x_like))
+                return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, d_prologue)
+
+            input_grads = lax.cond(row["is_first"] == 1, accumulate, lambda g: g, state["input_grads"])
             return {**state, "input_grads": input_grads}
 
         def run_backward(state, row, view):
@@ -374,26 +416,37 @@ def _build_runner(program: prog.Program, ops, loss_fn, mesh, axis: str, data_axe
         loss_grads = jax.tree.map(
             lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["loss_grads"], axis)), loss_params
         )
-        # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
-        input_grads = jax.tree.map(
-            lambda g, a: (g / num_data).astype(a.dtype), lax.psum(state["input_grads"], axis), inputs
-        )
-        return data_mean(lax.psum(state["loss"], axis)), grads, loss_grads, input_grads
+        if prologue is None:
+            # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
+            first_grads = jax.tree.map(
+                lambda g, a: (g / num_data).astype(a.dtype), lax.psum(state["input_grads"], axis), inputs
+            )
+        else:
+            # Parameter-sized, once per step (only the first stage's device holds non-zero values).
+            first_grads = jax.tree.map(
+                lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["input_grads"], axis)), prologue_params
+            )
+        return data_mean(lax.psum(state["loss"], axis)), grads, loss_grads, first_grads
 
     stage_spec = P(axis)
     batch_spec = P(None, data_axes) if data_axes else P()
     if forward_only:
         in_specs = (stage_spec, batch_spec)
         out_specs = batch_spec
-        body = lambda lp, x: per_device(lp, None, x, None)  # noqa: E731
-    else:
+        body = lambda lp, x: per_device(lp, None, x, None, None)  # noqa: E731
+    elif prologue is None:
         in_specs = (stage_spec, P(), batch_spec, batch_spec)
         out_specs = (P(), stage_spec, P(), batch_spec)
+        body = lambda lp, loss_p, x, t: per_device(lp, loss_p, x, t, None)  # noqa: E731
+    else:
+        in_specs = (stage_spec, P(), batch_spec, batch_spec, P())
+        out_specs = (P(), stage_spec, P(), P())
         body = per_device
     manual = {axis, *data_axes}
     mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual)
 
     def run(*args):
+        args = args[: len(in_specs)]  # a trailing None (no prologue params) is not an argument
         args = tuple(_place(mesh, manual, spec, arg) for spec, arg in zip(in_specs, args))
         return mapped(*args)
 
