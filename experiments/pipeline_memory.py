@@ -1,6 +1,6 @@
 """Executor benchmark: temp memory, compile time and step time of every schedule vs AD-GPipe.
 
-Command (about 10-15 minutes on 2 CPU cores; `--quick` for a 1-minute subset):
+Command (about 15-20 minutes on 2 CPU cores; `--quick` for a 1-2 minute subset):
 
     .venv/bin/python experiments/pipeline_memory.py --out experiments/out/pipeline
 
@@ -30,8 +30,23 @@ with it) and to the lockstep simulator, so both see the same split. Columns:
   sized for its own peak.
 - "temp / simulated peak memory": all of XLA's temp memory (stash, weight stash, inbox, gradient
   accumulators, the current op's temporaries) over the same `peak_memory` prediction.
+- "total MiB": temp plus argument plus output bytes per device (`memory_analysis()`'s
+  `temp_size_in_bytes + argument_size_in_bytes + output_size_in_bytes`); the arguments include
+  the [m, B, T, D] inputs, so this grows with m for every schedule of this generic model.
 
-Results: a markdown table on stdout and in `<out>/pipeline_memory.md`.
+A second table, "LM step", compiles the GPT training step of `jpipe.models.PipelinedLM`
+(`GPTConfig(vocab_size=256, seq_len=64, d_model=128, num_heads=4, num_layers=8)`, 4 sequences per
+microbatch, mesh data 1 x stage 4, remat "full", default `split_backward`) abstractly for every
+schedule and m in {4, 8, 16, 32}, and reports per-device temp MiB, total MiB and
+total(m) / total(m=4) (dualpipev, which needs m >= 8, against its m = 8). The embedding runs inside
+the pipeline as the executor's prologue, so no buffer grows with m except the schedule's own
+stashes: the total stays flat in m for naive, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv and
+dualpipev (their stash and weight-stash slots are bounded by the number of devices; interleaved_1f1b,
+zb_h2 and zbv reach that bound only at m = 8, so they step up once from m = 4 and then stay flat) and
+grows linearly for gpipe and looped_bfs (m stashes per device). With `--quick` the LM table covers
+only 1f1b and gpipe at m in {4, 16}.
+
+Results: markdown tables on stdout and in `<out>/pipeline_memory.md`.
 """
 
 from __future__ import annotations
@@ -53,6 +68,8 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import jpipe  # noqa: E402
 from jpipe import schedules  # noqa: E402
+from jpipe.models import GPTConfig, PipelinedLM  # noqa: E402
+from jpipe.parallel import make_mesh  # noqa: E402
 from jpipe.pipeline.costs import StageCosts  # noqa: E402
 from jpipe.pipeline.executor import resolve_split  # noqa: E402
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff  # noqa: E402
@@ -63,6 +80,9 @@ P = 4
 TOTAL_LAYERS = 8
 BATCH, SEQ, WIDTH = 4, 32, 64
 VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+LM_CONFIG = GPTConfig(vocab_size=256, seq_len=64, d_model=128, num_heads=4, num_layers=8)
+LM_BATCH = 4  # sequences per microbatch
+LM_REMAT = "full"
 
 
 def layer_fn(params, h):
@@ -96,7 +116,12 @@ def measure(step, problem, time_it: bool, repeats: int = 10) -> dict:
     compiled = jax.jit(step).lower(*problem).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    result = {"temp": memory.temp_size_in_bytes, "compile_s": compile_s, "step_s": float("nan")}
+    result = {
+        "temp": memory.temp_size_in_bytes,
+        "total": memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes,
+        "compile_s": compile_s,
+        "step_s": float("nan"),
+    }
     if time_it:
         jax.block_until_ready(compiled(*problem))
         times = []
@@ -106,6 +131,60 @@ def measure(step, problem, time_it: bool, repeats: int = 10) -> dict:
             times.append(time.perf_counter() - start)
         result["step_s"] = min(times)
     return result
+
+
+def lm_step_memory(schedule, mesh) -> dict:
+    """Per-device temp and total bytes of the `PipelinedLM` training step, compiled abstractly."""
+    pipe = PipelinedLM(LM_CONFIG, schedule=schedule, mesh=mesh, remat=LM_REMAT)
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pipe.abstract_params(), pipe.shardings()
+    )
+    tokens = jax.ShapeDtypeStruct((schedule.num_microbatches, LM_BATCH, LM_CONFIG.seq_len), jnp.int32)
+    start = time.perf_counter()
+    compiled = jax.jit(pipe.value_and_grad()).lower(params, tokens, tokens).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    total = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    return {"temp": memory.temp_size_in_bytes, "total": total, "compile_s": compile_s}
+
+
+def lm_table(names, microbatches) -> str:
+    """The "LM step" table: per-device temp and total MiB of the LM step, and total(m) / total(m=4)."""
+    mesh = make_mesh(data=1, stage=P, tensor=1)
+    rows = []
+    for name in names:
+        virtual = VIRTUAL.get(name, 1)
+        first = None  # (m, total) of the smallest m the generator accepts
+        for m in microbatches:
+            try:
+                schedule = schedules.build(name, P, m, virtual)
+            except schedules.ScheduleError as error:
+                print(f"skip LM {name} m={m}: {error}", file=sys.stderr)
+                continue
+            result = lm_step_memory(schedule, mesh)
+            first = first or (m, result["total"])
+            ratio = f"{result['total'] / first[1]:.2f}"
+            if first[0] != microbatches[0]:  # e.g. dualpipev needs m >= 2 * devices: the ratio is to its first m
+                ratio += f" (vs m={first[0]})"
+            rows.append(
+                f"| {name} | {virtual} | {m} | {result['temp'] / 2**20:.2f} | {result['total'] / 2**20:.2f} | "
+                f"{ratio} | {result['compile_s']:.2f} |"
+            )
+            print(
+                f"LM {name} m={m}: temp {result['temp'] / 2**20:.2f} MiB, total {result['total'] / 2**20:.2f} MiB",
+                file=sys.stderr,
+            )
+    config = LM_CONFIG
+    title = (
+        f"LM step: GPT vocab {config.vocab_size}, seq {config.seq_len}, d_model {config.d_model}, "
+        f"{config.num_heads} heads, {config.num_layers} layers; {LM_BATCH} sequences per microbatch; "
+        f"data 1 x stage {P}; remat {LM_REMAT}; per-device bytes\n\n"
+    )
+    header = (
+        f"| schedule | v | m | temp MiB | total MiB | total / total(m={microbatches[0]}) | compile s |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    return title + "\n".join([header, *rows]) + "\n"
 
 
 @functools.cache
@@ -127,7 +206,7 @@ def split_label(schedule, split: bool) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("experiments/out/pipeline"))
-    parser.add_argument("--quick", action="store_true", help="m in {4, 16}, remat none only")
+    parser.add_argument("--quick", action="store_true", help="m in {4, 16}, remat none only; LM table: 1f1b and gpipe")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     microbatches = (4, 16) if args.quick else (4, 8, 16, 32)
@@ -197,17 +276,19 @@ def main(argv=None) -> None:
                 )
 
     header = (
-        "| schedule | v | remat | m | split | temp MiB | temp / AD-GPipe | compile s | step time / AD-GPipe (m=16) "
+        "| schedule | v | remat | m | split | temp MiB | total MiB | temp / AD-GPipe | compile s "
+        "| step time / AD-GPipe (m=16) "
         "| weight residuals KiB / stage-mb | weight stash MiB | stash / simulated peak "
         "| buffers / simulated peak memory | temp / simulated peak memory |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for row in rows:
         result = row["result"]
         lines.append(
             f"| {row['name']} | {row['virtual']} | {row['remat']} | {row['m']} | {row['split']} | "
-            f"{result['temp'] / 2**20:.2f} | {row['memory_ratio']:.2f} | {result['compile_s']:.2f} | "
+            f"{result['temp'] / 2**20:.2f} | {result['total'] / 2**20:.2f} | {row['memory_ratio']:.2f} | "
+            f"{result['compile_s']:.2f} | "
             f"{row['time_ratio']:.2f} | {row['weight_kib']:.0f} | {row['weight_stash_mib']:.2f} | "
             f"{row['stash_ratio']:.2f} | {row['buffers_ratio']:.2f} | {row['temp_ratio']:.2f} |"
         )
@@ -220,6 +301,8 @@ def main(argv=None) -> None:
                 f"{times[max(microbatches)] / times[min(microbatches)]:.2f}"
             )
     table = "\n".join(lines) + "\n\n" + "\n".join(compile_growth) + "\n"
+    lm_names = ("1f1b", "gpipe") if args.quick else tuple(schedules.SCHEDULES)
+    table += "\n" + lm_table(lm_names, microbatches)
     print(table)
     (args.out / "pipeline_memory.md").write_text(table)
 

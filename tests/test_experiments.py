@@ -133,3 +133,6 @@ def test_pipeline_memory(tmp_path, cache):
     assert table in result.stdout
     assert "| ad_gpipe (baseline) | 1 | none | 16 |" in table
     assert "| 1f1b | 1 | none | 16 |" in table
+    assert "LM step" in table
+    assert "| 1f1b | 1 | 16 |" in table  # an LM-step row
+    assert "| gpipe | 1 | 16 |" in table
