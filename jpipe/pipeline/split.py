@@ -321,17 +321,21 @@ def _partition_scan(eqn: jcore.JaxprEqn, tainted_in: Sequence[bool], out_i: list
 # --- running the halves --------------------------------------------------------------------------
 
 
+def _run_half(jaxpr: jcore.Jaxpr, plan: _Plan, env: dict, half: str) -> None:
+    """Evaluate, in order, the equations of `half` ("I" or "W") and that half of each split scan."""
+    for index, eqn in enumerate(jaxpr.eqns):
+        kind = plan.side.get(index)
+        if kind == half:
+            outs = _bind(eqn, [_read(env, v) for v in eqn.invars])
+            env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
+        elif kind == "split":
+            _run_scan_half(eqn, plan.scans[index], index, env, half)
+
+
 def _run_i(jaxpr: jcore.Jaxpr, consts: Sequence, plan: _Plan, env: dict, outputs: Sequence) -> tuple[list, list]:
     """Run the I half: `env` holds the invars I reads; returns (values of `outputs`, boundary)."""
     env = {**dict(zip(jaxpr.constvars, consts)), **env}
-    for index, eqn in enumerate(jaxpr.eqns):
-        kind = plan.side.get(index)
-        if kind == I_SIDE:
-            invals = [_read(env, v) for v in eqn.invars]
-            outs = _scan(eqn, invals, _eval_plain) if eqn.primitive.name == "scan" else _bind(eqn, invals)
-            env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
-        elif kind == "split":
-            _run_scan_half(eqn, plan.scans[index], index, env, I_SIDE)
+    _run_half(jaxpr, plan, env, I_SIDE)
     crossing = [env[v] if isinstance(v, tuple) else _read(env, v) for v in plan.boundary]
     return [_read(env, v) for v in outputs], crossing
 
@@ -339,24 +343,8 @@ def _run_i(jaxpr: jcore.Jaxpr, consts: Sequence, plan: _Plan, env: dict, outputs
 def _run_w(jaxpr: jcore.Jaxpr, consts: Sequence, plan: _Plan, env: dict, boundary: Sequence, outputs: Sequence) -> list:
     """Run the W half: `env` holds the invars W reads, `boundary` what I handed over."""
     env = {**dict(zip(jaxpr.constvars, consts)), **env, **dict(zip(plan.boundary, boundary))}
-    for index, eqn in enumerate(jaxpr.eqns):
-        kind = plan.side.get(index)
-        if kind == W_SIDE:
-            invals = [_read(env, v) for v in eqn.invars]
-            outs = _scan(eqn, invals, _eval_plain) if eqn.primitive.name == "scan" else _bind(eqn, invals)
-            env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
-        elif kind == "split":
-            _run_scan_half(eqn, plan.scans[index], index, env, W_SIDE)
+    _run_half(jaxpr, plan, env, W_SIDE)
     return [_read(env, v) for v in outputs]
-
-
-def _eval_plain(jaxpr: jcore.Jaxpr, consts: Sequence, args: Sequence) -> list:
-    env = {**dict(zip(jaxpr.constvars, consts)), **dict(zip(jaxpr.invars, args))}
-    for eqn in jaxpr.eqns:
-        invals = [_read(env, v) for v in eqn.invars]
-        outs = _scan(eqn, invals, _eval_plain) if eqn.primitive.name == "scan" else _bind(eqn, invals)
-        env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
-    return [_read(env, v) for v in jaxpr.outvars]
 
 
 def _run_scan_half(eqn: jcore.JaxprEqn, split: _ScanPlan, index: int, env: dict, half: str) -> None:
