@@ -148,6 +148,16 @@ def lm_step_memory(schedule, mesh) -> dict:
     return {"temp": memory.temp_size_in_bytes, "total": total, "compile_s": compile_s}
 
 
+def buildable(name: str, microbatches, label: str = ""):
+    """`(m, schedule)` for each m the generator accepts; the rejected ones are reported and skipped."""
+    virtual = VIRTUAL.get(name, 1)
+    for m in microbatches:
+        try:
+            yield m, schedules.build(name, P, m, virtual)
+        except schedules.ScheduleError as error:
+            print(f"skip {label}{name} m={m}: {error}", file=sys.stderr)
+
+
 def lm_table(names, microbatches) -> str:
     """The "LM step" table: per-device temp and total MiB of the LM step, and total(m) / total(m=4)."""
     mesh = make_mesh(data=1, stage=P, tensor=1)
@@ -155,12 +165,7 @@ def lm_table(names, microbatches) -> str:
     for name in names:
         virtual = VIRTUAL.get(name, 1)
         first = None  # (m, total) of the smallest m the generator accepts
-        for m in microbatches:
-            try:
-                schedule = schedules.build(name, P, m, virtual)
-            except schedules.ScheduleError as error:
-                print(f"skip LM {name} m={m}: {error}", file=sys.stderr)
-                continue
+        for m, schedule in buildable(name, microbatches, "LM "):
             result = lm_step_memory(schedule, mesh)
             first = first or (m, result["total"])
             ratio = f"{result['total'] / first[1]:.2f}"
@@ -237,12 +242,7 @@ def main(argv=None) -> None:
         for remat in remats:
             costs = residual_bytes(P * virtual, remat)
             cost = costs.cost()
-            for m in microbatches:
-                try:
-                    schedule = schedules.build(name, P, m, virtual)
-                except schedules.ScheduleError as error:
-                    print(f"skip {name} m={m}: {error}", file=sys.stderr)
-                    continue
+            for m, schedule in buildable(name, microbatches):
                 problem = make_problem(P * virtual, m)
                 step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, remat=remat, cost=cost)
                 split = resolve_split(schedule, "auto", cost)

@@ -39,7 +39,7 @@ from jpipe.models.config import GPTConfig
 from jpipe.models.gpt import Block, params_of
 from jpipe.models.parts import LMParts
 from jpipe.pipeline.costs import xla_flops
-from jpipe.pipeline.remat import apply_remat
+from jpipe.pipeline.stage import with_remat
 
 P, M = 4, 16
 SCHEDULE_VIRTUAL = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "zb_h2": 1, "zbv": 2, "dualpipev": 2}
@@ -68,13 +68,9 @@ def mlp_stage(width: int = 256, batch: int = 4, seq: int = 128, layers: int = 4)
     return mlp_layers, [layer] * layers, jax.ShapeDtypeStruct((batch, seq, width), jnp.float32)
 
 
-def two_vjpxla_flops(stage_fn, params, x, remat) -> tuple[float, float]:
+def two_vjp_flops(stage_fn, params, x, remat) -> tuple[float, float]:
     """FLOPs of the split two separate vjps give: (input-gradient only, parameter-gradient only)."""
-    fn = stage_fn
-    if isinstance(stage_fn, jpipe.pipeline.Layered):
-        fn = jpipe.pipeline.Layered(apply_remat(stage_fn.layer_fn, remat))
-    else:
-        fn = apply_remat(stage_fn, remat)
+    fn = with_remat(stage_fn, remat)  # as the executor applies it (per layer for a layered stage)
 
     def only(index):
         def run(p, a, g):
@@ -120,7 +116,7 @@ def main(argv=None) -> None:
     for label, (stage_fn, params, x, remat) in stages.items():
         costs = jpipe.measure_costs(stage_fn, params, x, remat=remat)
         f, b, i, w = (costs.flops[k] for k in ("f", "b", "i", "w"))
-        old_i, old_w = two_vjpxla_flops(stage_fn, params, x, remat)
+        old_i, old_w = two_vjp_flops(stage_fn, params, x, remat)
         op_lines.append(
             f"| {label} | {f:.3g} | {b:.3g} | {i:.3g} | {w:.3g} | {(i + w) / b:.3f} | {(old_i + old_w) / b:.2f} | "
             f"{costs.stash_bytes / 2**20:.2f} | {costs.weight_residual_bytes / 2**20:.2f} |"

@@ -7,8 +7,9 @@
   the *weight residuals* (the cotangents at the outputs of the weight-consuming ops, and what those
   ops read that only I recomputes); W computes the parameter gradients from them. Every equation
   of B runs once, in I or in W, for any stage function. Measured with XLA's `cost_analysis()` on a
-  stage of 2 GPT blocks (d_model 256, seq 128, batch 4): (I + W) / B = 1.0000 with remat "none"
-  and 1.0002 with "full" (`experiments/split_costs.py`).
+  `jpipe.layered` stage of GPT blocks (d_model 256, seq 128, batch 4; XLA counts the scanned block
+  once): (I + W) / B = 1.000 with remat "none" and with "full"; two separate vjps give 1.54 and
+  1.66 (`experiments/split_costs.py`).
 
 A `jpipe.layered(layer_fn)` stage is a `lax.scan` over identical layers; the remat policy then
 applies per layer (each layer's input is kept, each layer recomputed in its own backward step).
