@@ -278,7 +278,7 @@ def test_device_stage_order_keeps_parameters_in_place(name, virtual):
     schedule = schedules.build(name, 2, 4, virtual)
     mesh = make_mesh_or_skip((2,), ("stage",))
     problem = make_problem(schedule.num_stages, 4)
-    order = jpipe.pipeline.device_major_order(schedule)
+    order = jpipe.pipeline.StagePlacement.of(schedule).device_major
     stage_params = jax.tree.map(lambda a: jax.device_put(a[order], NamedSharding(mesh, P("stage"))), problem[0])
     step = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, stage_order="device"))
     loss, (stage_grads, loss_grads, input_grads) = step(stage_params, *problem[1:])
@@ -298,10 +298,14 @@ def test_hlo_has_one_collective_permute_per_channel_and_leaf_and_no_gathers():
     problem = make_problem(4, 8)
     hlo = jax.jit(step).lower(*problem).compile().as_text()
     remote_channels = [offset for offset in step.program.channels if offset != 0]
-    assert remote_channels == [1, 3]  # +1 (activations) and -1 (gradients) on a ring of 4
+    # +1 (activations), -1 (gradients) on a ring of 4, and +2 (input gradients back to their owner).
+    assert remote_channels == [1, 2, 3]
+    # Inputs from their owners (devices 1, 2, 3) to stage 0's device 0.
+    remote_inputs = [offset for offset in step.program.input_channels if offset != 0]
+    assert remote_inputs == [1, 2, 3]
     num_leaves = len(jax.tree.leaves(problem[2]))
     permutes = re.findall(r"collective-permute(?:-start)?\(", hlo)
-    assert len(permutes) == len(remote_channels) * num_leaves
+    assert len(permutes) == (len(remote_channels) + len(remote_inputs)) * num_leaves
     assert "all-gather" not in hlo and "all-to-all" not in hlo
     assert hlo.count(" while(") == 1  # one scan over ticks; nothing unrolled per microbatch
 

@@ -7,9 +7,9 @@
 How each kind of parallelism enters:
 - pipeline: the blocks run under `jpipe.value_and_grad` with the model's block as a
   `jpipe.layered` stage. Block parameters are stored `[S, layers_per_stage, ...]` sharded over
-  `stage`, rows in *device order* (row `d * v + k` is device d's k-th stage, see
-  `jpipe.pipeline.executor.device_major_order`), so each device stores exactly the stages the
-  schedule places on it, also for interleaved (loop) and V placements.
+  `stage`, rows in *device-major order* (row `d * v + k` is device d's k-th stage, see
+  `jpipe.pipeline.StagePlacement`), so each device stores exactly the stages the schedule places
+  on it, also for interleaved (loop) and V placements.
 - data: microbatches are split over `data` on their batch dimension (the executor's `data_axes`).
 - the ends of the model run inside the pipeline: the embedding is the executor's `prologue` (run on
   the device holding stage 0 as part of each microbatch's first forward, its gradient accumulated
@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -49,6 +48,7 @@ from jpipe.parallel.mesh import DATA, STAGE
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline import executor
 from jpipe.pipeline.costs import StageCosts, measure_costs
+from jpipe.pipeline.layout import StagePlacement
 from jpipe.pipeline.stage import layered
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost
@@ -118,23 +118,23 @@ class PipelinedLM:
         return rules.param_shardings(self.logical_axes(), self.abstract_params(), self.mesh)
 
     @property
-    def stage_order(self) -> np.ndarray:
-        """`stage_order[r]`: the logical stage stored in row r of the block parameters."""
-        return executor.device_major_order(self.schedule)
+    def placement(self) -> StagePlacement:
+        """Where the schedule puts each logical stage; block rows are stored in its device-major order."""
+        return StagePlacement.of(self.schedule)
 
     @property
     def padding(self) -> np.ndarray:
         """`[S, layers_per_stage]` bool, rows in storage order: True at padding slots of the blocks."""
-        return self.layout.mask[self.stage_order] == 0
+        return self.placement.to_device_order(self.layout.mask) == 0
 
     def to_pipeline(self, model_params: PyTree) -> PyTree:
-        """Model-layout params (blocks `[L, ...]`) -> pipeline layout (blocks `[S, slots, ...]`, device order)."""
+        """Model-layout params (blocks `[L, ...]`) -> pipeline layout (blocks `[S, slots, ...]`, device-major)."""
         stages = self.layout.to_stages(model_params["blocks"])
-        return {**model_params, "blocks": _reorder(stages, self.stage_order)}
+        return {**model_params, "blocks": self.placement.to_device_order(stages)}
 
     def to_model(self, params: PyTree) -> PyTree:
         """Pipeline layout -> model layout (e.g. to compare with, or load into, `GPT`)."""
-        stages = _reorder(params["blocks"], np.argsort(self.stage_order))
+        stages = self.placement.to_logical_order(params["blocks"])
         return {**params, "blocks": self.layout.from_stages(stages)}
 
     def place(self, model_params: PyTree) -> PyTree:
@@ -202,7 +202,7 @@ class PipelinedLM:
             embed_params = jax.lax.with_sharding_constraint(params["embed"], embed_in_use)
             stage_params = params["blocks"]  # device order, as stored
             if layout.padded:
-                stage_params = {"layer": stage_params, "active": jnp.asarray(layout.mask[self.stage_order])}
+                stage_params = {"layer": stage_params, "active": self.placement.to_device_order(layout.mask)}
             loss, (stage_grads, loss_grads, embed_grads) = pipelined(
                 stage_params, parts.loss_params(params), tokens, targets, embed_params
             )
@@ -219,10 +219,3 @@ class PipelinedLM:
 
         step.program = pipelined.program
         return step
-
-
-def _reorder(tree: PyTree, order: np.ndarray) -> PyTree:
-    """`a[order]` on every leaf's leading axis; the identity costs nothing."""
-    if np.array_equal(order, np.arange(len(order))):
-        return tree
-    return jax.tree.map(lambda a: jnp.take(a, order, axis=0), tree)

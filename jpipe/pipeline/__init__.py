@@ -1,8 +1,9 @@
 """jpipe.pipeline: the SPMD executor (any valid schedule) and the AD-GPipe baseline."""
 
 from jpipe.pipeline.costs import StageCosts, measure_costs
-from jpipe.pipeline.executor import device_major_order, forward, value_and_grad
+from jpipe.pipeline.executor import forward, value_and_grad
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff
+from jpipe.pipeline.layout import StagePlacement
 from jpipe.pipeline.program import Program, compile_program
 from jpipe.pipeline.stage import Layered, layered
 
@@ -10,8 +11,8 @@ __all__ = [
     "Layered",
     "Program",
     "StageCosts",
+    "StagePlacement",
     "compile_program",
-    "device_major_order",
     "forward",
     "gpipe_autodiff",
     "layered",

@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -80,38 +79,6 @@ def _add_at(tree: PyTree, index, value: PyTree) -> PyTree:
     )
 
 
-def _permute_leading(mesh: jax.sharding.Mesh, a: jax.Array, order: np.ndarray) -> jax.Array:
-    """`a[order]` on the leading axis; identity orders cost nothing."""
-    if np.array_equal(order, np.arange(len(order))):
-        return a
-    # A permutation across a sharded axis is communication either way; make it explicit.
-    a = jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P()))
-    return a[order]
-
-
-def to_device_layout(schedule: Schedule, mesh: jax.sharding.Mesh, tree: PyTree, permute: bool = True) -> PyTree:
-    """`[S, ...]` in logical stage order -> `[p, v, ...]` with device d's stages at `[d]`.
-
-    With `permute=False` the input is already in device-major order and is only reshaped.
-    """
-    p, v = schedule.num_devices, schedule.virtual
-    order = device_major_order(schedule) if permute else np.arange(schedule.num_stages)
-    return jax.tree.map(lambda a: _permute_leading(mesh, a, order).reshape((p, v) + a.shape[1:]), tree)
-
-
-def to_logical_layout(schedule: Schedule, mesh: jax.sharding.Mesh, tree: PyTree, permute: bool = True) -> PyTree:
-    """Inverse of `to_device_layout`: `[p, v, ...]` -> `[S, ...]` (logical order if `permute`)."""
-    inverse = np.argsort(device_major_order(schedule)) if permute else np.arange(schedule.num_stages)
-    return jax.tree.map(
-        lambda a: _permute_leading(mesh, a.reshape((schedule.num_stages,) + a.shape[2:]), inverse), tree
-    )
-
-
-def device_major_order(schedule: Schedule) -> np.ndarray:
-    """`order[d * v + k]` is the logical stage held by device d as its local chunk k."""
-    return np.array([s for d in range(schedule.num_devices) for s in schedule.stages_of(d)], np.int32)
-
-
 def value_and_grad(
     stage_fn: Callable[[PyTree, PyTree], PyTree],
     loss_fn: Callable[[PyTree, PyTree, PyTree], jax.Array],
@@ -147,7 +114,8 @@ def value_and_grad(
       cost: per-op costs for the "auto" choice (default `Cost()`: F=1, B=2, I=W=1); measure a
         real stage's with `jpipe.measure_costs`.
       stage_order: "logical" (stage_params leaves `[S, ...]` in stage order 0..S-1) or "device"
-        (in `device_major_order(schedule)`: device 0's stages, then device 1's, ...). With
+        (device-major, `StagePlacement.of(schedule).device_major`: device 0's stages, then
+        device 1's, ...). With
         "device" and leaves sharded `P(stage_axis)`, every device already holds exactly its stages
         and no parameter moves between devices; use it for training (gradients come back in the
         same order). With "logical", interleaved and V placements permute the stages every step.
@@ -155,7 +123,15 @@ def value_and_grad(
         embedding lookup of token ids). It runs inside the tick loop, on the device holding stage 0,
         as part of each microbatch's first forward; its backward runs in that stage's B (or I) and
         its parameter gradients are accumulated there and reduced over the pipeline once per step.
-        Inputs are then typically small (token ids), and no input gradient is computed.
+        Inputs are then typically small (token ids, replicated over the pipeline), and no input
+        gradient is computed.
+
+    Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
+    over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
+    (the array is padded to a multiple of p when m is not), and sent to stage 0's device in the
+    tick before its first forward; input gradients return to the same device and come back sharded
+    the same way. No collective larger than one microbatch crosses the pipeline; `targets` are
+    replicated (the loss runs on the last stage's device).
 
     Returns:
       `step(stage_params, loss_params, inputs, targets) -> (loss, (stage_grads, loss_grads,
@@ -168,8 +144,10 @@ def value_and_grad(
     check_mesh(schedule, mesh, stage_axis, data_axes)
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
-    program = prog.compile_program(schedule, split=resolve_split(schedule, split_backward, cost))
+    split = resolve_split(schedule, split_backward, cost)
+    program = prog.compile_program(schedule, split=split, deliver=prologue is None)
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue)
+    placement = program.placement
 
     def step(stage_params, loss_params, inputs, targets, prologue_params=None):
         if (prologue is None) != (prologue_params is None):
@@ -179,10 +157,14 @@ def value_and_grad(
             )
         num_data = _axes_size(mesh, data_axes)
         check_call(schedule, stage_fn, stage_params, inputs, targets, num_data, prologue, prologue_params)
-        logical = stage_order == "logical"
-        local = to_device_layout(schedule, mesh, stage_params, permute=logical)
-        loss, grads, loss_grads, first_grads = run(local, loss_params, inputs, targets, prologue_params)
-        stage_grads = to_logical_layout(schedule, mesh, grads, permute=logical)
+        if stage_order == "logical":
+            stage_params = placement.to_device_order(stage_params, mesh)
+        loss, grads, loss_grads, first_grads = run(
+            placement.split_devices(stage_params), loss_params, inputs, targets, prologue_params
+        )
+        stage_grads = placement.merge_devices(grads)
+        if stage_order == "logical":
+            stage_grads = placement.to_logical_order(stage_grads, mesh)
         return loss, (stage_grads, loss_grads, first_grads)
 
     step.program = program  # for inspection: tick tables, slot counts
@@ -209,17 +191,17 @@ def forward(
     """Pipelined forward (inference): `run(stage_params, inputs) -> outputs`, all `[m, ...]`.
 
     Runs the schedule's forwards in each device's order (a fill/drain without backward). Arguments
-    as for `value_and_grad`.
+    as for `value_and_grad`; inputs and outputs are sharded over the pipeline as its inputs are.
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     check_mesh(schedule, mesh, stage_axis, data_axes)
-    program = prog.compile_program(schedule, forward_only=True)
+    program = prog.compile_program(schedule, forward_only=True, deliver=True)
     run = _build_runner(program, stage_ops(stage_fn, "none"), None, mesh, stage_axis, data_axes)
+    placement = program.placement
 
     def apply(stage_params, inputs):
         check_call(schedule, stage_fn, stage_params, inputs, None, _axes_size(mesh, data_axes))
-        local = to_device_layout(schedule, mesh, stage_params)
-        return run(local, inputs)
+        return run(placement.split_devices(placement.to_device_order(stage_params, mesh)), inputs)
 
     apply.program = program
     return apply
@@ -240,15 +222,30 @@ def _build_runner(
     manual_axes = (axis, *data_axes)
     schedule = program.schedule
     p, m = schedule.num_devices, schedule.num_microbatches
-    forward_only = program.forward_only
+    k = program.microbatches_per_device
+    forward_only, deliver = program.forward_only, program.deliver
     tables = {name: jnp.asarray(a) for name, a in program.per_tick_arrays().items()}
-    channels = program.channels
+    channels, input_channels = program.channels, program.input_channels
     # [T, C]: whether any device receives on channel c in tick t (identical on every device).
-    channel_used = jnp.asarray((program.recv_slot < program.num_inbox_slots).any(axis=1))
+    channel_used = jnp.asarray(
+        (program.recv_slot < program.num_inbox_slots).any(axis=1) | (program.result_index < k).any(axis=1)
+    )
+    input_channel_used = jnp.asarray((program.input_recv_slot < program.num_inbox_slots).any(axis=1))
     scale = 1.0 / m
 
+    def send(message, offset, used):
+        """`message` from every device to device `+offset`, skipped (on all devices) when unused."""
+        if offset == 0:
+            return message
+        # The predicate is the same on every device, so all take the same branch.
+        perm = [(d, (d + offset) % p) for d in range(p)]
+        return lax.cond(
+            used, lambda msg: jax.tree.map(lambda a: lax.ppermute(a, axis, perm), msg), lambda msg: msg, message
+        )
+
     def per_device(local_params, loss_params, inputs, targets, prologue_params):
-        # local_params leaves: [1, v, ...]; inputs/targets: [m, ...] replicated.
+        # local_params leaves: [1, v, ...]; inputs: [k, ...] (this device's microbatches) with
+        # `deliver`, else [m, ...] replicated; targets: [m, ...] replicated.
         local_params = jax.tree.map(lambda a: a[0], local_params)
         # Differentiating w.r.t. an invariant (replicated) value inside a branch would transpose its
         # implicit pcast into a psum that only some devices reach: make it varying up front.
@@ -258,19 +255,21 @@ def _build_runner(
         device = lax.axis_index(axis)
         rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
         rows["channel_used"] = channel_used
+        rows["input_channel_used"] = input_channel_used
         if prologue is None:
             x_like = _varying(_zeros_like(_take(inputs, 0)), manual_axes)
         else:
             # Only the shapes matter: this prologue call is dead code, removed by XLA.
             x_like = _varying(_zeros_like(prologue(prologue_params, _take(inputs, 0))), manual_axes)
 
-        def slots(n, example):
-            return jax.tree.map(lambda a: _zeros((n,), a), example)
+        def slots(n, example, dtype=None):
+            return jax.tree.map(lambda a: _zeros((n,), a, dtype), example)
 
         carry = {"inbox": slots(program.num_inbox_slots + 1, x_like)}  # + a scratch slot
-        if forward_only:
-            carry["outputs"] = _zeros_like(inputs)
-        else:
+        if deliver:
+            # Input gradients (or outputs, forward only) of this device's microbatches; + a scratch slot.
+            carry["results"] = slots(k + 1, x_like)
+        if not forward_only:
             # Traced here only for their shapes and varying types (dead code, removed by XLA).
             some_params = _take(local_params, rows["chunk"][0])
             residuals = ops.forward(some_params, x_like)[1]
@@ -280,18 +279,14 @@ def _build_runner(
             carry["grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), local_params)
             carry["loss"] = jnp.zeros((), jnp.float32)
             carry["loss_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), loss_params)
-            if prologue is None:
-                # float32 accumulator: a bfloat16 psum over a partly-manual mesh crashes XLA:CPU's compiler.
-                carry["input_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), inputs)
-            else:
-                carry["input_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), prologue_params)
+            if prologue is not None:
+                carry["prologue_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), prologue_params)
         carry = _varying(carry, manual_axes)
 
         def stage_input(row, view):
             arrived = _take(view["inbox"], row["inbox_slot"])
             if prologue is None:
-                first = _take(inputs, row["microbatch"])
-                return jax.tree.map(lambda a, b: jnp.where(row["is_first"] == 1, a, b), first, arrived)
+                return arrived  # stage 0's input was delivered to the inbox like any message
 
             def start(arrived):
                 x = prologue(prologue_params, _take(inputs, row["microbatch"]))
@@ -303,11 +298,7 @@ def _build_runner(
             params = _take(local_params, row["chunk"])
             x = _varying(stage_input(row, view), manual_axes)
             if forward_only:
-                y = ops.fn(params, x)
-                outputs = lax.cond(
-                    row["is_last"] == 1, lambda o: _put(o, row["microbatch"], y), lambda o: o, state["outputs"]
-                )
-                return {**state, "outputs": outputs}, y
+                return state, ops.fn(params, x)
             y, residuals = ops.forward(params, x)
             state = {**state, "stash": _put(state["stash"], row["stash_slot"], residuals)}
 
@@ -329,12 +320,10 @@ def _build_runner(
         def op_inputs(row, view):
             return _take(local_params, row["chunk"]), _take(view["stash"], row["stash_slot"])
 
-        def store_input_grad(state, row, d_x):
+        def prologue_backward(state, row, d_x):
+            """Stage 0's input gradient -> the prologue's parameter gradients (prologue only)."""
             if prologue is None:
-                input_grads = lax.cond(
-                    row["is_first"] == 1, lambda g: _put(g, row["microbatch"], d_x), lambda g: g, state["input_grads"]
-                )
-                return {**state, "input_grads": input_grads}
+                return state  # d_x is this op's message: it travels to the microbatch's owner
 
             def accumulate(acc):
                 # The prologue's forward is recomputed here (an embedding lookup: cheap) rather than stashed.
@@ -343,20 +332,20 @@ def _build_runner(
                 (d_prologue,) = prologue_vjp(jax.tree.map(lambda g, a: g.astype(a.dtype), d_x, x_like))
                 return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, d_prologue)
 
-            input_grads = lax.cond(row["is_first"] == 1, accumulate, lambda g: g, state["input_grads"])
-            return {**state, "input_grads": input_grads}
+            grads = lax.cond(row["is_first"] == 1, accumulate, lambda g: g, state["prologue_grads"])
+            return {**state, "prologue_grads": grads}
 
         def run_backward(state, row, view):
             params, residuals = op_inputs(row, view)
             d_params, d_x = ops.backward(params, residuals, x_like, _take(view["inbox"], row["inbox_slot"]))
             state = {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}
-            return store_input_grad(state, row, d_x), d_x
+            return prologue_backward(state, row, d_x), d_x
 
         def run_input_grad(state, row, view):
             params, residuals = op_inputs(row, view)
             d_x, weight_residuals = ops.input_grad(params, residuals, x_like, _take(view["inbox"], row["inbox_slot"]))
             state = {**state, "weight_stash": _put(state["weight_stash"], row["weight_slot"], weight_residuals)}
-            return store_input_grad(state, row, d_x), d_x
+            return prologue_backward(state, row, d_x), d_x
 
         def run_weight_grad(state, row, view):
             params, residuals = op_inputs(row, view)
@@ -368,11 +357,13 @@ def _build_runner(
             return state, x_like
 
         # (op code, what it runs, the buffers it may update); views are read-only.
-        kinds = [(prog.FORWARD, run_forward, ("outputs",) if forward_only else ("stash", "loss", "loss_grads"))]
+        backward_keys = ("grads", "prologue_grads") if prologue is not None else ("grads",)
+        input_grad_keys = ("weight_stash", "prologue_grads") if prologue is not None else ("weight_stash",)
+        kinds = [(prog.FORWARD, run_forward, () if forward_only else ("stash", "loss", "loss_grads"))]
         if not forward_only:
             kinds += [
-                (prog.BACKWARD, run_backward, ("grads", "input_grads")),
-                (prog.INPUT_GRAD, run_input_grad, ("weight_stash", "input_grads")),
+                (prog.BACKWARD, run_backward, backward_keys),
+                (prog.INPUT_GRAD, run_input_grad, input_grad_keys),
                 (prog.WEIGHT_GRAD, run_weight_grad, ("grads",)),
             ]
         if program.num_weight_slots == 0:
@@ -389,25 +380,27 @@ def _build_runner(
                 state = {**state, **part}
                 message = jax.tree.map(lambda a, b, c=code: jnp.where(row["op"] == c, a, b), produced, message)
             inbox = state["inbox"]
+            results = state.get("results")
             for c, offset in enumerate(channels):
-                if offset == 0:
-                    arrived = message
-                else:
-                    # The predicate is the same on every device, so all take the same branch and the
-                    # collective is skipped only where no device sends on this channel.
-                    perm = [(d, (d + offset) % p) for d in range(p)]
-                    arrived = lax.cond(
-                        row["channel_used"][c],
-                        lambda msg, perm=perm: jax.tree.map(lambda a: lax.ppermute(a, axis, perm), msg),
-                        lambda msg: msg,
-                        message,
-                    )
+                arrived = send(message, offset, row["channel_used"][c])
                 inbox = _put(inbox, row["recv_slot"][c], arrived)
-            return {**state, "inbox": inbox}, None
+                if deliver:
+                    index = row["result_index"][c]
+                    results = lax.cond(index < k, lambda r, a=arrived, i=index: _put(r, i, a), lambda r: r, results)
+            if input_channels:
+                outgoing = _take(inputs, row["input_send_index"])
+                for c, offset in enumerate(input_channels):
+                    arrived = send(outgoing, offset, row["input_channel_used"][c])
+                    inbox = _put(inbox, row["input_recv_slot"][c], arrived)
+            state = {**state, "inbox": inbox}
+            if deliver:
+                state["results"] = results
+            return state, None
 
         state, _ = lax.scan(tick, carry, rows)
+        results = _take_first(state["results"], k) if deliver else None
         if forward_only:
-            return lax.psum(state["outputs"], axis)
+            return results
 
         def data_mean(tree):
             return jax.tree.map(lambda a: lax.pmean(a, data_axes), tree) if data_axes else tree
@@ -418,25 +411,24 @@ def _build_runner(
         )
         if prologue is None:
             # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
-            first_grads = jax.tree.map(
-                lambda g, a: (g / num_data).astype(a.dtype), lax.psum(state["input_grads"], axis), inputs
-            )
+            first_grads = jax.tree.map(lambda g: g / num_data, results)
         else:
             # Parameter-sized, once per step (only the first stage's device holds non-zero values).
             first_grads = jax.tree.map(
-                lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["input_grads"], axis)), prologue_params
+                lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["prologue_grads"], axis)), prologue_params
             )
         return data_mean(lax.psum(state["loss"], axis)), grads, loss_grads, first_grads
 
     stage_spec = P(axis)
     batch_spec = P(None, data_axes) if data_axes else P()
+    owned_spec = P(axis, data_axes) if data_axes else P(axis)  # [m, B, ...]: microbatches over stage
     if forward_only:
-        in_specs = (stage_spec, batch_spec)
-        out_specs = batch_spec
+        in_specs = (stage_spec, owned_spec)
+        out_specs = owned_spec
         body = lambda lp, x: per_device(lp, None, x, None, None)  # noqa: E731
     elif prologue is None:
-        in_specs = (stage_spec, P(), batch_spec, batch_spec)
-        out_specs = (P(), stage_spec, P(), batch_spec)
+        in_specs = (stage_spec, P(), owned_spec, batch_spec)
+        out_specs = (P(), stage_spec, P(), owned_spec)
         body = lambda lp, loss_p, x, t: per_device(lp, loss_p, x, t, None)  # noqa: E731
     else:
         in_specs = (stage_spec, P(), batch_spec, batch_spec, P())
@@ -444,13 +436,36 @@ def _build_runner(
         body = per_device
     manual = {axis, *data_axes}
     mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual)
+    padding = k * p - m if deliver else 0
+
+    def pad(tree):
+        return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((padding,) + a.shape[1:], a.dtype)]), tree)
+
+    def unpad(tree):
+        # An explicit-sharding array cannot be split unevenly over `stage`: gather it first. Only when
+        # m is not a multiple of p; the input gradients are then replicated over the pipeline.
+        tree = _place(mesh, manual, batch_spec, tree)
+        return jax.tree.map(lambda a: a[:m], tree)
 
     def run(*args):
-        args = args[: len(in_specs)]  # a trailing None (no prologue params) is not an argument
+        args = list(args[: len(in_specs)])  # a trailing None (no prologue params) is not an argument
+        if padding:
+            args[1 if forward_only else 2] = pad(args[1 if forward_only else 2])
         args = tuple(_place(mesh, manual, spec, arg) for spec, arg in zip(in_specs, args))
-        return mapped(*args)
+        out = mapped(*args)
+        if not padding:
+            return out
+        if forward_only:
+            return unpad(out)
+        loss, grads, loss_grads, input_grads = out
+        return loss, grads, loss_grads, unpad(input_grads)
 
     return run
+
+
+def _take_first(tree: PyTree, n: int) -> PyTree:
+    """The first `n` rows of every leaf (drops a scratch slot)."""
+    return jax.tree.map(lambda a: a[:n], tree)
 
 
 def _place(mesh: jax.sharding.Mesh, manual: set[str], spec: P, tree: PyTree) -> PyTree:

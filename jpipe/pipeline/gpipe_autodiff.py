@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jpipe.pipeline.layout import StagePlacement
 from jpipe.pipeline.remat import apply_remat
 
 PyTree = Any
@@ -108,10 +108,10 @@ def gpipe_autodiff(
         out_specs=P(),
         axis_names={axis},
     )
-    order = np.array([d + k * p for d in range(p) for k in range(virtual)], np.int32)
+    placement = StagePlacement.loop(p, virtual)
 
     def to_device(tree):
-        return jax.tree.map(lambda a: _take_replicated(mesh, a, order).reshape((p, virtual) + a.shape[1:]), tree)
+        return placement.split_devices(placement.to_device_order(tree, mesh))
 
     def loss_of(stage_params, loss_params, inputs, targets):
         local = to_device(stage_params)
@@ -120,10 +120,3 @@ def gpipe_autodiff(
 
     # Gradients come back in logical stage order through autodiff of `to_device`.
     return jax.value_and_grad(loss_of, argnums=(0, 1, 2))
-
-
-def _take_replicated(mesh: jax.sharding.Mesh, a: jax.Array, order: np.ndarray) -> jax.Array:
-    if np.array_equal(order, np.arange(len(order))):
-        return a
-    a = jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P()))
-    return a[order]

@@ -11,6 +11,16 @@ placement also uses offset 0 (the turn of the V stays on one device). Every devi
 outgoing message on every channel; receivers keep only what their table marks, so no masking is
 needed. Slots are assigned by interval colouring, so buffers are sized by the schedule's peak number
 of in-flight messages and live residuals, not by the number of microbatches.
+
+With `deliver=True` (the generic API, whose inputs are activations) the batch is not replicated
+over the pipeline: microbatch i is stored on its *owner*, device `i // k` with `k = ceil(m / p)`
+microbatches per device (contiguous blocks, the layout of a `[m, ...]` array sharded over the stage
+axis). The owner sends microbatch i to the device of stage 0 in the tick before its first forward,
+on an *input channel* (one per owner offset; at most one of them carries data in a tick), into an
+inbox slot like any other message; a leading delivery-only tick serves the forwards of the first
+tick. What the pipeline returns per microbatch (the input gradient from stage 0's backward, or the
+last stage's output when running forward only) travels back to the owner on the ordinary channels
+and lands in the owner's result buffer.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import dataclasses
 
 import numpy as np
 
+from jpipe.pipeline.layout import StagePlacement
 from jpipe.schedules.ir import Action, Op, Schedule
 from jpipe.schedules.ticks import TickTable, pack
 from jpipe.schedules.validate import validate
@@ -39,10 +50,18 @@ class Program:
         an I leaves what its W needs (the weight residuals).
       recv_slot: int32 `[T, p, C]`, the inbox slot for the message arriving on channel c at the end
         of the tick, or `num_inbox_slots` (a scratch slot) when nothing real arrives.
+      result_index: int32 `[T, p, C]`, where a message arriving on channel c is a result (input
+        gradient, or output when forward only) of one of the device's own microbatches: its local
+        index `i % k`, or `microbatches_per_device` (nothing) otherwise. Used only with `deliver`.
+      input_send_index: int32 `[T, p]`, the local microbatch a device sends on the input channels.
+      input_recv_slot: int32 `[T, p, Ci]`, the inbox slot for an input arriving on input channel c.
       channels: ring offsets, one per channel.
+      input_channels: ring offsets of the input channels (empty without `deliver`).
       num_inbox_slots, num_stash_slots, num_weight_slots: buffer sizes per device.
-      device_major_stages: `[p * v]`, the logical stage at device-major position `d * v + k`.
+      microbatches_per_device: k, the microbatches each device owns (with `deliver`; else 0).
+      placement: where the logical stages live (and the device-major row order).
       forward_only: whether the program runs only forwards (inference).
+      deliver: whether inputs are delivered from their owners (see the module docstring).
     """
 
     tick_table: TickTable
@@ -55,12 +74,18 @@ class Program:
     stash_slot: np.ndarray
     weight_slot: np.ndarray
     recv_slot: np.ndarray
+    result_index: np.ndarray
+    input_send_index: np.ndarray
+    input_recv_slot: np.ndarray
     channels: tuple[int, ...]
+    input_channels: tuple[int, ...]
     num_inbox_slots: int
     num_stash_slots: int
     num_weight_slots: int
-    device_major_stages: np.ndarray
+    microbatches_per_device: int
+    placement: StagePlacement
     forward_only: bool
+    deliver: bool
 
     @property
     def schedule(self) -> Schedule:
@@ -68,7 +93,12 @@ class Program:
 
     @property
     def num_ticks(self) -> int:
-        return self.tick_table.num_ticks
+        """Rows of the tables: the packed schedule's ticks, plus the delivery-only tick with `deliver`."""
+        return self.op.shape[0]
+
+    def owner(self, microbatch: int) -> int:
+        """The device that stores `microbatch` (with `deliver`)."""
+        return microbatch // self.microbatches_per_device
 
     def per_tick_arrays(self) -> dict[str, np.ndarray]:
         """The `[T, p, ...]` tables by name, for the scan."""
@@ -82,6 +112,9 @@ class Program:
             "stash_slot": self.stash_slot,
             "weight_slot": self.weight_slot,
             "recv_slot": self.recv_slot,
+            "result_index": self.result_index,
+            "input_send_index": self.input_send_index,
+            "input_recv_slot": self.input_recv_slot,
         }
 
 
@@ -120,23 +153,32 @@ def forward_only_schedule(schedule: Schedule) -> Schedule:
     return dataclasses.replace(schedule, actions=rows, name=f"{schedule.name}[forward]")
 
 
-def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bool = True) -> Program:
+def compile_program(
+    schedule: Schedule, *, forward_only: bool = False, split: bool = True, deliver: bool = False
+) -> Program:
     """Validate, pack into ticks and lower to executor tables.
 
     Args:
       schedule: any schedule that `jpipe.schedules.validate` accepts.
       forward_only: keep only the forwards (for `jpipe.forward`).
       split: run each B as I then W in consecutive ticks (equal-cost ticks in lockstep).
+      deliver: inputs and results live on their owner devices (see the module docstring).
     """
     validate(schedule)
     if forward_only:
         schedule = forward_only_schedule(schedule)
     table = pack(schedule, split=split)
     sched = table.schedule
-    p, num_stages = sched.num_devices, sched.num_stages
+    p, num_stages, m = sched.num_devices, sched.num_stages, sched.num_microbatches
     last = num_stages - 1
-    tick_of = table.tick_of()
+    lead = 1 if deliver else 0  # the delivery-only tick
+    tick_of = {action: t + lead for action, t in table.tick_of().items()}
+    num_ticks = table.num_ticks + lead
     local_index = {s: sched.local_index(s) for s in range(num_stages)}
+    per_device = -(-m // p) if deliver else 0
+
+    def device_of(action: Action) -> int:
+        return sched.placement[action.stage]
 
     # Messages: (producer action, consumer actions). F(s<last) -> F(s+1); F(last) -> B/I(last) (the
     # loss gradient, local); B/I(s>0) -> B/I(s-1) (and W(s-1) reads the same slot).
@@ -145,24 +187,42 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         if action.op in (Op.B, Op.I):
             grad_op[(action.stage, action.microbatch)] = action
     messages: list[tuple[Action, list[Action]]] = []
+    results: list[Action] = []  # ops whose message is a result for the microbatch's owner
     for action in tick_of:
-        s, m = action.stage, action.microbatch
+        s, i = action.stage, action.microbatch
         if action.op is Op.F:
             if s < last:
-                messages.append((action, [Action(s + 1, Op.F, m)]))
+                messages.append((action, [Action(s + 1, Op.F, i)]))
             elif not forward_only:
-                messages.append((action, [grad_op[(s, m)]]))
-        elif action.op in (Op.B, Op.I) and s > 0:
-            messages.append((action, [grad_op[(s - 1, m)]]))
+                messages.append((action, [grad_op[(s, i)]]))
+            elif deliver:
+                results.append(action)
+        elif action.op in (Op.B, Op.I):
+            if s > 0:
+                messages.append((action, [grad_op[(s - 1, i)]]))
+            elif deliver:
+                results.append(action)
 
-    offsets = sorted({(sched.placement[c[0].stage] - sched.placement[a.stage]) % p for a, c in messages})
-    channels = tuple(offsets) if offsets else (0,)
+    def owner(i: int) -> int:
+        return i // per_device
 
-    # Inbox slots per receiving device.
+    offsets = {(device_of(c[0]) - device_of(a)) % p for a, c in messages}
+    offsets |= {(owner(a.microbatch) - device_of(a)) % p for a in results}
+    channels = tuple(sorted(offsets)) if offsets else (0,)
+
+    # Inputs: microbatch i leaves its owner at the end of the tick before stage 0's forward of it.
+    first_device = sched.placement[0]
+    deliveries: list[tuple[int, Action]] = []  # (send tick, the forward that reads it)
+    if deliver:
+        deliveries = [(t - 1, a) for a, t in tick_of.items() if a.op is Op.F and a.stage == 0]
+    input_channels = tuple(sorted({(first_device - owner(a.microbatch)) % p for _, a in deliveries}))
+
+    # Inbox slots per receiving device: pipeline messages and delivered inputs.
     inbox_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
     for producer, readers in messages:
-        device = sched.placement[readers[0].stage]
-        inbox_intervals[device].append((tick_of[producer], max(tick_of[r] for r in readers), producer))
+        inbox_intervals[device_of(readers[0])].append((tick_of[producer], max(tick_of[r] for r in readers), producer))
+    for sent, reader in deliveries:
+        inbox_intervals[first_device].append((sent, tick_of[reader], ("input", reader.microbatch)))
     inbox_slot_of, num_inbox = _assign_slots(inbox_intervals, strict=False)
 
     # Stash slots: from the F until the last backward op that reads its residuals.
@@ -175,7 +235,7 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         for action, t in tick_of.items():
             if action.op is Op.F:
                 key = (action.stage, action.microbatch)
-                stash_intervals[sched.placement[action.stage]].append((t, max(readers_of[key]), key))
+                stash_intervals[device_of(action)].append((t, max(readers_of[key]), key))
     stash_slot_of, num_stash = _assign_slots(stash_intervals, strict=True)
 
     # Weight slots: from an I until its W.
@@ -183,10 +243,10 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
     for action, t in tick_of.items():
         if action.op is Op.I:
             weight_tick = tick_of[Action(action.stage, Op.W, action.microbatch)]
-            weight_intervals[sched.placement[action.stage]].append((t, weight_tick, (action.stage, action.microbatch)))
+            weight_intervals[device_of(action)].append((t, weight_tick, (action.stage, action.microbatch)))
     weight_slot_of, num_weight = _assign_slots(weight_intervals, strict=True)
 
-    shape = (table.num_ticks, p)
+    shape = (num_ticks, p)
     op = np.zeros(shape, np.int32)
     chunk = np.zeros(shape, np.int32)
     microbatch = np.zeros(shape, np.int32)
@@ -196,13 +256,18 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
     stash_slot = np.zeros(shape, np.int32)
     weight_slot = np.zeros(shape, np.int32)
     recv_slot = np.full(shape + (len(channels),), num_inbox, np.int32)
+    result_index = np.full(shape + (len(channels),), per_device, np.int32)
+    input_send_index = np.zeros(shape, np.int32)
+    input_recv_slot = np.full(shape + (len(input_channels),), num_inbox, np.int32)
 
-    input_message: dict[Action, Action] = {}
+    input_message: dict[Action, object] = {}
     for producer, readers in messages:
         for reader in readers:
             input_message[reader] = producer
+    for _, reader in deliveries:
+        input_message[reader] = ("input", reader.microbatch)
     for action, t in tick_of.items():
-        d = sched.placement[action.stage]
+        d = device_of(action)
         op[t, d] = OP_CODES[action.op]
         chunk[t, d] = local_index[action.stage]
         microbatch[t, d] = action.microbatch
@@ -216,12 +281,17 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         if key in weight_slot_of and action.op in (Op.I, Op.W):
             weight_slot[t, d] = weight_slot_of[key]
     for producer, readers in messages:
-        src = sched.placement[producer.stage]
-        dst = sched.placement[readers[0].stage]
-        channel = channels.index((dst - src) % p)
-        recv_slot[tick_of[producer], dst, channel] = inbox_slot_of[producer]
+        src, dst = device_of(producer), device_of(readers[0])
+        recv_slot[tick_of[producer], dst, channels.index((dst - src) % p)] = inbox_slot_of[producer]
+    for action in results:
+        src, dst = device_of(action), owner(action.microbatch)
+        result_index[tick_of[action], dst, channels.index((dst - src) % p)] = action.microbatch % per_device
+    for sent, reader in deliveries:
+        src = owner(reader.microbatch)
+        input_send_index[sent, src] = reader.microbatch % per_device
+        channel = input_channels.index((first_device - src) % p)
+        input_recv_slot[sent, first_device, channel] = inbox_slot_of[("input", reader.microbatch)]
 
-    device_major = np.array([s for d in range(p) for s in sched.stages_of(d)], np.int32)
     return Program(
         tick_table=table,
         op=op,
@@ -233,10 +303,16 @@ def compile_program(schedule: Schedule, *, forward_only: bool = False, split: bo
         stash_slot=stash_slot,
         weight_slot=weight_slot,
         recv_slot=recv_slot,
+        result_index=result_index,
+        input_send_index=input_send_index,
+        input_recv_slot=input_recv_slot,
         channels=channels,
+        input_channels=input_channels,
         num_inbox_slots=num_inbox,
         num_stash_slots=num_stash,
         num_weight_slots=num_weight,
-        device_major_stages=device_major,
+        microbatches_per_device=per_device,
+        placement=StagePlacement.of(sched),
         forward_only=forward_only,
+        deliver=deliver,
     )

@@ -29,7 +29,5 @@ def apply_remat(stage_fn: Callable, remat: str | Callable | None) -> Callable:
     elif callable(remat):
         policy = remat
     else:
-        raise ValueError(
-            f"remat: expected one of {REMAT_MODES} or a jax.checkpoint policy, got {remat!r}"
-        )
+        raise ValueError(f"remat: expected one of {REMAT_MODES} or a jax.checkpoint policy, got {remat!r}")
     return jax.checkpoint(stage_fn, policy=policy)
