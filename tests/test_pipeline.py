@@ -348,3 +348,56 @@ def test_prologue_params_must_match_the_prologue_option():
         step(*problem)
     with pytest.raises(ValueError, match="prologue failed"):
         step(*problem, {"proj": jnp.ones((3, WIDTH)), "gain": jnp.float32(1.0)})
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_inputs_and_input_gradients_stay_sharded_over_the_pipeline(remat):
+    """Generic API: no [m, ...] buffer per device and no activation-sized reduction over `stage`.
+
+    Microbatches live on their owners (`inputs` sharded over stage) and travel to stage 0's device
+    one at a time; input gradients travel back. Temp memory does not grow with m (beyond the tick
+    tables); outputs grow only by this device's share of the batch's input gradients.
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jpipe.parallel.hlo import collectives
+
+    mesh = make_mesh_or_skip((4,), ("stage",))
+    batch, seq = 16, 64  # microbatches large enough that the tick tables do not matter
+
+    def compiled(m):
+        def abstract(shape, spec):
+            return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+
+        stage_params = jax.tree.map(lambda a: abstract(a.shape, P("stage")), make_problem(4, 1)[0])
+        loss_params = {"head": abstract((WIDTH, 3), P())}
+        inputs = {"h": abstract((m, batch, seq, WIDTH), P("stage")), "aux": abstract((m, batch, seq), P("stage"))}
+        targets = abstract((m, batch, seq, 3), P())
+        step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedules.build("1f1b", 4, m), mesh=mesh, remat=remat)
+        return jax.jit(step).lower(stage_params, loss_params, inputs, targets).compile()
+
+    small, large = compiled(4), compiled(32)
+    microbatch_bytes = batch * seq * (WIDTH + 1) * 4
+    temp_growth = large.memory_analysis().temp_size_in_bytes - small.memory_analysis().temp_size_in_bytes
+    # A replicated [m] buffer would add 28 microbatches; XLA:CPU's layout copies add up to a few.
+    assert temp_growth < (32 - 4) // 4 * microbatch_bytes, temp_growth
+    output_growth = large.memory_analysis().output_size_in_bytes - small.memory_analysis().output_size_in_bytes
+    assert output_growth == (32 - 4) // 4 * microbatch_bytes  # this device's 7 more input gradients
+    activation = f"{batch},{seq},{WIDTH}"
+    reductions = [c for c in collectives(large.as_text()) if c.kind in ("all-reduce", "all-gather", "reduce-scatter")]
+    assert not [c for c in reductions if activation in c.shape], reductions
+
+
+@pytest.mark.parametrize("m", [3, 6])
+def test_microbatch_counts_that_do_not_divide_over_the_pipeline(m):
+    """m not a multiple of p: the batch is padded to one; loss and every gradient still match."""
+    schedule = schedules.build("1f1b", 4, m)
+    mesh = make_mesh_or_skip((4,), ("stage",))
+    problem = make_problem(4, m)
+    step = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh))
+    loss, grads = step(*problem)
+    ref_loss, ref_grads = reference_value_and_grad(*problem)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
+    assert jax.tree.leaves(grads[2])[0].shape[0] == m
