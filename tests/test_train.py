@@ -161,9 +161,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path):
         if file.is_file() and file.stat().st_size > 0 and "metadata" not in file.name:
             file.write_bytes(b"\0" * 7)
     with pytest.warns(UserWarning, match="4"):
-        resumed = train(
-            _tiny(out, steps=4, checkpoint_every=2, eval_every=100), resume=True, stream=io.StringIO()
-        )
+        resumed = train(_tiny(out, steps=4, checkpoint_every=2, eval_every=100), resume=True, stream=io.StringIO())
     assert resumed.first_step == 3
 
 
@@ -186,3 +184,21 @@ def test_readme_quick_start_trains_with_falling_loss(tmp_path):
     assert (out / "checkpoints" / "150").is_dir()
     config = json.loads((out / "config.json").read_text())
     assert config["parallel"]["schedule"] == "1f1b"
+
+
+def test_checkpoint_written_before_the_pipeline_memory_changes_still_resumes(tmp_path):
+    """A tiny-preset checkpoint (step 2 of 4) written by jpipe at commit c36cb8d, before the
+    embedding moved into the pipeline and inputs stopped being replicated. Checkpoints are stored
+    by layer, so the resumed run must give that version's losses for steps 3 and 4."""
+    import shutil
+
+    from jpipe.train.loop import train
+
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "checkpoint-c36cb8d"
+    out = tmp_path / "run"
+    shutil.copytree(fixture / "2", out / "checkpoints" / "2")
+    old = {row["step"]: row["loss"] for row in map(json.loads, (fixture / "metrics.jsonl").read_text().splitlines())}
+    config = _tiny(out, steps=4, checkpoint_every=2, eval_every=100)
+    resumed = train(config, resume=True, stream=io.StringIO())
+    assert resumed.first_step == 3
+    np.testing.assert_allclose(resumed.losses, [old[3], old[4]], rtol=1e-5)
