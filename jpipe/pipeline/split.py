@@ -112,11 +112,23 @@ def _eval_inlined(jaxpr: jcore.Jaxpr, consts: Sequence, args: Sequence) -> list:
     return [_read(env, v) for v in jaxpr.outvars]
 
 
+def _scan_counts(params: dict) -> tuple[int, int]:
+    """(constants, carries) of a scan equation's flat inputs.
+
+    jax <= 0.10 stores them as `num_consts`/`num_carry`; newer jax as `ft_in`, a tuple of the
+    (constants, carries, scanned inputs) groups.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts.vals), len(carry.vals)
+
+
 def _scan(eqn: jcore.JaxprEqn, invals: Sequence, run_body: Callable) -> list:
     """Re-run a scan equation with `run_body(body_jaxpr, body_consts, body_args) -> body_outs`."""
     p = eqn.params
     body, body_consts = _jaxpr_and_consts(p["jaxpr"])
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = _scan_counts(p)
     consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
 
     def step(carry, x):
@@ -177,7 +189,7 @@ def _taint(jaxpr: jcore.Jaxpr, tainted_in: Sequence[bool]) -> tuple[set, list[bo
 def _scan_taint(eqn: jcore.JaxprEqn, tainted_in: Sequence[bool]) -> list[bool]:
     p = eqn.params
     body, _ = _jaxpr_and_consts(p["jaxpr"])
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = _scan_counts(p)
     carry = list(tainted_in[nc : nc + nk])
     while True:
         _, outs = _taint(body, [*tainted_in[:nc], *carry, *tainted_in[nc + nk :]])
@@ -250,7 +262,7 @@ def _partition(
             continue
         if side[index] == "split":
             plan = scans[index]
-            nk = eqn.params["num_carry"]
+            nk = _scan_counts(eqn.params)[1]
             for k, v in enumerate(eqn.outvars):
                 owner = I_SIDE if (k in plan.i_carries if k < nk else k - nk in plan.i_ys) else W_SIDE
                 var_side[v] = owner
@@ -287,7 +299,7 @@ def _partition_scan(eqn: jcore.JaxprEqn, tainted_in: Sequence[bool], out_i: list
     """Split a scan: carries owned by I are those I needs (closed under the body's reads)."""
     p = eqn.params
     body, _ = _jaxpr_and_consts(p["jaxpr"])
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = _scan_counts(p)
     num_ys = len(eqn.outvars) - nk
     carry_taint = _scan_taint(eqn, tainted_in)[:nk]
     body_tainted = [*tainted_in[:nc], *carry_taint, *tainted_in[nc + nk :]]
@@ -351,7 +363,7 @@ def _run_scan_half(eqn: jcore.JaxprEqn, split: _ScanPlan, index: int, env: dict,
     """Run one loop of a split scan, writing its outputs (and, for I, its stacked boundary) to `env`."""
     p = eqn.params
     body, body_consts = _jaxpr_and_consts(p["jaxpr"])
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = _scan_counts(p)
     plan = split.body
     reads = sorted(plan.i_reads if half == I_SIDE else plan.w_reads)
     const_reads = [k for k in reads if k < nc]
