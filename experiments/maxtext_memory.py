@@ -291,49 +291,6 @@ def run_maxtext(option: str, workdir: pathlib.Path, dump: str | None = None) -> 
 # --- jpipe -------------------------------------------------------------------------------------
 
 
-def _scan_params_compat() -> str | None:
-    """jax >= 0.12 describes scan operands with `ft_in` instead of `num_consts`/`num_carry`.
-
-    `jpipe.pipeline.split` (the exact I/W split and `measure_costs`) reads the old names. If this
-    jax has the new ones, the split module's functions are recompiled reading both; returns a note
-    saying so (None when nothing was needed).
-    """
-    import inspect
-    import types
-
-    import jax
-    import jax.numpy as jnp
-
-    jaxpr = jax.make_jaxpr(lambda x: jax.lax.scan(lambda c, a: (c + a, c), x, jnp.ones(2)))(1.0)
-    scan = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
-    if "num_consts" in scan.params:
-        return None
-    from jpipe.pipeline import split
-
-    source = inspect.getsource(split)
-    if 'p["num_consts"], p["num_carry"]' not in source:
-        return None
-
-    def scan_counts(params):
-        if "num_consts" in params:
-            return params["num_consts"], params["num_carry"]
-        consts, carry, _ = params["ft_in"].unpack()
-        return len(consts), len(carry)
-
-    patched = source.replace('p["num_consts"], p["num_carry"]', "_scan_counts(p)")
-    patched = patched.replace('eqn.params["num_carry"]', "_scan_counts(eqn.params)[1]")
-    namespace = {**split.__dict__, "_scan_counts": scan_counts}
-    exec(compile(patched, split.__file__, "exec"), namespace)
-    for name, function in list(split.__dict__.items()):
-        if isinstance(function, types.FunctionType) and function.__module__ == split.__name__:
-            function.__code__ = namespace[name].__code__  # callers holding the old objects see the new code
-    split._scan_counts = scan_counts
-    return (
-        f"jax {jax.__version__}: scan equations carry `ft_in`, not `num_consts`/`num_carry`; "
-        "jpipe.pipeline.split was recompiled here to read both (jpipe itself is unchanged)"
-    )
-
-
 def topology_mesh():
     from jax.experimental.topologies import get_topology_desc
 
@@ -588,10 +545,6 @@ def main() -> None:
                 )
                 results.append(result)
         if not args.maxtext_only:
-            note = _scan_params_compat()
-            if note:
-                notes.append(note)
-                print("note:", note, flush=True)
             mesh = topology_mesh()
             for name, virtual in JPIPE_SCHEDULES.items():
                 result = run_jpipe(name, virtual, mesh)

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpipe.pipeline import program as prog
 from jpipe.pipeline.checks import check_call, check_mesh
-from jpipe.pipeline.stage import stage_ops
+from jpipe.pipeline.stage import add_at, stage_ops
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost, best_split
 
@@ -66,17 +66,6 @@ def _take(tree: PyTree, index) -> PyTree:
 def _put(tree: PyTree, index, value: PyTree) -> PyTree:
     """`tree.at[index].set(value)` on every leaf's leading axis (dynamic index)."""
     return jax.tree.map(lambda a, v: lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), index, 0), tree, value)
-
-
-def _add_at(tree: PyTree, index, value: PyTree) -> PyTree:
-    """`tree.at[index].add(value)` on every leaf's leading axis (dynamic index)."""
-    return jax.tree.map(
-        lambda a, v: lax.dynamic_update_index_in_dim(
-            a, lax.dynamic_index_in_dim(a, index, keepdims=False) + v.astype(a.dtype), index, 0
-        ),
-        tree,
-        value,
-    )
 
 
 def value_and_grad(
@@ -337,8 +326,9 @@ def _build_runner(
 
         def run_backward(state, row, view):
             params, residuals = op_inputs(row, view)
-            d_params, d_x = ops.backward(params, residuals, x_like, _take(view["inbox"], row["inbox_slot"]))
-            state = {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}
+            grad = _take(view["inbox"], row["inbox_slot"])
+            grads, d_x = ops.backward_into(params, residuals, x_like, grad, state["grads"], row["chunk"])
+            state = {**state, "grads": grads}
             return prologue_backward(state, row, d_x), d_x
 
         def run_input_grad(state, row, view):
@@ -351,7 +341,7 @@ def _build_runner(
             params, residuals = op_inputs(row, view)
             weight_residuals = _take(view["weight_stash"], row["weight_slot"])
             d_params = ops.weight_grad(params, residuals, x_like, weight_residuals)
-            return {**state, "grads": _add_at(state["grads"], row["chunk"], d_params)}, x_like
+            return {**state, "grads": add_at(state["grads"], row["chunk"], d_params)}, x_like
 
         def skip(state, row, view):
             return state, x_like

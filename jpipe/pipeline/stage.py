@@ -13,6 +13,11 @@
 
 A `jpipe.layered(layer_fn)` stage is a `lax.scan` over identical layers; the remat policy then
 applies per layer (each layer's input is kept, each layer recomputed in its own backward step).
+Its F is a scan of per-layer vjps (residuals stacked `[L, ...]`) and its B a reverse scan over
+the layers, so B can add each layer's parameter gradient straight into the executor's float32
+accumulator (`backward_into`) instead of stacking a stage-sized gradient first: a scan's
+transpose (what `jax.vjp` of the whole stage gives) materialises the stacked gradient, a second
+float32 copy of the stage's parameters.
 """
 
 from __future__ import annotations
@@ -72,8 +77,7 @@ class StageOps:
     def forward(self, params: PyTree, x: PyTree) -> tuple[PyTree, list[jax.Array]]:
         """F: `(y, residuals)`."""
         y, vjp_fn = jax.vjp(self._remat_fn, params, x)
-        param_ids = {id(leaf) for leaf in jax.tree.leaves(params)}
-        return y, [leaf for leaf in jax.tree.leaves(vjp_fn) if id(leaf) not in param_ids]
+        return y, _residual_leaves(vjp_fn, params)
 
     def _vjp_fn(self, params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
         """The vjp function of the forward that stashed `residuals`.
@@ -96,6 +100,11 @@ class StageOps:
         """B: `(d_params, d_x)`."""
         return self._vjp_fn(params, x_like, residuals)(grad)
 
+    def backward_into(self, params, residuals, x_like, grad, grads, chunk) -> tuple[PyTree, PyTree]:
+        """B, adding `d_params` into `grads[chunk]` (float32 accumulators `[v, ...]`): `(grads, d_x)`."""
+        d_params, d_x = self.backward(params, residuals, x_like, grad)
+        return add_at(grads, chunk, d_params), d_x
+
     def input_grad(self, params, residuals, x_like, grad) -> tuple[PyTree, list[jax.Array]]:
         """I: `(d_x, weight_residuals)`."""
         return self._split(x_like).input_grad(params, residuals, grad)
@@ -105,6 +114,96 @@ class StageOps:
         return self._split(x_like).weight_grad(params, residuals, x_like, weight_residuals)
 
 
+class LayeredOps(StageOps):
+    """F, B, I and W of a `Layered` stage, one layer at a time (see the module docstring).
+
+    Residuals: for each leaf of one layer's vjp residuals, an array `[L, ...]`.
+    """
+
+    def __init__(self, stage_fn: Layered, remat):
+        super().__init__(stage_fn, remat)
+        self._layer_fn = apply_remat(stage_fn.layer_fn, remat)
+
+    def forward(self, params: PyTree, x: PyTree) -> tuple[PyTree, list[jax.Array]]:
+        def layer(h, layer_params):
+            y, vjp_fn = jax.vjp(self._layer_fn, layer_params, h)
+            return y, _residual_leaves(vjp_fn, layer_params)
+
+        return lax.scan(layer, x, params)
+
+    def _layer_vjp(self, layer_params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
+        """One layer's vjp function rebuilt from its residuals (a probe supplies the structure)."""
+        _, probe = jax.vjp(self._layer_fn, layer_params, x_like)
+        leaves, treedef = jax.tree.flatten(probe)
+        param_leaves = {id(leaf): leaf for leaf in jax.tree.leaves(layer_params)}
+        stash = iter(residuals)
+        rebuilt = [param_leaves[id(leaf)] if id(leaf) in param_leaves else next(stash) for leaf in leaves]
+        return jax.tree.unflatten(treedef, rebuilt)
+
+    def _vjp_fn(self, params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
+        def vjp(grad):
+            def layer(g, xs):
+                layer_params, layer_residuals = xs
+                d_params, d_x = self._layer_vjp(layer_params, x_like, layer_residuals)(g)
+                return d_x, d_params
+
+            d_x, d_params = lax.scan(layer, grad, (params, residuals), reverse=True)
+            return d_params, d_x
+
+        return vjp
+
+    def backward_into(self, params, residuals, x_like, grad, grads, chunk) -> tuple[PyTree, PyTree]:
+        num_layers = jax.tree.leaves(params)[0].shape[0]
+
+        def layer(carry, xs):
+            g, grads = carry
+            index, layer_params, layer_residuals = xs
+            d_params, d_x = self._layer_vjp(layer_params, x_like, layer_residuals)(g)
+            grads = jax.tree.map(
+                lambda acc, d: lax.dynamic_update_slice(
+                    acc, (_index2(acc, chunk, index) + d.astype(acc.dtype))[None, None], _start(acc, chunk, index)
+                ),
+                grads,
+                d_params,
+            )
+            return (d_x, grads), None
+
+        xs = (jax.numpy.arange(num_layers), params, residuals)
+        (d_x, grads), _ = lax.scan(layer, (grad, grads), xs, reverse=True)
+        return grads, d_x
+
+
+def _residual_leaves(vjp_fn: Callable, params: PyTree) -> list[jax.Array]:
+    """The leaves of a vjp function other than the parameters themselves."""
+    param_ids = {id(leaf) for leaf in jax.tree.leaves(params)}
+    return [leaf for leaf in jax.tree.leaves(vjp_fn) if id(leaf) not in param_ids]
+
+
+def _start(a: jax.Array, first, second) -> tuple:
+    zero = jax.numpy.zeros((), jax.numpy.int32)
+    return (jax.numpy.asarray(first, jax.numpy.int32), jax.numpy.asarray(second, jax.numpy.int32)) + (zero,) * (
+        a.ndim - 2
+    )
+
+
+def _index2(a: jax.Array, first, second) -> jax.Array:
+    """`a[first, second]` (dynamic indices)."""
+    return lax.dynamic_slice(a, _start(a, first, second), (1, 1) + a.shape[2:])[0, 0]
+
+
+def add_at(tree: PyTree, index, value: PyTree) -> PyTree:
+    """`tree.at[index].add(value)` on every leaf's leading axis (dynamic index)."""
+    return jax.tree.map(
+        lambda a, v: lax.dynamic_update_index_in_dim(
+            a, lax.dynamic_index_in_dim(a, index, keepdims=False) + v.astype(a.dtype), index, 0
+        ),
+        tree,
+        value,
+    )
+
+
 def stage_ops(stage_fn: Callable, remat) -> StageOps:
     """The F/B/I/W implementation of `stage_fn` under `remat`."""
+    if isinstance(stage_fn, Layered):
+        return LayeredOps(stage_fn, remat)
     return StageOps(stage_fn, remat)
