@@ -31,8 +31,10 @@ with it) and to the lockstep simulator, so both see the same split. Columns:
 - "temp / simulated peak memory": all of XLA's temp memory (stash, weight stash, inbox, gradient
   accumulators, the current op's temporaries) over the same `peak_memory` prediction.
 - "total MiB": temp plus argument plus output bytes per device (`memory_analysis()`'s
-  `temp_size_in_bytes + argument_size_in_bytes + output_size_in_bytes`); the arguments include
-  the [m, B, T, D] inputs, so this grows with m for every schedule of this generic model.
+  `temp_size_in_bytes + argument_size_in_bytes + output_size_in_bytes`). The `[m, B, T, D]` inputs
+  are passed sharded over the pipeline (as the executor stores them: microbatch i on device
+  `i // (m / 4)`), so arguments and the returned input gradients grow by m / 4 microbatches per
+  device; the replicated targets ([m, B, T, 8]) grow by m.
 
 A second table, "LM step", compiles the GPT training step of `jpipe.models.PipelinedLM`
 (`GPTConfig(vocab_size=256, seq_len=64, d_model=128, num_heads=4, num_layers=8)`, 4 sequences per
@@ -109,6 +111,13 @@ def make_problem(num_stages: int, m: int):
     inputs = jax.random.normal(keys[3], (m, BATCH, SEQ, WIDTH))
     targets = jax.random.normal(keys[4], (m, BATCH, SEQ, 8))
     return stage_params, loss_params, inputs, targets
+
+
+def shard_inputs(problem, mesh):
+    """Inputs `[m, ...]` stored sharded over the pipeline, as the executor keeps them (m divisible by P)."""
+    stage_params, loss_params, inputs, targets = problem
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("stage"))
+    return stage_params, loss_params, jax.device_put(inputs, sharding), targets
 
 
 def measure(step, problem, time_it: bool, repeats: int = 10) -> dict:
@@ -243,7 +252,7 @@ def main(argv=None) -> None:
             costs = residual_bytes(P * virtual, remat)
             cost = costs.cost()
             for m, schedule in buildable(name, microbatches):
-                problem = make_problem(P * virtual, m)
+                problem = shard_inputs(make_problem(P * virtual, m), mesh)
                 step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, remat=remat, cost=cost)
                 split = resolve_split(schedule, "auto", cost)
                 result = measure(step, problem, time_it=m == timed_m)
