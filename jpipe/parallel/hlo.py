@@ -13,7 +13,10 @@ import re
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_OP = re.compile(r"=\s+(\([^()]*\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+# `%name = <result shape> <opcode>(...)`: the shape may hold parentheses itself (tuples, and TPU
+# layouts such as `{2,1,0:T(8,128)}`): take the text up to the first collective opcode, never into
+# quoted metadata.
+_OP = re.compile(r"=\s+([^\"]*?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _CALLEE = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")

@@ -43,12 +43,11 @@ OVERRIDES = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(
-        prog="python -m jpipe.train",
-        description="Train a byte-level GPT with pipeline (x data x tensor) parallelism.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_config_arguments(result: argparse.ArgumentParser) -> None:
+    """`--preset` and one flag per configuration override (`OVERRIDES`, `--fsdp`, `--split-backward`).
+
+    `build_config` turns the parsed flags into a `TrainConfig`; `python -m jpipe.compile` shares both.
+    """
     result.add_argument("--preset", default="quickstart", help="starting configuration (quickstart, tiny)")
     for flag, (section, field, kind) in OVERRIDES.items():
         result.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"{section}.{field}")
@@ -56,6 +55,15 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument(
         "--split-backward", action=argparse.BooleanOptionalAction, default=None, help="parallel.split_backward"
     )
+
+
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(
+        prog="python -m jpipe.train",
+        description="Train a byte-level GPT with pipeline (x data x tensor) parallelism.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(result)
     result.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     result.add_argument(
         "--cpu-devices",

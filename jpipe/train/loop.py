@@ -26,6 +26,7 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import jax
@@ -79,14 +80,13 @@ def _map_params_like(fn, tree: PyTree, params_structure) -> PyTree:
 
 
 def _microbatches(
-    batch: dict[str, np.ndarray], num_microbatches: int, mesh: jax.sharding.Mesh
+    batch: dict[str, np.ndarray], num_microbatches: int, sharding: jax.sharding.NamedSharding
 ) -> tuple[jax.Array, jax.Array]:
-    """`[B, T]` examples -> global `[m, B/m, T]` token and target arrays, batch split over `data`.
+    """`[B, T]` examples -> global `[m, B/m, T]` token and target arrays with `sharding` (batch over `data`).
 
     Every process computes the same global batch (it is a function of seed and step) and hands JAX
     the shards its own devices hold, which also works when the data axis spans processes.
     """
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA))
 
     def split(a):
         a = a.reshape((num_microbatches, a.shape[0] // num_microbatches) + a.shape[1:])
@@ -95,19 +95,125 @@ def _microbatches(
     return split(batch["inputs"]), split(batch["targets"])
 
 
-def training_mesh(parallel) -> jax.sharding.Mesh:
-    """The (data, stage, tensor) mesh; with several processes the stage axis spans them.
+def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+    """`jax.ShapeDtypeStruct`s with `abstract`'s shapes and dtypes and `shardings`."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-    Devices come process by process, so ordering them stage-major puts consecutive pipeline stages
-    on different hosts: the pipeline's point-to-point traffic crosses hosts, while data and tensor
-    parallel collectives stay inside a host.
+
+def training_mesh(parallel, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The (data, stage, tensor) mesh over the first `parallel.num_devices` of `devices`.
+
+    `devices` defaults to `jax.devices()`; `jpipe.compile` passes a TPU topology's devices. When they
+    belong to several processes (hosts), the stage axis spans the processes: devices come process by
+    process, so ordering them stage-major puts consecutive pipeline stages on different hosts, and the
+    pipeline's point-to-point traffic crosses hosts while data and tensor parallel collectives stay
+    inside a host.
     """
-    if jax.process_count() == 1:
-        return make_mesh(data=parallel.data, stage=parallel.stage, tensor=parallel.tensor)
-    devices = np.array(jax.devices()[: parallel.num_devices])
-    grid = devices.reshape(parallel.stage, parallel.data, parallel.tensor).transpose(1, 0, 2)
+    devices = list(jax.devices() if devices is None else devices)
+    if len({device.process_index for device in devices}) == 1:
+        return make_mesh(data=parallel.data, stage=parallel.stage, tensor=parallel.tensor, devices=devices)
+    grid = np.array(devices[: parallel.num_devices]).reshape(parallel.stage, parallel.data, parallel.tensor)
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return jax.sharding.Mesh(grid, (DATA, STAGE, TENSOR), axis_types=auto)
+    return jax.sharding.Mesh(grid.transpose(1, 0, 2), (DATA, STAGE, TENSOR), axis_types=auto)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A run's training step and what it is built from: what `train` runs and `jpipe.compile` compiles.
+
+    Attributes:
+      pipe: the pipelined GPT on the run's mesh, its `cost` set from `costs`.
+      costs: the stage's measured F/B/I/W costs (XLA FLOPs on the default backend); they decide
+        `split_backward="auto"`.
+      optimizer: AdamW with warmup and cosine decay over `config.run.steps` (`jpipe.train.optimizer`).
+      learning_rate: its schedule, step -> learning rate.
+      step: jitted `(params, opt_state, tokens, targets) -> (params, opt_state, loss, grad_norm)`.
+        The state arguments are donated (updated in place) and come back with the same shardings,
+        so the second call does not recompile.
+      eval_loss: jitted `(params, tokens, targets) -> loss`.
+      param_shardings: a `NamedSharding` per parameter (pipeline layout).
+      opt_shardings: a `NamedSharding` per optimizer-state leaf: Adam's moments like the parameters,
+        everything else (step counts) replicated.
+      batch_sharding: of `tokens` and `targets`, int32 `[m, B / m, T]`: batch split over `data`.
+      batch_shape: `(m, B / m, T)`: microbatches, global examples per microbatch, sequence length.
+    """
+
+    pipe: PipelinedLM
+    costs: StageCosts
+    optimizer: optax.GradientTransformation
+    learning_rate: optax.Schedule
+    step: Callable
+    eval_loss: Callable
+    param_shardings: PyTree
+    opt_shardings: PyTree
+    batch_sharding: jax.sharding.NamedSharding
+    batch_shape: tuple[int, int, int]
+
+    def init_state(self, seed: int) -> tuple[PyTree, PyTree]:
+        """Fresh parameters (`pipe.init(seed)`) and optimizer state, created with their shardings."""
+        params = self.pipe.init(seed=seed)
+        return params, jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
+
+    def abstract_arguments(self) -> tuple[PyTree, PyTree, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """`step`'s arguments as `jax.ShapeDtypeStruct`s with their shardings, to `step.lower(*...)`."""
+        params = _with_shardings(self.pipe.abstract_params(), self.param_shardings)
+        opt_state = _with_shardings(jax.eval_shape(self.optimizer.init, params), self.opt_shardings)
+        tokens = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32, sharding=self.batch_sharding)
+        return params, opt_state, tokens, tokens
+
+
+def build_train_step(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
+    """The training step of `config` on `mesh` (see `training_mesh`), and its shardings.
+
+    Measures the stage's costs (compiles each op alone for the default backend: seconds), wraps the
+    pipelined loss-and-gradient step and the optimizer update in one jitted step; allocates nothing.
+    """
+    parallel = config.parallel
+    schedule = schedules.build(parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual)
+    pipe = PipelinedLM(
+        config.model,
+        schedule=schedule,
+        mesh=mesh,
+        rules=ShardingRules(fsdp=parallel.fsdp),
+        remat=parallel.remat,
+        split_backward=parallel.split_backward,
+    )
+    microbatch = config.data.batch_size // parallel.microbatches
+    costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
+    pipe = dataclasses.replace(pipe, cost=costs.cost())
+    optimizer = make_optimizer(config.optimizer, config.run.steps)
+    loss_and_grads = pipe.value_and_grad()
+
+    def train_step(params, opt_state, tokens, targets):
+        loss, grads = loss_and_grads(params, tokens, targets)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+
+    def eval_loss(params, tokens, targets):
+        return loss_and_grads(params, tokens, targets)[0]
+
+    param_shardings = pipe.shardings()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = _map_params_like(
+        lambda _: param_shardings,
+        jax.tree.map(lambda _: replicated, jax.eval_shape(optimizer.init, pipe.abstract_params())),
+        jax.tree.structure(param_shardings),
+    )
+    # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
+    # donated, so parameters and optimizer state are updated in place.
+    step = jax.jit(train_step, out_shardings=(param_shardings, opt_shardings, None, None), donate_argnums=(0, 1))
+    return TrainStep(
+        pipe=pipe,
+        costs=costs,
+        optimizer=optimizer,
+        learning_rate=learning_rate_schedule(config.optimizer, config.run.steps),
+        step=step,
+        eval_loss=jax.jit(eval_loss),
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+        batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA)),
+        batch_shape=(parallel.microbatches, microbatch, config.data.seq_len),
+    )
 
 
 def describe(config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: IO[str]) -> str:
@@ -153,17 +259,8 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     parallel = config.parallel
 
     mesh = training_mesh(parallel)
-    schedule = schedules.build(parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual)
-    pipe = PipelinedLM(
-        config.model,
-        schedule=schedule,
-        mesh=mesh,
-        rules=ShardingRules(fsdp=parallel.fsdp),
-        remat=parallel.remat,
-        split_backward=parallel.split_backward,
-    )
-    costs = pipe.stage_costs(batch=max(1, config.data.batch_size // (parallel.microbatches * parallel.data)))
-    pipe = dataclasses.replace(pipe, cost=costs.cost())
+    built = build_train_step(config, mesh)
+    pipe, costs, schedule = built.pipe, built.costs, built.pipe.schedule
     chart = describe(config, pipe, costs, stream)
     if lead:
         (out / "schedule.txt").write_text(chart + "\n")
@@ -176,27 +273,9 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     eval_data = ByteDataset.open(corpus, config.data.seq_len, "eval", config.data.eval_fraction)
 
     total_steps = config.run.steps
-    optimizer = make_optimizer(config.optimizer, total_steps)
-    learning_rate = learning_rate_schedule(config.optimizer, total_steps)
-    loss_and_grads = pipe.value_and_grad()
-
-    params = pipe.init(seed=config.run.seed)
-    opt_state = _replicate_unsharded(jax.jit(optimizer.init)(params), mesh)
+    optimizer, learning_rate, train_step, eval_loss = built.optimizer, built.learning_rate, built.step, built.eval_loss
+    params, opt_state = built.init_state(config.run.seed)
     params_structure = jax.tree.structure(params)
-
-    def train_step_fn(params, opt_state, tokens, targets):
-        loss, grads = loss_and_grads(params, tokens, targets)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
-
-    # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
-    # donated, so parameters and optimizer state are updated in place.
-    state_shardings = (jax.tree.map(lambda a: a.sharding, params), jax.tree.map(lambda a: a.sharding, opt_state))
-    train_step = jax.jit(train_step_fn, out_shardings=(*state_shardings, None, None), donate_argnums=(0, 1))
-
-    @jax.jit
-    def eval_loss(params, tokens, targets):
-        return loss_and_grads(params, tokens, targets)[0]
 
     checkpointer = Checkpointer(out / "checkpoints", keep=config.run.keep_checkpoints, async_save=True)
     start = 0
@@ -235,7 +314,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     try:
         for step in range(start + 1, total_steps + 1):
             batch = train_data.batch(config.data.seed, step - 1, config.data.batch_size)
-            tokens, targets = _microbatches(batch, parallel.microbatches, mesh)
+            tokens, targets = _microbatches(batch, parallel.microbatches, built.batch_sharding)
             began = time.perf_counter()
             params, opt_state, loss, grad_norm = train_step(params, opt_state, tokens, targets)
             loss = float(loss)
@@ -258,7 +337,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
             losses.append(loss)
             extra = ""
             if step % config.run.eval_every == 0 or step == total_steps:
-                final_eval = _evaluate(eval_loss, params, eval_data, config, mesh)
+                final_eval = _evaluate(eval_loss, params, eval_data, config, built.batch_sharding)
                 record["eval_loss"] = final_eval
                 extra = f"  eval {final_eval:.4f}"
             metrics.write(record)
@@ -279,25 +358,14 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval)
 
 
-def _replicate_unsharded(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
-    """Leaves not laid out on the mesh (e.g. Adam's step count) -> replicated on the mesh."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def place(a):
-        sharding = getattr(a, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
-            return a
-        return jax.device_put(a, replicated)
-
-    return jax.tree.map(place, tree)
-
-
-def _evaluate(eval_loss, params, dataset: ByteDataset, config: TrainConfig, mesh: jax.sharding.Mesh) -> float:
+def _evaluate(
+    eval_loss, params, dataset: ByteDataset, config: TrainConfig, sharding: jax.sharding.NamedSharding
+) -> float:
     """Mean loss over `eval_batches` fixed held-out batches."""
     values = []
     for index in range(config.run.eval_batches):
         batch = dataset.batch(config.data.seed + 1, index, config.data.batch_size)
-        tokens, targets = _microbatches(batch, config.parallel.microbatches, mesh)
+        tokens, targets = _microbatches(batch, config.parallel.microbatches, sharding)
         values.append(float(eval_loss(params, tokens, targets)))
     return float(np.mean(values))
 
