@@ -32,6 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jpipe.schedules import (
+    SCHEDULES,
     Action,
     Cost,
     Op,
@@ -442,3 +443,28 @@ def test_simulation_is_frozen_and_consistent():
         simulation.makespan = 0.0  # type: ignore[misc]
     assert_bubble_consistent(simulation)
     assert {event.action.op for event in simulation.timeline} == {Op.F, Op.I, Op.W}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_send_latency_delays_only_cross_device_results(name):
+    """send_latency=1: a result reaches another device one tick later; on its own device it does not."""
+    virtual = 2 if name in ("interleaved_1f1b", "looped_bfs", "zbv", "dualpipev") else 1
+    schedule = build(name, 4, 8, virtual)
+    plain, delayed = pack(schedule), pack(schedule, send_latency=1)
+    tick = delayed.tick_of()
+    placement = delayed.schedule.placement
+    gaps = {True: [], False: []}
+    for action, needed in dependencies(delayed.schedule).items():
+        for producer in needed:
+            remote = placement[producer.stage] != placement[action.stage]
+            gaps[remote].append(tick[action] - tick[producer])
+    assert min(gaps[True]) >= 2
+    assert min(gaps[False], default=1) >= 1
+    assert delayed.num_ticks >= plain.num_ticks
+    simulated = simulate(schedule, mode="lockstep", send_latency=1)
+    assert simulated.makespan >= simulate(schedule, mode="lockstep").makespan
+
+
+def test_send_latency_must_be_a_non_negative_integer():
+    with pytest.raises(ValueError, match="send_latency: expected an integer >= 0, got -1"):
+        pack(build("1f1b", 2, 2), send_latency=-1)

@@ -194,8 +194,10 @@ def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Act
     return events
 
 
-def _simulate_lockstep(schedule: Schedule, cost: Cost, split_backward: bool) -> tuple[list[Event], int, Schedule]:
-    table = pack(schedule, split=split_backward)
+def _simulate_lockstep(
+    schedule: Schedule, cost: Cost, split_backward: bool, send_latency: int = 0
+) -> tuple[list[Event], int, Schedule]:
+    table = pack(schedule, split=split_backward, send_latency=send_latency)
     placement = table.schedule.placement
     crosses = set()  # actions whose result some other device consumes
     for action, needed in dependencies(table.schedule).items():
@@ -215,7 +217,12 @@ def _simulate_lockstep(schedule: Schedule, cost: Cost, split_backward: bool) -> 
 
 
 def simulate(
-    schedule: Schedule, cost: Cost | None = None, mode: str = "async", *, split_backward: bool = True
+    schedule: Schedule,
+    cost: Cost | None = None,
+    mode: str = "async",
+    *,
+    split_backward: bool = True,
+    send_latency: int = 0,
 ) -> Simulation:
     """Simulate `schedule` under `cost` in `mode`.
 
@@ -225,6 +232,8 @@ def simulate(
       mode: "async" (event-driven) or "lockstep" (ticks of `pack(schedule, split=split_backward)`).
       split_backward: lockstep only: run each B as I then W in two ticks (the executor's
         `split_backward=True`); with False a B is one tick (the executor's default).
+      send_latency: lockstep only: extra ticks a message takes between devices (1: sends overlap
+        the next tick's compute; see `jpipe.schedules.ticks.pack`). Idle ticks cost nothing.
 
     Returns:
       A `Simulation`.
@@ -243,7 +252,7 @@ def simulate(
     if mode == "async":
         events, num_ticks, ran = _simulate_async(schedule, cost, deps), None, schedule
     else:
-        events, num_ticks, ran = _simulate_lockstep(schedule, cost, split_backward)
+        events, num_ticks, ran = _simulate_lockstep(schedule, cost, split_backward, send_latency)
     events.sort(key=lambda event: (event.start, event.device))
     p = schedule.num_devices
     busy = [0.0] * p

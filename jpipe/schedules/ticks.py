@@ -54,19 +54,31 @@ class TickTable:
         return {a: t for t, row in enumerate(self.ticks) for a in row if a is not None}
 
 
-def pack(schedule: Schedule, *, split: bool = True) -> TickTable:
+def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0) -> TickTable:
     """Assign every action the earliest tick its device order and data dependencies allow.
 
     Args:
       schedule: a schedule that passes `validate`.
       split: run each B as I then W in consecutive ticks (recommended: equal-cost ticks).
+      send_latency: extra ticks a result takes to reach another device. 0: produced in tick t,
+        usable there from tick t + 1. 1: the message travels while tick t + 1 computes (sends
+        hidden behind compute) and is usable from tick t + 2. Results used on their own device are
+        always usable from the next tick.
 
     Returns:
       The tick table. Raises ScheduleError if the per-device orders deadlock.
     """
     if split:
         schedule = split_backward(schedule)
+    if isinstance(send_latency, bool) or not isinstance(send_latency, int) or send_latency < 0:
+        raise ValueError(f"send_latency: expected an integer >= 0, got {send_latency!r}")
     deps = dependencies(schedule)
+    placement = schedule.placement
+
+    def ready_at(producer: Action, consumer: Action) -> int:
+        remote = placement[producer.stage] != placement[consumer.stage]
+        return tick[producer] + 1 + (send_latency if remote else 0)
+
     tick: dict[Action, int] = {}
     cursor = [0] * schedule.num_devices
     next_free = [0] * schedule.num_devices
@@ -78,7 +90,7 @@ def pack(schedule: Schedule, *, split: bool = True) -> TickTable:
                 action = row[cursor[device]]
                 if any(d not in tick for d in deps[action]):
                     break
-                start = max([next_free[device]] + [tick[d] + 1 for d in deps[action]])
+                start = max([next_free[device]] + [ready_at(d, action) for d in deps[action]])
                 tick[action] = start
                 next_free[device] = start + 1
                 cursor[device] += 1
