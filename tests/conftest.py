@@ -6,6 +6,9 @@ import os
 
 # Must happen before the JAX backend starts; both spellings for robustness.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The test extra installs libtpu (for deviceless TPU compiles, which need no TPU backend): keep every
+# test process, and the subprocesses it starts, from probing for TPU hardware first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
