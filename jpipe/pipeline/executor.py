@@ -251,8 +251,8 @@ def _build_runner(
             # Only the shapes matter: this prologue call is dead code, removed by XLA.
             x_like = _varying(_zeros_like(prologue(prologue_params, _take(inputs, 0))), manual_axes)
 
-        def slots(n, example, dtype=None):
-            return jax.tree.map(lambda a: _zeros((n,), a, dtype), example)
+        def slots(n, example):
+            return jax.tree.map(lambda a: _zeros((n,), a), example)
 
         carry = {"inbox": slots(program.num_inbox_slots + 1, x_like)}  # + a scratch slot
         if deliver:
@@ -434,8 +434,7 @@ def _build_runner(
     def unpad(tree):
         # An explicit-sharding array cannot be split unevenly over `stage`: gather it first. Only when
         # m is not a multiple of p; the input gradients are then replicated over the pipeline.
-        tree = _place(mesh, manual, batch_spec, tree)
-        return jax.tree.map(lambda a: a[:m], tree)
+        return _take_first(_place(mesh, manual, batch_spec, tree), m)
 
     def run(*args):
         args = list(args[: len(in_specs)])  # a trailing None (no prologue params) is not an argument

@@ -82,11 +82,6 @@ class StagePlacement:
         """`[S]` int32: `device_major[d * v + k]` is the logical stage of device d's chunk k."""
         return np.array([s for d in range(self.num_devices) for s in self.stages_of(d)], np.int32)
 
-    @property
-    def is_identity(self) -> bool:
-        """Whether both row orders coincide (e.g. one stage per device)."""
-        return bool(np.array_equal(self.device_major, np.arange(self.num_stages)))
-
     def to_device_order(self, tree: PyTree, mesh: jax.sharding.Mesh | None = None) -> PyTree:
         """Leaves `[S, ...]`: logical rows -> device-major rows."""
         return _take_rows(tree, self.device_major, mesh)

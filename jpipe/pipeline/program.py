@@ -96,10 +96,6 @@ class Program:
         """Rows of the tables: the packed schedule's ticks, plus the delivery-only tick with `deliver`."""
         return self.op.shape[0]
 
-    def owner(self, microbatch: int) -> int:
-        """The device that stores `microbatch` (with `deliver`)."""
-        return microbatch // self.microbatches_per_device
-
     def per_tick_arrays(self) -> dict[str, np.ndarray]:
         """The `[T, p, ...]` tables by name, for the scan."""
         return {

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from jpipe.pipeline.remat import apply_remat
@@ -80,18 +81,8 @@ class StageOps:
         return y, _residual_leaves(vjp_fn, params)
 
     def _vjp_fn(self, params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
-        """The vjp function of the forward that stashed `residuals`.
-
-        The vjp function is a pytree whose leaves are its residuals and the parameters. Its
-        treedef embeds a jaxpr, so it is taken from a vjp traced here (a probe whose forward is
-        dead code, removed by XLA) rather than carried across traces.
-        """
-        _, probe = jax.vjp(self._remat_fn, params, x_like)
-        leaves, treedef = jax.tree.flatten(probe)
-        param_leaves = {id(leaf): leaf for leaf in jax.tree.leaves(params)}
-        stash = iter(residuals)
-        rebuilt = [param_leaves[id(leaf)] if id(leaf) in param_leaves else next(stash) for leaf in leaves]
-        return jax.tree.unflatten(treedef, rebuilt)
+        """The vjp function of the forward that stashed `residuals`."""
+        return _rebuild_vjp(self._remat_fn, params, x_like, residuals)
 
     def _split(self, x_like: PyTree) -> SplitBackward:
         return SplitBackward(lambda params, residuals, grad: self._vjp_fn(params, x_like, residuals)(grad))
@@ -132,13 +123,8 @@ class LayeredOps(StageOps):
         return lax.scan(layer, x, params)
 
     def _layer_vjp(self, layer_params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
-        """One layer's vjp function rebuilt from its residuals (a probe supplies the structure)."""
-        _, probe = jax.vjp(self._layer_fn, layer_params, x_like)
-        leaves, treedef = jax.tree.flatten(probe)
-        param_leaves = {id(leaf): leaf for leaf in jax.tree.leaves(layer_params)}
-        stash = iter(residuals)
-        rebuilt = [param_leaves[id(leaf)] if id(leaf) in param_leaves else next(stash) for leaf in leaves]
-        return jax.tree.unflatten(treedef, rebuilt)
+        """One layer's vjp function rebuilt from its residuals."""
+        return _rebuild_vjp(self._layer_fn, layer_params, x_like, residuals)
 
     def _vjp_fn(self, params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
         def vjp(grad):
@@ -159,16 +145,9 @@ class LayeredOps(StageOps):
             g, grads = carry
             index, layer_params, layer_residuals = xs
             d_params, d_x = self._layer_vjp(layer_params, x_like, layer_residuals)(g)
-            grads = jax.tree.map(
-                lambda acc, d: lax.dynamic_update_slice(
-                    acc, (_index2(acc, chunk, index) + d.astype(acc.dtype))[None, None], _start(acc, chunk, index)
-                ),
-                grads,
-                d_params,
-            )
-            return (d_x, grads), None
+            return (d_x, add_at(grads, (chunk, index), d_params)), None
 
-        xs = (jax.numpy.arange(num_layers), params, residuals)
+        xs = (jnp.arange(num_layers), params, residuals)
         (d_x, grads), _ = lax.scan(layer, (grad, grads), xs, reverse=True)
         return grads, d_x
 
@@ -179,27 +158,37 @@ def _residual_leaves(vjp_fn: Callable, params: PyTree) -> list[jax.Array]:
     return [leaf for leaf in jax.tree.leaves(vjp_fn) if id(leaf) not in param_ids]
 
 
-def _start(a: jax.Array, first, second) -> tuple:
-    zero = jax.numpy.zeros((), jax.numpy.int32)
-    return (jax.numpy.asarray(first, jax.numpy.int32), jax.numpy.asarray(second, jax.numpy.int32)) + (zero,) * (
-        a.ndim - 2
-    )
+def _rebuild_vjp(fn: Callable, params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
+    """The vjp function of `fn` at `(params, x)` from `_residual_leaves` of it (inverse of that).
 
-
-def _index2(a: jax.Array, first, second) -> jax.Array:
-    """`a[first, second]` (dynamic indices)."""
-    return lax.dynamic_slice(a, _start(a, first, second), (1, 1) + a.shape[2:])[0, 0]
+    The vjp function is a pytree whose leaves are its residuals and the parameters. Its treedef
+    embeds a jaxpr, so it is taken from a vjp traced here (a probe whose forward is dead code,
+    removed by XLA) rather than carried across traces.
+    """
+    _, probe = jax.vjp(fn, params, x_like)
+    leaves, treedef = jax.tree.flatten(probe)
+    param_leaves = {id(leaf): leaf for leaf in jax.tree.leaves(params)}
+    stash = iter(residuals)
+    rebuilt = [param_leaves[id(leaf)] if id(leaf) in param_leaves else next(stash) for leaf in leaves]
+    return jax.tree.unflatten(treedef, rebuilt)
 
 
 def add_at(tree: PyTree, index, value: PyTree) -> PyTree:
-    """`tree.at[index].add(value)` on every leaf's leading axis (dynamic index)."""
-    return jax.tree.map(
-        lambda a, v: lax.dynamic_update_index_in_dim(
-            a, lax.dynamic_index_in_dim(a, index, keepdims=False) + v.astype(a.dtype), index, 0
-        ),
-        tree,
-        value,
-    )
+    """`tree.at[index].add(value)` on every leaf, as one dynamic-update-slice per leaf.
+
+    `index` is one dynamic index into the leading axis, or a tuple of them into the leading axes
+    (e.g. `(chunk, layer)` of a `[v, L, ...]` accumulator); `value` has the remaining shape.
+    """
+    indices = index if isinstance(index, tuple) else (index,)
+
+    def add(a, v):
+        lead = len(indices)
+        starts = tuple(jnp.asarray(i, jnp.int32) for i in indices) + (jnp.zeros((), jnp.int32),) * (a.ndim - lead)
+        sizes = (1,) * lead + a.shape[lead:]
+        current = lax.dynamic_slice(a, starts, sizes)
+        return lax.dynamic_update_slice(a, current + v.astype(a.dtype).reshape(sizes), starts)
+
+    return jax.tree.map(add, tree, value)
 
 
 def stage_ops(stage_fn: Callable, remat) -> StageOps:
