@@ -468,3 +468,22 @@ def test_send_latency_delays_only_cross_device_results(name):
 def test_send_latency_must_be_a_non_negative_integer():
     with pytest.raises(ValueError, match="send_latency: expected an integer >= 0, got -1"):
         pack(build("1f1b", 2, 2), send_latency=-1)
+
+
+def test_hidden_sends_cost_max_of_compute_and_comm_per_tick():
+    """Exposed sends add `comm` to each sending tick; hidden ones make the next tick max(compute, comm)."""
+    schedule = build("1f1b", 4, 8)
+    exposed = simulate(schedule, Cost(comm=0.5), mode="lockstep")
+    plain = simulate(schedule, Cost(), mode="lockstep")
+    table = pack(schedule)
+    placement = table.schedule.placement
+    deps = dependencies(table.schedule)
+    remote_producers = {d for a, ds in deps.items() for d in ds if placement[d.stage] != placement[a.stage]}
+    sending = [t for t, row in enumerate(table.ticks) if any(a in remote_producers for a in row)]
+    # The makespan ends with the last event: comm of sending ticks up to the last one's start counts.
+    counted = sum(1 for t in sending if t < table.num_ticks - 1)
+    assert exposed.makespan == pytest.approx(plain.makespan + 0.5 * counted)
+    hidden = simulate(schedule, Cost(comm=0.5), mode="lockstep", send_latency=1)
+    assert hidden.makespan == simulate(schedule, Cost(), mode="lockstep", send_latency=1).makespan
+    slow_link = simulate(schedule, Cost(comm=3.0), mode="lockstep", send_latency=1)
+    assert slow_link.makespan > hidden.makespan

@@ -7,7 +7,9 @@ Two modes:
   - "lockstep": what the SPMD executor does. The schedule is packed into ticks with
     `jpipe.schedules.ticks.pack(schedule, split=True)` (every B runs as I then W, one action per
     device per tick); a tick lasts as long as its slowest action, plus `comm` when an action of that
-    tick sends its result to another device. Each event starts at its tick's start.
+    tick sends its result to another device. With `send_latency=1` (the executor's hidden sends) a
+    message travels during the next tick instead, which then lasts `max(slowest action, comm)`, and
+    the packing gives every cross-device result one more tick. Each event starts at its tick's start.
 
 Peak activations are counted in microbatches x full device stage: the forward of a chunk allocates
 `1 / virtual`; a full backward B frees it; with the split backward, I frees nothing (the weight
@@ -206,11 +208,16 @@ def _simulate_lockstep(
                 crosses.add(producer)
     events = []
     now = 0.0
+    in_flight = False  # with send_latency: whether the previous tick's sends travel during this one
     for tick in table.ticks:
         present = [(device, action) for device, action in enumerate(tick) if action is not None]
         duration = max((cost.of(action.op) for _, action in present), default=0.0)
-        if any(action in crosses for _, action in present):
-            duration += cost.comm
+        sends = any(action in crosses for _, action in present)
+        if send_latency == 0:
+            duration += cost.comm if sends else 0.0  # exposed: the tick ends when its messages arrive
+        elif in_flight:
+            duration = max(duration, cost.comm)  # hidden behind this tick's compute
+        in_flight = sends
         events += [Event(device, action, now, now + cost.of(action.op)) for device, action in present]
         now += duration
     return events, table.num_ticks, table.schedule
@@ -233,7 +240,8 @@ def simulate(
       split_backward: lockstep only: run each B as I then W in two ticks (the executor's
         `split_backward=True`); with False a B is one tick (the executor's default).
       send_latency: lockstep only: extra ticks a message takes between devices (1: sends overlap
-        the next tick's compute; see `jpipe.schedules.ticks.pack`). Idle ticks cost nothing.
+        the next tick's compute, which lasts at least `cost.comm`; see `jpipe.schedules.ticks.pack`).
+        Idle ticks cost nothing.
 
     Returns:
       A `Simulation`.
