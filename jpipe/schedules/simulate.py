@@ -32,6 +32,12 @@ from jpipe.schedules.validate import validated_dependencies
 MODES = ("async", "lockstep")
 
 
+Times = float | tuple[float, ...]
+"""An op's time: one number for every logical stage, or a tuple with one entry per logical stage."""
+
+_TIMED = ("f", "b", "i", "w")
+
+
 @dataclasses.dataclass(frozen=True)
 class Cost:
     """Per-op times for one logical stage (one chunk) on one microbatch, and a per-hop latency.
@@ -45,27 +51,71 @@ class Cost:
         tick that sends anything).
       weight_residuals: memory, not time: what an I keeps for its W (the weight residuals), relative
         to what an F stashes for its backward (1). Used by `Simulation.peak_memory`.
-    All must be finite and >= 0. `jpipe.measure_costs` measures them for a real stage.
+    Each of `f`, `b`, `i`, `w` is either one number (every logical stage costs the same) or a tuple
+    with one number per logical stage (`f[s]` is stage s's forward; e.g. the first stage also embeds,
+    the last also runs the head and loss); all tuples must have the same length, the schedule's
+    `num_stages`. All values must be finite and >= 0. `jpipe.measure_costs` measures them for a real
+    stage.
     """
 
-    f: float = 1.0
-    b: float = 2.0
-    i: float = 1.0
-    w: float = 1.0
+    f: Times = 1.0
+    b: Times = 2.0
+    i: Times = 1.0
+    w: Times = 1.0
     comm: float = 0.0
     weight_residuals: float = 0.0
 
     def __post_init__(self) -> None:
+        lengths = set()
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"Cost.{field.name} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"Cost.{field.name} must be finite and >= 0, got {value!r}")
+            if field.name in _TIMED and isinstance(value, (tuple, list)):
+                if not value:
+                    raise ValueError(f"Cost.{field.name}: a per-stage tuple needs at least one stage")
+                object.__setattr__(self, field.name, tuple(value))
+                lengths.add(len(value))
+                for stage, item in enumerate(value):
+                    _check_time(item, f"Cost.{field.name}[{stage}]")
+            else:
+                _check_time(value, f"Cost.{field.name}")
+        if len(lengths) > 1:
+            per_stage = {name: len(getattr(self, name)) for name in _TIMED if isinstance(getattr(self, name), tuple)}
+            raise ValueError(f"Cost: per-stage tuples must have one length (the number of stages), got {per_stage}")
 
-    def of(self, op: Op) -> float:
-        """The time of one `op` action."""
-        return {Op.F: self.f, Op.B: self.b, Op.I: self.i, Op.W: self.w}[op]
+    @property
+    def num_stages(self) -> int | None:
+        """The number of logical stages the per-stage tuples describe; None when every time is scalar."""
+        for name in _TIMED:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                return len(value)
+        return None
+
+    def of(self, op: Op, stage: int | None = None) -> float:
+        """The time of one `op` action of logical stage `stage` (needed when that time is per stage)."""
+        value = {Op.F: self.f, Op.B: self.b, Op.I: self.i, Op.W: self.w}[op]
+        if not isinstance(value, tuple):
+            return value
+        if stage is None:
+            raise ValueError(f"Cost.of({op}): the {op} time is given per stage; pass the stage")
+        return value[stage]
+
+    def at(self, stage: int) -> Cost:
+        """The scalar cost of logical stage `stage` (comm and weight_residuals unchanged)."""
+        times = {name: self.of(Op(name.upper()), stage) for name in _TIMED}
+        return dataclasses.replace(self, **times)
+
+    def check_stages(self, num_stages: int) -> None:
+        """Raise ValueError unless the per-stage tuples (if any) have `num_stages` entries."""
+        if self.num_stages is not None and self.num_stages != num_stages:
+            raise ValueError(f"cost gives times for {self.num_stages} stages, the schedule has {num_stages}")
+
+
+def _check_time(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +234,7 @@ def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Act
                 for needed in deps[action]:
                     hop = cost.comm if placement[needed.stage] != device else 0.0
                     start = max(start, end[needed] + hop)
-                finish = start + cost.of(action.op)
+                finish = start + cost.of(action.op, action.stage)
                 end[action] = finish
                 free[device] = finish
                 events.append(Event(device, action, start, finish))
@@ -211,14 +261,14 @@ def _simulate_lockstep(
     in_flight = False  # with send_latency: whether the previous tick's sends travel during this one
     for tick in table.ticks:
         present = [(device, action) for device, action in enumerate(tick) if action is not None]
-        duration = max((cost.of(action.op) for _, action in present), default=0.0)
+        duration = max((cost.of(action.op, action.stage) for _, action in present), default=0.0)
         sends = any(action in crosses for _, action in present)
         if send_latency == 0:
             duration += cost.comm if sends else 0.0  # exposed: the tick ends when its messages arrive
         elif in_flight:
             duration = max(duration, cost.comm)  # hidden behind this tick's compute
         in_flight = sends
-        events += [Event(device, action, now, now + cost.of(action.op)) for device, action in present]
+        events += [Event(device, action, now, now + cost.of(action.op, action.stage)) for device, action in present]
         now += duration
     return events, table.num_ticks, table.schedule
 
@@ -235,7 +285,8 @@ def simulate(
 
     Args:
       schedule: any schedule; it is validated first (ScheduleError if invalid).
-      cost: per-op times per logical stage and per-hop latency; default `Cost()` (F=1, B=2, I=W=1).
+      cost: per-op times per logical stage (scalar, or per-stage tuples of `schedule.num_stages`
+        entries) and per-hop latency; default `Cost()` (F=1, B=2, I=W=1).
       mode: "async" (event-driven) or "lockstep" (ticks of `pack(schedule, split=split_backward)`).
       split_backward: lockstep only: run each B as I then W in two ticks (the executor's
         `split_backward=True`); with False a B is one tick (the executor's default).
@@ -248,7 +299,8 @@ def simulate(
 
     Raises:
       ScheduleError: the schedule is invalid.
-      ValueError: unknown mode, or `cost` is not a `Cost`.
+      ValueError: unknown mode, `cost` is not a `Cost`, or its per-stage times are not for
+        `schedule.num_stages` stages.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -256,6 +308,7 @@ def simulate(
         cost = Cost()
     if not isinstance(cost, Cost):
         raise ValueError(f"cost must be a Cost, got {cost!r}")
+    cost.check_stages(schedule.num_stages)
     deps = validated_dependencies(schedule)
     if mode == "async":
         events, num_ticks, ran = _simulate_async(schedule, cost, deps), None, schedule
