@@ -401,3 +401,82 @@ def test_microbatch_counts_that_do_not_divide_over_the_pipeline(m):
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, ref_grads)
     assert jax.tree.leaves(grads[2])[0].shape[0] == m
+
+
+def _overlap_cases():
+    for name in sorted(schedules.SCHEDULES):
+        virtual = VIRTUAL.get(name, 1)
+        for p, m in ((2, 3), (4, 9)):
+            try:
+                schedules.build(name, p, m, virtual)
+            except schedules.ScheduleError:
+                m = 2 * p  # dualpipev needs m >= 2p
+            yield pytest.param(name, p, m, virtual, id=f"{name}-p{p}-m{m}-v{virtual}")
+
+
+@pytest.mark.parametrize(("name", "p", "m", "virtual"), list(_overlap_cases()))
+def test_hidden_sends_match_sequential(name, p, m, virtual):
+    """overlap_sends=True: every message spends a tick in flight; the numbers do not change."""
+    _run_and_compare(schedules.build(name, p, m, virtual), overlap_sends=True)
+
+
+@pytest.mark.parametrize(("name", "virtual"), [("1f1b", 1), ("zbv", 2)])
+def test_hidden_send_tables_deliver_remote_messages_one_tick_later(name, virtual):
+    """With send_latency=1 a remote message lands at the end of the tick after its producer's."""
+    schedule = schedules.build(name, 4, 8, virtual)
+    plain = jpipe.pipeline.compile_program(schedule, deliver=True)
+    hidden = jpipe.pipeline.compile_program(schedule, deliver=True, send_latency=1)
+    assert hidden.send_latency == 1 and hidden.num_ticks > plain.num_ticks
+    for program, latency in ((plain, 0), (hidden, 1)):
+        tick_of = {a: t + 1 for a, t in program.tick_table.tick_of().items()}  # + the delivery tick
+        placement = program.schedule.placement
+        arrivals = 0
+        for action, t in tick_of.items():
+            if action.op is not schedules.Op.F or action.stage == program.schedule.num_stages - 1:
+                continue
+            src, dst = placement[action.stage], placement[action.stage + 1]
+            reader = tick_of[schedules.Action(action.stage + 1, schedules.Op.F, action.microbatch)]
+            channel = program.channels.index((dst - src) % 4)
+            arrive = t + (latency if src != dst else 0)
+            slot = program.recv_slot[arrive, dst, channel]
+            assert slot < program.num_inbox_slots and program.inbox_slot[reader, dst] == slot
+            assert reader > arrive
+            arrivals += 1
+        assert arrivals == 8 * (program.schedule.num_stages - 1)
+
+
+def test_hidden_sends_in_forward_and_with_a_prologue():
+    schedule = schedules.build("interleaved_1f1b", 2, 4, 2)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    stage_params, loss_params, inputs, targets = make_problem(schedule.num_stages, 4)
+    run = jpipe.forward(stage_fn, schedule=schedule, mesh=mesh, overlap_sends=True)
+    assert run.program.send_latency == 1
+    assert_trees_close(jax.jit(run)(stage_params, inputs), sequential_outputs(stage_params, inputs))
+    raw = {"h": inputs["h"][..., :2], "aux": inputs["aux"]}
+    prologue_params = {"proj": jax.random.normal(jax.random.key(7), (2, WIDTH)), "gain": jnp.float32(1.3)}
+    options = dict(schedule=schedule, mesh=mesh, prologue=_prologue)
+    hidden = jpipe.value_and_grad(stage_fn, loss_fn, overlap_sends=True, **options)
+    exposed = jpipe.value_and_grad(stage_fn, loss_fn, overlap_sends=False, **options)
+    args = (stage_params, loss_params, raw, targets, prologue_params)
+    assert_trees_close(jax.jit(hidden)(*args), jax.jit(exposed)(*args))
+
+
+def test_hidden_sends_auto_follows_the_simulated_comm_cost():
+    schedule = schedules.build("1f1b", 4, 8)
+    mesh = make_mesh_or_skip((4,), ("stage",))
+
+    def latency(cost):
+        step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, cost=cost, split_backward=True)
+        return step.program.send_latency
+
+    assert latency(schedules.Cost()) == 0  # free sends: an extra tick of latency only costs
+    assert latency(schedules.Cost(comm=1.0)) == 1  # a send as long as an op: hiding it pays
+
+
+def test_hidden_sends_option_is_checked():
+    schedule = schedules.build("1f1b", 2, 4)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    with pytest.raises(ValueError, match=r"overlap_sends: expected True, False or 'auto', got 'yes'"):
+        jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, overlap_sends="yes")
+    with pytest.raises(ValueError, match=r"overlap_sends: expected True or False, got 'auto'"):
+        jpipe.forward(stage_fn, schedule=schedule, mesh=mesh, overlap_sends="auto")

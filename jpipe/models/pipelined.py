@@ -67,8 +67,8 @@ class PipelinedLM:
         `jpipe.parallel.make_mesh`); a `data` axis, if present, splits each microbatch's batch.
       rules: logical -> mesh axes and FSDP on/off.
       layout: layers per logical stage: a `StageLayout`, explicit counts, or None (balanced).
-      remat, split_backward, cost: passed to `jpipe.value_and_grad` (`cost` decides the "auto"
-        split; `stage_costs()` measures it for this model).
+      remat, split_backward, cost, overlap_sends: passed to `jpipe.value_and_grad` (`cost` decides
+        the "auto" split and overlap; `stage_costs()` measures it for this model).
     """
 
     config: GPTConfig
@@ -79,6 +79,7 @@ class PipelinedLM:
     remat: str | Callable | None = "none"
     split_backward: bool | str = "auto"
     cost: Cost | None = None
+    overlap_sends: bool | str = "auto"
 
     def __post_init__(self):
         if STAGE not in self.mesh.shape:
@@ -190,6 +191,7 @@ class PipelinedLM:
             cost=self.cost,
             stage_order="device",
             prologue=prologue,
+            overlap_sends=self.overlap_sends,
         )
         shardings = self.shardings()
         embed_in_use = self.shardings(gathered=True)["embed"]

@@ -1,8 +1,12 @@
-"""Reading compiled HLO text: which collectives a program runs, and whether inside a loop.
+"""Reading compiled HLO text: which collectives a program runs, whether inside a loop, and what overlaps them.
 
 `jitted.lower(*args).compile().as_text()` is the partitioned per-device program. Collectives that
 sit in a `while` body (or in anything a body calls: conditional branches, nested loops, fusions)
 run once per iteration, e.g. once per pipeline tick; the others run once per step.
+
+A compiled module is scheduled (`is_scheduled=true`): each computation lists its instructions in
+execution order. An asynchronous collective is a `*-start` and a `*-done`; what the schedule puts
+between them runs while the data is in flight (`permute_overlaps`).
 """
 
 from __future__ import annotations
@@ -78,4 +82,77 @@ def collectives(hlo_text: str) -> list[Collective]:
             op = _OP.search(line)
             if op:
                 found.append(Collective(op.group(2), op.group(1), name, name in in_loop))
+    return found
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
+MATMUL_OPCODES = ("dot", "convolution")
+
+
+@dataclasses.dataclass(frozen=True)
+class PermuteOverlap:
+    """One collective-permute and the matmuls scheduled while it is in flight.
+
+    Attributes:
+      name: the `collective-permute-start` instruction (or the synchronous `collective-permute`).
+      computation: the computation that holds it.
+      in_loop: whether it runs inside a `while` body (once per pipeline tick).
+      matmuls_in_flight: instructions between its start and done that run a matmul, directly or in
+        anything they call (a fusion, a conditional's branches): empty for a synchronous permute or
+        one whose start is directly followed by its done.
+    """
+
+    name: str
+    computation: str
+    in_loop: bool
+    matmuls_in_flight: tuple[str, ...]
+
+    @property
+    def hidden(self) -> bool:
+        """Whether some matmul runs while the data travels."""
+        return bool(self.matmuls_in_flight)
+
+
+def _parse(line: str) -> tuple[str, str] | None:
+    """(instruction name, opcode) of an instruction line, or None."""
+    match = _INSTRUCTION.match(line)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def permute_overlaps(hlo_text: str) -> list[PermuteOverlap]:
+    """Every collective-permute of a scheduled module, with the matmuls in flight during it."""
+    comps = computations(hlo_text)
+    in_loop = loop_computations(hlo_text)
+    has_matmul: dict[str, bool] = {}
+
+    def computes_matmul(name: str, seen: frozenset = frozenset()) -> bool:
+        if name not in has_matmul:
+            lines = comps.get(name, [])
+            direct = any((parsed := _parse(line)) and parsed[1] in MATMUL_OPCODES for line in lines)
+            called = _callees(lines) - seen - {name}
+            has_matmul[name] = direct or any(computes_matmul(c, seen | {name}) for c in called)
+        return has_matmul[name]
+
+    def line_runs_matmul(line: str) -> bool:
+        parsed = _parse(line)
+        if parsed is None:
+            return False
+        return parsed[1] in MATMUL_OPCODES or any(computes_matmul(c) for c in _callees([line]))
+
+    found = []
+    for comp, lines in comps.items():
+        for index, line in enumerate(lines):
+            parsed = _parse(line)
+            if parsed is None or parsed[1] not in ("collective-permute", "collective-permute-start"):
+                continue
+            name, opcode = parsed
+            in_flight: list[str] = []
+            if opcode == "collective-permute-start":
+                done = re.compile(r"collective-permute-done\(%?" + re.escape(name) + r"\b")
+                for later in lines[index + 1 :]:
+                    if done.search(later):
+                        break
+                    if line_runs_matmul(later):
+                        in_flight.append(_parse(later)[0])
+            found.append(PermuteOverlap(name, comp, comp in in_loop, tuple(in_flight)))
     return found

@@ -3,9 +3,14 @@
 Each device walks the tick tables built by `jpipe.pipeline.program.compile_program`. In every tick
 it runs at most one action, each kind under its own `lax.cond` (idle ticks compute nothing), then
 every device sends its outgoing message on every ring channel with `lax.ppermute`; receivers store
-what their table marks in inbox slots. A forward stashes the residuals of `jax.vjp` of its stage
-(what the `remat` policy saves, minus the stage parameters themselves); backward ops rebuild the vjp
-function from the stash (see `jpipe.pipeline.stage` for how B, I and W use it).
+what their table marks in inbox slots. With `overlap_sends`, the message a device produced in tick
+t is sent at the start of tick t + 1, by a `ppermute` that nothing in that tick's compute depends
+on, so the compiler can run the transfer while the tick computes (the tables then give every
+cross-device message one more tick, see `jpipe.pipeline.program`).
+
+A forward stashes the residuals of `jax.vjp` of its stage (what the `remat` policy saves, minus the
+stage parameters themselves); backward ops rebuild the vjp function from the stash (see
+`jpipe.pipeline.stage` for how B, I and W use it).
 
 Every buffer is updated only inside a `lax.cond` whose other branch returns it unchanged, so XLA
 updates it in place; a single `lax.switch` that reads and writes the same buffers in different
@@ -26,7 +31,7 @@ from jpipe.pipeline import program as prog
 from jpipe.pipeline.checks import check_call, check_mesh
 from jpipe.pipeline.stage import add_at, stage_ops
 from jpipe.schedules.ir import Schedule
-from jpipe.schedules.simulate import Cost, best_split
+from jpipe.schedules.simulate import Cost, best_split, simulate
 
 PyTree = Any
 
@@ -81,6 +86,7 @@ def value_and_grad(
     cost: Cost | None = None,
     stage_order: str = "logical",
     prologue: Callable[[PyTree, PyTree], PyTree] | None = None,
+    overlap_sends: bool | str = "auto",
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -114,6 +120,12 @@ def value_and_grad(
         its parameter gradients are accumulated there and reduced over the pipeline once per step.
         Inputs are then typically small (token ids, replicated over the pipeline), and no input
         gradient is computed.
+      overlap_sends: hide the pipeline's sends behind compute: the message produced in tick t
+        travels while tick t + 1 computes, and is usable from tick t + 2 (the schedule is packed
+        with `send_latency=1`, which adds ticks). Without it, each tick's sends run after its
+        compute, exposed. "auto" (default) turns it on when the lockstep simulation under `cost`
+        (whose `comm` is the time of one tick's send) is not slower with it
+        (`resolve_overlap`); with `comm=0` that is never, as sends then cost nothing.
 
     Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
     over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
@@ -134,7 +146,8 @@ def value_and_grad(
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
     split = resolve_split(schedule, split_backward, cost)
-    program = prog.compile_program(schedule, split=split, deliver=prologue is None)
+    overlap = resolve_overlap(schedule, overlap_sends, cost, split=split)
+    program = prog.compile_program(schedule, split=split, deliver=prologue is None, send_latency=int(overlap))
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue)
     placement = program.placement
 
@@ -169,6 +182,22 @@ def resolve_split(schedule: Schedule, split_backward: bool | str, cost: Cost | N
     return split_backward
 
 
+def resolve_overlap(schedule: Schedule, overlap_sends: bool | str, cost: Cost | None = None, *, split: bool) -> bool:
+    """The executor's `overlap_sends` option as a bool ("auto": on unless the simulation says slower).
+
+    Compares the lockstep makespan with hidden sends (`send_latency=1`: each tick lasts
+    `max(compute, cost.comm)`, cross-device results take one more tick) against exposed sends (each
+    sending tick lasts `compute + cost.comm`).
+    """
+    if overlap_sends == "auto":
+        hidden = simulate(schedule, cost, "lockstep", split_backward=split, send_latency=1).makespan
+        exposed = simulate(schedule, cost, "lockstep", split_backward=split).makespan
+        return hidden <= exposed
+    if not isinstance(overlap_sends, bool):
+        raise ValueError(f"overlap_sends: expected True, False or 'auto', got {overlap_sends!r}")
+    return overlap_sends
+
+
 def forward(
     stage_fn: Callable[[PyTree, PyTree], PyTree],
     *,
@@ -176,6 +205,7 @@ def forward(
     mesh: jax.sharding.Mesh,
     stage_axis: str = "stage",
     data_axes: str | tuple[str, ...] = (),
+    overlap_sends: bool = False,
 ) -> Callable:
     """Pipelined forward (inference): `run(stage_params, inputs) -> outputs`, all `[m, ...]`.
 
@@ -184,7 +214,9 @@ def forward(
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     check_mesh(schedule, mesh, stage_axis, data_axes)
-    program = prog.compile_program(schedule, forward_only=True, deliver=True)
+    if not isinstance(overlap_sends, bool):
+        raise ValueError(f"overlap_sends: expected True or False, got {overlap_sends!r}")
+    program = prog.compile_program(schedule, forward_only=True, deliver=True, send_latency=int(overlap_sends))
     run = _build_runner(program, stage_ops(stage_fn, "none"), None, mesh, stage_axis, data_axes)
     placement = program.placement
 
@@ -212,7 +244,7 @@ def _build_runner(
     schedule = program.schedule
     p, m = schedule.num_devices, schedule.num_microbatches
     k = program.microbatches_per_device
-    forward_only, deliver = program.forward_only, program.deliver
+    forward_only, deliver, overlap = program.forward_only, program.deliver, program.send_latency > 0
     tables = {name: jnp.asarray(a) for name, a in program.per_tick_arrays().items()}
     channels, input_channels = program.channels, program.input_channels
     # [T, C]: whether any device receives on channel c in tick t (identical on every device).
@@ -223,9 +255,16 @@ def _build_runner(
     scale = 1.0 / m
 
     def send(message, offset, used):
-        """`message` from every device to device `+offset`, skipped (on all devices) when unused."""
+        """`message` from every device to device `+offset`, skipped (on all devices) when unused.
+
+        With `overlap` the send is unconditional: a `ppermute` inside a `lax.cond` branch is a
+        start immediately followed by its done, with nothing the compiler could run in between.
+        """
         if offset == 0:
             return message
+        if overlap:
+            perm = [(d, (d + offset) % p) for d in range(p)]
+            return jax.tree.map(lambda a: lax.ppermute(a, axis, perm), message)
         # The predicate is the same on every device, so all take the same branch.
         perm = [(d, (d + offset) % p) for d in range(p)]
         return lax.cond(
@@ -255,6 +294,8 @@ def _build_runner(
             return jax.tree.map(lambda a: _zeros((n,), a), example)
 
         carry = {"inbox": slots(program.num_inbox_slots + 1, x_like)}  # + a scratch slot
+        if overlap:
+            carry["outbox"] = x_like  # the message of the previous tick, sent during this one
         if deliver:
             # Input gradients (or outputs, forward only) of this device's microbatches; + a scratch slot.
             carry["results"] = slots(k + 1, x_like)
@@ -362,6 +403,9 @@ def _build_runner(
             kinds = [k for k in kinds if k[0] != prog.BACKWARD]
 
         def tick(state, row):
+            if overlap:
+                # Sent first: nothing this tick computes depends on it, so it travels meanwhile.
+                in_flight = [send(state["outbox"], offset, True) for offset in channels]
             message = x_like
             for code, run, keys in kinds:
                 view = {k: state[k] for k in ("inbox", "stash", "weight_stash") if k in state}
@@ -372,7 +416,10 @@ def _build_runner(
             inbox = state["inbox"]
             results = state.get("results")
             for c, offset in enumerate(channels):
-                arrived = send(message, offset, row["channel_used"][c])
+                if overlap and offset != 0:
+                    arrived = in_flight[c]
+                else:
+                    arrived = send(message, offset, row["channel_used"][c])
                 inbox = _put(inbox, row["recv_slot"][c], arrived)
                 if deliver:
                     index = row["result_index"][c]
@@ -385,6 +432,8 @@ def _build_runner(
             state = {**state, "inbox": inbox}
             if deliver:
                 state["results"] = results
+            if overlap:
+                state["outbox"] = message
             return state, None
 
         state, _ = lax.scan(tick, carry, rows)

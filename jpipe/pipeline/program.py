@@ -21,6 +21,13 @@ inbox slot like any other message; a leading delivery-only tick serves the forwa
 tick. What the pipeline returns per microbatch (the input gradient from stage 0's backward, or the
 last stage's output when running forward only) travels back to the owner on the ordinary channels
 and lands in the owner's result buffer.
+
+With `send_latency=1` (the executor's hidden sends) a message produced in tick t on one device
+travels while tick t + 1 computes and arrives at the end of tick t + 1: the packing gives every
+cross-device dependency that extra tick (`jpipe.schedules.ticks.pack`), and `recv_slot` /
+`result_index` mark the tick of arrival. Messages that stay on their device (the turn of a V,
+channel offset 0) still arrive at the end of the tick that produced them. A trailing tick without
+compute is added when the last messages would otherwise arrive after the last tick.
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ class Program:
         `stash_slot` is where an F writes its residuals and B/I/W read them; `weight_slot` is where
         an I leaves what its W needs (the weight residuals).
       recv_slot: int32 `[T, p, C]`, the inbox slot for the message arriving on channel c at the end
-        of the tick, or `num_inbox_slots` (a scratch slot) when nothing real arrives.
+        of the tick, or `num_inbox_slots` (a scratch slot) when nothing real arrives. A message
+        arrives in the tick that produced it, or `send_latency` ticks later on a channel with a
+        non-zero offset.
       result_index: int32 `[T, p, C]`, where a message arriving on channel c is a result (input
         gradient, or output when forward only) of one of the device's own microbatches: its local
         index `i % k`, or `microbatches_per_device` (nothing) otherwise. Used only with `deliver`.
@@ -62,6 +71,8 @@ class Program:
       placement: where the logical stages live (and the device-major row order).
       forward_only: whether the program runs only forwards (inference).
       deliver: whether inputs are delivered from their owners (see the module docstring).
+      send_latency: 0 (a message arrives at the end of the tick that produced it) or 1 (at the end
+        of the next tick: the send overlaps that tick's compute) for messages between devices.
     """
 
     tick_table: TickTable
@@ -86,6 +97,7 @@ class Program:
     placement: StagePlacement
     forward_only: bool
     deliver: bool
+    send_latency: int = 0
 
     @property
     def schedule(self) -> Schedule:
@@ -150,7 +162,12 @@ def forward_only_schedule(schedule: Schedule) -> Schedule:
 
 
 def compile_program(
-    schedule: Schedule, *, forward_only: bool = False, split: bool = True, deliver: bool = False
+    schedule: Schedule,
+    *,
+    forward_only: bool = False,
+    split: bool = True,
+    deliver: bool = False,
+    send_latency: int = 0,
 ) -> Program:
     """Validate, pack into ticks and lower to executor tables.
 
@@ -159,17 +176,19 @@ def compile_program(
       forward_only: keep only the forwards (for `jpipe.forward`).
       split: run each B as I then W in consecutive ticks (equal-cost ticks in lockstep).
       deliver: inputs and results live on their owner devices (see the module docstring).
+      send_latency: 0 or 1, ticks a message between devices spends in flight after its tick.
     """
+    if send_latency not in (0, 1) or isinstance(send_latency, bool):
+        raise ValueError(f"send_latency: expected 0 or 1, got {send_latency!r}")
     validate(schedule)
     if forward_only:
         schedule = forward_only_schedule(schedule)
-    table = pack(schedule, split=split)
+    table = pack(schedule, split=split, send_latency=send_latency)
     sched = table.schedule
     p, num_stages, m = sched.num_devices, sched.num_stages, sched.num_microbatches
     last = num_stages - 1
     lead = 1 if deliver else 0  # the delivery-only tick
     tick_of = {action: t + lead for action, t in table.tick_of().items()}
-    num_ticks = table.num_ticks + lead
     local_index = {s: sched.local_index(s) for s in range(num_stages)}
     per_device = -(-m // p) if deliver else 0
 
@@ -202,6 +221,14 @@ def compile_program(
     def owner(i: int) -> int:
         return i // per_device
 
+    def arrival(producer: Action, destination: int) -> int:
+        """The tick at whose end `producer`'s message is in `destination`'s inbox."""
+        return tick_of[producer] + (send_latency if device_of(producer) != destination else 0)
+
+    num_ticks = max(
+        [table.num_ticks + lead] + [arrival(a, owner(a.microbatch)) + 1 for a in results]
+    )  # + a tick without compute when results are still in flight after the last one
+
     offsets = {(device_of(c[0]) - device_of(a)) % p for a, c in messages}
     offsets |= {(owner(a.microbatch) - device_of(a)) % p for a in results}
     channels = tuple(sorted(offsets)) if offsets else (0,)
@@ -216,7 +243,10 @@ def compile_program(
     # Inbox slots per receiving device: pipeline messages and delivered inputs.
     inbox_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
     for producer, readers in messages:
-        inbox_intervals[device_of(readers[0])].append((tick_of[producer], max(tick_of[r] for r in readers), producer))
+        destination = device_of(readers[0])
+        inbox_intervals[destination].append(
+            (arrival(producer, destination), max(tick_of[r] for r in readers), producer)
+        )
     for sent, reader in deliveries:
         inbox_intervals[first_device].append((sent, tick_of[reader], ("input", reader.microbatch)))
     inbox_slot_of, num_inbox = _assign_slots(inbox_intervals, strict=False)
@@ -278,10 +308,10 @@ def compile_program(
             weight_slot[t, d] = weight_slot_of[key]
     for producer, readers in messages:
         src, dst = device_of(producer), device_of(readers[0])
-        recv_slot[tick_of[producer], dst, channels.index((dst - src) % p)] = inbox_slot_of[producer]
+        recv_slot[arrival(producer, dst), dst, channels.index((dst - src) % p)] = inbox_slot_of[producer]
     for action in results:
         src, dst = device_of(action), owner(action.microbatch)
-        result_index[tick_of[action], dst, channels.index((dst - src) % p)] = action.microbatch % per_device
+        result_index[arrival(action, dst), dst, channels.index((dst - src) % p)] = action.microbatch % per_device
     for sent, reader in deliveries:
         src = owner(reader.microbatch)
         input_send_index[sent, src] = reader.microbatch % per_device
@@ -311,4 +341,5 @@ def compile_program(
         placement=StagePlacement.of(sched),
         forward_only=forward_only,
         deliver=deliver,
+        send_latency=send_latency,
     )
