@@ -1,12 +1,14 @@
-"""jpipe.schedules: pipeline schedules as data — build, validate, simulate, draw, CSV.
+"""jpipe.schedules: pipeline schedules as data — build, validate, simulate, search, draw, CSV.
 
 This package imports no jax and no flax.
 """
 
+from jpipe.schedules.balance import ModelCosts, balance_layers, stage_costs
 from jpipe.schedules.csv_io import from_csv, to_csv
 from jpipe.schedules.generators import SCHEDULES, build, register
 from jpipe.schedules.ir import Action, B, F, I, Op, Schedule, ScheduleError, W, loop_placement, v_placement
 from jpipe.schedules.render import plot, render
+from jpipe.schedules.search import SearchResult, search, search_result
 from jpipe.schedules.simulate import Cost, Event, Simulation, best_split, peak_memory, simulate
 from jpipe.schedules.ticks import TickTable, pack, split_backward
 from jpipe.schedules.validate import validate
@@ -19,12 +21,15 @@ __all__ = [
     "Action",
     "Cost",
     "Event",
+    "ModelCosts",
     "Op",
     "SCHEDULES",
     "Schedule",
     "ScheduleError",
+    "SearchResult",
     "Simulation",
     "TickTable",
+    "balance_layers",
     "best_split",
     "build",
     "from_csv",
@@ -34,8 +39,11 @@ __all__ = [
     "plot",
     "register",
     "render",
+    "search",
+    "search_result",
     "simulate",
     "split_backward",
+    "stage_costs",
     "to_csv",
     "v_placement",
     "validate",

@@ -1,0 +1,168 @@
+"""A lockstep list scheduler: per-device orders built tick by tick under a memory limit.
+
+In every tick each device runs at most one action among those whose inputs have arrived (a result
+made on another device arrives `1 + send_latency` ticks after its tick, on the same device the next
+tick, as `jpipe.schedules.ticks.pack` packs it). Every (stage, op) runs its microbatches in
+increasing order. Which ready action a device takes is a `Policy`: backward or forward first, how
+many weight gradients (W) may wait before they go first, how deep the warm-up goes (a per-device cap
+on live stashes), and which chunk goes first on a device holding several. The resulting orders are
+repacked by the simulator like any schedule; the list scheduler only proposes them.
+
+Memory is counted as `jpipe.schedules.peak_memory` counts it (microbatch x full device stage: an F
+stashes `1 / virtual`, an I keeps `weight_residuals / virtual`, a W frees both). An F that brings a
+new microbatch onto a device (the device's first stage) also needs room for the microbatch's later
+chunks on that device and one weight residual, so that the oldest microbatch in flight can always
+finish; with that reservation no order deadlocks for lack of memory when the limit holds one
+microbatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from jpipe.schedules.orders import F_, I_, W_, Orders
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How a device picks among its ready actions.
+
+    Attributes:
+      forward_first: when both are ready, an F goes before an I (GPipe-like) instead of after it
+        (1F1B-like).
+      weight_lag: per device, how many W's may wait (their I done) before the oldest goes ahead of
+        any F or I; a W also runs when nothing else is ready or fits in memory.
+      depth: per device, the most live stash plus weight residuals the device may hold (same unit
+        as the memory limit; the limit still applies): how deep the warm-up goes.
+      deep_first: among ready F's, and among ready I's, the later stage goes first (finish a
+        microbatch before starting the next chunk); otherwise the earlier stage (then the older
+        microbatch).
+      align: lockstep alignment: the busiest device (most work per step) picks first, and the
+        others prefer, in their priority order, an action no longer than its pick (a tick lasts as
+        long as its slowest action).
+      noise: probability that a device takes a uniformly random allowed action instead.
+      seed: seed of that randomness.
+    """
+
+    forward_first: bool
+    weight_lag: tuple[int, ...]
+    depth: tuple[float, ...]
+    deep_first: bool = True
+    align: bool = False
+    noise: float = 0.0
+    seed: int = 0
+
+
+def list_schedule(space: Orders, policy: Policy, memory_limit: float) -> list[list[int]] | None:
+    """Per-device orders (rows of action numbers of `space`) built under `policy`; None if stuck.
+
+    Args:
+      space: the placement, costs and latency.
+      policy: how each device picks.
+      memory_limit: the most live stash plus weight residuals per device (microbatch x full
+        device stage).
+    """
+    p, m, stages = space.num_devices, space.num_microbatches, space.num_stages
+    rng = random.Random(policy.seed)
+    local = [[s for s in range(stages) if space.placement[s] == d] for d in range(p)]
+    entry = [min(stages_) for stages_ in local]
+    next_mb = [[0] * stages for _ in range(3)]  # next microbatch per op and stage
+    tick = [-1] * len(space.device)
+    stash, held = [0] * p, [0] * p  # live stashes and weight residuals, in chunks
+    rows: list[list[int]] = [[] for _ in range(p)]
+    total = 3 * stages * m
+    done = idle = 0
+    work = [0.0] * p
+    for a, d in enumerate(space.device):
+        work[d] += space.time[a]
+    busiest = max(range(p), key=lambda d: work[d])
+    devices = [busiest] + [d for d in range(p) if d != busiest] if policy.align else list(range(p))
+    for t in range(8 * total + 16):
+        picks = []
+        longest = float("inf")
+        for d in devices:
+            state = (stash[d], held[d])
+            ranked = _ranked(space, policy, memory_limit, d, t, local[d], entry[d], next_mb, tick, state, rng)
+            if not ranked:
+                continue
+            a = next((a for a in ranked if space.time[a] <= longest + 1e-12), ranked[0])
+            if policy.align and d == busiest:
+                longest = space.time[a]
+            picks.append((d, a))
+        idle = 0 if picks else idle + 1
+        if idle > 2 + 2 * space.send_latency:  # nothing can arrive any more: stuck
+            return None
+        for d, a in picks:
+            op, s = space.op[a], space.stage[a]
+            next_mb[op][s] += 1
+            tick[a] = t
+            rows[d].append(a)
+            if op == F_:
+                stash[d] += 1
+            elif op == I_:
+                held[d] += 1
+            else:
+                stash[d] -= 1
+                held[d] -= 1
+            done += 1
+        if done == total:
+            return rows
+    return None
+
+
+def _ready(space: Orders, a: int, t: int, tick: list[int]) -> bool:
+    for producer, delay in space.deps[a]:
+        at = tick[producer]
+        if at < 0 or at + delay > t:
+            return False
+    return True
+
+
+def _ranked(
+    space: Orders,
+    policy: Policy,
+    limit: float,
+    d: int,
+    t: int,
+    stages: list[int],
+    entry: int,
+    next_mb: list[list[int]],
+    tick: list[int],
+    state: tuple[int, int],
+    rng: random.Random,
+) -> list[int]:
+    """The actions device `d` may run in tick `t`, best first, given its live (stashes, residuals)."""
+    m, virtual, residual = space.num_microbatches, space.virtual, space.cost.weight_residuals
+    stash, held = state
+    cap = min(limit, policy.depth[d]) * virtual + 1e-9  # in chunks
+    hard = limit * virtual + 1e-9
+    ready: list[list[int]] = [[], [], []]
+    for s in stages:
+        for op in (F_, I_, W_):
+            mb = next_mb[op][s]
+            if mb < m:
+                a = space.index(op, s, mb)
+                if _ready(space, a, t, tick):
+                    ready[op].append(a)
+    forwards, inputs, weights = ready
+    inputs = [a for a in inputs if stash + (held + 1) * residual <= hard]
+
+    def fits(a: int) -> bool:
+        reserve = (virtual - 1) + residual if space.stage[a] == entry else 0
+        return stash + 1 + reserve + held * residual <= cap
+
+    forwards = [a for a in forwards if fits(a)]
+    if policy.noise and rng.random() < policy.noise:
+        allowed = forwards + inputs + weights
+        rng.shuffle(allowed)
+        return allowed
+    groups = [weights] if weights and held > policy.weight_lag[d] else []
+    groups += [forwards, inputs] if policy.forward_first else [inputs, forwards]
+    groups.append(weights)
+    sign = -1 if policy.deep_first else 1
+    ranked = []
+    for group in groups:
+        fresh = [a for a in group if a not in ranked]
+        ranked += sorted(fresh, key=lambda a: (sign * space.stage[a], space.microbatch[a]))
+    return ranked

@@ -1,0 +1,236 @@
+"""Per-device action orders as integers, with a fast makespan and peak memory: the search's inner loop.
+
+`Orders` is one placement's search space: every (stage, op, microbatch) of a split-backward schedule
+(F, I, W only) numbered once, with its device, time, dependencies and whether its result crosses
+devices. `Orders.evaluate(rows)` gives the same makespan as `jpipe.schedules.simulate` (lockstep:
+the same earliest-tick packing as `jpipe.schedules.ticks.pack` and the same tick durations; async:
+the same event-driven run) and the same per-device `peak_memory`, on integer rows, without building
+`Action`s. `Orders.schedule(rows)` turns rows back into a `Schedule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jpipe.schedules.ir import Action, Op, Schedule
+from jpipe.schedules.simulate import Cost
+from jpipe.schedules.ticks import split_backward
+
+OPS = (Op.F, Op.I, Op.W)
+F_, I_, W_ = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """A candidate's quality: `makespan` (simulated, as `simulate` reports it) and `memory` (per-device
+    peak, as `peak_memory` reports it, in microbatch x full device stage). `makespan` is infinite when
+    the orders deadlock."""
+
+    makespan: float
+    memory: tuple[float, ...]
+
+
+class Orders:
+    """The actions of one placement, numbered `(op * num_stages + stage) * m + microbatch`.
+
+    Args:
+      num_devices: pipeline devices `p`.
+      num_microbatches: microbatches `m`.
+      placement: logical stage -> device (as `Schedule.placement`).
+      cost: times per op (scalar or per stage, for `len(placement)` stages).
+      mode: "lockstep" or "async" (as `simulate`).
+      send_latency: lockstep: extra ticks for a message between devices (as `pack`).
+    """
+
+    def __init__(
+        self,
+        num_devices: int,
+        num_microbatches: int,
+        placement: tuple[int, ...],
+        cost: Cost,
+        mode: str = "lockstep",
+        send_latency: int = 0,
+    ) -> None:
+        cost.check_stages(len(placement))
+        self.num_devices, self.num_microbatches = num_devices, num_microbatches
+        self.placement, self.cost, self.mode, self.send_latency = tuple(placement), cost, mode, send_latency
+        self.num_stages = len(placement)
+        self.virtual = self.num_stages // num_devices
+        stages, m = self.num_stages, num_microbatches
+        size = 3 * stages * m
+        self.device = [0] * size
+        self.time = [0.0] * size
+        self.op = [0] * size
+        self.stage = [0] * size
+        self.microbatch = [0] * size
+        self.crosses = [False] * size
+        # deps[a]: (producer, ticks after the producer's tick when a may run) pairs.
+        self.deps: list[tuple[tuple[int, int], ...]] = [()] * size
+        for op in range(3):
+            for stage in range(stages):
+                device = placement[stage]
+                for mb in range(m):
+                    a = self.index(op, stage, mb)
+                    self.device[a], self.op[a], self.stage[a], self.microbatch[a] = device, op, stage, mb
+                    self.time[a] = cost.of(OPS[op], stage)
+                    needed = []
+                    if op == F_ and stage > 0:
+                        needed.append(self.index(F_, stage - 1, mb))
+                    elif op == I_:
+                        needed.append(self.index(F_, stage, mb))
+                        if stage < stages - 1:
+                            needed.append(self.index(I_, stage + 1, mb))
+                    elif op == W_:
+                        needed.append(self.index(I_, stage, mb))
+                    remote = [placement[(d // m) % stages] != device for d in needed]
+                    self.deps[a] = tuple((d, 1 + (send_latency if r else 0)) for d, r in zip(needed, remote))
+                    if op == F_ and stage < stages - 1:
+                        self.crosses[a] = placement[stage + 1] != device
+                    elif op == I_ and stage > 0:
+                        self.crosses[a] = placement[stage - 1] != device
+
+    def index(self, op: int, stage: int, microbatch: int) -> int:
+        """The number of action `op` (0 F, 1 I, 2 W) of `stage` on `microbatch`."""
+        return (op * self.num_stages + stage) * self.num_microbatches + microbatch
+
+    def action(self, a: int) -> Action:
+        """Action number `a` as an `Action`."""
+        return Action(self.stage[a], OPS[self.op[a]], self.microbatch[a])
+
+    def rows_of(self, schedule: Schedule) -> list[list[int]]:
+        """A schedule of this placement (B's are split into I, W) as integer rows."""
+        if tuple(schedule.placement) != self.placement or schedule.num_microbatches != self.num_microbatches:
+            raise ValueError("rows_of: the schedule's placement or microbatch count differs from this search space")
+        split = split_backward(schedule)
+        return [[self.index(OPS.index(a.op), a.stage, a.microbatch) for a in row] for row in split.actions]
+
+    def schedule(self, rows: list[list[int]], name: str = "auto") -> Schedule:
+        """Integer rows as a `Schedule` named `name`."""
+        return Schedule(
+            num_devices=self.num_devices,
+            num_microbatches=self.num_microbatches,
+            placement=self.placement,
+            actions=tuple(tuple(self.action(a) for a in row) for row in rows),
+            name=name,
+        )
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def memory(self, row: list[int]) -> float:
+        """One device's peak stash plus weight residuals, as `peak_memory` counts it."""
+        residual = self.cost.weight_residuals
+        stash = held = 0
+        peak = 0.0
+        op = self.op
+        for a in row:
+            kind = op[a]
+            if kind == F_:
+                stash += 1
+            elif kind == I_:
+                held += 1
+            else:
+                stash -= 1
+                held -= 1
+            live = stash + held * residual
+            if live > peak:
+                peak = live
+        return peak / self.virtual
+
+    def evaluate(self, rows: list[list[int]]) -> Score:
+        """Makespan and per-device peak memory of `rows` (infinite makespan if they deadlock)."""
+        return Score(self.makespan(rows), tuple(self.memory(row) for row in rows))
+
+    def makespan(self, rows: list[list[int]]) -> float:
+        """The simulated makespan of `rows` in this space's mode (infinite if they deadlock)."""
+        if self.mode == "lockstep":
+            ticks = self.ticks(rows)
+            return float("inf") if ticks is None else self._lockstep_makespan(rows, ticks)
+        return self._async_makespan(rows)
+
+    def ticks(self, rows: list[list[int]]) -> list[int] | None:
+        """Each action's tick under `pack`'s earliest-tick rule (indexed by action), None on deadlock."""
+        tick = [-1] * len(self.device)
+        deps = self.deps
+        cursor = [0] * len(rows)
+        free = [0] * len(rows)
+        remaining = sum(len(row) for row in rows)
+        while remaining:
+            progressed = False
+            for device, row in enumerate(rows):
+                position, start_free = cursor[device], free[device]
+                while position < len(row):
+                    a = row[position]
+                    start = start_free
+                    for producer, delay in deps[a]:
+                        t = tick[producer]
+                        if t < 0:
+                            break
+                        if t + delay > start:
+                            start = t + delay
+                    else:
+                        tick[a] = start
+                        start_free = start + 1
+                        position += 1
+                        continue
+                    break
+                if position != cursor[device]:
+                    remaining -= position - cursor[device]
+                    cursor[device], free[device] = position, start_free
+                    progressed = True
+            if not progressed:
+                return None
+        return tick
+
+    def _lockstep_makespan(self, rows: list[list[int]], tick: list[int]) -> float:
+        num_ticks = 1 + max((tick[a] for row in rows for a in row), default=-1)
+        longest = [0.0] * num_ticks
+        present = [False] * num_ticks
+        sends = [False] * num_ticks
+        time, crosses = self.time, self.crosses
+        for row in rows:
+            for a in row:
+                t = tick[a]
+                present[t] = True
+                if time[a] > longest[t]:
+                    longest[t] = time[a]
+                if crosses[a]:
+                    sends[t] = True
+        comm = self.cost.comm
+        now = makespan = 0.0
+        in_flight = False
+        for t in range(num_ticks):
+            duration = longest[t]
+            if present[t]:
+                makespan = max(makespan, now + longest[t])
+            if self.send_latency == 0:
+                duration += comm if sends[t] else 0.0
+            elif in_flight:
+                duration = max(duration, comm)
+            in_flight = sends[t]
+            now += duration
+        return makespan
+
+    def _async_makespan(self, rows: list[list[int]]) -> float:
+        end = [-1.0] * len(self.device)
+        device_of, time, deps, comm = self.device, self.time, self.deps, self.cost.comm
+        cursor = [0] * len(rows)
+        free = [0.0] * len(rows)
+        remaining = sum(len(row) for row in rows)
+        while remaining:
+            progressed = False
+            for device, row in enumerate(rows):
+                while cursor[device] < len(row):
+                    a = row[cursor[device]]
+                    start = free[device]
+                    if any(end[producer] < 0 for producer, _ in deps[a]):
+                        break
+                    for producer, _ in deps[a]:
+                        hop = comm if device_of[producer] != device else 0.0
+                        start = max(start, end[producer] + hop)
+                    end[a] = free[device] = start + time[a]
+                    cursor[device] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                return float("inf")
+        return max(free, default=0.0)

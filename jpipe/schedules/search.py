@@ -1,0 +1,342 @@
+"""Search a schedule: the least simulated makespan under a per-device memory limit.
+
+    schedule = jpipe.schedules.search(4, 16, cost, memory_limit=4, virtual=2)
+    result = jpipe.schedules.search_result(4, 16, cost, memory_limit=4, virtual=2)  # with the baseline
+
+The search
+  1. builds every named schedule (`SCHEDULES`) for every `virtual` from 1 to the given one that it
+     accepts, simulates it (the objective: `simulate(schedule, cost, mode, send_latency=...)`'s
+     makespan) and keeps those whose `peak_memory` fits: the best of them is the baseline;
+  2. proposes more starting points with a lockstep list scheduler (`jpipe.schedules.greedy`) under
+     a grid of policies (backward or forward first, weight-gradient lag, warm-up depth, chunk
+     order) on every placement those named schedules use (loop with 1..virtual chunks, V);
+  3. improves the best starting points by local search over per-device orders
+     (`jpipe.schedules.local_search`), spending an evaluation budget;
+  4. returns the best schedule found, checked with `validate` and `simulate`, or the baseline itself
+     when nothing beats it: never worse than the best named schedule that fits.
+
+Every searched schedule has F, I and W actions only (B split) and a named schedule's placement, so
+the executor runs it unchanged. Memory is `peak_memory` with `cost.weight_residuals`, in microbatch
+x full device stage (a device's whole share of the model holding one microbatch's stash).
+
+Costs: a `Cost` gives per-chunk times (per logical stage), as `simulate` reads them; a scalar `Cost`
+then means that a chunk of a v-chunk schedule costs as much as a whole stage of a 1-chunk one, so to
+compare different `virtual` for one model pass a function `virtual -> Cost` instead (e.g. built with
+`jpipe.schedules.balance.stage_costs` for that many stages). A `Cost` with per-stage tuples only
+applies to schedules with that many stages.
+
+Determinism: every random choice comes from `random.Random(seed)`; a run is reproducible for a seed
+and a budget unless `time_limit` cuts it short (`SearchResult.timed_out`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+
+from jpipe.schedules.generators import SCHEDULES, build
+from jpipe.schedules.greedy import Policy, list_schedule
+from jpipe.schedules.ir import Schedule, ScheduleError
+from jpipe.schedules.local_search import EPSILON, improve
+from jpipe.schedules.orders import Orders
+from jpipe.schedules.simulate import MODES, Cost, simulate
+from jpipe.schedules.validate import validate
+
+CostModel = Cost | Callable[[int], Cost]
+
+
+@dataclasses.dataclass(frozen=True)
+class Named:
+    """A named schedule as the search saw it: its simulated makespan and per-device peak memory."""
+
+    schedule: Schedule
+    virtual: int
+    makespan: float
+    memory: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """What `search_result` found.
+
+    Attributes:
+      schedule: the chosen schedule (the baseline itself when nothing beat it).
+      makespan: its simulated makespan (`simulate(schedule, cost, mode, send_latency=...)`).
+      peak_memory: its per-device peak memory (microbatch x full device stage).
+      cost: the `Cost` of its `virtual` (what to simulate it with).
+      baseline: the best named schedule that fits the limit.
+      baseline_makespan: its simulated makespan.
+      named: every named schedule built, fitting or not, in build order.
+      evaluations: orders evaluated (list-scheduled and local-search moves).
+      seconds: wall time of the search.
+      timed_out: whether `time_limit` stopped the search before its budget was spent.
+    """
+
+    schedule: Schedule
+    makespan: float
+    peak_memory: tuple[float, ...]
+    cost: Cost
+    baseline: Schedule
+    baseline_makespan: float
+    named: tuple[Named, ...]
+    evaluations: int
+    seconds: float
+    timed_out: bool
+
+    @property
+    def ratio(self) -> float:
+        """Searched makespan over the baseline's (<= 1)."""
+        return self.makespan / self.baseline_makespan if self.baseline_makespan else 1.0
+
+
+def search(
+    num_devices: int,
+    num_microbatches: int,
+    cost: CostModel | None = None,
+    *,
+    memory_limit: float,
+    virtual: int = 2,
+    mode: str = "lockstep",
+    send_latency: int = 0,
+    time_limit: float = 30.0,
+    seed: int = 0,
+    budget: int = 20_000,
+) -> Schedule:
+    """A valid schedule with the least simulated makespan found, every device within `memory_limit`.
+
+    Args:
+      num_devices: pipeline devices `p`.
+      num_microbatches: microbatches `m`.
+      cost: a `Cost` (per logical stage, as `simulate` reads it) or a function `virtual -> Cost`;
+        default `Cost()`.
+      memory_limit: the most live stash plus weight residuals per device, in microbatch x full
+        device stage (`peak_memory`'s unit).
+      virtual: the most stages (chunks) per device to consider (1 to `virtual`).
+      mode: the simulator's mode to minimise: "lockstep" (the SPMD executor) or "async".
+      send_latency: lockstep: extra ticks per message between devices (1: the executor's hidden
+        sends; see `jpipe.schedules.ticks.pack`).
+      time_limit: seconds after which the search stops and returns the best found so far.
+      seed: seed of every random choice.
+      budget: how many orders to evaluate (about 0.2 ms each at p = 4, m = 16).
+
+    Returns:
+      The schedule (named "auto" when searched, else the best named schedule as built).
+
+    Raises:
+      ValueError: bad arguments, or no schedule fits `memory_limit` (the message gives the smallest
+        limit one fits).
+    """
+    return search_result(
+        num_devices,
+        num_microbatches,
+        cost,
+        memory_limit=memory_limit,
+        virtual=virtual,
+        mode=mode,
+        send_latency=send_latency,
+        time_limit=time_limit,
+        seed=seed,
+        budget=budget,
+    ).schedule
+
+
+def search_result(
+    num_devices: int,
+    num_microbatches: int,
+    cost: CostModel | None = None,
+    *,
+    memory_limit: float,
+    virtual: int = 2,
+    mode: str = "lockstep",
+    send_latency: int = 0,
+    time_limit: float = 30.0,
+    seed: int = 0,
+    budget: int = 20_000,
+) -> SearchResult:
+    """`search`, with the baseline it beat and what the search spent (see `search` for the args)."""
+    started = time.monotonic()
+    deadline = started + time_limit
+    _check_arguments(num_devices, num_microbatches, memory_limit, virtual, mode, send_latency, time_limit, budget)
+    cost_of = _cost_model(cost, num_devices, virtual)
+    named = _named(num_devices, num_microbatches, cost_of, virtual, mode, send_latency)
+    fitting = [n for n in named if max(n.memory) <= memory_limit + EPSILON]
+    if not fitting:
+        smallest = min(named, key=lambda n: max(n.memory))
+        raise ValueError(
+            f"memory_limit={memory_limit:g}: no schedule fits; the smallest limit that fits is "
+            f"{max(smallest.memory):g} ({smallest.schedule.name}, virtual {smallest.virtual}); "
+            f"memory is in microbatch x full device stage"
+        )
+    baseline = min(fitting, key=lambda n: n.makespan)
+    rng = random.Random(seed)
+    spaces = _spaces(named, num_devices, num_microbatches, cost_of, mode, send_latency)
+    starts, evaluations = _starts(spaces, fitting, memory_limit, rng, deadline)
+    remaining = max(0, budget - evaluations)
+    best_space, best_rows, best = None, None, math.inf
+    chosen_starts = starts[:_NUM_STARTS]
+    for index, (key, rows, makespan) in enumerate(chosen_starts):
+        # Half of the budget to the best start, the rest shared by the next ones.
+        share = remaining // 2 if index == 0 and len(chosen_starts) > 1 else remaining // (len(chosen_starts) - index)
+        rows, makespan, used = improve(spaces[key], rows, memory_limit, rng, share, deadline)
+        remaining -= used
+        evaluations += used
+        if makespan < best - EPSILON:
+            best_space, best_rows, best = spaces[key], rows, makespan
+    timed_out = time.monotonic() > deadline
+    chosen = _chosen(baseline, best_space, best_rows, best, mode, send_latency, memory_limit)
+    return SearchResult(
+        schedule=chosen.schedule,
+        makespan=chosen.makespan,
+        peak_memory=chosen.memory,
+        cost=cost_of[chosen.virtual],
+        baseline=baseline.schedule,
+        baseline_makespan=baseline.makespan,
+        named=tuple(named),
+        evaluations=evaluations,
+        seconds=time.monotonic() - started,
+        timed_out=timed_out,
+    )
+
+
+_NUM_STARTS = 4  # how many of the best starting points the local search improves
+
+
+def _check_arguments(
+    p: int, m: int, limit: float, virtual: int, mode: str, latency: int, time_limit: float, budget: int
+) -> None:
+    for name, value in (("num_devices", p), ("num_microbatches", m), ("virtual", virtual)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise ValueError(f"memory_limit: expected a number > 0 (microbatch x full device stage), got {limit!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if isinstance(latency, bool) or not isinstance(latency, int) or latency < 0:
+        raise ValueError(f"send_latency: expected an int >= 0, got {latency!r}")
+    if not time_limit > 0:
+        raise ValueError(f"time_limit: expected seconds > 0, got {time_limit!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget: expected an int >= 0, got {budget!r}")
+
+
+def _cost_model(cost: CostModel | None, p: int, virtual: int) -> dict[int, Cost]:
+    """The `Cost` of every virtual the search may use."""
+    if cost is None:
+        cost = Cost()
+    costs = {}
+    for v in range(1, virtual + 1):
+        if isinstance(cost, Cost):
+            if cost.num_stages in (None, p * v):
+                costs[v] = cost
+        else:
+            one = cost(v)
+            if not isinstance(one, Cost):
+                raise ValueError(f"cost({v}): expected a Cost, got {one!r}")
+            one.check_stages(p * v)
+            costs[v] = one
+    if not costs:
+        raise ValueError(f"cost gives times for {cost.num_stages} stages: not p * v for p = {p}, v <= {virtual}")
+    return costs
+
+
+def _named(p: int, m: int, cost_of: dict[int, Cost], virtual: int, mode: str, latency: int) -> list[Named]:
+    named = []
+    for name in SCHEDULES:
+        for v in sorted(cost_of):
+            try:
+                schedule = build(name, p, m, v)
+            except ScheduleError:
+                continue
+            sim = simulate(schedule, cost_of[v], mode, send_latency=latency)
+            named.append(Named(schedule, v, sim.makespan, sim.peak_memory))
+    return named
+
+
+def _spaces(
+    named: list[Named], p: int, m: int, cost_of: dict[int, Cost], mode: str, latency: int
+) -> dict[tuple[int, ...], Orders]:
+    """One search space per placement the named schedules use."""
+    spaces = {}
+    for n in named:
+        placement = n.schedule.placement
+        if placement not in spaces:
+            spaces[placement] = Orders(p, m, placement, cost_of[n.virtual], mode, latency)
+    return spaces
+
+
+def _policies(p: int, limit: float, rng: random.Random) -> list[Policy]:
+    """The list scheduler's policy grid, then a few random policies."""
+    grid = []
+    for forward_first in (False, True):
+        for lag in (0, 1, 2, 1 << 30):
+            for deep_first in (True, False):
+                for slope, offset in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (0, 1 << 30)):
+                    depth = tuple(float(offset + slope * (p - d)) for d in range(p))
+                    grid.append(Policy(forward_first, (lag,) * p, depth, deep_first))
+    for _ in range(16):
+        lag = tuple(rng.choice((0, 1, 2, 3, 1 << 30)) for _ in range(p))
+        depth = tuple(rng.uniform(1.0, max(1.0, limit)) for _ in range(p))
+        grid.append(Policy(rng.random() < 0.5, lag, depth, rng.random() < 0.5, noise=0.05, seed=rng.randrange(1 << 30)))
+    return grid
+
+
+def _starts(
+    spaces: dict[tuple[int, ...], Orders],
+    fitting: list[Named],
+    limit: float,
+    rng: random.Random,
+    deadline: float,
+) -> tuple[list[tuple[tuple[int, ...], list[list[int]], float]], int]:
+    """Starting points, best first: the fitting named schedules and list-scheduled orders."""
+    starts = []
+    evaluations = 0
+    seen = set()
+    for n in fitting:
+        space = spaces[n.schedule.placement]
+        rows = space.rows_of(n.schedule)
+        starts.append((n.schedule.placement, rows, space.makespan(rows)))
+        seen.add(_fingerprint(rows))
+        evaluations += 1
+    p = next(iter(spaces.values())).num_devices
+    for policy in _policies(p, limit, rng):
+        for placement, space in spaces.items():
+            if time.monotonic() > deadline:
+                break
+            rows = list_schedule(space, policy, limit)
+            evaluations += 1
+            if rows is None or max(space.memory(row) for row in rows) > limit + EPSILON:
+                continue
+            key = _fingerprint(rows)
+            if key in seen:
+                continue
+            seen.add(key)
+            starts.append((placement, rows, space.makespan(rows)))
+    starts.sort(key=lambda start: start[2])
+    return starts, evaluations
+
+
+def _fingerprint(rows: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(row) for row in rows)
+
+
+def _chosen(
+    baseline: Named,
+    space: Orders | None,
+    rows: list[list[int]] | None,
+    makespan: float,
+    mode: str,
+    latency: int,
+    limit: float,
+) -> Named:
+    """The searched schedule, checked by `validate` and `simulate`, if it beats the baseline."""
+    if space is None or rows is None or not makespan < baseline.makespan - EPSILON:
+        return baseline
+    schedule = space.schedule(rows)
+    validate(schedule)
+    sim = simulate(schedule, space.cost, mode, send_latency=latency)
+    if abs(sim.makespan - makespan) > 1e-6 * max(1.0, makespan) or max(sim.peak_memory) > limit + EPSILON:
+        raise AssertionError(f"search: the fast evaluation ({makespan}) disagrees with simulate ({sim.makespan})")
+    return Named(schedule, space.virtual, sim.makespan, sim.peak_memory)
