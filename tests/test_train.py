@@ -189,7 +189,10 @@ def test_readme_quick_start_trains_with_falling_loss(tmp_path):
 def test_checkpoint_written_before_the_pipeline_memory_changes_still_resumes(tmp_path):
     """A tiny-preset checkpoint (step 2 of 4) written by jpipe at commit c36cb8d, before the
     embedding moved into the pipeline and inputs stopped being replicated. Checkpoints are stored
-    by layer, so the resumed run must give that version's losses for steps 3 and 4."""
+    by layer, so the resumed run must give that version's losses for steps 3 and 4.
+
+    The run read the fixture's own corpus (that commit's README), not the default corpus: the
+    Python standard library's sources differ between Python versions, and so would the batches."""
     import shutil
 
     from jpipe.train.loop import train
@@ -199,6 +202,7 @@ def test_checkpoint_written_before_the_pipeline_memory_changes_still_resumes(tmp
     shutil.copytree(fixture / "2", out / "checkpoints" / "2")
     old = {row["step"]: row["loss"] for row in map(json.loads, (fixture / "metrics.jsonl").read_text().splitlines())}
     config = _tiny(out, steps=4, checkpoint_every=2, eval_every=100)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(fixture / "corpus.md")))
     resumed = train(config, resume=True, stream=io.StringIO())
     assert resumed.first_step == 3
     np.testing.assert_allclose(resumed.losses, [old[3], old[4]], rtol=1e-5)
