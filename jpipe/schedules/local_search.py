@@ -1,11 +1,13 @@
 """Local search over per-device orders: move one action within its device's list, keep what helps.
 
-A move takes one action and puts it elsewhere in its device's list, between the same-device actions
-it needs and those that need it (so the list stays locally valid; a cross-device deadlock shows as an
-infinite makespan and is refused). A move is kept when the simulated makespan does not grow and every
-device's peak memory stays within the limit; equal-makespan moves are kept too (the search walks
-plateaus, which is how a W drifts into a bubble). Everything random comes from one seeded
-`random.Random`, so a run is reproducible for a seed and a number of moves.
+A move takes one action and puts it elsewhere in its device's list, at most a few positions away
+(the distance drawn per move), between the same-device actions it needs and those that need it
+(so the list stays locally valid). A cross-device deadlock shows as an infinite makespan and is
+refused. A move is kept when the simulated makespan does not grow and every device's peak memory
+stays within the limit; equal-makespan moves are kept too (the search walks plateaus, which is how
+a W drifts into a bubble).
+Everything random comes from one seeded `random.Random`, so a run is reproducible for a seed and a
+number of moves.
 """
 
 from __future__ import annotations
@@ -30,6 +32,60 @@ def same_device_links(space: Orders) -> tuple[list[list[int]], list[list[int]]]:
     return needs, needed_by
 
 
+class _Search:
+    """The state of one hill climb: rows, each action's position, the current makespan."""
+
+    def __init__(self, space: Orders, rows: list[list[int]], memory_limit: float, rng: random.Random) -> None:
+        self.space, self.rng = space, rng
+        self.rows = [list(row) for row in rows]
+        self.needs, self.needed_by = same_device_links(space)
+        self.position = [0] * len(space.device)
+        for row in self.rows:
+            for i, a in enumerate(row):
+                self.position[a] = i
+        self.current = space.makespan(self.rows)
+        self.limit = memory_limit + EPSILON
+
+    def relocate(self, d: int, far: int) -> tuple[int, int] | None:
+        """A random move of one action of device `d` by at most `far` positions: (from, to)."""
+        row, position = self.rows[d], self.position
+        i = self.rng.randrange(len(row))
+        a = row[i]
+        low = max((position[x] + 1 for x in self.needs[a]), default=0)
+        high = min((position[x] - 1 for x in self.needed_by[a]), default=len(row) - 1)
+        low, high = max(low, i - far), min(high, i + far)
+        if high <= low:
+            return None
+        j = self.rng.randrange(low, high)
+        return (i, j + 1 if j >= i else j)
+
+    def step(self, reach: tuple[int, ...]) -> bool:
+        """Propose one move; return whether it was evaluated (feasible and not a no-op)."""
+        rows, rng = self.rows, self.rng
+        d = rng.randrange(len(rows))
+        row = rows[d]
+        if len(row) < 2:
+            return False
+        far = reach[rng.randrange(len(reach))]
+        move = self.relocate(d, far)
+        if move is None:
+            return False
+        i, j = move
+        moved = row[:i] + row[i + 1 :]
+        moved.insert(j, row[i])
+        if self.space.memory(moved) > self.limit:
+            return False
+        rows[d] = moved
+        makespan = self.space.makespan(rows)
+        if makespan <= self.current + EPSILON:
+            self.current = min(self.current, makespan)
+            for k in range(min(i, j), max(i, j) + 1):
+                self.position[moved[k]] = k
+        else:
+            rows[d] = row
+        return True
+
+
 def improve(
     space: Orders,
     rows: list[list[int]],
@@ -39,57 +95,25 @@ def improve(
     deadline: float,
     reach: tuple[int, ...] = (2, 6, 24),
 ) -> tuple[list[list[int]], float, int]:
-    """Hill-climb from `rows` for `moves` proposed moves or until `time.monotonic() > deadline`.
+    """Hill-climb from `rows` for `moves` evaluated moves or until `time.monotonic() > deadline`.
 
     Args:
-      space: the placement, costs, mode and latency (the objective is `space.evaluate`).
+      space: the placement, costs, mode and latency (the objective is `space.makespan`).
       rows: a feasible starting point (not modified).
       memory_limit: per-device peak limit (microbatch x full device stage).
       rng: the only source of randomness.
-      moves: how many moves to propose.
+      moves: how many moves to evaluate (at most 4x as many are proposed).
       deadline: a `time.monotonic()` value after which the search stops.
       reach: how far (positions) a move may take an action: one of these, drawn per move.
 
     Returns:
-      (best rows, their makespan, moves proposed).
+      (best rows, their makespan, moves evaluated).
     """
-    rows = [list(row) for row in rows]
-    needs, needed_by = same_device_links(space)
-    position = [0] * len(space.device)
-    for row in rows:
-        for i, a in enumerate(row):
-            position[a] = i
-    current = space.evaluate(rows).makespan
-    limit = memory_limit + EPSILON
-    proposed = 0
-    busy = [d for d, row in enumerate(rows) if len(row) > 1]
-    while proposed < moves and busy:
+    search = _Search(space, rows, memory_limit, rng)
+    evaluated = proposed = 0
+    while evaluated < moves and proposed < 4 * moves:
         if proposed % 64 == 0 and time.monotonic() > deadline:
             break
         proposed += 1
-        d = busy[rng.randrange(len(busy))]
-        row = rows[d]
-        i = rng.randrange(len(row))
-        a = row[i]
-        low = max((position[x] + 1 for x in needs[a]), default=0)
-        high = min((position[x] - 1 for x in needed_by[a]), default=len(row) - 1)
-        far = reach[rng.randrange(len(reach))]
-        low, high = max(low, i - far), min(high, i + far)
-        if high <= low:
-            continue
-        j = rng.randrange(low, high)
-        if j >= i:
-            j += 1
-        moved = row[:i] + row[i + 1 :]
-        moved.insert(j, a)
-        if space.memory(moved) > limit:
-            continue
-        rows[d] = moved
-        makespan = space.makespan(rows)
-        if makespan <= current + EPSILON:
-            current = min(current, makespan)
-            for k in range(min(i, j), max(i, j) + 1):
-                position[moved[k]] = k
-        else:
-            rows[d] = row
-    return rows, current, proposed
+        evaluated += search.step(reach)
+    return search.rows, search.current, evaluated

@@ -161,7 +161,7 @@ def search_result(
     deadline = started + time_limit
     _check_arguments(num_devices, num_microbatches, memory_limit, virtual, mode, send_latency, time_limit, budget)
     cost_of = _cost_model(cost, num_devices, virtual)
-    named = _named(num_devices, num_microbatches, cost_of, virtual, mode, send_latency)
+    named, spaces = _named(num_devices, num_microbatches, cost_of, mode, send_latency)
     fitting = [n for n in named if max(n.memory) <= memory_limit + EPSILON]
     if not fitting:
         smallest = min(named, key=lambda n: max(n.memory))
@@ -172,8 +172,7 @@ def search_result(
         )
     baseline = min(fitting, key=lambda n: n.makespan)
     rng = random.Random(seed)
-    spaces = _spaces(named, num_devices, num_microbatches, cost_of, mode, send_latency)
-    starts, evaluations = _starts(spaces, fitting, memory_limit, rng, deadline)
+    starts, evaluations = _starts(spaces, fitting, memory_limit, rng, deadline, budget)
     remaining = max(0, budget - evaluations)
     best_space, best_rows, best = None, None, math.inf
     chosen_starts = starts[:_NUM_STARTS]
@@ -242,44 +241,55 @@ def _cost_model(cost: CostModel | None, p: int, virtual: int) -> dict[int, Cost]
     return costs
 
 
-def _named(p: int, m: int, cost_of: dict[int, Cost], virtual: int, mode: str, latency: int) -> list[Named]:
-    named = []
+def _named(
+    p: int, m: int, cost_of: dict[int, Cost], mode: str, latency: int
+) -> tuple[list[Named], dict[tuple[int, ...], Orders]]:
+    """Every named schedule that builds, simulated, and one search space per placement they use.
+
+    In lockstep mode `simulate` runs every B as I then W, so the fast evaluation of the split
+    schedule gives its makespan and memory exactly; in async mode `simulate` itself is used.
+    """
+    named, spaces = [], {}
     for name in SCHEDULES:
         for v in sorted(cost_of):
             try:
                 schedule = build(name, p, m, v)
             except ScheduleError:
                 continue
-            sim = simulate(schedule, cost_of[v], mode, send_latency=latency)
-            named.append(Named(schedule, v, sim.makespan, sim.peak_memory))
-    return named
+            placement = schedule.placement
+            if placement not in spaces:
+                spaces[placement] = Orders(p, m, placement, cost_of[v], mode, latency)
+            if mode == "lockstep":
+                space = spaces[placement]
+                score = space.evaluate(space.rows_of(schedule))
+                named.append(Named(schedule, v, score.makespan, score.memory))
+            else:
+                sim = simulate(schedule, cost_of[v], mode, send_latency=latency)
+                named.append(Named(schedule, v, sim.makespan, sim.peak_memory))
+    return named, spaces
 
 
-def _spaces(
-    named: list[Named], p: int, m: int, cost_of: dict[int, Cost], mode: str, latency: int
-) -> dict[tuple[int, ...], Orders]:
-    """One search space per placement the named schedules use."""
-    spaces = {}
-    for n in named:
-        placement = n.schedule.placement
-        if placement not in spaces:
-            spaces[placement] = Orders(p, m, placement, cost_of[n.virtual], mode, latency)
-    return spaces
+_LIST_COST = 20  # one list-scheduled order costs about as much as this many evaluations
+_LIST_SHARE = 5  # list scheduling spends at most 1 / this of the budget
 
 
 def _policies(p: int, limit: float, rng: random.Random) -> list[Policy]:
-    """The list scheduler's policy grid, then a few random policies."""
+    """The list scheduler's policy grid and as many random policies, in a random order."""
     grid = []
     for forward_first in (False, True):
         for lag in (0, 1, 2, 1 << 30):
             for deep_first in (True, False):
-                for slope, offset in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (0, 1 << 30)):
-                    depth = tuple(float(offset + slope * (p - d)) for d in range(p))
-                    grid.append(Policy(forward_first, (lag,) * p, depth, deep_first))
-    for _ in range(16):
+                for align in (False, True):
+                    for slope, offset in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (0, 1 << 30)):
+                        depth = tuple(float(offset + slope * (p - d)) for d in range(p))
+                        grid.append(Policy(forward_first, (lag,) * p, depth, deep_first, align))
+    for _ in range(len(grid)):
         lag = tuple(rng.choice((0, 1, 2, 3, 1 << 30)) for _ in range(p))
         depth = tuple(rng.uniform(1.0, max(1.0, limit)) for _ in range(p))
-        grid.append(Policy(rng.random() < 0.5, lag, depth, rng.random() < 0.5, noise=0.05, seed=rng.randrange(1 << 30)))
+        noise = rng.choice((0.0, 0.02, 0.1))
+        flags = [rng.random() < 0.5 for _ in range(3)]
+        grid.append(Policy(flags[0], lag, depth, flags[1], flags[2], noise=noise, seed=rng.randrange(1 << 30)))
+    rng.shuffle(grid)
     return grid
 
 
@@ -289,8 +299,12 @@ def _starts(
     limit: float,
     rng: random.Random,
     deadline: float,
+    budget: int,
 ) -> tuple[list[tuple[tuple[int, ...], list[list[int]], float]], int]:
-    """Starting points, best first: the fitting named schedules and list-scheduled orders."""
+    """Starting points, best first: the fitting named schedules and list-scheduled orders.
+
+    List scheduling spends about `budget / _LIST_SHARE` evaluations' worth of time.
+    """
     starts = []
     evaluations = 0
     seen = set()
@@ -301,12 +315,13 @@ def _starts(
         seen.add(_fingerprint(rows))
         evaluations += 1
     p = next(iter(spaces.values())).num_devices
-    for policy in _policies(p, limit, rng):
+    lists = max(1, budget // (_LIST_SHARE * _LIST_COST * len(spaces)))
+    for policy in _policies(p, limit, rng)[:lists]:
         for placement, space in spaces.items():
             if time.monotonic() > deadline:
                 break
             rows = list_schedule(space, policy, limit)
-            evaluations += 1
+            evaluations += _LIST_COST
             if rows is None or max(space.memory(row) for row in rows) > limit + EPSILON:
                 continue
             key = _fingerprint(rows)

@@ -1,0 +1,320 @@
+"""Schedule search: per-stage costs, the fast evaluation, the search's guarantees, layer balancing.
+
+The LM-like costs are `ModelCosts.transformer` FLOPs of a Llama-2-7B-sized decoder (d_model 4096,
+sequence 4096, vocabulary 32000, 32 layers on 4 devices): the last stage's F also runs the head's
+forward and backward (1.21x a middle stage's F with one stage per device, 1.42x per chunk with two).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import jax
+import pytest
+from conftest import make_mesh_or_skip
+from pipeline_cases import assert_trees_close, loss_fn, make_problem, reference_value_and_grad, stage_fn
+
+import jpipe
+from jpipe import schedules
+from jpipe.schedules import (
+    SCHEDULES,
+    Cost,
+    ModelCosts,
+    ScheduleError,
+    balance_layers,
+    build,
+    peak_memory,
+    search,
+    search_result,
+    simulate,
+    split_backward,
+    stage_costs,
+    validate,
+)
+from jpipe.schedules.orders import Orders
+
+LAYERS = 32
+LM = ModelCosts.transformer(d_model=4096, seq_len=4096, vocab_size=32000)
+
+
+def lm_cost(num_devices: int, virtual: int) -> Cost:
+    """Per-chunk costs of the LM-like model with its layers spread evenly over `p * virtual` stages."""
+    stages = num_devices * virtual
+    return stage_costs([LAYERS // stages] * stages, LM)
+
+
+def exactly(value: float):
+    return pytest.approx(value, rel=1e-12, abs=1e-9)
+
+
+# --- per-stage costs ----------------------------------------------------------------------------
+
+
+def test_per_stage_costs_are_checked():
+    with pytest.raises(ValueError, match="one length"):
+        Cost(f=(1.0, 2.0), i=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"Cost.w\[1\] must be finite and >= 0"):
+        Cost(w=(1.0, -1.0))
+    with pytest.raises(ValueError, match="pass the stage"):
+        Cost(f=(1.0, 2.0)).of(schedules.Op.F)
+    with pytest.raises(ValueError, match="cost gives times for 3 stages, the schedule has 2"):
+        simulate(build("1f1b", 2, 2), Cost(f=(1.0, 1.0, 1.0)))
+    assert Cost(f=[1.0, 2.0]).f == (1.0, 2.0) and Cost(f=(1.0, 2.0)).num_stages == 2 and Cost().num_stages is None
+    assert Cost(f=(1.0, 2.0), i=0.5).at(1) == Cost(f=2.0, i=0.5)
+
+
+def test_per_stage_costs_time_each_stage():
+    """gpipe, p = 2, m = 1: F0 F1 then the backwards; each op takes its own stage's time."""
+    cost = Cost(f=(1.0, 3.0), b=(2.0, 5.0), i=(1.5, 4.0), w=(0.5, 1.0))
+    schedule = build("gpipe", 2, 1)
+    assert simulate(schedule, cost, "async").makespan == exactly(1 + 3 + 5 + 2)
+    # lockstep splits B: F0 | F1 | I1 | W1, I0 | W0, each tick as long as its slowest op
+    lockstep = simulate(schedule, cost, "lockstep")
+    assert lockstep.makespan == exactly(1 + 3 + 4 + max(1.0, 1.5) + 0.5)
+    durations = {str(e.action): e.end - e.start for e in lockstep.timeline}
+    assert durations == {"0F0": 1.0, "1F0": 3.0, "1I0": 4.0, "1W0": 1.0, "0I0": 1.5, "0W0": 0.5}
+
+
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_equal_per_stage_costs_simulate_like_scalars(mode):
+    scalar = Cost(f=1.0, b=2.5, i=1.5, w=1.0, comm=0.25)
+    for name in SCHEDULES:
+        for virtual in (1, 2):
+            try:
+                schedule = build(name, 4, 8, virtual)
+            except ScheduleError:
+                continue
+            stages = schedule.num_stages
+            tuples = Cost(f=(1.0,) * stages, b=(2.5,) * stages, i=(1.5,) * stages, w=(1.0,) * stages, comm=0.25)
+            assert simulate(schedule, tuples, mode).makespan == exactly(simulate(schedule, scalar, mode).makespan)
+
+
+def test_best_split_and_the_executor_read_per_stage_costs():
+    schedule = build("1f1b", 2, 4)
+    heavy_weights = Cost(f=(1.0, 1.0), b=(2.0, 2.0), i=(0.2, 0.2), w=(1.8, 1.8))
+    assert schedules.best_split(schedule, heavy_weights) == schedules.best_split(schedule, heavy_weights.at(0))
+
+
+def test_fast_evaluation_equals_simulate():
+    """The search's inner loop gives `simulate`'s makespan and `peak_memory`, any cost and latency."""
+    rng = random.Random(0)
+    checked = 0
+    for name in SCHEDULES:
+        for p, m, virtual in ((2, 3, 1), (3, 7, 2), (4, 8, 2), (4, 9, 1)):
+            try:
+                schedule = build(name, p, m, virtual)
+            except ScheduleError:
+                continue
+            stages = schedule.num_stages
+
+            def times():
+                return tuple(rng.uniform(0.2, 2.0) for _ in range(stages))  # noqa: B023
+
+            cost = Cost(f=times(), i=times(), w=times(), comm=rng.choice((0.0, 0.3, 1.5)), weight_residuals=0.4)
+            for mode, latency in (("lockstep", 0), ("lockstep", 1), ("async", 0)):
+                space = Orders(p, m, schedule.placement, cost, mode, latency)
+                score = space.evaluate(space.rows_of(schedule))
+                sim = simulate(split_backward(schedule), cost, mode, send_latency=latency)
+                assert score.makespan == exactly(sim.makespan), (name, p, m, mode, latency)
+                assert score.memory == tuple(exactly(x) for x in sim.peak_memory)
+                checked += 1
+    assert checked == 60  # 20 schedule shapes x 3 modes
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+
+def best_named(p: int, m: int, cost_of, limit: float, virtual: int, latency: int = 0) -> float:
+    """The least lockstep makespan of the named schedules whose peak memory fits `limit`."""
+    best = float("inf")
+    for name in SCHEDULES:
+        for v in range(1, virtual + 1):
+            try:
+                schedule = build(name, p, m, v)
+            except ScheduleError:
+                continue
+            sim = simulate(schedule, cost_of(v), "lockstep", send_latency=latency)
+            if max(sim.peak_memory) <= limit + 1e-9:
+                best = min(best, sim.makespan)
+    return best
+
+
+def check_found(schedule, cost, limit: float, latency: int = 0) -> float:
+    """Validate, check the memory limit and return the lockstep makespan."""
+    validate(schedule)
+    sim = simulate(schedule, cost, "lockstep", send_latency=latency)
+    assert max(sim.peak_memory) <= limit + 1e-9
+    assert max(peak_memory(split_backward(schedule), cost.weight_residuals)) <= limit + 1e-9
+    return sim.makespan
+
+
+UNIFORM_CASES = [(p, m) for p in (2, 4) for m in sorted({p, p + 1, 2 * p - 1, 3 * p, 4 * p})]
+UNIFORM_CASES += [(8, 8), (8, 15), (8, 32)]  # p = 8: a sample of m in p..4p
+
+
+@pytest.mark.parametrize(("p", "m"), UNIFORM_CASES, ids=[f"p{p}-m{m}" for p, m in UNIFORM_CASES])
+def test_uniform_costs_never_worse_than_the_best_named_schedule(p, m):
+    """F = I = W = 1 per chunk (a 2-chunk schedule does twice the work: simulate's meaning), weight
+    residuals a quarter of a stash; limits from one microbatch to 1.5p."""
+    cost = Cost(weight_residuals=0.25)
+    named = []
+    for name in SCHEDULES:
+        for virtual in (1, 2):
+            try:
+                schedule = build(name, p, m, virtual)
+            except ScheduleError:
+                continue
+            sim = simulate(schedule, cost, "lockstep")
+            named.append((max(sim.peak_memory), sim.makespan))
+    for limit in (1.25, p / 2 + 1.25, p + 0.25, 1.5 * p + 0.25):
+        result = search_result(p, m, cost, memory_limit=limit, virtual=2, budget=300 if p < 8 else 100, seed=1)
+        baseline = min(makespan for memory, makespan in named if memory <= limit + 1e-9)
+        assert result.baseline_makespan == exactly(baseline)
+        makespan = check_found(result.schedule, cost, limit)
+        assert makespan == exactly(result.makespan) and makespan <= baseline + 1e-9, (limit, makespan, baseline)
+
+
+LM_CASES = [(m, limit) for m in (8, 16) for limit in (4.0, 6.0, 8.0)]
+
+
+@pytest.mark.parametrize(("m", "limit"), LM_CASES, ids=[f"m{m}-L{x:g}" for m, x in LM_CASES])
+def test_lm_costs_beat_the_best_named_schedule(m, limit):
+    """p = 4, limits p, 1.5p and 2p: at least 2% under the best named schedule in a short search.
+
+    (The issue asks for 0.95x; `experiments/schedule_search.py` reports what a longer search reaches.)
+    """
+    p = 4
+    result = search_result(p, m, lambda v: lm_cost(p, v), memory_limit=limit, virtual=2, budget=4000)
+    assert result.schedule.name == "auto"
+    makespan = check_found(result.schedule, result.cost, limit)
+    assert makespan == exactly(result.makespan)
+    baseline = best_named(p, m, lambda v: lm_cost(p, v), limit, 2)
+    assert result.baseline_makespan == exactly(baseline)
+    assert makespan <= 0.98 * baseline
+
+
+def test_hidden_send_latency_is_searched_for():
+    """send_latency=1: the searched order absorbs the extra tick per message better than any named one."""
+    p, m, limit = 4, 8, 4.0
+    result = search_result(p, m, lambda v: lm_cost(p, v), memory_limit=limit, virtual=2, send_latency=1, budget=4000)
+    makespan = check_found(result.schedule, result.cost, limit, latency=1)
+    assert makespan <= 0.95 * best_named(p, m, lambda v: lm_cost(p, v), limit, 2, latency=1)
+
+
+def test_search_is_deterministic_for_a_seed():
+    p, m = 4, 8
+    runs = [search(p, m, lambda v: lm_cost(p, v), memory_limit=4.0, budget=1500, seed=7) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_nothing_fits_names_the_smallest_limit():
+    with pytest.raises(ValueError, match=r"memory_limit=0.5: no schedule fits; the smallest limit that fits is 1 "):
+        search(4, 8, Cost(), memory_limit=0.5)
+    with pytest.raises(ValueError, match="memory_limit: expected a number > 0"):
+        search(4, 8, Cost(), memory_limit=0)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        search(4, 8, Cost(), memory_limit=4, mode="mpmd")
+
+
+def test_time_limit_stops_the_search():
+    started = time.monotonic()
+    result = search_result(4, 16, lambda v: lm_cost(4, v), memory_limit=4.0, budget=10**9, time_limit=1.0)
+    assert result.timed_out and time.monotonic() - started < 3.0
+    assert result.makespan <= result.baseline_makespan
+
+
+def test_a_per_stage_cost_fixes_the_number_of_stages():
+    """A `Cost` with 4 per-stage entries at p = 2 only describes 2-chunk schedules."""
+    cost = Cost(f=(1.0, 1.0, 1.0, 2.0), i=(1.0,) * 4, w=(1.0,) * 4)
+    result = search_result(2, 4, cost, memory_limit=2.0, virtual=2, budget=200)
+    assert result.schedule.virtual == 2
+    assert all(n.virtual == 2 for n in result.named)
+    with pytest.raises(ValueError, match="cost gives times for 3 stages"):
+        search(2, 4, Cost(f=(1.0, 1.0, 1.0)), memory_limit=2.0)
+
+
+def test_async_mode_minimises_the_async_makespan():
+    cost = lm_cost(4, 1)
+    result = search_result(4, 8, cost, memory_limit=4.0, virtual=1, mode="async", budget=1000)
+    validate(result.schedule)
+    assert simulate(result.schedule, cost, "async").makespan == exactly(result.makespan)
+    assert result.makespan <= result.baseline_makespan
+
+
+# --- the executor runs what the search finds ------------------------------------------------------
+
+
+def test_searched_schedule_runs_with_parity_in_the_executor():
+    """A schedule searched for send_latency=1 runs with hidden sends: float32, relative 1e-5 against
+    the unpipelined model."""
+    p, m, latency = 4, 8, 1
+    result = search_result(p, m, lambda v: lm_cost(p, v), memory_limit=float(p), send_latency=latency, budget=1000)
+    schedule = result.schedule
+    assert schedule.name == "auto" and schedule.split_backward
+    mesh = make_mesh_or_skip((p,), ("stage",))
+    problem = make_problem(schedule.num_stages, m)
+    options = dict(schedule=schedule, mesh=mesh, cost=result.cost, overlap_sends=bool(latency))
+    step = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, **options))
+    assert step.program.send_latency == latency
+    loss, grads = step(*problem)
+    ref_loss, ref_grads = reference_value_and_grad(*problem)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
+
+
+# --- layer balancing ------------------------------------------------------------------------------
+
+
+def test_balance_layers_takes_layers_off_the_heavy_ends():
+    layer = Cost(f=1.0, b=2.0, i=1.0, w=1.0)
+    assert balance_layers(8, 4, ModelCosts(layer)) == (2, 2, 2, 2)
+    heavy_head = ModelCosts(layer, embed_f=0.5, embed_b=0.5, head_f=2.0, head_b=4.0)
+    counts = balance_layers(12, 4, heavy_head)
+    assert counts == (3, 4, 4, 1) and sum(counts) == 12
+    # the slowest stage is as fast as any split allows (every split checked)
+    best = min(
+        max(schedules.balance.stage_times(split, heavy_head))
+        for a in range(1, 10)
+        for b in range(1, 10)
+        for c in range(1, 10)
+        if 12 - a - b - c >= 1
+        for split in [(a, b, c, 12 - a - b - c)]
+    )
+    assert max(schedules.balance.stage_times(counts, heavy_head)) == exactly(best)
+    with pytest.raises(ValueError, match="cannot put 3 layers on 4 stages"):
+        balance_layers(3, 4, heavy_head)
+
+
+def test_stage_costs_put_the_embedding_and_head_where_the_executor_runs_them():
+    model = ModelCosts(Cost(f=1.0, b=2.0, i=1.2, w=0.8), embed_f=0.1, embed_b=0.2, head_f=0.5, head_b=1.0)
+    cost = stage_costs((2, 3, 1), model)
+    assert cost.f == exactly_tuple((2.1, 3.0, 1.0 + 1.5))
+    assert cost.i == exactly_tuple((2.4 + 0.2, 3.6, 1.2))
+    assert cost.w == exactly_tuple((1.6, 2.4, 0.8))
+    padded = stage_costs((2, 3, 1), model, padded=True)
+    assert padded.f == exactly_tuple((3.1, 3.0, 3.0 + 1.5))
+
+
+def test_balanced_counts_are_a_stage_layout_of_the_lm():
+    from jpipe.models.layout import StageLayout
+
+    counts = balance_layers(6, 4, ModelCosts(Cost(), head_f=1.0, head_b=2.0))
+    layout = StageLayout(counts)
+    assert layout.num_layers == 6 and layout.layer_counts == counts
+
+
+def test_transformer_costs_match_the_flop_formulas():
+    model = ModelCosts.transformer(d_model=64, seq_len=32, vocab_size=256, mlp_ratio=4)
+    forward = 24 * 64 * 64 + 4 * 32 * 64
+    assert model.layer.f == 1.0
+    assert model.layer.i == exactly((24 * 64 * 64 + 8 * 32 * 64) / forward)
+    assert model.layer.w == exactly(24 * 64 * 64 / forward)
+    assert model.layer.b == exactly(model.layer.i + model.layer.w)
+    assert model.head_f == exactly(2 * 64 * 256 / forward) and model.head_b == exactly(2 * model.head_f)
+    last = lm_cost(4, 1)
+    assert last.f[3] / last.f[1] == pytest.approx(1.21, abs=0.01)
+
+
+def exactly_tuple(values):
+    return tuple(exactly(v) for v in values)
