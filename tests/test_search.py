@@ -7,7 +7,10 @@ forward and backward (1.21x a middle stage's F with one stage per device, 1.42x 
 
 from __future__ import annotations
 
+import pathlib
 import random
+import subprocess
+import sys
 import time
 
 import jax
@@ -318,3 +321,16 @@ def test_transformer_costs_match_the_flop_formulas():
 
 def exactly_tuple(values):
     return tuple(exactly(v) for v in values)
+
+
+def test_experiment_prints_and_writes_its_table(tmp_path):
+    """experiments/schedule_search.py at a tiny budget: the table, the chart and a CSV that reads back."""
+    script = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "schedule_search.py"
+    args = ["--out", str(tmp_path), "--budget", "300", "--microbatches", "8", "--latencies", "0"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "schedule_search.md").read_text()
+    assert table.count("\n") == 2 + 3 and "| 0 | 8 | 4 | zbv (2) |" in table
+    searched = schedules.from_csv((tmp_path / "searched-p4-m8.csv").read_text())
+    validate(searched)
+    assert "auto: p=4 m=8 v=2" in result.stdout

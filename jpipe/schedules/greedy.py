@@ -11,9 +11,8 @@ repacked by the simulator like any schedule; the list scheduler only proposes th
 Memory is counted as `jpipe.schedules.peak_memory` counts it (microbatch x full device stage: an F
 stashes `1 / virtual`, an I keeps `weight_residuals / virtual`, a W frees both). An F that brings a
 new microbatch onto a device (the device's first stage) also needs room for the microbatch's later
-chunks on that device and one weight residual, so that the oldest microbatch in flight can always
-finish; with that reservation no order deadlocks for lack of memory when the limit holds one
-microbatch.
+chunks on that device and one weight residual, so that the oldest microbatch in flight can finish;
+an order that gets stuck all the same is dropped (`list_schedule` returns None).
 """
 
 from __future__ import annotations
