@@ -19,7 +19,7 @@ import pytest
 
 from jpipe import compile as jcompile
 from jpipe.compile import CompileSetupError, compile_training_step, fit_data_parallelism, topology_devices
-from jpipe.parallel.hlo import COLLECTIVES
+from jpipe.parallel.hlo import COLLECTIVES, permute_overlaps
 from jpipe.schedules.generators import SCHEDULES
 from jpipe.train.loop import build_train_step, training_mesh
 from jpipe.train.presets import TrainConfig, preset
@@ -54,8 +54,10 @@ def _small(schedule: str = "1f1b", *, data: int = 1, stage: int = 4) -> TrainCon
 
 
 @functools.cache
-def _compiled(schedule: str) -> jcompile.CompiledStep:
-    return compile_training_step(_small(schedule), "v5e:2x2")
+def _compiled(schedule: str, overlap_sends: bool = False) -> jcompile.CompiledStep:
+    config = _small(schedule)
+    parallel = dataclasses.replace(config.parallel, overlap_sends=overlap_sends)
+    return compile_training_step(dataclasses.replace(config, parallel=parallel), "v5e:2x2")
 
 
 def _state_bytes_per_device(config: TrainConfig, topology: str) -> int:
@@ -227,3 +229,17 @@ def test_cli_a_step_larger_than_the_chip_is_refused_with_status_3():
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stderr.startswith("error: the training step does not fit on v5e:2x2 (TPU v5 lite): Ran out of memory")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@needs_libtpu
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_hidden_sends_have_a_matmul_in_flight_on_tpu(schedule):
+    """overlap_sends: the TPU compiler schedules compute between every pipeline permute's start and done.
+
+    Without it each permute sits alone in a channel-skipping cond branch, start directly followed by
+    done: nothing overlaps (the contrast shows the check can fail).
+    """
+    hidden = [o for o in permute_overlaps(_compiled(schedule, overlap_sends=True).hlo_text) if o.in_loop]
+    exposed = [o for o in permute_overlaps(_compiled(schedule).hlo_text) if o.in_loop]
+    assert hidden and all(o.hidden for o in hidden), [(o.name, o.matmuls_in_flight) for o in hidden]
+    assert exposed and not any(o.hidden for o in exposed)

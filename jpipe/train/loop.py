@@ -39,7 +39,7 @@ from jpipe.models.pipelined import PipelinedLM
 from jpipe.parallel.mesh import DATA, STAGE, TENSOR, make_mesh
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
-from jpipe.pipeline.executor import resolve_split
+from jpipe.pipeline.executor import resolve_overlap, resolve_split
 from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import as_dict
 from jpipe.train.data import ByteDataset, build_corpus
@@ -177,6 +177,7 @@ def build_train_step(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
         rules=ShardingRules(fsdp=parallel.fsdp),
         remat=parallel.remat,
         split_backward=parallel.split_backward,
+        overlap_sends=parallel.overlap_sends,
     )
     microbatch = config.data.batch_size // parallel.microbatches
     costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
@@ -225,8 +226,9 @@ def describe(config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: 
     mesh_text = " x ".join(f"{name}={size}" for name, size in pipe.mesh.shape.items())
     cost = costs.cost()
     split = resolve_split(schedule, pipe.split_backward, cost)
+    hidden = resolve_overlap(schedule, pipe.overlap_sends, cost, split=split)
     asynchronous = schedules.simulate(schedule, cost, mode="async")
-    lockstep = schedules.simulate(schedule, cost, mode="lockstep", split_backward=split)
+    lockstep = schedules.simulate(schedule, cost, mode="lockstep", split_backward=split, send_latency=int(hidden))
     chart = schedules.render(schedule, width=160)
     lines = [
         f"mesh: {mesh_text} ({len(pipe.mesh.devices.flat)} {jax.default_backend()} devices)",
@@ -237,7 +239,8 @@ def describe(config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: 
         f"stage costs per microbatch (XLA FLOPs): {costs}",
         f"simulated with these costs (F=1, B={cost.b:.2f}, I={cost.i:.2f}, W={cost.w:.2f}): bubble "
         f"{asynchronous.bubble_fraction:.1%} async, {lockstep.bubble_fraction:.1%} lockstep (this executor, "
-        f"backward {'split into I and W' if split else 'whole'}); peak memory "
+        f"backward {'split into I and W' if split else 'whole'}, sends "
+        f"{'hidden behind the next tick' if hidden else 'after each tick'}); peak memory "
         f"{max(lockstep.peak_memory):.3g} microbatch x stage stashes (device max)",
     ]
     text = "\n".join(line for line in lines if line)
@@ -265,7 +268,10 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     if lead:
         (out / "schedule.txt").write_text(chart + "\n")
         split = resolve_split(schedule, pipe.split_backward, pipe.cost)
-        simulation = schedules.simulate(schedule, pipe.cost, mode="lockstep", split_backward=split)
+        hidden = resolve_overlap(schedule, pipe.overlap_sends, pipe.cost, split=split)
+        simulation = schedules.simulate(
+            schedule, pipe.cost, mode="lockstep", split_backward=split, send_latency=int(hidden)
+        )
         schedules.plot(simulation, out / "schedule.png")
 
     corpus = build_corpus(config.data.path, cache_dir(), config.data.max_corpus_bytes)
