@@ -38,6 +38,7 @@ from collections.abc import Iterator, Sequence
 from jpipe.parallel import hlo
 from jpipe.train.cli import add_config_arguments, build_config
 from jpipe.train.config import ConfigError
+from jpipe.train.flags import HelpFormatter
 from jpipe.train.presets import TrainConfig
 
 DEFAULT_TOPOLOGY = "v5e:2x2"
@@ -412,7 +413,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m jpipe.compile",
         description="Compile the training step of `python -m jpipe.train` for a TPU topology (no TPU needed) "
         "and print its per-device memory, collectives and compile time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Exit status: 0 compiled; 2 a bad request (unknown topology, device count mismatch, bad value); "
         "3 the step needs more memory than a device has (the TPU compiler refuses it).",
     )

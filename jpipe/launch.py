@@ -4,9 +4,10 @@
 
 Each process runs `python -m jpipe.train <args> --coordinator 127.0.0.1:PORT --num-processes N
 --process-id I` with its share of fake CPU devices and gloo collectives: the same code path as a
-real multi-host run, where each host starts its process itself (see tpu_scripts/). Process 0's
-output is shown; the others' goes to `<out>/process-<i>.log` when `--out` is given. If a process
-fails, the launcher stops the rest and exits with that process's return code.
+real multi-host run, where each host starts its process itself (see tpu_scripts/). The training
+flags are checked once, before any process starts (a bad one is a one-line error, exit status 2).
+Process 0's output is shown; the others' goes to `<out>/process-<i>.log` (the run's `--out`). If a
+process fails, the launcher stops the rest and exits with that process's return code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import socket
 import subprocess
 import sys
 import time
+
+from jpipe.train.cli import build_config, parse
+from jpipe.train.config import ConfigError
 
 
 def free_port() -> int:
@@ -36,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes < 1:
         parser.error(f"--processes: must be >= 1, got {args.processes}")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    out = None
-    if "--out" in train_args:
-        out = pathlib.Path(train_args[train_args.index("--out") + 1])
-        out.mkdir(parents=True, exist_ok=True)
+    try:  # check the training flags once, here, rather than in every process
+        config = build_config(parse(train_args))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(config.run.out)
+    out.mkdir(parents=True, exist_ok=True)
     port = args.port or free_port()
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     children: list[subprocess.Popen] = []
@@ -53,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         if index == 0:
             stdout = None
-        elif out is not None:
+        else:
             stdout = open(out / f"process-{index}.log", "w")  # noqa: SIM115 - closed below
             logs.append(stdout)
-        else:
-            stdout = subprocess.DEVNULL
         children.append(subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT if index else None))
     try:
         return _watch(children)

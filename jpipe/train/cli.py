@@ -1,74 +1,57 @@
-"""`python -m jpipe.train` / `jpipe`: train a pipelined GPT from a preset plus overrides.
+"""`jpipe` / `python -m jpipe.train`: train a pipelined GPT from a preset, a config file and flags.
 
-    python -m jpipe.train --preset quickstart --schedule zbv --stages 4 --virtual 2 \\
+    jpipe --preset quickstart --schedule zbv --stages 4 --virtual 2 \\
         --microbatches 16 --data 2 --tensor 1 --steps 200 --checkpoint-every 10 --out runs/x
+    jpipe --config exp.toml --steps 500       # flags override the file, the file the preset
+    jpipe --out runs/x --resume --stages 2     # the run's config.json, with a new layout
 
-Every value is checked (config `__post_init__`) before JAX starts; errors name the flag.
+Every configuration field has a flag (`jpipe.train.flags`); `--help` shows each one's documentation
+and the value the run would use. Every value, and every multi-host flag, is checked before JAX
+starts: a user error is one line naming the flag, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+import re
 import sys
 
 from jpipe.train.config import ConfigError
-
-# flag -> (config section, field, type)
-OVERRIDES = {
-    "schedule": ("parallel", "schedule", str),
-    "stages": ("parallel", "stage", int),
-    "virtual": ("parallel", "virtual", int),
-    "microbatches": ("parallel", "microbatches", int),
-    "data": ("parallel", "data", int),
-    "tensor": ("parallel", "tensor", int),
-    "remat": ("parallel", "remat", str),
-    "steps": ("run", "steps", int),
-    "checkpoint_every": ("run", "checkpoint_every", int),
-    "keep_checkpoints": ("run", "keep_checkpoints", int),
-    "eval_every": ("run", "eval_every", int),
-    "out": ("run", "out", str),
-    "seed": ("run", "seed", int),
-    "stop_at_step": ("run", "stop_at_step", int),
-    "learning_rate": ("optimizer", "learning_rate", float),
-    "warmup_steps": ("optimizer", "warmup_steps", int),
-    "batch_size": ("data", "batch_size", int),
-    "seq_len": ("data", "seq_len", int),
-    "data_path": ("data", "path", str),
-    "layers": ("model", "num_layers", int),
-    "d_model": ("model", "d_model", int),
-    "heads": ("model", "num_heads", int),
-    "compute_dtype": ("model", "compute_dtype", str),
-}
+from jpipe.train.configfile import ConfigFile, apply_overrides, read_saved_config, read_toml
+from jpipe.train.flags import (
+    HelpFormatter,
+    OneLineErrorParser,
+    add_config_arguments,
+    flag_name,
+    given_overrides,
+    name_flags,
+)
+from jpipe.train.presets import TrainConfig, preset
+from jpipe.train.resume import resume_config
 
 
-def add_config_arguments(result: argparse.ArgumentParser) -> None:
-    """`--preset` and one flag per configuration override (`OVERRIDES`, `--fsdp`, `--split-backward`).
-
-    `build_config` turns the parsed flags into a `TrainConfig`; `python -m jpipe.compile` shares both.
-    """
-    result.add_argument("--preset", default="quickstart", help="starting configuration (quickstart, tiny)")
-    for flag, (section, field, kind) in OVERRIDES.items():
-        result.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"{section}.{field}")
-    result.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="parallel.fsdp")
+def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.train") -> argparse.ArgumentParser:
+    """The training command line; `--help` shows `defaults` (default: the quickstart preset)."""
+    result = OneLineErrorParser(
+        prog=prog,
+        usage="%(prog)s [options]",
+        formatter_class=HelpFormatter,
+        description="Train a byte-level GPT with pipeline (x data x tensor) parallelism. Each option's default "
+        "is the preset's value (with --config's applied; with --resume, the saved run's).",
+    )
+    add_config_arguments(result, defaults)
     result.add_argument(
-        "--split-backward", action=argparse.BooleanOptionalAction, default=None, help="parallel.split_backward"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint and its config.json; only layout flags "
+        "(parallel section) may change",
     )
-
-
-def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(
-        prog="python -m jpipe.train",
-        description="Train a byte-level GPT with pipeline (x data x tensor) parallelism.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(result)
-    result.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     result.add_argument(
         "--cpu-devices",
         type=int,
         default=None,
+        metavar="N",
         help="fake CPU devices per process (default: data x stages x tensor / processes)",
     )
     multi = result.add_argument_group("multi-host (jax.distributed)")
@@ -77,70 +60,161 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="call jax.distributed.initialize() with the cluster's own settings (Cloud TPU, SLURM, ...)",
     )
-    multi.add_argument("--coordinator", default=os.environ.get("JPIPE_COORDINATOR"), help="HOST:PORT of process 0")
-    multi.add_argument("--num-processes", type=int, default=_env_int("JPIPE_NUM_PROCESSES"))
-    multi.add_argument("--process-id", type=int, default=_env_int("JPIPE_PROCESS_ID"))
+    multi.add_argument(
+        "--coordinator",
+        default=os.environ.get("JPIPE_COORDINATOR"),
+        metavar="HOST:PORT",
+        help="address of process 0; needs --num-processes and --process-id (default: $JPIPE_COORDINATOR)",
+    )
+    multi.add_argument(
+        "--num-processes",
+        type=int,
+        default=_env_int("JPIPE_NUM_PROCESSES"),
+        metavar="N",
+        help="processes in the run (default: $JPIPE_NUM_PROCESSES, else 1)",
+    )
+    multi.add_argument(
+        "--process-id",
+        type=int,
+        default=_env_int("JPIPE_PROCESS_ID"),
+        metavar="I",
+        help="this process's index, 0 to --num-processes - 1 (default: $JPIPE_PROCESS_ID)",
+    )
     multi.add_argument(
         "--heartbeat-timeout",
         type=int,
         default=30,
-        help="seconds after which a silent peer is declared dead and every process stops with an error",
+        metavar="SECONDS",
+        help="seconds after which a silent peer is declared dead and every process stops with an error (default: 30)",
     )
     return result
 
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
-    return int(value) if value else None
-
-
-def build_config(args: argparse.Namespace):
-    """The preset with the command line's overrides applied (raises ConfigError naming the flag)."""
-    from jpipe.train.presets import preset
-
-    config = preset(args.preset)
-    sections = {name: getattr(config, name) for name in ("model", "parallel", "optimizer", "data", "run")}
-    changes: dict[str, dict] = {name: {} for name in sections}
-    for flag, (section, field, _) in OVERRIDES.items():
-        value = getattr(args, flag)
-        if value is not None:
-            changes[section][field] = value
-    if args.fsdp is not None:
-        changes["parallel"]["fsdp"] = args.fsdp
-    if args.split_backward is not None:
-        changes["parallel"]["split_backward"] = args.split_backward
-    if "seq_len" in changes["data"] and changes["data"]["seq_len"] > sections["model"].seq_len:
-        changes["model"]["seq_len"] = changes["data"]["seq_len"]
+    if not value:
+        return None
     try:
-        for name, fields in changes.items():
-            if fields:
-                sections[name] = dataclasses.replace(sections[name], **fields)
-        return dataclasses.replace(config, **sections)
-    except (ConfigError, ValueError) as error:
-        flag_names = {f"{s}.{f}": "--" + flag.replace("_", "-") for flag, (s, f, _) in OVERRIDES.items()}
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name}: expected an integer, got {value!r}") from None
+
+
+def _config_file(args: argparse.Namespace) -> ConfigFile | None:
+    if getattr(args, "config", None) is None:
+        return None
+    return read_toml(args.config, preset("quickstart"))
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The configuration `args` ask for (raises ConfigError naming the flag or file at fault).
+
+    The preset (`--preset`, else the file's `preset`, else quickstart), then the config file's
+    values (`--config`), then the flags given. With `--resume` and a `config.json` in the run's
+    folder, that file replaces preset and config file as the start, and only layout fields may
+    change (`jpipe.train.resume`).
+    """
+    file = _config_file(args)
+    flags = given_overrides(args)
+    sources = {key: file.path for key in file.overrides} if file else {}
+    sources.update({key: flag_name(key) for key in flags})
+    overrides = {**(file.overrides if file else {}), **flags}
+    base = preset(args.preset or (file.preset if file else None) or "quickstart")
+    try:
+        if getattr(args, "resume", False):
+            out = overrides.get("run.out", base.run.out)
+            saved = read_saved_config(out, base)
+            if saved is not None:
+                return resume_config(saved, overrides, sources, os.path.join(out, "config.json"))
+        return apply_overrides(base, overrides)
+    except ConfigError as error:
         message = str(error)
-        for dotted, flag in flag_names.items():
-            if message.startswith(dotted):
-                message = f"{flag}: {message}"
-                break
-        raise ConfigError(message) from error
+        if message.startswith("--"):
+            raise
+        raise ConfigError(name_flags(message, sources)) from error
+
+
+def parse(argv: list[str], prog: str = "python -m jpipe.train") -> argparse.Namespace:
+    """Parse `argv`, showing in `--help` the values this very command would start from.
+
+    A first pass reads only `--preset`, `--config`, `--resume` and `--out` to build that
+    configuration; the second parses everything against a parser showing it.
+    """
+    first = argparse.ArgumentParser(add_help=False)
+    for option in ("--preset", "--config", "--out"):
+        first.add_argument(option, default=None)
+    first.add_argument("--resume", action="store_true")
+    known, _ = first.parse_known_args(argv)
+    defaults = preset("quickstart")
+    if "-h" in argv or "--help" in argv:
+        try:
+            defaults = build_config(known)
+        except ConfigError:
+            pass  # the second pass reports it, unless --help ends the program first
+    return parser(defaults, prog).parse_args(argv)
+
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^:\s]+):(\d{1,5})$")
+
+
+def check_processes(args: argparse.Namespace) -> int:
+    """The number of processes the multi-host flags describe; raises ConfigError naming a bad flag.
+
+    Without `--distributed` (where the cluster supplies the settings), more than one process needs
+    `--coordinator`, `--num-processes` and `--process-id` together.
+    """
+    if args.coordinator is not None:
+        match = _ADDRESS.match(args.coordinator)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise ConfigError(f"--coordinator: expected HOST:PORT with a port in 1-65535, got {args.coordinator!r}")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ConfigError(f"--num-processes: must be >= 1, got {args.num_processes}")
+    if args.process_id is not None:
+        if args.process_id < 0:
+            raise ConfigError(f"--process-id: must be >= 0, got {args.process_id}")
+        if args.process_id >= (args.num_processes or 1):
+            raise ConfigError(
+                f"--process-id: must be below --num-processes ({args.num_processes or 1}), got {args.process_id}"
+            )
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise ConfigError(f"--cpu-devices: must be >= 1, got {args.cpu_devices}")
+    processes = args.num_processes or 1
+    if not args.distributed:
+        if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
+            raise ConfigError("--coordinator: needs --num-processes and --process-id as well")
+        if processes > 1 and args.coordinator is None:
+            raise ConfigError(
+                f"--num-processes {processes}: needs --coordinator HOST:PORT (process 0's address) and "
+                "--process-id, or --distributed on a cluster that supplies them"
+            )
+    return processes
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 done, 2 a user error, 3 the loss diverged)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = "jpipe" if os.path.basename(sys.argv[0] if sys.argv else "") == "jpipe" else "python -m jpipe.train"
     try:
+        args = parse(argv, prog)
         config = build_config(args)
-    except (ConfigError, ValueError) as error:
+        processes = check_processes(args)
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     parallel = config.parallel
-    processes = args.num_processes or 1
-    if args.coordinator and (args.num_processes is None or args.process_id is None):
-        print("error: --coordinator needs --num-processes and --process-id", file=sys.stderr)
-        return 2
     if parallel.num_devices % processes:
-        print(f"error: {parallel.num_devices} devices do not divide over {processes} processes", file=sys.stderr)
+        print(
+            f"error: --num-processes: data {parallel.data} x stages {parallel.stage} x tensor {parallel.tensor} = "
+            f"{parallel.num_devices} devices do not divide over {processes} processes",
+            file=sys.stderr,
+        )
         return 2
+    return _run(args, config, processes)
+
+
+def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
+    """Start JAX (fake CPU devices, jax.distributed when asked) and train."""
+    parallel = config.parallel
     devices = args.cpu_devices or parallel.num_devices // processes
     # Fake CPU devices must be requested before JAX starts its backend.
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
@@ -157,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if len(jax.devices()) < parallel.num_devices:
         print(
-            f"error: data {parallel.data} x stages {parallel.stage} x tensor {parallel.tensor} needs "
+            f"error: --data {parallel.data} x --stages {parallel.stage} x --tensor {parallel.tensor} needs "
             f"{parallel.num_devices} devices, {len(jax.devices())} available",
             file=sys.stderr,
         )

@@ -27,7 +27,30 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """Mesh and schedule: `data x stage x tensor` devices, `virtual` chunks per pipeline device."""
+    """Mesh and schedule: `data x stage x tensor` devices, `virtual` chunks per pipeline device.
+
+    Every field here is layout: checkpoints are stored by layer, so a run may resume with others.
+
+    Attributes:
+      data: data-parallel replicas; each microbatch is split over them.
+      stage: pipeline devices (the mesh's stage axis).
+      tensor: tensor-parallel devices per stage (Megatron: attention heads, MLP hidden units and
+        the vocabulary are split over them, so it must divide each).
+      virtual: model chunks per pipeline device (2 for interleaved_1f1b, zbv, dualpipev); the model
+        has stage x virtual pipeline stages.
+      schedule: the pipeline schedule (`jpipe.schedules.SCHEDULES`).
+      microbatches: microbatches per step; the batch size must divide by microbatches x data.
+      fsdp: also store parameters and optimizer state split over the data axis (gathered once per
+        step, outside the tick loop).
+      remat: what a stage keeps from its forward for the backward: "none" (everything), "full"
+        (only its input; recompute the rest) or "dots" (matmul outputs).
+      split_backward: run each backward B as I then W: true, false, or "auto" (whichever the lockstep
+        simulator finds faster under the measured stage costs).
+      overlap_sends: send each tick's pipeline messages during the next tick's compute (hidden
+        behind it, one more tick of latency): true, false, or "auto" (on when the lockstep
+        simulator finds it no slower under the measured stage costs, whose send time is 0 unless
+        measured, so "auto" is off).
+    """
 
     data: int = 2
     stage: int = 4
@@ -37,7 +60,8 @@ class ParallelConfig:
     microbatches: int = 8
     fsdp: bool = False
     remat: str = "none"
-    split_backward: bool | str = "auto"  # True, False or "auto" (the faster in simulation)
+    split_backward: bool | str = "auto"
+    overlap_sends: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("data", "stage", "tensor", "virtual", "microbatches"):
@@ -52,6 +76,10 @@ class ParallelConfig:
             self.split_backward in (True, False, "auto"),
             f"parallel.split_backward: expected true, false or 'auto', got {self.split_backward!r}",
         )
+        _require(
+            self.overlap_sends in (True, False, "auto"),
+            f"parallel.overlap_sends: expected true, false or 'auto', got {self.overlap_sends!r}",
+        )
 
     @property
     def num_devices(self) -> int:
@@ -64,7 +92,17 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup then cosine decay, and global-norm clipping."""
+    """AdamW with linear warmup then cosine decay, and global-norm clipping.
+
+    Attributes:
+      learning_rate: peak learning rate, reached after the warmup.
+      warmup_steps: steps of linear warmup from 0.
+      min_learning_rate_ratio: the cosine decay ends at learning_rate x this at the last step.
+      weight_decay: AdamW's decoupled weight decay.
+      beta1: Adam's first-moment decay.
+      beta2: Adam's second-moment decay.
+      clip_norm: gradients are scaled down to this global norm when larger.
+    """
 
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -87,11 +125,21 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Byte-level text: `path` None means the Python standard library's sources."""
+    """Byte-level text, memory-mapped; batches are a function of (seed, step).
+
+    Attributes:
+      path: a text file or folder (.py, .txt, .md, .rst files); unset means the Python standard
+        library's sources (no download).
+      seq_len: tokens (bytes) per example; at most the model's seq_len.
+      batch_size: global examples per step, split into microbatches and over data replicas.
+      seed: seed of the batch order (batches depend only on it and the step).
+      eval_fraction: the last fraction of the corpus, held out for evaluation.
+      max_corpus_bytes: read at most this many bytes of text (unset: all of it).
+    """
 
     path: str | None = None
     seq_len: int = 64
-    batch_size: int = 16  # global examples per step, split into microbatches
+    batch_size: int = 16
     seed: int = 0
     eval_fraction: float = 0.01
     max_corpus_bytes: int | None = None
@@ -106,7 +154,20 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Length, output folder, checkpoint and evaluation cadence."""
+    """Length, output folder, checkpoint and evaluation cadence.
+
+    Attributes:
+      out: folder for everything the run writes (config.json, metrics.jsonl, checkpoints/, charts).
+      steps: optimizer steps; the learning-rate schedule spans them.
+      checkpoint_every: save a checkpoint every this many steps (and at the last).
+      keep_checkpoints: keep the newest this many checkpoints.
+      eval_every: evaluate on held-out data every this many steps (and at the last).
+      eval_batches: held-out batches per evaluation.
+      log_every: print the progress line every this many steps.
+      seed: seed of the parameter initialisation.
+      stop_at_step: leave after this step as if preempted (the schedule still spans `steps`);
+        unset: run to the end.
+    """
 
     out: str = "runs/default"
     steps: int = 200
@@ -116,7 +177,7 @@ class RunConfig:
     eval_batches: int = 4
     log_every: int = 1
     seed: int = 0
-    stop_at_step: int | None = None  # leave early as if preempted (the schedule still spans `steps`)
+    stop_at_step: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps: must be >= 1, got {self.steps}")

@@ -1,11 +1,11 @@
-"""Named starting points for runs; the CLI applies overrides on top (`dataclasses.replace`)."""
+"""`TrainConfig` and named starting points for runs; a config file and flags apply on top (`jpipe.train.cli`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from jpipe.models.config import GPTConfig
-from jpipe.train.config import DataConfig, OptimizerConfig, ParallelConfig, RunConfig
+from jpipe.train.config import ConfigError, DataConfig, OptimizerConfig, ParallelConfig, RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,12 +19,8 @@ class TrainConfig:
     run: RunConfig
 
     def __post_init__(self) -> None:
-        from jpipe.train.config import ConfigError
-
         if self.data.seq_len > self.model.seq_len:
-            raise ConfigError(
-                f"data.seq_len ({self.data.seq_len}) exceeds the model's seq_len ({self.model.seq_len})"
-            )
+            raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds the model's seq_len ({self.model.seq_len})")
         per_step = self.parallel.microbatches * self.parallel.data
         if self.data.batch_size % per_step:
             raise ConfigError(
@@ -39,6 +35,12 @@ class TrainConfig:
             raise ConfigError(f"parallel (schedule/stages/microbatches/virtual): {error}") from error
         if self.model.vocab_size < 256:
             raise ConfigError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
+        tensor = self.parallel.tensor
+        split = {"model.num_heads": self.model.num_heads, "model.vocab_size": self.model.vocab_size}
+        split["MLP hidden units (model.mlp_ratio x model.d_model)"] = self.model.d_ff
+        for name, size in split.items():
+            if size % tensor:
+                raise ConfigError(f"parallel.tensor: {tensor} tensor-parallel devices must divide {name} = {size}")
 
 
 def _quickstart() -> TrainConfig:
@@ -69,5 +71,5 @@ PRESETS = {"quickstart": _quickstart, "tiny": _tiny}
 def preset(name: str) -> TrainConfig:
     """The preset called `name`."""
     if name not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"--preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()

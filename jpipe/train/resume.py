@@ -1,0 +1,54 @@
+"""`--resume`: continue a run from its saved `config.json`, changing only its layout.
+
+A run writes its whole configuration to `<out>/config.json` when it starts (`jpipe.train.loop`).
+Resuming starts from that file, not from a preset, so a run started with `--layers 12` resumes
+with `--resume --out <out>` alone. Checkpoints are stored by layer, independent of how the model
+is laid out over devices, so the layout may change on resume: every `parallel` field (schedule,
+stages, virtual, microbatches, data, tensor, remat, fsdp, split_backward, ...), plus where the run
+now lives (`run.out`) and when to leave early (`run.stop_at_step`). Any other change would make a
+different run (another model, data, optimizer or length); it is refused, naming the flags.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jpipe.train.config import ConfigError
+from jpipe.train.configfile import Overrides, apply_overrides
+from jpipe.train.fields import flatten
+from jpipe.train.flags import flag_name
+from jpipe.train.presets import TrainConfig
+
+RESUMABLE_KEYS = ("run.out", "run.stop_at_step")  # besides every parallel.* field
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether the dotted field `key` may differ from the saved configuration on `--resume`."""
+    return key.startswith("parallel.") or key in RESUMABLE_KEYS
+
+
+def resume_config(saved: TrainConfig, overrides: Overrides, sources: dict[str, str], path: str) -> TrainConfig:
+    """The saved configuration with `overrides` (from a config file and flags) applied.
+
+    `sources` names where each override came from ("--layers", or a file's path), for messages;
+    `path` is the saved file's. Raises ConfigError, one line naming every refused source with its
+    saved and requested values, when an override changes a field that `may_change_on_resume` says
+    may not change.
+    """
+    before = flatten(saved)
+    refused = [
+        f"{sources.get(key, key)} ({_show(before[key])} -> {_show(value)})"
+        for key, value in overrides.items()
+        if not may_change_on_resume(key) and value != before[key]
+    ]
+    if refused:
+        allowed = ", ".join(flag_name(key) for key in before if may_change_on_resume(key))
+        raise ConfigError(
+            f"--resume: {', '.join(refused)} would change the run saved in {path}; only the layout and "
+            f"where to stop may change on resume ({allowed})"
+        )
+    return apply_overrides(saved, overrides)
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else repr(value) if isinstance(value, str) else str(value)
