@@ -53,7 +53,7 @@ def lower_bound(schedule: schedules.Schedule, cost: schedules.Cost, latency: int
     return bound
 
 
-def _searched(schedule: schedules.Schedule, p: int, m: int, virtual: int) -> float:
+def _searched(schedule: schedules.Schedule, p: int, m: int, virtual: int, seconds: float) -> float:
     """Makespan (in `schedule`'s chunk units) of the best order found for send latency 1 in its memory."""
 
     def cost(v: int) -> schedules.Cost:  # a device stage costs `virtual` chunk units at every v
@@ -61,11 +61,11 @@ def _searched(schedule: schedules.Schedule, p: int, m: int, virtual: int) -> flo
         return schedules.Cost(f=scale, b=2 * scale, i=scale, w=scale)
 
     limit = max(schedules.peak_memory(schedules.split_backward(schedule)))
-    found = schedules.search(p, m, cost, memory_limit=limit, virtual=virtual, send_latency=1, time_limit=15)
+    found = schedules.search(p, m, cost, memory_limit=limit, virtual=virtual, send_latency=1, time_limit=seconds)
     return schedules.simulate(found, cost(found.virtual), "lockstep", send_latency=1).makespan
 
 
-def simulation_table(p: int = 4, m: int = 16) -> str:
+def simulation_table(p: int = 4, m: int = 16, search_seconds: float = 15.0) -> str:
     unit, slow_link = schedules.Cost(), schedules.Cost(comm=0.5)
     lines = [
         f"Lockstep simulation, p = {p}, m = {m}, split backward, unit costs (F = I = W = 1).",
@@ -83,7 +83,7 @@ def simulation_table(p: int = 4, m: int = 16) -> str:
         exposed_c = schedules.simulate(schedule, slow_link, "lockstep").makespan
         hidden_c = schedules.simulate(schedule, slow_link, "lockstep", send_latency=1).makespan
         auto = "on" if resolve_overlap(schedule, "auto", slow_link, split=True) else "off"
-        searched = _searched(schedule, p, m, virtual)
+        searched = _searched(schedule, p, m, virtual, search_seconds)
         lines.append(
             f"| {name} | {virtual} | {plain:g} | {hidden:g} | {hidden / plain:.3f} | {bound:.3f} | "
             f"{searched:g} | {searched / plain:.3f} | {exposed_c:g} | {hidden_c:g} | {auto} |"
@@ -126,8 +126,9 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("experiments/out/send_overlap"))
     parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--simulate-only", action="store_true", help="skip the TPU compiles")
+    parser.add_argument("--search-seconds", type=float, default=15.0, help="time limit of each schedule search")
     args = parser.parse_args()
-    parts = [simulation_table()]
+    parts = [simulation_table(search_seconds=args.search_seconds)]
     print(parts[0], flush=True)
     if not args.simulate_only:
         parts.append(compile_table(args.topology))

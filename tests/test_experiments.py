@@ -136,3 +136,13 @@ def test_pipeline_memory(tmp_path, cache):
     assert "LM step" in table
     assert "| 1f1b | 1 | 16 |" in table  # an LM-step row
     assert "| gpipe | 1 | 16 |" in table
+
+
+def test_send_overlap_simulation(tmp_path, cache):
+    result = run_experiment(
+        "send_overlap.py", "--simulate-only", "--search-seconds", "1", "--out", str(tmp_path), cache=cache
+    )
+    table = (tmp_path / "send_overlap.md").read_text()
+    assert table.strip() in result.stdout
+    # The docstring's oracle: zb_h1 at p=4, m=16 takes 51 ticks without latency, bound 54/51.
+    assert "| zb_h1 | 1 | 51 | " in table and "| 1.059 |" in table
