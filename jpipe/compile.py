@@ -281,7 +281,9 @@ def compile_training_step(config: TrainConfig, topology: str, *, compiler_option
             raise CompileSetupError(f"compiler_options: {reason}") from error
         if reason.startswith("RESOURCE_EXHAUSTED: "):
             kind = devices[0].device_kind
-            raise DoesNotFitError(topology, kind, reason.removeprefix("RESOURCE_EXHAUSTED: ").rstrip(".")) from error
+            # Newer libtpu names the error before the message: "E1000: CompileTimeHbmOom: Ran out of ...".
+            reason = re.sub(r"^E\d+: \w+: ", "", reason.removeprefix("RESOURCE_EXHAUSTED: "))
+            raise DoesNotFitError(topology, kind, reason.rstrip(".")) from error
         raise
     compiled_at = time.perf_counter()
     memory = compiled.memory_analysis()
