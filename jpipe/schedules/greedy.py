@@ -165,3 +165,50 @@ def _ranked(
         fresh = [a for a in group if a not in ranked]
         ranked += sorted(fresh, key=lambda a: (sign * space.stage[a], space.microbatch[a]))
     return ranked
+
+
+def repack(space: Orders, rows: list[list[int]], memory_limit: float, lookahead: int) -> list[list[int]] | None:
+    """`rows` made work-conserving: in each tick a device runs the first of its next `lookahead`
+    actions (in its current order) whose inputs have arrived and that fits in memory.
+
+    A device never idles while one of those is ready, so actions move ahead of ones that wait: a
+    large, structured change of the orders (the local search's kick). Returns None if stuck.
+    """
+    p, virtual, residual = space.num_devices, space.virtual, space.cost.weight_residuals
+    hard = memory_limit * virtual + 1e-9
+    remaining = [list(row) for row in rows]
+    tick = [-1] * len(space.device)
+    out: list[list[int]] = [[] for _ in range(p)]
+    stash, held = [0] * p, [0] * p
+    total = sum(len(row) for row in rows)
+    done = idle = t = 0
+    while done < total:
+        picks = []
+        for d in range(p):
+            for index, a in enumerate(remaining[d][:lookahead]):
+                op = space.op[a]
+                if op == F_ and stash[d] + 1 + held[d] * residual > hard:
+                    continue
+                if op == I_ and stash[d] + (held[d] + 1) * residual > hard:
+                    continue
+                if _ready(space, a, t, tick):
+                    picks.append((d, index, a))
+                    break
+        idle = 0 if picks else idle + 1
+        if idle > 2 + 2 * space.send_latency:
+            return None
+        for d, index, a in picks:
+            remaining[d].pop(index)
+            tick[a] = t
+            out[d].append(a)
+            op = space.op[a]
+            if op == F_:
+                stash[d] += 1
+            elif op == I_:
+                held[d] += 1
+            else:
+                stash[d] -= 1
+                held[d] -= 1
+            done += 1
+        t += 1
+    return out

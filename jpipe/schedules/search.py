@@ -11,7 +11,9 @@ The search
      a grid of policies (backward or forward first, weight-gradient lag, warm-up depth, chunk
      order) on every placement those named schedules use (loop with 1..virtual chunks, V);
   3. improves the best starting points by local search over per-device orders
-     (`jpipe.schedules.local_search`), spending an evaluation budget;
+     (`jpipe.schedules.local_search`) with half of an evaluation budget, then repeatedly kicks the
+     best found (a work-conserving repack of its orders, `jpipe.schedules.greedy.repack`) and
+     climbs again with the rest (iterated local search);
   4. returns the best schedule found, checked with `validate` and `simulate`, or the baseline itself
      when nothing beats it: never worse than the best named schedule that fits.
 
@@ -38,7 +40,7 @@ import time
 from collections.abc import Callable
 
 from jpipe.schedules.generators import SCHEDULES, build
-from jpipe.schedules.greedy import Policy, list_schedule
+from jpipe.schedules.greedy import Policy, list_schedule, repack
 from jpipe.schedules.ir import Schedule, ScheduleError
 from jpipe.schedules.local_search import EPSILON, improve
 from jpipe.schedules.orders import Orders
@@ -173,17 +175,8 @@ def search_result(
     baseline = min(fitting, key=lambda n: n.makespan)
     rng = random.Random(seed)
     starts, evaluations = _starts(spaces, fitting, memory_limit, rng, deadline, budget)
-    remaining = max(0, budget - evaluations)
-    best_space, best_rows, best = None, None, math.inf
-    chosen_starts = starts[:_NUM_STARTS]
-    for index, (key, rows, makespan) in enumerate(chosen_starts):
-        # Half of the budget to the best start, the rest shared by the next ones.
-        share = remaining // 2 if index == 0 and len(chosen_starts) > 1 else remaining // (len(chosen_starts) - index)
-        rows, makespan, used = improve(spaces[key], rows, memory_limit, rng, share, deadline)
-        remaining -= used
-        evaluations += used
-        if makespan < best - EPSILON:
-            best_space, best_rows, best = spaces[key], rows, makespan
+    pool, evaluations = _climb(starts, spaces, memory_limit, rng, deadline, budget, evaluations)
+    best_space, best_rows, best = min(pool, key=lambda entry: entry[2]) if pool else (None, None, math.inf)
     timed_out = time.monotonic() > deadline
     chosen = _chosen(baseline, best_space, best_rows, best, mode, send_latency, memory_limit)
     return SearchResult(
@@ -201,6 +194,8 @@ def search_result(
 
 
 _NUM_STARTS = 4  # how many of the best starting points the local search improves
+_KICK_MOVES = 5000  # moves of each hill climb after a kick
+_LOOKAHEADS = (2, 3, 4, 6)  # how far a kick's repack looks ahead in a device's order
 
 
 def _check_arguments(
@@ -331,6 +326,46 @@ def _starts(
             starts.append((placement, rows, space.makespan(rows)))
     starts.sort(key=lambda start: start[2])
     return starts, evaluations
+
+
+def _climb(
+    starts: list[tuple[tuple[int, ...], list[list[int]], float]],
+    spaces: dict[tuple[int, ...], Orders],
+    limit: float,
+    rng: random.Random,
+    deadline: float,
+    budget: int,
+    evaluations: int,
+) -> tuple[list[list], int]:
+    """Local search from the best starts, then kicks; returns the pool [space, rows, makespan] and
+    the evaluations spent in all.
+
+    Half of what is left of the budget climbs from the `_NUM_STARTS` best starts (half of that from
+    the best one). The rest is iterated local search: kick a pool entry (the best one every other
+    time) with a work-conserving repack of its orders, climb again, keep the result if better.
+    """
+    remaining = max(0, budget - evaluations) // 2
+    pool: list[list] = []
+    chosen = starts[:_NUM_STARTS]
+    for index, (key, rows, _) in enumerate(chosen):
+        share = remaining // 2 if index == 0 and len(chosen) > 1 else remaining // (len(chosen) - index)
+        rows, makespan, used = improve(spaces[key], rows, limit, rng, share, deadline)
+        remaining -= used
+        evaluations += used
+        pool.append([spaces[key], rows, makespan])
+    while pool and evaluations < budget and time.monotonic() <= deadline:
+        best = min(range(len(pool)), key=lambda k: pool[k][2])
+        entry = pool[best] if rng.random() < 0.5 else pool[rng.randrange(len(pool))]
+        space, rows, makespan = entry
+        kicked = repack(space, rows, limit, rng.choice(_LOOKAHEADS))
+        evaluations += _LIST_COST
+        if kicked is None or max(space.memory(row) for row in kicked) > limit + EPSILON:
+            continue
+        kicked, climbed, used = improve(space, kicked, limit, rng, min(_KICK_MOVES, budget - evaluations), deadline)
+        evaluations += used
+        if climbed < makespan - EPSILON:
+            entry[1:] = [kicked, climbed]
+    return pool, evaluations
 
 
 def _fingerprint(rows: list[list[int]]) -> tuple[tuple[int, ...], ...]:
