@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+import re
 import subprocess
 import sys
 import time
@@ -334,3 +335,13 @@ def test_experiment_prints_and_writes_its_table(tmp_path):
     searched = schedules.from_csv((tmp_path / "searched-p4-m8.csv").read_text())
     validate(searched)
     assert "auto: p=4 m=8 v=2" in result.stdout
+
+
+def test_readme_search_example_runs():
+    """The README's search example: the best named schedule, both makespans, a chart."""
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "search_result" in b)
+    namespace: dict = {"jpipe": jpipe}
+    exec(compile(block, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.baseline.name == "zbv" and result.makespan < result.baseline_makespan
