@@ -5,12 +5,14 @@
     params = pipe.init(seed=0)
     loss, grads = jax.jit(pipe.value_and_grad())(params, tokens, targets)  # tokens, targets [m, B, T]
 
+`llama_config(...)` (GPTConfig(family="llama", ...)) is the Llama-style decoder, pipelined alike.
 `reference_value_and_grad(config)` is the same loss and gradients, unpipelined, on one device.
 """
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, Block, cross_entropy, logical_axes, params_of
+from jpipe.models.gpt import GPT, Block, block_class, cross_entropy, logical_axes, params_of
 from jpipe.models.layout import StageLayout, masked_layer
+from jpipe.models.llama import GroupedQueryAttention, LlamaBlock, SwiGLU, llama_config
 from jpipe.models.parts import LMParts, num_params, reference_value_and_grad
 from jpipe.models.pipelined import PipelinedLM
 
@@ -18,12 +20,17 @@ __all__ = [
     "GPT",
     "Block",
     "GPTConfig",
+    "GroupedQueryAttention",
+    "LlamaBlock",
     "LMParts",
     "PipelinedLM",
     "StageLayout",
+    "SwiGLU",
+    "block_class",
     "cross_entropy",
     "logical_axes",
     "masked_layer",
+    "llama_config",
     "num_params",
     "params_of",
     "reference_value_and_grad",

@@ -123,13 +123,13 @@ class Block(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding, plus a learned position table when `positions == "learned"`."""
+    """Token embedding, plus a learned position table when `config.learned_positions`."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
         std = config.init_std
         self.tokens = _normal(rngs, config, (config.vocab_size, config.d_model), std, ("vocab", "embed"))
-        if config.positions == "learned":
+        if config.learned_positions:
             self.positions = _normal(rngs, config, (config.seq_len, config.d_model), std, ("position", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -138,7 +138,7 @@ class Embed(nnx.Module):
         if seq > self.config.seq_len:
             raise ValueError(f"tokens: sequence length {seq} exceeds GPTConfig.seq_len={self.config.seq_len}")
         x = jnp.take(self.tokens[...], tokens, axis=0)  # [B, T, D]
-        if self.config.positions == "learned":
+        if self.config.learned_positions:
             x = x + self.positions[...][None, :seq]
         return x.astype(self.config.residual_dtype)
 
@@ -174,13 +174,23 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean(log_z - picked)
 
 
-def stacked_blocks(config: GPTConfig, rngs: nnx.Rngs) -> Block:
-    """`config.num_layers` blocks as one `Block` whose parameters have a leading `[L]` axis."""
+def block_class(config: GPTConfig) -> type[nnx.Module]:
+    """The block of `config.family`: `Block` (gpt) or `jpipe.models.llama.LlamaBlock` (llama)."""
+    if config.family == "llama":
+        from jpipe.models.llama import LlamaBlock  # llama builds on this module's pieces
+
+        return LlamaBlock
+    return Block
+
+
+def stacked_blocks(config: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """`config.num_layers` blocks of the config's family as one block whose parameters have a leading `[L]` axis."""
+    block = block_class(config)
 
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs: nnx.Rngs) -> Block:
-        return Block(config, rngs=rngs)
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return block(config, rngs=rngs)
 
     blocks = create(rngs)
     for _, variable in nnx.iter_graph(blocks):
@@ -191,6 +201,8 @@ def stacked_blocks(config: GPTConfig, rngs: nnx.Rngs) -> Block:
 
 class GPT(nnx.Module):
     """The whole model, unpipelined: `GPT(config, rngs=nnx.Rngs(0))(tokens) -> logits`.
+
+    Its blocks are those of `config.family` (`block_class`): GPT blocks, or llama blocks.
 
     Parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`):
     `{"embed": {"tokens": [V, D], "positions": [T, D]?}, "blocks": {...: [L, ...]},
@@ -207,7 +219,7 @@ class GPT(nnx.Module):
         """Token ids `[B, T]` -> float32 logits `[B, T, V]`."""
 
         @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-        def run(block: Block, x: jax.Array) -> jax.Array:
+        def run(block: nnx.Module, x: jax.Array) -> jax.Array:
             return block(x)
 
         x = run(self.blocks, self.embed(tokens))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, Block, cross_entropy
+from jpipe.models.gpt import GPT, block_class, cross_entropy
 
 PyTree = Any
 
@@ -27,7 +27,7 @@ PyTree = Any
 @functools.lru_cache(maxsize=32)
 def _graphdefs(config: GPTConfig) -> tuple[Any, Any, Any, Any]:
     model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-    block = nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0)))
+    block = nnx.eval_shape(lambda: block_class(config)(config, rngs=nnx.Rngs(0)))
     return nnx.graphdef(model), nnx.graphdef(model.embed), nnx.graphdef(block), nnx.graphdef(model.head)
 
 

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, Block, logical_axes, params_of
+from jpipe.models.gpt import GPT, block_class, logical_axes, params_of
 from jpipe.models.layout import StageLayout, as_layout, masked_layer
 from jpipe.models.parts import LMParts
 from jpipe.parallel.mesh import DATA, STAGE
@@ -155,7 +155,7 @@ class PipelinedLM:
         """
         config = self.config
         layers = max(self.layout.layer_counts)
-        one_layer = jax.eval_shape(lambda: params_of(Block(config, rngs=nnx.Rngs(0))))
+        one_layer = jax.eval_shape(lambda: params_of(block_class(config)(config, rngs=nnx.Rngs(0))))
         stage_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape), a.dtype), one_layer)
         x = jax.ShapeDtypeStruct((batch, config.seq_len, config.d_model), config.residual_dtype)
         return measure_costs(layered(self.parts.layer_fn), stage_params, x, remat=self.remat)
