@@ -12,16 +12,22 @@ Two tables.
    message of tick t travels while tick t + 1 computes and is usable from tick t + 2), and "ratio"
    their quotient: the price of hiding sends when they cost nothing. The lower bound is the last
    device's work after the first microbatch's forward reaches it (p - 1 hops of 1 + latency ticks).
-   "searched" is the best order `jpipe.schedules.search` finds for latency 1 within the named
-   schedule's peak memory (any virtual up to the named one's, costs scaled so a device stage
-   costs the same) and its makespan over the named schedule's without latency: what a
-   latency-tolerant order (deeper warm-up) recovers. The last three columns add a send time `comm`
-   of half a unit op: exposed sends lengthen every sending tick by comm, hidden ones make the next
-   tick last max(compute, comm); "auto" is what
-   `jpipe.value_and_grad(overlap_sends="auto", cost=Cost(comm=0.5))` picks.
+   "send_latency=1 build" is `build(name, ..., send_latency=1)`: the named order or, when faster,
+   its two-stream version (two half batches interleaved tick by tick, `jpipe.schedules.streams`);
+   "peak memory" is the device maximum of live stash plus weight residuals (microbatch x device
+   stage), named order -> that build. "bound ratio" is the busiest device's work after the first
+   forward can reach it, with latency over without: a lower bound on the ratio for schedules that
+   meet the no-latency bound (zb_h1, zb_h2, zbv, dualpipev do). "searched" is the best order
+   `jpipe.schedules.search` finds for latency 1 within the named schedule's peak memory (any
+   virtual up to the named one's, costs scaled so a device stage costs the same), over the named
+   schedule's makespan without latency. The last three columns add a send time `comm` of half a
+   unit op: exposed sends (named order) lengthen every sending tick by comm, hidden ones (the
+   send_latency=1 build) make the next tick last max(compute, comm); "auto" is what
+   `jpipe.value_and_grad(overlap_sends="auto", cost=Cost(comm=0.5))` picks for the named order.
 2. TPU compiler: the training step of the quickstart model (`--preset quickstart`, data 1 x stage 4)
    compiled for TPU v5e:2x2 with libtpu (deviceless, `jpipe.compile.compile_training_step`), for
-   every named schedule with `overlap_sends` off and on; "hidden" counts the pipeline's
+   every named schedule with `overlap_sends` off and on (on, the step runs the send_latency=1
+   build of the schedule, as `jpipe.train --overlap-sends true` does); "hidden" counts the pipeline's
    collective-permutes that have a matmul (directly, or inside a fusion or a conditional branch)
    scheduled between their start and done (`jpipe.parallel.hlo.permute_overlaps`); temp MiB is the
    compiler's per-device temp memory.
@@ -70,23 +76,28 @@ def simulation_table(p: int = 4, m: int = 16, search_seconds: float = 15.0) -> s
     lines = [
         f"Lockstep simulation, p = {p}, m = {m}, split backward, unit costs (F = I = W = 1).",
         "",
-        "| schedule | v | makespan | hidden (latency 1) | ratio | bound ratio | searched (latency 1) | ratio | "
-        "exposed, comm 0.5 | hidden, comm 0.5 | auto |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| schedule | v | makespan | hidden, named order | ratio | hidden, send_latency=1 build | ratio | "
+        "peak memory | bound ratio | searched, same memory | ratio | exposed, comm 0.5 | hidden, comm 0.5 | auto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(schedules.SCHEDULES):
         virtual = SCHEDULE_VIRTUAL.get(name, 1)
         schedule = schedules.build(name, p, m, virtual)
         plain = schedules.simulate(schedule, unit, "lockstep").makespan
         hidden = schedules.simulate(schedule, unit, "lockstep", send_latency=1).makespan
+        tolerant = schedules.build(name, p, m, virtual, send_latency=1)
+        streamed = schedules.simulate(tolerant, unit, "lockstep", send_latency=1).makespan
+        memory = f"{max(schedules.peak_memory(schedules.split_backward(schedule))):g}"
+        memory += f" -> {max(schedules.peak_memory(schedules.split_backward(tolerant))):g}"
         bound = lower_bound(schedule, unit, 1) / lower_bound(schedule, unit, 0)
         exposed_c = schedules.simulate(schedule, slow_link, "lockstep").makespan
-        hidden_c = schedules.simulate(schedule, slow_link, "lockstep", send_latency=1).makespan
+        hidden_c = schedules.simulate(tolerant, slow_link, "lockstep", send_latency=1).makespan
         auto = "on" if resolve_overlap(schedule, "auto", slow_link, split=True) else "off"
         searched = _searched(schedule, p, m, virtual, search_seconds)
         lines.append(
-            f"| {name} | {virtual} | {plain:g} | {hidden:g} | {hidden / plain:.3f} | {bound:.3f} | "
-            f"{searched:g} | {searched / plain:.3f} | {exposed_c:g} | {hidden_c:g} | {auto} |"
+            f"| {name} | {virtual} | {plain:g} | {hidden:g} | {hidden / plain:.3f} | {streamed:g} | "
+            f"{streamed / plain:.3f} | {memory} | {bound:.3f} | {searched:g} | {searched / plain:.3f} | "
+            f"{exposed_c:g} | {hidden_c:g} | {auto} |"
         )
         print(f"  {name}: searched {searched:g}", file=sys.stderr)
     return "\n".join(lines)

@@ -144,5 +144,5 @@ def test_send_overlap_simulation(tmp_path, cache):
     )
     table = (tmp_path / "send_overlap.md").read_text()
     assert table.strip() in result.stdout
-    # The docstring's oracle: zb_h1 at p=4, m=16 takes 51 ticks without latency, bound 54/51.
-    assert "| zb_h1 | 1 | 51 | " in table and "| 1.059 |" in table
+    # zb_h1 at p=4, m=16: 51 ticks without latency; its two streams reach the bound, 54.
+    assert "| zb_h1 | 1 | 51 | 71 | 1.392 | 54 | 1.059 | 4 -> 8 | 1.059 |" in table

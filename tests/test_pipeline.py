@@ -480,3 +480,10 @@ def test_hidden_sends_option_is_checked():
         jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, overlap_sends="yes")
     with pytest.raises(ValueError, match=r"overlap_sends: expected True or False, got 'auto'"):
         jpipe.forward(stage_fn, schedule=schedule, mesh=mesh, overlap_sends="auto")
+
+
+@pytest.mark.parametrize(("name", "virtual"), [("zb_h1", 1), ("zbv", 2)])
+def test_two_stream_schedules_with_hidden_sends_match_sequential(name, virtual):
+    schedule = schedules.build(name, 2, 5, virtual, send_latency=1)
+    assert schedule.name == f"{name}[2 streams]"
+    _run_and_compare(schedule, overlap_sends=True)

@@ -52,7 +52,7 @@ def _check_positive_int(value: object, argument: str) -> None:
         raise ScheduleError(f"{argument} must be >= 1, got {value}")
 
 
-def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1) -> Schedule:
+def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1, *, send_latency: int = 0) -> Schedule:
     """Build the schedule registered under `name`.
 
     Args:
@@ -60,9 +60,13 @@ def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1) 
       num_devices: pipeline devices `p` (>= 1).
       num_microbatches: microbatches `m` per step (>= 1; some schedules need more, see the module doc).
       virtual: stages (chunks) per device `v` (>= 1); the schedule has `p * v` logical stages.
+      send_latency: 0, or 1 for an executor that hides its sends (`overlap_sends=True`): then the
+        faster, in the lockstep simulation with that latency at unit costs, of the named order and
+        its two-stream version (`jpipe.schedules.streams.two_streams`: two half batches interleaved
+        tick by tick; about twice the peak activations), named `<name>[2 streams]` when chosen.
 
     Returns:
-      A schedule named `name` that passes `validate`.
+      A schedule named `name` (or `<name>[2 streams]`) that passes `validate`.
 
     Raises:
       ScheduleError: unknown name (the message lists the known ones), or arguments the schedule does
@@ -73,11 +77,29 @@ def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1) 
     _check_positive_int(num_devices, "num_devices")
     _check_positive_int(num_microbatches, "num_microbatches")
     _check_positive_int(virtual, "virtual")
+    if send_latency not in (0, 1) or isinstance(send_latency, bool):
+        raise ScheduleError(f"send_latency must be 0 or 1, got {send_latency!r}")
     schedule = SCHEDULES[name](num_devices, num_microbatches, virtual)
     if schedule.name != name:
         schedule = dataclasses.replace(schedule, name=name)
     validate(schedule)
+    if send_latency:
+        schedule = _for_send_latency(schedule, name, num_devices, num_microbatches, virtual)
     return schedule
+
+
+def _for_send_latency(schedule: Schedule, name: str, p: int, m: int, virtual: int) -> Schedule:
+    """`schedule` or its two-stream version, whichever packs into less time with a one-tick latency."""
+    from jpipe.schedules.simulate import simulate  # simulate imports nothing from here; avoid a cycle
+    from jpipe.schedules.streams import two_streams
+
+    try:
+        streamed = two_streams(lambda n: build(name, p, n, virtual), m)
+    except ScheduleError:
+        return schedule  # a half batch the schedule does not support (e.g. dualpipev below 2p)
+    validate(streamed)
+    plain = simulate(schedule, mode="lockstep", send_latency=1).makespan
+    return streamed if simulate(streamed, mode="lockstep", send_latency=1).makespan < plain else schedule
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -169,7 +169,11 @@ def build_train_step(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
     pipelined loss-and-gradient step and the optimizer update in one jitted step; allocates nothing.
     """
     parallel = config.parallel
-    schedule = schedules.build(parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual)
+    # Sends hidden on request: an order built for the extra tick they take (two half-batch streams).
+    latency = 1 if parallel.overlap_sends is True else 0
+    schedule = schedules.build(
+        parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual, send_latency=latency
+    )
     pipe = PipelinedLM(
         config.model,
         schedule=schedule,
