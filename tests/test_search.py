@@ -17,6 +17,8 @@ import time
 import jax
 import pytest
 from conftest import make_mesh_or_skip
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pipeline_cases import assert_trees_close, loss_fn, make_problem, reference_value_and_grad, stage_fn
 
 import jpipe
@@ -345,3 +347,34 @@ def test_readme_search_example_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     result = namespace["result"]
     assert result.baseline.name == "zbv" and result.makespan < result.baseline_makespan
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    p=st.integers(2, 4),
+    extra=st.integers(0, 6),
+    seed=st.integers(0, 1000),
+    latency=st.integers(0, 1),
+    mode=st.sampled_from(["lockstep", "async"]),
+)
+def test_any_costs_give_a_valid_schedule_within_the_limit(p, extra, seed, latency, mode):
+    """Random per-stage costs, comm and weight residuals: valid, within the limit, never worse."""
+    m = p + extra
+    rng = random.Random(seed)
+
+    def cost_of(virtual: int) -> Cost:
+        def times():
+            return tuple(rng.uniform(0.2, 2.0) for _ in range(p * virtual))
+
+        i, w = times(), times()
+        b = tuple(x + y for x, y in zip(i, w))
+        return Cost(f=times(), b=b, i=i, w=w, comm=rng.choice((0.0, 0.5)), weight_residuals=rng.choice((0.0, 0.3)))
+
+    costs = {v: cost_of(v) for v in (1, 2)}
+    limit = rng.choice((1.5, p / 2 + 1, float(p)))
+    latency = latency if mode == "lockstep" else 0
+    result = search_result(p, m, costs.__getitem__, memory_limit=limit, mode=mode, send_latency=latency, budget=400)
+    validate(result.schedule)
+    sim = simulate(result.schedule, result.cost, mode, send_latency=latency)
+    assert max(sim.peak_memory) <= limit + 1e-9
+    assert sim.makespan == exactly(result.makespan) and result.makespan <= result.baseline_makespan + 1e-9

@@ -306,9 +306,11 @@ def _starts(
     for n in fitting:
         space = spaces[n.schedule.placement]
         rows = space.rows_of(n.schedule)
-        starts.append((n.schedule.placement, rows, space.makespan(rows)))
-        seen.add(_fingerprint(rows))
         evaluations += 1
+        # In async mode a whole B frees its stash at once; split into I and W it holds weight residuals.
+        if max(space.memory(row) for row in rows) <= limit + EPSILON:
+            starts.append((n.schedule.placement, rows, space.makespan(rows)))
+            seen.add(_fingerprint(rows))
     p = next(iter(spaces.values())).num_devices
     lists = max(1, budget // (_LIST_SHARE * _LIST_COST * len(spaces)))
     for policy in _policies(p, limit, rng)[:lists]:
@@ -388,5 +390,8 @@ def _chosen(
     validate(schedule)
     sim = simulate(schedule, space.cost, mode, send_latency=latency)
     if abs(sim.makespan - makespan) > 1e-6 * max(1.0, makespan) or max(sim.peak_memory) > limit + EPSILON:
-        raise AssertionError(f"search: the fast evaluation ({makespan}) disagrees with simulate ({sim.makespan})")
+        raise AssertionError(
+            f"search: the fast evaluation (makespan {makespan}, memory <= {limit}) disagrees with simulate "
+            f"(makespan {sim.makespan}, memory {max(sim.peak_memory)})"
+        )
     return Named(schedule, space.virtual, sim.makespan, sim.peak_memory)
