@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,10 @@ from pipeline_cases import assert_trees_close
 from jpipe.models import GPT, LlamaBlock, LMParts, llama_config
 from jpipe.parallel import TENSOR
 from jpipe.schedules.generators import SCHEDULES
+from jpipe.train import cli
+from jpipe.train.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # 4 query heads sharing 2 key/value heads (groups of 2); heads, KV heads, vocab, MLP divide over tensor = 2.
 LLAMA = llama_config(vocab_size=64, seq_len=8, d_model=16, num_heads=4, num_kv_heads=2, num_layers=4, mlp_ratio=2)
@@ -128,3 +137,37 @@ class TestLlamaModel:
     def test_llama_always_uses_rope(self):
         config = dataclasses.replace(LLAMA, positions="learned")
         assert config.rope and not config.learned_positions
+
+
+class TestTrainingCommand:
+    def test_model_llama_trains_two_steps(self, tmp_path):
+        """`python -m jpipe.train --model llama` on the tiny preset: 2 steps, finite losses, saved config."""
+        out = tmp_path / "llama"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("XLA_FLAGS", None)
+        args = ["--preset", "tiny", "--model", "llama", "--kv-heads", "1", "--steps", "2", "--out", str(out)]
+        result = subprocess.run(
+            [sys.executable, "-m", "jpipe.train", *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "step 2/2" in result.stdout
+        losses = [record["loss"] for record in read_metrics(out / "metrics.jsonl") if "loss" in record]
+        assert len(losses) >= 2 and all(np.isfinite(losses))
+        model = json.loads((out / "config.json").read_text())["model"]
+        assert (model["family"], model["num_kv_heads"]) == ("llama", 1)
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (
+                ["--tensor", "2", "--kv-heads", "1"],
+                "parallel.tensor: 2 tensor-parallel devices must divide model.num_kv_heads = 1",
+            ),
+            (["--kv-heads", "3"], "--kv-heads: model.num_kv_heads: must divide num_heads=2, got 3"),
+            (["--model", "mamba"], "--model: model.family: expected one of"),
+        ],
+    )
+    def test_bad_llama_flags_are_one_line_errors(self, args, message, capsys):
+        assert cli.main(["--preset", "tiny", "--model", "llama", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -21,15 +21,11 @@ class GPTConfig:
     sharding rules, checkpoints and training loop treat them alike.
 
     Attributes:
-      family: "gpt" or "llama".
       vocab_size: number of token ids.
       seq_len: the longest sequence (learned position table length; RoPE works up to any length,
         but inputs are checked against it).
       d_model: width of the residual stream.
       num_heads: attention heads; `d_model` must divide by it (head_dim = d_model / num_heads).
-      num_kv_heads: key/value heads of the llama family's grouped-query attention (each shared by
-        num_heads / num_kv_heads query heads; must divide num_heads); unset: num_heads. The gpt
-        family has one per head.
       num_layers: transformer blocks.
       mlp_ratio: MLP hidden width = mlp_ratio * d_model (for SwiGLU: of each of its two branches).
       positions: the gpt family's positions: "learned" (a [seq_len, d_model] table added to the
@@ -46,14 +42,16 @@ class GPTConfig:
       rope_base: RoPE frequency base.
       init_std: standard deviation of the normal initialisers (output projections get
         init_std / sqrt(2 * num_layers), GPT-2 style).
+      family: "gpt" or "llama".
+      num_kv_heads: key/value heads of the llama family's grouped-query attention (each shared by
+        num_heads / num_kv_heads query heads; must divide num_heads); unset: num_heads. The gpt
+        family has one per head.
     """
 
-    family: str = "gpt"
     vocab_size: int = 256
     seq_len: int = 128
     d_model: int = 128
     num_heads: int = 4
-    num_kv_heads: int | None = None
     num_layers: int = 4
     mlp_ratio: int = 4
     positions: str = "learned"
@@ -64,6 +62,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     init_std: float = 0.02
+    family: str = "gpt"
+    num_kv_heads: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "d_model", "num_heads", "num_layers", "mlp_ratio"):

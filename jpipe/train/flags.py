@@ -44,6 +44,8 @@ SHORT_NAMES = {
     "data.batch_size": "batch_size",
     "data.seq_len": "seq_len",
     "data.path": "data_path",
+    "model.family": "model",
+    "model.num_kv_heads": "kv_heads",
     "model.num_layers": "layers",
     "model.d_model": "d_model",
     "model.num_heads": "heads",

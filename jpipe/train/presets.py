@@ -37,6 +37,8 @@ class TrainConfig:
             raise ConfigError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
         tensor = self.parallel.tensor
         split = {"model.num_heads": self.model.num_heads, "model.vocab_size": self.model.vocab_size}
+        if self.model.num_kv_heads is not None:
+            split["model.num_kv_heads"] = self.model.num_kv_heads
         split["MLP hidden units (model.mlp_ratio x model.d_model)"] = self.model.d_ff
         for name, size in split.items():
             if size % tensor:
