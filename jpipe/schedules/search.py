@@ -5,7 +5,8 @@
 
 The search
   1. builds every named schedule (`SCHEDULES`) for every `virtual` from 1 to the given one that it
-     accepts, simulates it (the objective: `simulate(schedule, cost, mode, send_latency=...)`'s
+     accepts (with `send_latency=1` also `build(..., send_latency=1)`'s version of it, e.g. its
+     two-stream order), simulates it (the objective: `simulate(schedule, cost, mode, send_latency=...)`'s
      makespan) and keeps those whose `peak_memory` fits: the best of them is the baseline;
   2. proposes more starting points with a lockstep list scheduler (`jpipe.schedules.greedy`) under
      a grid of policies (backward or forward first, weight-gradient lag, warm-up depth, chunk
@@ -247,21 +248,32 @@ def _named(
     named, spaces = [], {}
     for name in SCHEDULES:
         for v in sorted(cost_of):
-            try:
-                schedule = build(name, p, m, v)
-            except ScheduleError:
-                continue
-            placement = schedule.placement
-            if placement not in spaces:
-                spaces[placement] = Orders(p, m, placement, cost_of[v], mode, latency)
-            if mode == "lockstep":
-                space = spaces[placement]
-                score = space.evaluate(space.rows_of(schedule))
-                named.append(Named(schedule, v, score.makespan, score.memory))
-            else:
-                sim = simulate(schedule, cost_of[v], mode, send_latency=latency)
-                named.append(Named(schedule, v, sim.makespan, sim.peak_memory))
+            for schedule in _built(name, p, m, v, latency):
+                placement = schedule.placement
+                if placement not in spaces:
+                    spaces[placement] = Orders(p, m, placement, cost_of[v], mode, latency)
+                if mode == "lockstep":
+                    space = spaces[placement]
+                    score = space.evaluate(space.rows_of(schedule))
+                    named.append(Named(schedule, v, score.makespan, score.memory))
+                else:
+                    sim = simulate(schedule, cost_of[v], mode, send_latency=latency)
+                    named.append(Named(schedule, v, sim.makespan, sim.peak_memory))
     return named, spaces
+
+
+def _built(name: str, p: int, m: int, v: int, latency: int) -> list[Schedule]:
+    """The named schedule, and with a send latency its version `build` makes for that latency (the
+    two-stream order, when that packs faster at unit costs), if different."""
+    try:
+        schedules = [build(name, p, m, v)]
+    except ScheduleError:
+        return []
+    if latency == 1:
+        for_latency = build(name, p, m, v, send_latency=1)
+        if for_latency.actions != schedules[0].actions:
+            schedules.append(for_latency)
+    return schedules
 
 
 _LIST_COST = 20  # one list-scheduled order costs about as much as this many evaluations
