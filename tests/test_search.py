@@ -132,17 +132,19 @@ def test_fast_evaluation_equals_simulate():
 
 
 def best_named(p: int, m: int, cost_of, limit: float, virtual: int, latency: int = 0) -> float:
-    """The least lockstep makespan of the named schedules whose peak memory fits `limit`."""
+    """The least lockstep makespan of the named schedules whose peak memory fits `limit` (with a
+    send latency, also of `build`'s versions for it)."""
     best = float("inf")
     for name in SCHEDULES:
         for v in range(1, virtual + 1):
             try:
-                schedule = build(name, p, m, v)
+                built = {build(name, p, m, v), build(name, p, m, v, send_latency=latency)}
             except ScheduleError:
                 continue
-            sim = simulate(schedule, cost_of(v), "lockstep", send_latency=latency)
-            if max(sim.peak_memory) <= limit + 1e-9:
-                best = min(best, sim.makespan)
+            for schedule in built:
+                sim = simulate(schedule, cost_of(v), "lockstep", send_latency=latency)
+                if max(sim.peak_memory) <= limit + 1e-9:
+                    best = min(best, sim.makespan)
     return best
 
 
@@ -378,3 +380,11 @@ def test_any_costs_give_a_valid_schedule_within_the_limit(p, extra, seed, latenc
     sim = simulate(result.schedule, result.cost, mode, send_latency=latency)
     assert max(sim.peak_memory) <= limit + 1e-9
     assert sim.makespan == exactly(result.makespan) and result.makespan <= result.baseline_makespan + 1e-9
+
+
+def test_two_stream_orders_are_baselines_with_a_send_latency():
+    """With send_latency=1, `build(..., send_latency=1)`'s two-stream ZB-V is the baseline where it fits."""
+    result = search_result(4, 16, lambda v: lm_cost(4, v), memory_limit=8.0, send_latency=1, budget=1000)
+    assert result.baseline.name == "zbv[2 streams]"
+    assert result.baseline_makespan == exactly(best_named(4, 16, lambda v: lm_cost(4, v), 8.0, 2, latency=1))
+    assert check_found(result.schedule, result.cost, 8.0, latency=1) <= result.baseline_makespan
