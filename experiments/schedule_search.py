@@ -12,10 +12,11 @@ chunk's F is 1.42x a middle chunk's. Times are in units of one layer's forward.
 
 For p = 4, m in {8, 16}, memory limits p, 1.5p and 2p (microbatch x full device stage) and
 send_latency 0 and 1 (the executor's hidden sends), it runs `jpipe.schedules.search_result` with
-virtual up to 2 and prints one markdown table: the best named schedule that fits and its lockstep
-makespan, the searched makespan, their ratio, the searched schedule's chunks per device, its peak
-memory, the busiest device's own work (no schedule of that placement finishes sooner), and the
-search's evaluations and wall time. It writes the table to `<out>/schedule_search.md` and the
+virtual up to 2 and prints one markdown table: the best named schedule that fits (with send latency
+1 also `build(..., send_latency=1)`'s two-stream orders) and its lockstep makespan, the searched
+makespan, their ratio, the searched schedule's chunks per device, its peak memory, the busiest
+device's own work (no schedule of that placement finishes sooner), and the search's evaluations and
+wall time. It writes the table to `<out>/schedule_search.md` and the
 searched schedule of the first case as text chart (`<out>/searched-p4-m8.txt`) and CSV
 (`<out>/searched-p4-m8.csv`).
 
