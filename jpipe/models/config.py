@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 POSITIONS = ("learned", "rope")
 FAMILIES = ("gpt", "llama")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 
 
 @dataclasses.dataclass(frozen=True)

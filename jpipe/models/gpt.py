@@ -27,6 +27,11 @@ PyTree = Any
 F32 = jnp.float32
 
 
+def _wide(dtype) -> jnp.dtype:
+    """Where the model computes in float32 (norms, softmax, logits): float64 for float64 values."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(F32)
+
+
 def _normal(rngs: nnx.Rngs, config: GPTConfig, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
     """A parameter drawn from N(0, std^2), named by its logical axes."""
     value = std * jax.random.normal(rngs.params(), shape, config.params_dtype)
@@ -42,19 +47,19 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[..., D] -> [..., D]` in x's dtype."""
-        x32 = x.astype(F32)
+        x32 = x.astype(_wide(x.dtype))
         normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        scale = self.scale[...].astype(F32).reshape((1,) * (x.ndim - 1) + (-1,))
+        scale = self.scale[...].astype(x32.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
         return (normed * scale).astype(x.dtype)
 
 
 def rope(x: jax.Array, base: float) -> jax.Array:
     """Rotary position embedding of `x` `[B, T, H, K]` (positions 0..T-1), in x's dtype."""
     seq, head_dim = x.shape[1], x.shape[3]
-    inverse_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=F32) * (2.0 / head_dim))  # [K/2]
-    angles = jnp.arange(seq, dtype=F32)[:, None] * inverse_freq[None, :]  # [T, K/2]
+    inverse_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=_wide(x.dtype)) * (2.0 / head_dim))  # [K/2]
+    angles = jnp.arange(seq, dtype=_wide(x.dtype))[:, None] * inverse_freq[None, :]  # [T, K/2]
     sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]  # [1, T, 1, K/2]
-    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+    x1, x2 = jnp.split(x.astype(_wide(x.dtype)), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
@@ -78,11 +83,11 @@ class Attention(nnx.Module):
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
         if config.positions == "rope":
             q, k = rope(q, config.rope_base), rope(k, config.rope_base)
-        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=F32)  # [B, H, T, T]
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=_wide(dtype))  # [B, H, T, T]
         scores = scores * (1.0 / math.sqrt(config.head_dim))
         seq = x.shape[1]
         causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None, None]  # [1, 1, T, T]
-        scores = jnp.where(causal, scores, jnp.finfo(F32).min)
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
         attended = jnp.einsum("bhqs,bshk->bqhk", weights, v)  # [B, T, H, K]
         return jnp.einsum("bthk,hkd->btd", attended, self.wo[...].astype(dtype))
@@ -159,8 +164,8 @@ class Head(nnx.Module):
         if self.config.tie_embeddings:
             if table is None:
                 raise ValueError("Head: tie_embeddings=True needs the embedding table")
-            return jnp.einsum("btd,vd->btv", h, table.astype(dtype), preferred_element_type=F32)
-        return jnp.einsum("btd,dv->btv", h, self.out[...].astype(dtype), preferred_element_type=F32)
+            return jnp.einsum("btd,vd->btv", h, table.astype(dtype), preferred_element_type=_wide(dtype))
+        return jnp.einsum("btd,dv->btv", h, self.out[...].astype(dtype), preferred_element_type=_wide(dtype))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

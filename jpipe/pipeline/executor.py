@@ -36,6 +36,11 @@ from jpipe.schedules.simulate import Cost, best_split, simulate
 PyTree = Any
 
 
+def _acc(*dtypes) -> jnp.dtype:
+    """Accumulator dtype for values of `dtypes`: float32, or float64 when any of them is float64."""
+    return jnp.dtype(jnp.float64) if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.dtype(jnp.float32)
+
+
 def _varying(tree: PyTree, axes: tuple[str, ...]) -> PyTree:
     """Mark arrays as varying over the manual `axes` (scan carries, vjp cotangents)."""
 
@@ -306,11 +311,11 @@ def _build_runner(
             weight_residuals = ops.input_grad(some_params, residuals, x_like, x_like)[1]
             carry["stash"] = slots(program.num_stash_slots, residuals)
             carry["weight_stash"] = slots(program.num_weight_slots, weight_residuals)
-            carry["grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), local_params)
-            carry["loss"] = jnp.zeros((), jnp.float32)
-            carry["loss_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), loss_params)
+            carry["grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), local_params)
+            carry["loss"] = jnp.zeros((), _acc(*(a.dtype for a in jax.tree.leaves(loss_params))))
+            carry["loss_grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), loss_params)
             if prologue is not None:
-                carry["prologue_grads"] = jax.tree.map(lambda a: _zeros((), a, jnp.float32), prologue_params)
+                carry["prologue_grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), prologue_params)
         carry = _varying(carry, manual_axes)
 
         def stage_input(row, view):
@@ -338,9 +343,9 @@ def _build_runner(
                 d_loss_params, d_y = loss_vjp(_varying(jnp.asarray(scale, loss.dtype), manual_axes))
                 state = {
                     **state,
-                    "loss": state["loss"] + loss.astype(jnp.float32) * scale,
+                    "loss": state["loss"] + loss.astype(state["loss"].dtype) * scale,
                     "loss_grads": jax.tree.map(
-                        lambda acc, g: acc + g.astype(jnp.float32), state["loss_grads"], d_loss_params
+                        lambda acc, g: acc + g.astype(acc.dtype), state["loss_grads"], d_loss_params
                     ),
                 }
                 return state, d_y
@@ -360,7 +365,7 @@ def _build_runner(
                 tokens = _take(inputs, row["microbatch"])
                 _, prologue_vjp = jax.vjp(lambda pp: prologue(pp, tokens), prologue_params)
                 (d_prologue,) = prologue_vjp(jax.tree.map(lambda g, a: g.astype(a.dtype), d_x, x_like))
-                return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, d_prologue)
+                return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, d_prologue)
 
             grads = lax.cond(row["is_first"] == 1, accumulate, lambda g: g, state["prologue_grads"])
             return {**state, "prologue_grads": grads}
