@@ -110,13 +110,19 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: `x + attention(norm(x))`, then `+ mlp(norm(.))`."""
+    """Pre-norm transformer block: `x + attention(norm(x))`, then `+ mlp(norm(.))`.
+
+    A family's block subclasses it and names its own `attention_class` and `mlp_class`.
+    """
+
+    attention_class: type[nnx.Module] = Attention
+    mlp_class: type[nnx.Module] = MLP
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.attention_norm = RMSNorm(config)
-        self.attention = Attention(config, rngs=rngs)
+        self.attention = self.attention_class(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = self.mlp_class(config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, D]` in x's dtype (the residual dtype); branches in the compute dtype."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import RMSNorm, _normal, _wide, rope
+from jpipe.models.gpt import Block, _normal, _wide, rope
 
 
 def llama_config(**changes) -> GPTConfig:
@@ -80,19 +80,8 @@ class SwiGLU(nnx.Module):
         return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
 
 
-class LlamaBlock(nnx.Module):
+class LlamaBlock(Block):
     """Pre-RMSNorm block: `x + attention(norm(x))`, then `+ swiglu(norm(.))`."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        self.attention_norm = RMSNorm(config)
-        self.attention = GroupedQueryAttention(config, rngs=rngs)
-        self.mlp_norm = RMSNorm(config)
-        self.mlp = SwiGLU(config, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, T, D] -> [B, T, D]` in x's dtype (the residual dtype); branches in the compute dtype."""
-        dtype = self.attention.config.dtype
-        with jax.named_scope("attention"):
-            x = x + self.attention(self.attention_norm(x).astype(dtype)).astype(x.dtype)
-        with jax.named_scope("mlp"):
-            return x + self.mlp(self.mlp_norm(x).astype(dtype)).astype(x.dtype)
+    attention_class = GroupedQueryAttention
+    mlp_class = SwiGLU
