@@ -90,20 +90,14 @@ def list_schedule(space: Orders, policy: Policy, memory_limit: float) -> list[li
                 longest = space.time[a]
             picks.append((d, a))
         idle = 0 if picks else idle + 1
-        if idle > 2 + 2 * space.send_latency:  # nothing can arrive any more: stuck
+        if _stuck(idle, space):
             return None
         for d, a in picks:
             op, s = space.op[a], space.stage[a]
             next_mb[op][s] += 1
             tick[a] = t
             rows[d].append(a)
-            if op == F_:
-                stash[d] += 1
-            elif op == I_:
-                held[d] += 1
-            else:
-                stash[d] -= 1
-                held[d] -= 1
+            _account(op, d, stash, held)
             done += 1
         if done == total:
             return rows
@@ -195,20 +189,29 @@ def repack(space: Orders, rows: list[list[int]], memory_limit: float, lookahead:
                     picks.append((d, index, a))
                     break
         idle = 0 if picks else idle + 1
-        if idle > 2 + 2 * space.send_latency:
+        if _stuck(idle, space):
             return None
         for d, index, a in picks:
             remaining[d].pop(index)
             tick[a] = t
             out[d].append(a)
-            op = space.op[a]
-            if op == F_:
-                stash[d] += 1
-            elif op == I_:
-                held[d] += 1
-            else:
-                stash[d] -= 1
-                held[d] -= 1
+            _account(space.op[a], d, stash, held)
             done += 1
         t += 1
     return out
+
+
+def _stuck(idle: int, space: Orders) -> bool:
+    """Whether `idle` ticks in a row without a pick mean nothing can arrive any more."""
+    return idle > 2 + 2 * space.send_latency
+
+
+def _account(op: int, device: int, stash: list[int], held: list[int]) -> None:
+    """Update `device`'s live stashes and weight residuals for an action of kind `op` (F, I or W)."""
+    if op == F_:
+        stash[device] += 1
+    elif op == I_:
+        held[device] += 1
+    else:
+        stash[device] -= 1
+        held[device] -= 1
