@@ -92,6 +92,39 @@ def test_bfloat16_compute_is_close_to_float32():
         assert a @ e / (np.linalg.norm(a) * np.linalg.norm(e)) > 0.98  # same direction, bfloat16 noise
 
 
+def _attention_score_dtypes(jaxpr, size: int) -> set:
+    """Dtypes of the dot_generals in `jaxpr` (and its sub-jaxprs) with `size` elements: the `[B, H, T, T]` scores."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.size == size:
+            found.add(eqn.outvars[0].aval.dtype)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= _attention_score_dtypes(inner, size)
+    return found
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_float32_attention_off_computes_scores_in_the_compute_dtype(family):
+    """float32_attention=False: bfloat16 scores and softmax (MaxText's float32_logits: false), logits still close."""
+    tokens = batch(TINY)[0][0]
+    logits = {}
+    for wide in (True, False):
+        config = dataclasses.replace(TINY, family=family, compute_dtype="bfloat16", float32_attention=wide)
+        model = GPT(config, rngs=nnx.Rngs(0))
+        graph, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda st, t, graph=graph: nnx.merge(graph, st)(t))(state, tokens).jaxpr
+        scores = tokens.shape[0] * TINY.num_heads * TINY.seq_len**2  # no other matmul output has this size
+        assert _attention_score_dtypes(jaxpr, scores) == {jnp.dtype(jnp.float32 if wide else jnp.bfloat16)}
+        logits[wide] = np.asarray(model(tokens))
+    assert logits[False].dtype == np.float32
+    np.testing.assert_allclose(logits[False], logits[True], atol=5e-2)
+    with pytest.raises(ValueError, match="float32_attention"):
+        dataclasses.replace(TINY, float32_attention="no")
+
+
 def test_init_creates_the_model_directly_sharded():
     pipe = pipeline(CASES[1])  # 8 layers on 2 stages, tied embeddings
     created = pipe.init(seed=0)

@@ -46,6 +46,9 @@ class GPTConfig:
       num_kv_heads: key/value heads of the llama family's grouped-query attention (each shared by
         num_heads / num_kv_heads query heads; must divide num_heads); unset: num_heads. The gpt
         family has one per head.
+      float32_attention: attention scores and their softmax in float32 (float64 for float64
+        values). False: in `compute_dtype`, as MaxText's `float32_logits: false` does; the
+        `[B, H, T, T]` scores then take half the bytes in bfloat16. No effect in float32.
     """
 
     vocab_size: int = 256
@@ -64,6 +67,7 @@ class GPTConfig:
     init_std: float = 0.02
     family: str = "gpt"
     num_kv_heads: int | None = None
+    float32_attention: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "d_model", "num_heads", "num_layers", "mlp_ratio"):
@@ -80,6 +84,9 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.num_kv_heads: must divide num_heads={self.num_heads}, got {kv!r}")
             if self.family == "gpt" and kv != self.num_heads:
                 raise ValueError(f"GPTConfig.num_kv_heads: the gpt family has num_heads key/value heads, got {kv}")
+        for name in ("float32_attention", "fp32_residual", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"GPTConfig.positions: expected one of {POSITIONS}, got {self.positions!r}")
         if self.rope and self.head_dim % 2:

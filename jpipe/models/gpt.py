@@ -32,6 +32,11 @@ def _wide(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(F32)
 
 
+def attention_dtype(config: GPTConfig, dtype) -> jnp.dtype:
+    """The dtype of attention scores and softmax: float32 (`_wide`) unless `config.float32_attention` is off."""
+    return _wide(dtype) if config.float32_attention else jnp.dtype(dtype)
+
+
 def _normal(rngs: nnx.Rngs, config: GPTConfig, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
     """A parameter drawn from N(0, std^2), named by its logical axes."""
     value = std * jax.random.normal(rngs.params(), shape, config.params_dtype)
@@ -83,7 +88,8 @@ class Attention(nnx.Module):
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
         if config.positions == "rope":
             q, k = rope(q, config.rope_base), rope(k, config.rope_base)
-        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=_wide(dtype))  # [B, H, T, T]
+        wide = attention_dtype(config, dtype)
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=wide)  # [B, H, T, T]
         scores = scores * (1.0 / math.sqrt(config.head_dim))
         seq = x.shape[1]
         causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None, None]  # [1, 1, T, T]
@@ -167,11 +173,12 @@ class Head(nnx.Module):
         """`[B, T, D]` -> float32 logits `[B, T, V]`; `table` `[V, D]` is the tied embedding."""
         dtype = self.config.dtype
         h = self.norm(x).astype(dtype)
+        out_dtype = _wide(dtype)
         if self.config.tie_embeddings:
             if table is None:
                 raise ValueError("Head: tie_embeddings=True needs the embedding table")
-            return jnp.einsum("btd,vd->btv", h, table.astype(dtype), preferred_element_type=_wide(dtype))
-        return jnp.einsum("btd,dv->btv", h, self.out[...].astype(dtype), preferred_element_type=_wide(dtype))
+            return jnp.einsum("btd,vd->btv", h, table.astype(dtype), preferred_element_type=out_dtype)
+        return jnp.einsum("btd,dv->btv", h, self.out[...].astype(dtype), preferred_element_type=out_dtype)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import Block, _normal, _wide, rope
+from jpipe.models.gpt import Block, _normal, attention_dtype, rope
 
 
 def llama_config(**changes) -> GPTConfig:
@@ -52,7 +52,8 @@ class GroupedQueryAttention(nnx.Module):
         keys = rope(jnp.einsum("btd,dnk->btnk", x, self.wk[...].astype(dtype)), config.rope_base)  # [B, T, N, K]
         values = jnp.einsum("btd,dnk->btnk", x, self.wv[...].astype(dtype))  # [B, T, N, K]
         q = q.reshape(batch, seq, n, config.num_heads // n, k)  # [B, T, N, G, K]
-        scores = jnp.einsum("bqngk,bsnk->bngqs", q, keys, preferred_element_type=_wide(q.dtype))  # [B, N, G, T, T]
+        wide = attention_dtype(config, q.dtype)
+        scores = jnp.einsum("bqngk,bsnk->bngqs", q, keys, preferred_element_type=wide)  # [B, N, G, T, T]
         scores = scores * (1.0 / math.sqrt(k))
         causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None, None, None]  # [1, 1, 1, T, T]
         scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
