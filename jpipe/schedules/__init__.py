@@ -4,10 +4,12 @@ This package imports no jax and no flax.
 """
 
 from jpipe.schedules.balance import ModelCosts, balance_layers, stage_costs
+from jpipe.schedules.bidirectional import bitpipe, dualpipe
 from jpipe.schedules.csv_io import from_csv, to_csv
-from jpipe.schedules.generators import SCHEDULES, build, register
+from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES, build, register
 from jpipe.schedules.ir import Action, B, F, I, Op, Schedule, ScheduleError, W, loop_placement, v_placement
 from jpipe.schedules.render import plot, render
+from jpipe.schedules.routes import schedule_routes, skippipe
 from jpipe.schedules.search import SearchResult, search, search_result
 from jpipe.schedules.simulate import Cost, Event, Simulation, best_split, peak_memory, simulate
 from jpipe.schedules.ticks import TickTable, pack, split_backward
@@ -23,6 +25,7 @@ __all__ = [
     "Event",
     "ModelCosts",
     "Op",
+    "ROUTED_SCHEDULES",
     "SCHEDULES",
     "Schedule",
     "ScheduleError",
@@ -30,8 +33,10 @@ __all__ = [
     "Simulation",
     "TickTable",
     "balance_layers",
+    "bitpipe",
     "best_split",
     "build",
+    "dualpipe",
     "from_csv",
     "loop_placement",
     "pack",
@@ -41,7 +46,9 @@ __all__ = [
     "render",
     "search",
     "search_result",
+    "schedule_routes",
     "simulate",
+    "skippipe",
     "split_backward",
     "stage_costs",
     "to_csv",

@@ -21,11 +21,17 @@ action printed as `f"{stage}{type}{microbatch}"`, an empty cell for an idle step
 - The number of microbatches is the largest microbatch index of a compute action plus one.
 - Errors are `ScheduleError`s naming the row (rank), the 1-based column and the cell.
 
+torch's format has no model-stage map and no per-microbatch routes: every microbatch runs every
+stage in order and every stage is its own part of the model. `to_csv` therefore refuses schedules
+with replicas or routes (BitPipe, DualPipe, SkipPipe) instead of writing a file that would read back
+as a different schedule.
+
 `to_csv` writes the compute-only format with `\\r\\n` line ends, as Python's `csv` module (and so torch)
 does. By default each row lists the device's actions without idle cells (every valid or invalid
-schedule can be written, and torch reads it unchanged). With `lockstep=True` the rows are aligned on
-the lockstep ticks of `jpipe.schedules.ticks.pack(schedule, split=False)`: column `t` is tick `t`,
-idle ticks are empty cells, so the file shows the timing when opened in a spreadsheet.
+schedule without replicas or routes can be written, and torch reads it unchanged). With
+`lockstep=True` the rows are aligned on the lockstep ticks of
+`jpipe.schedules.ticks.pack(schedule, split=False)`: column `t` is tick `t`, idle ticks are empty
+cells, so the file shows the timing when opened in a spreadsheet.
 """
 
 from __future__ import annotations
@@ -157,7 +163,8 @@ def to_csv(schedule: Schedule, *, lockstep: bool = False) -> str:
     """Write `schedule` in torch.pipelining's compute-only CSV format.
 
     Args:
-      schedule: any schedule; with `lockstep=True` it must not deadlock.
+      schedule: any schedule without a model-stage map or routes (`Schedule.is_plain`); with
+        `lockstep=True` it must not deadlock.
       lockstep: align the rows on the ticks of `pack(schedule, split=False)`, idle ticks as empty
         cells (all rows then have `num_ticks` cells); otherwise each row lists its device's actions
         back to back.
@@ -165,7 +172,23 @@ def to_csv(schedule: Schedule, *, lockstep: bool = False) -> str:
     Returns:
       The CSV text, one row per device (`\\r\\n` line ends). `from_csv` reads it back to the same
       actions and placement, provided every device holds at least one stage and the last holds an action.
+
+    Raises:
+      ScheduleError: the schedule has replicas or routes, which torch's CSV cannot express.
     """
+    if not schedule.is_plain:
+        what = [
+            name
+            for name, present in (
+                ("a model-stage map", schedule.model_stage is not None),
+                ("per-microbatch routes", schedule.routes is not None),
+            )
+            if present
+        ]
+        raise ScheduleError(
+            f"cannot write schedule {schedule.name!r} as torch.pipelining CSV: it has {' and '.join(what)}, "
+            f"which the format cannot express (every microbatch runs every stage in order there)"
+        )
     if lockstep:
         table = pack(schedule, split=False)
         rows = [

@@ -16,30 +16,47 @@ Limits on the arguments (each violation raises `ScheduleError` naming the argume
 | looped_bfs | any v >= 1 | any m >= 1 |
 | zbv | 2 | any m >= 1 (m < 2p - 1 drops the missing microbatches from the m = 2p - 1 order) |
 | dualpipev | 2 | m >= 2p (DeepSeek's DualPipeV requires it) |
+
+Schedules with replicas or per-microbatch routes (`Schedule.model_stage`, `Schedule.routes`) are
+registered apart, in `ROUTED_SCHEDULES` (`@register(name, routed=True)`): `bitpipe`, `dualpipe`
+(`jpipe.schedules.bidirectional`) and `skippipe` (`jpipe.schedules.routes`). `build` finds
+both kinds; `SCHEDULES` holds only the schedules every part of jpipe runs (the executor, the
+training config, the schedule search), so code iterating over it does not meet routes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError, loop_placement, v_placement
 from jpipe.schedules.validate import validate
 
-Generator = Callable[[int, int, int], Schedule]
+Generator = Callable[..., Schedule]
+"""`fn(num_devices, num_microbatches, virtual, **options) -> Schedule`."""
 
 SCHEDULES: dict[str, Generator] = {}
+"""Schedules without replicas or routes: what the executor, training and the search run."""
+
+ROUTED_SCHEDULES: dict[str, Generator] = {}
+"""Schedules with replicas or per-microbatch routes (the schedule side runs them: validation,
+simulation, rendering; the executor does not yet)."""
 
 
-def register(name: str) -> Callable[[Generator], Generator]:
+def register(name: str, *, routed: bool = False) -> Callable[[Generator], Generator]:
     """Decorator registering `fn(num_devices, num_microbatches, virtual) -> Schedule` under `name`.
 
-    `build(name, ...)` then calls it; a later registration under the same name replaces the former.
+    `build(name, ...)` then calls it; a later registration under the same name replaces the former
+    (in either registry). With `routed=True` the generator goes to `ROUTED_SCHEDULES`: its schedules
+    have replicas or per-microbatch routes.
     """
 
     def wrap(fn: Generator) -> Generator:
-        SCHEDULES[name] = fn
+        SCHEDULES.pop(name, None)
+        ROUTED_SCHEDULES.pop(name, None)
+        (ROUTED_SCHEDULES if routed else SCHEDULES)[name] = fn
         return fn
 
     return wrap
@@ -52,11 +69,14 @@ def _check_positive_int(value: object, argument: str) -> None:
         raise ScheduleError(f"{argument} must be >= 1, got {value}")
 
 
-def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1, *, send_latency: int = 0) -> Schedule:
+def build(
+    name: str, num_devices: int, num_microbatches: int, virtual: int = 1, *, send_latency: int = 0, **options
+) -> Schedule:
     """Build the schedule registered under `name`.
 
     Args:
-      name: a key of `SCHEDULES` (e.g. "gpipe", "1f1b", "interleaved_1f1b", "zbv").
+      name: a key of `SCHEDULES` (e.g. "gpipe", "1f1b", "interleaved_1f1b", "zbv") or of
+        `ROUTED_SCHEDULES` ("bitpipe", "dualpipe", "skippipe").
       num_devices: pipeline devices `p` (>= 1).
       num_microbatches: microbatches `m` per step (>= 1; some schedules need more, see the module doc).
       virtual: stages (chunks) per device `v` (>= 1); the schedule has `p * v` logical stages.
@@ -64,6 +84,8 @@ def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1, 
         faster, in the lockstep simulation with that latency at unit costs, of the named order and
         its two-stream version (`jpipe.schedules.streams.two_streams`: two half batches interleaved
         tick by tick; about twice the peak activations), named `<name>[2 streams]` when chosen.
+      **options: keyword options of the generator (e.g. skippipe's `skip_ratio`, `memory_cap`,
+        `seed`); the plain schedules take none.
 
     Returns:
       A schedule named `name` (or `<name>[2 streams]`) that passes `validate`.
@@ -72,29 +94,36 @@ def build(name: str, num_devices: int, num_microbatches: int, virtual: int = 1, 
       ScheduleError: unknown name (the message lists the known ones), or arguments the schedule does
         not support (the message names the argument and the rule).
     """
-    if name not in SCHEDULES:
-        raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(sorted(SCHEDULES))}")
+    generator = SCHEDULES.get(name) or ROUTED_SCHEDULES.get(name)
+    if generator is None:
+        known = sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES)
+        raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(known)}")
     _check_positive_int(num_devices, "num_devices")
     _check_positive_int(num_microbatches, "num_microbatches")
     _check_positive_int(virtual, "virtual")
     if send_latency not in (0, 1) or isinstance(send_latency, bool):
         raise ScheduleError(f"send_latency must be 0 or 1, got {send_latency!r}")
-    schedule = SCHEDULES[name](num_devices, num_microbatches, virtual)
+    accepted = inspect.signature(generator).parameters
+    takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in accepted.values())
+    unknown = sorted(option for option in options if option not in accepted and not takes_any)
+    if unknown:
+        raise ScheduleError(f"schedule {name!r} takes no option {', '.join(unknown)}")
+    schedule = generator(num_devices, num_microbatches, virtual, **options)
     if schedule.name != name:
         schedule = dataclasses.replace(schedule, name=name)
     validate(schedule)
     if send_latency:
-        schedule = _for_send_latency(schedule, name, num_devices, num_microbatches, virtual)
+        schedule = _for_send_latency(schedule, name, num_devices, num_microbatches, virtual, options)
     return schedule
 
 
-def _for_send_latency(schedule: Schedule, name: str, p: int, m: int, virtual: int) -> Schedule:
+def _for_send_latency(schedule: Schedule, name: str, p: int, m: int, virtual: int, options: dict) -> Schedule:
     """`schedule` or its two-stream version, whichever packs into less time with a one-tick latency."""
     from jpipe.schedules.simulate import simulate  # simulate imports nothing from here; avoid a cycle
     from jpipe.schedules.streams import two_streams
 
     try:
-        streamed = two_streams(lambda n: build(name, p, n, virtual), m)
+        streamed = two_streams(lambda n: build(name, p, n, virtual, **options), m)
     except ScheduleError:
         return schedule  # a half batch the schedule does not support (e.g. dualpipev below 2p)
     validate(streamed)
@@ -404,68 +433,71 @@ def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2) -> Sche
     if m < 2 * p:
         raise ScheduleError(f"dualpipev needs num_microbatches >= 2 * num_devices = {2 * p}, got num_microbatches={m}")
     last = 2 * p - 1
-    rows = []
-    for d in range(p):
-        c0, c1 = d, last - d
-        next_forward = {c0: 0, c1: 0}
-        next_backward = {c0: 0, c1: 0}
-        pending_weights: deque[Action] = deque()
-        row: list[Action] = []
-
-        def forward(stage: int, row: list[Action] = row, next_forward: dict = next_forward) -> None:
-            row.append(Action(stage, Op.F, next_forward[stage]))
-            next_forward[stage] += 1
-
-        def backward(
-            stage: int,
-            split: bool = False,
-            row: list[Action] = row,
-            next_backward: dict = next_backward,
-            pending_weights: deque = pending_weights,
-        ) -> None:
-            mb = next_backward[stage]
-            next_backward[stage] += 1
-            if split:
-                row.append(Action(stage, Op.I, mb))
-                pending_weights.append(Action(stage, Op.W, mb))
-            else:
-                row.append(Action(stage, Op.B, mb))
-
-        def weight(row: list[Action] = row, pending_weights: deque = pending_weights) -> None:
-            if pending_weights:
-                row.append(pending_weights.popleft())
-
-        for _ in range(2 * (p - 1 - d)):
-            forward(c0)
-        for _ in range(d + 1):
-            forward(c0)
-            forward(c1)
-        for _ in range(p - 1 - d):
-            backward(c1, split=True)
-            weight()
-            forward(c1)
-        for _ in range(m - 2 * p + d + 1):
-            forward(c0)
-            backward(c1)
-            forward(c1)
-            backward(c0)
-        for _ in range(p - 1 - d):
-            backward(c1)
-            forward(c1)
-            backward(c0)
-        pairs = d + 1
-        split = False
-        for index in range(pairs):
-            if index == pairs // 2 and d % 2 == 1:
-                split = True
-            backward(c1, split)
-            if index == pairs // 2 and d % 2 == 0:
-                split = True
-            backward(c0, split)
-        for _ in range(p - 1 - d):
-            weight()
-            backward(c0, split=True)
-        while pending_weights:
-            weight()
-        rows.append(row)
+    rows = [_dualpipe_order(p, m, d, d, last - d) for d in range(p)]
     return _schedule("dualpipev", p, m, v_placement(p), rows)
+
+
+def _dualpipe_order(half: int, n: int, rank: int, c0: int, c1: int) -> list[Action]:
+    """DeepSeek's DualPipe order for one device (`DualPipe.step`, steps 1-8), as in `dualpipev`.
+
+    `half` devices per direction (DualPipeV's p; DualPipe's PP / 2), `n` microbatches per chunk,
+    `rank` the device's distance from the start of its own direction (0..half-1), `c0` the chunk it
+    runs first (its own direction) and `c1` the other. Each chunk runs its microbatches 0..n-1 in
+    order; the actions carry those per-chunk indices (the caller renames them).
+    """
+    next_forward = {c0: 0, c1: 0}
+    next_backward = {c0: 0, c1: 0}
+    pending_weights: deque[Action] = deque()
+    row: list[Action] = []
+
+    def forward(stage: int) -> None:
+        row.append(Action(stage, Op.F, next_forward[stage]))
+        next_forward[stage] += 1
+
+    def backward(stage: int, split: bool = False) -> None:
+        mb = next_backward[stage]
+        next_backward[stage] += 1
+        if split:
+            row.append(Action(stage, Op.I, mb))
+            pending_weights.append(Action(stage, Op.W, mb))
+        else:
+            row.append(Action(stage, Op.B, mb))
+
+    def weight() -> None:
+        if pending_weights:
+            row.append(pending_weights.popleft())
+
+    p, m, d = half, n, rank
+    for _ in range(2 * (p - 1 - d)):
+        forward(c0)
+    for _ in range(d + 1):
+        forward(c0)
+        forward(c1)
+    for _ in range(p - 1 - d):
+        backward(c1, split=True)
+        weight()
+        forward(c1)
+    for _ in range(m - 2 * p + d + 1):
+        forward(c0)
+        backward(c1)
+        forward(c1)
+        backward(c0)
+    for _ in range(p - 1 - d):
+        backward(c1)
+        forward(c1)
+        backward(c0)
+    pairs = d + 1
+    split = False
+    for index in range(pairs):
+        if index == pairs // 2 and d % 2 == 1:
+            split = True
+        backward(c1, split)
+        if index == pairs // 2 and d % 2 == 0:
+            split = True
+        backward(c0, split)
+    for _ in range(p - 1 - d):
+        weight()
+        backward(c0, split=True)
+    while pending_weights:
+        weight()
+    return row

@@ -1,5 +1,18 @@
 """Schedule IR: actions on (logical stage, microbatch) and per-device ordered action lists.
 
+Every logical stage lives on exactly one device (`placement`). Two optional fields generalise the
+pipeline beyond "every microbatch runs every stage in order":
+  - `model_stage`: which part of the model (which block of layers) each logical stage computes.
+    Logical stages computing the same model stage are *replicas*: copies on different devices that
+    share parameters (BitPipe and DualPipe run two pipelines in opposite directions over the same
+    devices, each device holding copies of two model stages). Default: logical stage s computes
+    model stage s.
+  - `routes`: per microbatch, the logical stages it visits, in order (SkipPipe lets microbatches
+    skip and reorder stages; BitPipe and DualPipe send half of them through the replicas).
+    Default: every stage 0..S-1 in order.
+Code that needs the stage after or before another one on a microbatch's way asks the schedule
+(`next_stage`, `prev_stage`), never `stage + 1`.
+
 A schedule is plain, immutable data. Nothing here imports jax: researchers design, validate and
 simulate schedules anywhere.
 """
@@ -8,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import operator
 import re
 
 
@@ -88,6 +103,23 @@ def v_placement(num_devices: int) -> tuple[int, ...]:
     return tuple(range(num_devices)) + tuple(reversed(range(num_devices)))
 
 
+def _index(value: object) -> object:
+    """`value` as a Python int when it is an integer (numpy's too); anything else unchanged."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def _int_tuple(value: object) -> object:
+    """A list/tuple/range as a tuple of `_index`-ed items; anything else unchanged (validate reports it)."""
+    if isinstance(value, (list, tuple, range)):
+        return tuple(_index(item) for item in value)
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """A pipeline schedule: which device runs which action, in which order.
@@ -99,6 +131,14 @@ class Schedule:
         number of logical stages `p * virtual`.
       actions: `actions[device]` is that device's ordered tuple of actions.
       name: a label for printing; the executor never reads it.
+      model_stage: `model_stage[stage]` is the model stage (block of layers) logical stage `stage`
+        computes; logical stages with the same model stage are replicas sharing parameters, each on
+        its own device. None (the default, also what an identity tuple becomes) means stage s
+        computes model stage s.
+      routes: `routes[microbatch]` is the tuple of logical stages that microbatch visits, in order:
+        its forward runs them first to last and its backward last to first. None (the default,
+        also what a tuple of full in-order routes becomes) means every microbatch visits every
+        stage in order.
     """
 
     num_devices: int
@@ -106,10 +146,26 @@ class Schedule:
     placement: tuple[int, ...]
     actions: tuple[tuple[Action, ...], ...]
     name: str = "custom"
+    model_stage: tuple[int, ...] | None = None
+    routes: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "placement", tuple(int(d) for d in self.placement))
         object.__setattr__(self, "actions", tuple(tuple(row) for row in self.actions))
+        num_stages = len(self.placement)
+        if self.model_stage is not None:
+            model_stage = _int_tuple(self.model_stage)
+            object.__setattr__(self, "model_stage", None if model_stage == tuple(range(num_stages)) else model_stage)
+        if self.routes is not None:
+            routes = (
+                tuple(_int_tuple(route) for route in self.routes)
+                if isinstance(self.routes, (list, tuple))
+                else self.routes
+            )
+            full = tuple(range(num_stages))
+            if isinstance(routes, tuple) and len(routes) == self.num_microbatches and all(r == full for r in routes):
+                routes = None
+            object.__setattr__(self, "routes", routes)
 
     @property
     def num_stages(self) -> int:
@@ -134,11 +190,129 @@ class Schedule:
         """Whether any backward is split into I and W."""
         return any(a.op in (Op.I, Op.W) for row in self.actions for a in row)
 
+    # --- model stages and replicas ------------------------------------------------------------
+
+    @property
+    def num_model_stages(self) -> int:
+        """Distinct model stages (blocks of layers); `num_stages` when there are no replicas."""
+        return self.num_stages if self.model_stage is None else len(set(self.model_stage))
+
+    def model_stage_of(self, stage: int) -> int:
+        """The model stage logical stage `stage` computes."""
+        return stage if self.model_stage is None else self.model_stage[stage]
+
+    def replicas(self, model_stage: int) -> tuple[int, ...]:
+        """The logical stages computing `model_stage` (its replicas), in increasing order."""
+        if self.model_stage is None:
+            return (model_stage,) if 0 <= model_stage < self.num_stages else ()
+        return tuple(s for s, k in enumerate(self.model_stage) if k == model_stage)
+
+    @property
+    def has_replicas(self) -> bool:
+        """Whether some model stage is computed by more than one logical stage."""
+        return self.num_model_stages < self.num_stages
+
+    # --- routes -------------------------------------------------------------------------------
+
+    @property
+    def has_routes(self) -> bool:
+        """Whether some microbatch's route is not every stage in order."""
+        return self.routes is not None
+
+    @property
+    def is_plain(self) -> bool:
+        """No model-stage map and no routes: the schedules torch.pipelining (and its CSV) express."""
+        return self.model_stage is None and self.routes is None
+
+    @functools.cached_property
+    def _route_positions(self) -> tuple[dict[int, int], ...]:
+        return tuple({stage: hop for hop, stage in enumerate(route)} for route in self.routes or ())
+
+    def route(self, microbatch: int) -> tuple[int, ...]:
+        """The logical stages `microbatch` visits, in forward order."""
+        if self.routes is None:
+            return tuple(range(self.num_stages))
+        return self.routes[microbatch]
+
+    def hop(self, stage: int, microbatch: int) -> int | None:
+        """The position of `stage` on `microbatch`'s route (0 for its first stage); None if off it."""
+        if self.routes is None:
+            return stage if 0 <= stage < self.num_stages else None
+        return self._route_positions[microbatch].get(stage)
+
+    def on_route(self, stage: int, microbatch: int) -> bool:
+        """Whether `microbatch` visits `stage`."""
+        return self.hop(stage, microbatch) is not None
+
+    def _hop_or_raise(self, stage: int, microbatch: int) -> int:
+        hop = self.hop(stage, microbatch)
+        if hop is None:
+            raise ScheduleError(
+                f"stage {stage} is not on microbatch {microbatch}'s route {_format_route(self.route(microbatch))}"
+            )
+        return hop
+
+    def next_stage(self, stage: int, microbatch: int) -> int | None:
+        """The stage `microbatch` visits after `stage` (its forward's consumer); None at its last hop.
+
+        Raises ScheduleError when `stage` is not on the microbatch's route.
+        """
+        hop = self._hop_or_raise(stage, microbatch)
+        route = self.route(microbatch)
+        return route[hop + 1] if hop + 1 < len(route) else None
+
+    def prev_stage(self, stage: int, microbatch: int) -> int | None:
+        """The stage `microbatch` visits before `stage` (its backward's consumer); None at its first hop.
+
+        Raises ScheduleError when `stage` is not on the microbatch's route.
+        """
+        hop = self._hop_or_raise(stage, microbatch)
+        return self.route(microbatch)[hop - 1] if hop > 0 else None
+
+    def is_first_hop(self, stage: int, microbatch: int) -> bool:
+        """Whether `stage` is where `microbatch` enters the pipeline (reads the input)."""
+        return self._hop_or_raise(stage, microbatch) == 0
+
+    def is_last_hop(self, stage: int, microbatch: int) -> bool:
+        """Whether `stage` is where `microbatch` leaves the pipeline (computes the loss)."""
+        return self._hop_or_raise(stage, microbatch) == len(self.route(microbatch)) - 1
+
     def __str__(self) -> str:
         lines = [
             f"Schedule {self.name!r}: {self.num_devices} devices, {self.num_stages} stages "
             f"(virtual {self.virtual}), {self.num_microbatches} microbatches"
         ]
+        if self.model_stage is not None:
+            lines.append("  model stages: " + " ".join(str(k) for k in self.model_stage))
+        if self.routes is not None:
+            lines.append("  routes: " + _format_routes(self.routes))
         for device, row in enumerate(self.actions):
             lines.append(f"  device {device}: " + " ".join(str(a) for a in row))
         return "\n".join(lines)
+
+
+def _format_route(route: object) -> str:
+    if isinstance(route, tuple):
+        return " -> ".join(str(stage) for stage in route) if route else "(empty)"
+    return repr(route)
+
+
+_MAX_ROUTE_GROUPS = 8
+
+
+def _format_routes(routes: tuple) -> str:
+    """Routes grouped over consecutive microbatches, e.g. `mb 0-1: 0>1>2; mb 2: 3>4>5`."""
+    groups: list[tuple[int, int, object]] = []
+    for mb, route in enumerate(routes):
+        if groups and groups[-1][2] == route:
+            groups[-1] = (groups[-1][0], mb, route)
+        else:
+            groups.append((mb, mb, route))
+    parts = []
+    for first, last, route in groups[:_MAX_ROUTE_GROUPS]:
+        label = f"mb {first}" if first == last else f"mb {first}-{last}"
+        shown = ">".join(str(s) for s in route) if isinstance(route, tuple) else repr(route)
+        parts.append(f"{label}: {shown}")
+    if len(groups) > _MAX_ROUTE_GROUPS:
+        parts.append(f"... ({len(groups) - _MAX_ROUTE_GROUPS} more groups)")
+    return "; ".join(parts)

@@ -6,6 +6,9 @@ devices. `Orders.evaluate(rows)` gives the same makespan as `jpipe.schedules.sim
 the same earliest-tick packing as `jpipe.schedules.ticks.pack` and the same tick durations; async:
 the same event-driven run) and the same per-device `peak_memory`, on integer rows, without building
 `Action`s. `Orders.schedule(rows)` turns rows back into a `Schedule`.
+
+The space assumes the plain layout: every microbatch visits every stage in order and every stage
+is its own model stage (`Schedule.is_plain`); schedules with replicas or routes are refused.
 """
 
 from __future__ import annotations
@@ -101,6 +104,11 @@ class Orders:
         """A schedule of this placement (B's are split into I, W) as integer rows."""
         if tuple(schedule.placement) != self.placement or schedule.num_microbatches != self.num_microbatches:
             raise ValueError("rows_of: the schedule's placement or microbatch count differs from this search space")
+        if not schedule.is_plain:
+            raise ValueError(
+                f"rows_of: schedule {schedule.name!r} has replicas or per-microbatch routes; this search space "
+                f"assumes every microbatch visits every stage in order"
+            )
         split = split_backward(schedule)
         return [[self.index(OPS.index(a.op), a.stage, a.microbatch) for a in row] for row in split.actions]
 

@@ -3,6 +3,9 @@
 `render` draws a schedule as text: one row per device, one column per time step, each cell an action
 printed as torch.pipelining does (`<stage><op><microbatch>`, e.g. `0F3`), idle steps as `.`.
 `plot` draws the timeline of one or several `Simulation`s as a Gantt chart (PNG, SVG or PDF).
+Both follow the schedule's routes through the packing and the simulation; the header says when a
+schedule has replicas or per-microbatch routes, and a Gantt bar of a schedule with replicas names
+its logical stage (`mb/s<stage>`), which `Schedule.model_stage_of` maps to its block of layers.
 
 matplotlib is imported inside `plot` only, so `import jpipe.schedules` stays light.
 """
@@ -31,10 +34,14 @@ MAX_TIME_COLUMNS = 2000
 
 
 def _header(schedule: Schedule) -> str:
-    return (
-        f"{schedule.name}: p={schedule.num_devices} m={schedule.num_microbatches} "
-        f"v={schedule.virtual} ({schedule.num_stages} stages)"
-    )
+    layout = f"{schedule.num_stages} stages"
+    if schedule.has_replicas:
+        layout += f" computing {schedule.num_model_stages} model stages"
+    if schedule.has_routes:
+        lengths = sorted({len(schedule.route(mb)) for mb in range(schedule.num_microbatches)})
+        hops = str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        layout += f", per-microbatch routes of {hops} stages"
+    return f"{schedule.name}: p={schedule.num_devices} m={schedule.num_microbatches} v={schedule.virtual} ({layout})"
 
 
 def _tick_grid(schedule: Schedule) -> tuple[list[list[str]], str]:
@@ -138,8 +145,9 @@ def render(
     return "\n".join(lines)
 
 
-def _event_label(action: Action, virtual: int) -> str:
-    return f"{action.microbatch}" if virtual == 1 else f"{action.microbatch}/s{action.stage}"
+def _event_label(action: Action, schedule: Schedule) -> str:
+    plain = schedule.virtual == 1 and not schedule.has_routes
+    return f"{action.microbatch}" if plain else f"{action.microbatch}/s{action.stage}"
 
 
 def plot(
@@ -151,7 +159,8 @@ def plot(
     """Draw the timeline of a simulation (or several, stacked, sharing the time axis) as a Gantt chart.
 
     One row per device (device 0 on top), one bar per event from its start to its end, coloured by op
-    (F, B, I, W), labelled with its microbatch (`mb/s<stage>` when a device holds several stages);
+    (F, B, I, W), labelled with its microbatch (`mb/s<stage>` when a device holds several stages or
+    the microbatches take their own routes);
     idle time stays blank. Each panel's title gives schedule name, p, m, v, mode, makespan and bubble
     fraction.
 
@@ -206,7 +215,7 @@ def plot(
                 linewidth=0.4,
             )
         for event in sim.timeline:
-            label = _event_label(event.action, schedule.virtual)
+            label = _event_label(event.action, schedule)
             bar_points = (event.end - event.start) * points_per_time
             font_size = min(8.0, bar_points / (0.62 * len(label) + 0.4))
             if font_size >= 4.0:

@@ -11,6 +11,11 @@ Two modes:
     message travels during the next tick instead, which then lasts `max(slowest action, comm)`, and
     the packing gives every cross-device result one more tick. Each event starts at its tick's start.
 
+Both modes follow each microbatch's route (`Schedule.route`) through
+`jpipe.schedules.deps.dependencies`: a forward waits for the previous stage on its route, a backward
+for the next one. Replicas are ordinary logical stages here (each on its own device, each with its
+own times when `Cost` is given per logical stage).
+
 Peak activations are counted in microbatches x full device stage: the forward of a chunk allocates
 `1 / virtual`; a full backward B frees it; with the split backward, I frees nothing (the weight
 gradient still needs the stage's saved inputs) and W frees it. A device's peak depends only on the

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jpipe.schedules.ir import Action, Schedule
+from jpipe.schedules.ir import Action, Schedule, ScheduleError
 from jpipe.schedules.ticks import pack
 
 
@@ -28,7 +28,8 @@ def two_streams(build_half, num_microbatches: int) -> Schedule:
 
     Args:
       build_half: `n -> Schedule` building the schedule for `n` microbatches (same devices,
-        stages and placement for every n).
+        stages, placement and model-stage map for every n). Routes follow their microbatches:
+        microbatch `2k + stream` takes the route of microbatch k of its stream's half schedule.
       num_microbatches: m; stream A gets microbatches 0, 2, 4, ... (ceil(m / 2) of them), stream B
         1, 3, 5, ...
 
@@ -39,11 +40,16 @@ def two_streams(build_half, num_microbatches: int) -> Schedule:
     sizes = ((num_microbatches + 1) // 2, num_microbatches // 2)
     timed: list[list[tuple[int, Action]]] | None = None
     template: Schedule | None = None
+    routes: list[tuple[int, ...]] = [()] * num_microbatches
     for stream, size in enumerate(sizes):
         if size == 0:
             continue
         half = build_half(size)
         template = half if template is None else template
+        if (half.placement, half.model_stage) != (template.placement, template.model_stage):
+            raise ScheduleError("two_streams: the half schedules differ in placement or model stages")
+        for k in range(size):
+            routes[2 * k + stream] = half.route(k)
         if timed is None:
             timed = [[] for _ in range(half.num_devices)]
         for tick, row in enumerate(pack(half, split=True).ticks):
@@ -54,5 +60,9 @@ def two_streams(build_half, num_microbatches: int) -> Schedule:
     assert template is not None and timed is not None  # num_microbatches >= 1
     rows = tuple(tuple(action for _, action in sorted(row, key=lambda item: item[0])) for row in timed)
     return dataclasses.replace(
-        template, actions=rows, num_microbatches=num_microbatches, name=f"{template.name}[2 streams]"
+        template,
+        actions=rows,
+        num_microbatches=num_microbatches,
+        name=f"{template.name}[2 streams]",
+        routes=tuple(routes),
     )

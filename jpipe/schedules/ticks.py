@@ -57,6 +57,8 @@ class TickTable:
 def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0) -> TickTable:
     """Assign every action the earliest tick its device order and data dependencies allow.
 
+    The dependencies follow each microbatch's route (`jpipe.schedules.deps.dependencies`).
+
     Args:
       schedule: a schedule that passes `validate`.
       split: run each B as I then W in consecutive ticks (recommended: equal-cost ticks).

@@ -4,12 +4,18 @@
   1. shape: `num_devices >= 1`, one action row per device, `num_microbatches >= 1`;
   2. placement: its length is a non-zero multiple of `num_devices`, every device index is in range and
      every device holds the same number of stages (`virtual`);
-  3. actions: each is an `Action` with its stage and microbatch in range, on the device that holds
-     its stage, and appears once;
-  4. completeness: every (stage, microbatch) has one F and either one B or one I and one W;
-  5. local order: on each device an action comes after the actions it needs that live on the same
-     device (F before its I/B, I before its W, F of stage s-1 before F of s under V placement, ...);
-  6. cross-device order: running every device's list in order, with each action waiting for the
+  3. model stages and routes (when given): `model_stage` has one entry per logical stage, numbers
+     the model stages 0..K-1 without gaps, and puts no two replicas of a model stage on one device;
+     `routes` has one non-empty route per microbatch, each a tuple of distinct logical stages in
+     range that visits no model stage twice;
+  4. actions: each is an `Action` with its stage and microbatch in range, on the device that holds
+     its stage, on its microbatch's route, and appears once;
+  5. completeness: every (stage, microbatch) on the microbatch's route has one F and either one B
+     or one I and one W;
+  6. local order: on each device an action comes after the actions it needs that live on the same
+     device (F before its I/B, I before its W, F of the previous hop before F of the next one when
+     both are on the device, as at the turn of a V placement, ...);
+  7. cross-device order: running every device's list in order, with each action waiting for the
      actions it consumes (`jpipe.schedules.deps.dependencies`), finishes; otherwise the message lists
      the blocked head action of every unfinished device and what it waits for.
 """
@@ -35,6 +41,8 @@ def validated_dependencies(schedule: Schedule) -> dict[Action, tuple[Action, ...
     """`validate(schedule)`, then return `dependencies(schedule)` (computed once, for the simulator)."""
     _check_shape(schedule)
     _check_placement(schedule)
+    _check_model_stages(schedule)
+    _check_routes(schedule)
     positions = _check_actions(schedule)
     _check_complete(schedule, positions)
     deps = dependencies(schedule)
@@ -78,6 +86,66 @@ def _check_placement(schedule: Schedule) -> None:
             )
 
 
+def _check_model_stages(schedule: Schedule) -> None:
+    model_stage = schedule.model_stage
+    if model_stage is None:
+        return
+    num_stages = schedule.num_stages
+    if not isinstance(model_stage, tuple) or len(model_stage) != num_stages:
+        length = len(model_stage) if isinstance(model_stage, tuple) else model_stage
+        raise ScheduleError(
+            f"model_stage must be a tuple with one model stage per logical stage ({num_stages}), got {length!r}"
+        )
+    for stage, part in enumerate(model_stage):
+        if not _is_int(part) or part < 0:
+            raise ScheduleError(f"model_stage[{stage}] = {part!r}: expected an int >= 0")
+    count = max(model_stage) + 1
+    missing = sorted(set(range(count)) - set(model_stage))
+    if missing:
+        raise ScheduleError(
+            f"model_stage numbers model stages up to {count - 1} but no logical stage computes {missing} "
+            f"(model stages must be numbered 0..K-1 without gaps)"
+        )
+    home: dict[tuple[int, int], int] = {}
+    for stage, part in enumerate(model_stage):
+        device = schedule.placement[stage]
+        if (part, device) in home:
+            raise ScheduleError(
+                f"stages {home[part, device]} and {stage} are replicas of model stage {part} on the same "
+                f"device {device} (replicas must live on different devices)"
+            )
+        home[part, device] = stage
+
+
+def _check_routes(schedule: Schedule) -> None:
+    routes = schedule.routes
+    if routes is None:
+        return
+    m, num_stages = schedule.num_microbatches, schedule.num_stages
+    if not isinstance(routes, tuple) or len(routes) != m:
+        length = len(routes) if isinstance(routes, tuple) else routes
+        raise ScheduleError(f"routes must be a tuple with one route per microbatch ({m}), got {length!r}")
+    for mb, route in enumerate(routes):
+        if not isinstance(route, tuple):
+            raise ScheduleError(f"route of microbatch {mb}: expected a tuple of logical stages, got {route!r}")
+        if not route:
+            raise ScheduleError(f"route of microbatch {mb} is empty: a microbatch visits at least one stage")
+        seen: dict[int, int] = {}  # model stage -> the stage of the route computing it
+        for hop, stage in enumerate(route):
+            if not _is_int(stage) or not 0 <= stage < num_stages:
+                raise ScheduleError(
+                    f"route of microbatch {mb}, hop {hop}: stage {stage!r} out of range [0, {num_stages})"
+                )
+            part = schedule.model_stage_of(stage)
+            if part in seen:
+                if seen[part] == stage:
+                    raise ScheduleError(f"route of microbatch {mb} visits stage {stage} twice")
+                raise ScheduleError(
+                    f"route of microbatch {mb} visits model stage {part} twice (stages {seen[part]} and {stage})"
+                )
+            seen[part] = stage
+
+
 def _check_actions(schedule: Schedule) -> dict[Action, tuple[int, int]]:
     """Check types, ranges, placement and duplicates; return each action's (device, position)."""
     num_stages, m = schedule.num_stages, schedule.num_microbatches
@@ -100,6 +168,12 @@ def _check_actions(schedule: Schedule) -> dict[Action, tuple[int, int]]:
                     f"action {action} is on device {device}, but stage {action.stage} is placed on device "
                     f"{home} (a stage cannot run on two devices)"
                 )
+            if not schedule.on_route(action.stage, action.microbatch):
+                route = " -> ".join(str(s) for s in schedule.route(action.microbatch))
+                raise ScheduleError(
+                    f"action {action} on device {device}: stage {action.stage} is not on microbatch "
+                    f"{action.microbatch}'s route ({route})"
+                )
             if action in positions:
                 first_device, first_position = positions[action]
                 raise ScheduleError(
@@ -113,6 +187,8 @@ def _check_complete(schedule: Schedule, positions: dict[Action, tuple[int, int]]
     for stage in range(schedule.num_stages):
         device = schedule.placement[stage]
         for mb in range(schedule.num_microbatches):
+            if not schedule.on_route(stage, mb):
+                continue
             forward, full, grad_input, grad_weight = (Action(stage, op, mb) for op in (Op.F, Op.B, Op.I, Op.W))
             if forward not in positions:
                 raise ScheduleError(
