@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpipe.pipeline import program as prog
 from jpipe.pipeline.checks import check_call, check_mesh
-from jpipe.pipeline.stage import add_at, stage_ops
+from jpipe.pipeline.stage import stage_ops
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost, best_split, simulate
 
@@ -386,8 +386,8 @@ def _build_runner(
         def run_weight_grad(state, row, view):
             params, residuals = op_inputs(row, view)
             weight_residuals = _take(view["weight_stash"], row["weight_slot"])
-            d_params = ops.weight_grad(params, residuals, x_like, weight_residuals)
-            return {**state, "grads": add_at(state["grads"], row["chunk"], d_params)}, x_like
+            grads = ops.weight_grad_into(params, residuals, x_like, weight_residuals, state["grads"], row["chunk"])
+            return {**state, "grads": grads}, x_like
 
         def skip(state, row, view):
             return state, x_like

@@ -17,7 +17,9 @@ Its F is a scan of per-layer vjps (residuals stacked `[L, ...]`) and its B a rev
 the layers, so B can add each layer's parameter gradient straight into the executor's float32
 accumulator (`backward_into`) instead of stacking a stage-sized gradient first: a scan's
 transpose (what `jax.vjp` of the whole stage gives) materialises the stacked gradient, a second
-float32 copy of the stage's parameters.
+float32 copy of the stage's parameters. I and W split each layer's backward: I is a reverse scan
+of per-layer input-gradient halves (weight residuals stacked `[L, ...]`), W a scan of per-layer
+weight-gradient halves that adds into the accumulator the same way (`weight_grad_into`).
 """
 
 from __future__ import annotations
@@ -104,6 +106,10 @@ class StageOps:
         """W: `d_params`."""
         return self._split(x_like).weight_grad(params, residuals, x_like, weight_residuals)
 
+    def weight_grad_into(self, params, residuals, x_like, weight_residuals, grads, chunk) -> PyTree:
+        """W, adding `d_params` into `grads[chunk]` (float32 accumulators `[v, ...]`): the new `grads`."""
+        return add_at(grads, chunk, self.weight_grad(params, residuals, x_like, weight_residuals))
+
 
 class LayeredOps(StageOps):
     """F, B, I and W of a `Layered` stage, one layer at a time (see the module docstring).
@@ -137,6 +143,46 @@ class LayeredOps(StageOps):
             return d_params, d_x
 
         return vjp
+
+    def _layer_split(self, x_like: PyTree) -> SplitBackward:
+        """The I/W split of one layer's backward (a layer's output is shaped like its input)."""
+        return SplitBackward(lambda layer_params, residuals, g: self._layer_vjp(layer_params, x_like, residuals)(g))
+
+    def input_grad(self, params, residuals, x_like, grad) -> tuple[PyTree, list[jax.Array]]:
+        """I, layer by layer (reverse scan): `(d_x, weight_residuals)`, each weight residual `[L, ...]`."""
+        split = self._layer_split(x_like)
+
+        def layer(g, xs):
+            layer_params, layer_residuals = xs
+            return split.input_grad(layer_params, layer_residuals, g)
+
+        return lax.scan(layer, grad, (params, residuals), reverse=True)
+
+    def _weight_grads(self, params, residuals, x_like, weight_residuals, grads, add) -> PyTree:
+        """Scan the layers' W, folding each layer's `d_params` into `grads` with `add(grads, layer, d_params)`."""
+        split = self._layer_split(x_like)
+        num_layers = jax.tree.leaves(params)[0].shape[0]
+
+        def layer(grads, xs):
+            index, layer_params, layer_residuals, layer_weight_residuals = xs
+            d_params = split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
+            return add(grads, index, d_params), None
+
+        xs = (jnp.arange(num_layers), params, residuals, weight_residuals)
+        return lax.scan(layer, grads, xs)[0]
+
+    def weight_grad(self, params, residuals, x_like, weight_residuals) -> PyTree:
+        """W, layer by layer: `d_params` stacked `[L, ...]` (what the executor avoids with `weight_grad_into`)."""
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return self._weight_grads(params, residuals, x_like, weight_residuals, zeros, add_at)
+
+    def weight_grad_into(self, params, residuals, x_like, weight_residuals, grads, chunk) -> PyTree:
+        """W, adding each layer's `d_params` straight into `grads[chunk, layer]`: no stacked gradient."""
+
+        def add(grads, index, d_params):
+            return add_at(grads, (chunk, index), d_params)
+
+        return self._weight_grads(params, residuals, x_like, weight_residuals, grads, add)
 
     def backward_into(self, params, residuals, x_like, grad, grads, chunk) -> tuple[PyTree, PyTree]:
         num_layers = jax.tree.leaves(params)[0].shape[0]
