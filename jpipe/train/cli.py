@@ -243,7 +243,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
     except TrainingDivergedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    except FileExistsError as error:
+    except (FileExistsError, ConfigError) as error:  # ConfigError: e.g. no schedule fits --memory-limit
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -8,12 +8,29 @@ A run is `TrainConfig(model=..., parallel=..., optimizer=..., data=..., run=...)
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+import re
 from typing import Any
 
 from jpipe.schedules.generators import SCHEDULES
 
 REMAT_CHOICES = ("none", "full", "dots")
+AUTO = "auto"  # `parallel.schedule`: search a schedule for the measured model (`jpipe.train.auto`)
+
+# Byte units of `parallel.memory_limit`, lower case: SI powers of 1000 and binary powers of 1024.
+BYTE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_BYTES = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -23,6 +40,66 @@ class ConfigError(ValueError):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryLimit:
+    """A per-device memory limit for the schedule search: stash units or bytes (one of the two).
+
+    Attributes:
+      stashes: microbatch x full device stage stashes (`jpipe.schedules.peak_memory`'s unit), or None.
+      bytes: bytes per device, converted to stashes by the measured bytes of one stash, or None.
+    """
+
+    stashes: float | None = None
+    bytes: int | None = None
+
+    def __str__(self) -> str:
+        if self.bytes is None:
+            return f"{self.stashes:g} microbatch x stage stashes"
+        return f"{format_bytes(self.bytes)} per device"
+
+
+def parse_memory_limit(value: float | int | str) -> MemoryLimit:
+    """`parallel.memory_limit`'s value: a number of stashes (`4`, `6.5`, `"4"`) or bytes with a unit.
+
+    Units: B, KB, MB, GB, TB (powers of 1000) and KiB, MiB, GiB, TiB (powers of 1024), in any case,
+    with or without a space: `"512MiB"`, `"2 GB"`, `"1.5GiB"`. Raises ValueError saying what is
+    expected and what was given.
+    """
+    expected = (
+        "expected a number of microbatch x stage stashes > 0 (e.g. 4 or 6.5) or bytes per device with a unit "
+        f"(e.g. 512MiB, 2GB, 1.5GiB; units {', '.join(_UNIT_NAMES)})"
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{expected}, got {value!r}")
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            match = _BYTES.match(value)
+            if match is None or match.group(2).lower() not in BYTE_UNITS:
+                raise ValueError(f"{expected}, got {value!r}") from None
+            size = float(match.group(1)) * BYTE_UNITS[match.group(2).lower()]
+            if not (math.isfinite(size) and size >= 1):
+                raise ValueError(f"{expected}, got {value!r}") from None
+            return MemoryLimit(bytes=int(size))
+    else:
+        number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{expected}, got {value!r}")
+    return MemoryLimit(stashes=number)
+
+
+_UNIT_NAMES = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_bytes(size: float) -> str:
+    """`size` bytes as GiB, MiB, KiB or B, three significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +114,10 @@ class ParallelConfig:
       tensor: tensor-parallel devices per stage (Megatron: attention heads, MLP hidden units and
         the vocabulary are split over them, so it must divide each).
       virtual: model chunks per pipeline device (2 for interleaved_1f1b, zbv, dualpipev); the model
-        has stage x virtual pipeline stages.
-      schedule: the pipeline schedule (`jpipe.schedules.SCHEDULES`).
+        has stage x virtual pipeline stages. With schedule "auto": the most chunks per device the
+        search may use (it tries 1 to virtual).
+      schedule: the pipeline schedule (`jpipe.schedules.SCHEDULES`), or "auto": search one for the
+        measured model within memory_limit (`jpipe.train.auto`; the run keeps it as schedule.csv).
       microbatches: microbatches per step; the batch size must divide by microbatches x data.
       fsdp: also store parameters and optimizer state split over the data axis (gathered once per
         step, outside the tick loop).
@@ -50,6 +129,11 @@ class ParallelConfig:
         behind it, one more tick of latency): true, false, or "auto" (on when the lockstep
         simulator finds it no slower under the measured stage costs, whose send time is 0 unless
         measured, so "auto" is off).
+      memory_limit: schedule "auto" only: the most stash per device, as microbatch x stage stashes
+        (a number, e.g. 4 or 6.5; one stash is one microbatch's forward residuals of a device's
+        whole share of the layers) or bytes with a unit (e.g. 512MiB, 2GB: converted with the
+        measured bytes of one stash). Unset: what 1F1B needs.
+      search_time: schedule "auto" only: seconds the search may take (single-process runs).
     """
 
     data: int = 2
@@ -62,14 +146,17 @@ class ParallelConfig:
     remat: str = "none"
     split_backward: bool | str = "auto"
     overlap_sends: bool | str = "auto"
+    memory_limit: float | str | None = None
+    search_time: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("data", "stage", "tensor", "virtual", "microbatches"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"parallel.{name}: must be an integer >= 1, got {value!r}")
         _require(
-            self.schedule in SCHEDULES,
-            f"parallel.schedule: unknown schedule {self.schedule!r}; known: {', '.join(sorted(SCHEDULES))}",
+            self.schedule in SCHEDULES or self.schedule == AUTO,
+            f"parallel.schedule: unknown schedule {self.schedule!r}; known: {', '.join(sorted(SCHEDULES))}, "
+            f"or {AUTO!r} (searched)",
         )
         _require(self.remat in REMAT_CHOICES, f"parallel.remat: expected one of {REMAT_CHOICES}, got {self.remat!r}")
         _require(
@@ -80,6 +167,23 @@ class ParallelConfig:
             self.overlap_sends in (True, False, "auto"),
             f"parallel.overlap_sends: expected true, false or 'auto', got {self.overlap_sends!r}",
         )
+        if self.memory_limit is not None:
+            try:
+                limit = parse_memory_limit(self.memory_limit)
+            except ValueError as error:
+                raise ConfigError(f"parallel.memory_limit: {error}") from None
+            if limit.stashes is not None:  # "4" from the command line is the number 4
+                object.__setattr__(self, "memory_limit", limit.stashes)
+        search_time = self.search_time
+        _require(
+            isinstance(search_time, (int, float)) and not isinstance(search_time, bool) and search_time > 0,
+            f"parallel.search_time: must be seconds > 0, got {search_time!r}",
+        )
+
+    @property
+    def memory(self) -> MemoryLimit | None:
+        """`memory_limit` parsed; None when unset."""
+        return None if self.memory_limit is None else parse_memory_limit(self.memory_limit)
 
     @property
     def num_devices(self) -> int:

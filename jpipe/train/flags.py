@@ -32,6 +32,8 @@ SHORT_NAMES = {
     "parallel.fsdp": "fsdp",
     "parallel.split_backward": "split_backward",
     "parallel.overlap_sends": "overlap_sends",
+    "parallel.memory_limit": "memory_limit",
+    "parallel.search_time": "search_time",
     "run.steps": "steps",
     "run.checkpoint_every": "checkpoint_every",
     "run.keep_checkpoints": "keep_checkpoints",
@@ -118,6 +120,9 @@ def _add_field(group: argparse._ArgumentGroup, spec: FieldSpec, default: Any) ->
         group.add_argument(
             *options, type=parse_bool_or_auto, nargs="?", const=True, metavar="{auto,true,false}", **common
         )
+    elif set(kinds) == {float, str}:
+        # A number or a text form of one (`--memory-limit 4` or `512MiB`): the field's check parses it.
+        group.add_argument(*options, type=str, metavar="VALUE", **common)
     elif len(kinds) == 1 and kinds[0] in (int, float, str):
         group.add_argument(*options, type=kinds[0], metavar=kinds[0].__name__.upper(), **common)
     else:

@@ -4,6 +4,9 @@ Everything a run writes goes under `config.run.out`:
 
 - `config.json`: the full configuration;
 - `schedule.txt`, `schedule.png`: the schedule's text chart and simulated (lockstep) Gantt chart;
+- with `--schedule auto`: `schedule.csv`, the searched schedule (torch.pipelining's CSV format),
+  and `schedule_search.json`, the search's numbers; a resumed run trains with that schedule again
+  (`jpipe.train.auto`);
 - `metrics.jsonl`: one JSON object per step (`step`, `loss`, `grad_norm`, `learning_rate`,
   `step_seconds`, `tokens_per_second`, and `eval_loss` on evaluation steps);
 - `checkpoints/<step>/`: orbax checkpoints of parameters *by layer* (the model layout, independent
@@ -40,8 +43,9 @@ from jpipe.parallel.mesh import DATA, STAGE, TENSOR, make_mesh
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.executor import resolve_overlap, resolve_split
+from jpipe.train import auto
 from jpipe.train.checkpoint import Checkpointer
-from jpipe.train.config import as_dict
+from jpipe.train.config import AUTO, as_dict
 from jpipe.train.data import ByteDataset, build_corpus
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
@@ -122,9 +126,10 @@ class TrainStep:
     """A run's training step and what it is built from: what `train` runs and `jpipe.compile` compiles.
 
     Attributes:
-      pipe: the pipelined GPT on the run's mesh, its `cost` set from `costs`.
-      costs: the stage's measured F/B/I/W costs (XLA FLOPs on the default backend); they decide
-        `split_backward="auto"`.
+      pipe: the pipelined GPT on the run's mesh, its `cost` set from `costs` (with schedule "auto":
+        the per-stage cost the search used, the embedding and head included).
+      costs: the largest stage's measured F/B/I/W costs (XLA FLOPs on the default backend); they
+        decide `split_backward="auto"`.
       optimizer: AdamW with warmup and cosine decay over `config.run.steps` (`jpipe.train.optimizer`).
       learning_rate: its schedule, step -> learning rate.
       step: jitted `(params, opt_state, tokens, targets) -> (params, opt_state, loss, grad_norm)`.
@@ -136,6 +141,8 @@ class TrainStep:
         everything else (step counts) replicated.
       batch_sharding: of `tokens` and `targets`, int32 `[m, B / m, T]`: batch split over `data`.
       batch_shape: `(m, B / m, T)`: microbatches, global examples per microbatch, sequence length.
+      search: with schedule "auto", the search that chose `pipe.schedule` (None when the schedule
+        was given, e.g. read back on resume).
     """
 
     pipe: PipelinedLM
@@ -148,6 +155,7 @@ class TrainStep:
     opt_shardings: PyTree
     batch_sharding: jax.sharding.NamedSharding
     batch_shape: tuple[int, int, int]
+    search: auto.AutoSchedule | None = None
 
     def init_state(self, seed: int) -> tuple[PyTree, PyTree]:
         """Fresh parameters (`pipe.init(seed)`) and optimizer state, created with their shardings."""
@@ -162,18 +170,34 @@ class TrainStep:
         return params, opt_state, tokens, tokens
 
 
-def build_train_step(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
+def build_train_step(
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    schedule: schedules.Schedule | None = None,
+    stream: IO[str] = sys.stdout,
+) -> TrainStep:
     """The training step of `config` on `mesh` (see `training_mesh`), and its shardings.
 
     Measures the stage's costs (compiles each op alone for the default backend: seconds), wraps the
     pipelined loss-and-gradient step and the optimizer update in one jitted step; allocates nothing.
+    With schedule "auto" it measures the whole model and searches a schedule (`jpipe.train.auto`,
+    printing on `stream`) unless `schedule` is given.
     """
     parallel = config.parallel
-    # Sends hidden on request: an order built for the extra tick they take (two half-batch streams).
-    latency = 1 if parallel.overlap_sends is True else 0
-    schedule = schedules.build(
-        parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual, send_latency=latency
-    )
+    search = None
+    if parallel.schedule == AUTO:
+        measure = auto.measure_model(config)
+        if schedule is None:
+            search = auto.search_schedule(config, measure, stream)
+            schedule = search.result.schedule
+        costs, cost = measure.stage_costs(schedule.virtual), measure.cost(schedule.virtual)
+    elif schedule is None:
+        # Sends hidden on request: an order built for the extra tick they take (two half-batch streams).
+        latency = 1 if parallel.overlap_sends is True else 0
+        schedule = schedules.build(
+            parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual, send_latency=latency
+        )
     pipe = PipelinedLM(
         config.model,
         schedule=schedule,
@@ -184,8 +208,10 @@ def build_train_step(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
         overlap_sends=parallel.overlap_sends,
     )
     microbatch = config.data.batch_size // parallel.microbatches
-    costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
-    pipe = dataclasses.replace(pipe, cost=costs.cost())
+    if parallel.schedule != AUTO:
+        costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
+        cost = costs.cost()
+    pipe = dataclasses.replace(pipe, cost=cost)
     optimizer = make_optimizer(config.optimizer, config.run.steps)
     loss_and_grads = pipe.value_and_grad()
 
@@ -218,17 +244,21 @@ def build_train_step(config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
         opt_shardings=opt_shardings,
         batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA)),
         batch_shape=(parallel.microbatches, microbatch, config.data.seq_len),
+        search=search,
     )
 
 
-def describe(config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: IO[str]) -> str:
+def describe(
+    config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: IO[str], *, show_chart: bool = True
+) -> str:
     """Print the mesh, the schedule chart, the stage's measured costs and the simulated bubble and memory.
 
-    Returns the chart.
+    The simulation uses `pipe.cost` when set (per stage for a searched schedule), else `costs.cost()`.
+    `show_chart=False` leaves the chart out (the search printed it already). Returns the chart.
     """
     schedule = pipe.schedule
     mesh_text = " x ".join(f"{name}={size}" for name, size in pipe.mesh.shape.items())
-    cost = costs.cost()
+    cost = pipe.cost if pipe.cost is not None else costs.cost()
     split = resolve_split(schedule, pipe.split_backward, cost)
     hidden = resolve_overlap(schedule, pipe.overlap_sends, cost, split=split)
     asynchronous = schedules.simulate(schedule, cost, mode="async")
@@ -239,11 +269,12 @@ def describe(config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: 
         f"model: {config.model.num_layers} layers, d_model {config.model.d_model}, "
         f"{config.model.num_heads} heads, seq {config.data.seq_len}",
         f"layers per stage: {list(pipe.layout.layer_counts)}",
-        chart,
+        chart if show_chart else "",
         f"stage costs per microbatch (XLA FLOPs): {costs}",
-        f"simulated with these costs (F=1, B={cost.b:.2f}, I={cost.i:.2f}, W={cost.w:.2f}): bubble "
+        f"simulated with {'per-stage costs' if cost.num_stages else 'these costs'} (F={_times(cost.f)}, "
+        f"B={_times(cost.b)}, I={_times(cost.i)}, W={_times(cost.w)}): bubble "
         f"{asynchronous.bubble_fraction:.1%} async, {lockstep.bubble_fraction:.1%} lockstep (this executor, "
-        f"backward {'split into I and W' if split else 'whole'}, sends "
+        f"backward {'split into I and W' if split or schedule.split_backward else 'whole'}, sends "
         f"{'hidden behind the next tick' if hidden else 'after each tick'}); peak memory "
         f"{max(lockstep.peak_memory):.3g} microbatch x stage stashes (device max)",
     ]
@@ -251,6 +282,13 @@ def describe(config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: 
     stream.write(text + "\n")
     stream.flush()
     return chart
+
+
+def _times(value: float | tuple[float, ...]) -> str:
+    """A `Cost` time: one number, or per stage `(f0, f1, ...)`."""
+    if isinstance(value, tuple):
+        return "(" + ", ".join(f"{x:.2f}" for x in value) + ")"
+    return f"{value:.2f}"
 
 
 def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.stdout) -> RunSummary:
@@ -266,10 +304,15 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.st
     parallel = config.parallel
 
     mesh = training_mesh(parallel)
-    built = build_train_step(config, mesh)
+    # A resumed "auto" run trains with the schedule it searched before.
+    searched = auto.saved_schedule(out, config, stream) if resume else None
+    built = build_train_step(config, mesh, schedule=searched, stream=stream)
     pipe, costs, schedule = built.pipe, built.costs, built.pipe.schedule
-    chart = describe(config, pipe, costs, stream)
+    chart = describe(config, pipe, costs, stream, show_chart=built.search is None)
     if lead:
+        if built.search is not None:
+            auto.save(out, built.search)
+            stream.write(f"wrote the searched schedule to {out / auto.SCHEDULE_CSV}\n")
         (out / "schedule.txt").write_text(chart + "\n")
         split = resolve_split(schedule, pipe.split_backward, pipe.cost)
         hidden = resolve_overlap(schedule, pipe.overlap_sends, pipe.cost, split=split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jpipe.models.config import GPTConfig
-from jpipe.train.config import ConfigError, DataConfig, OptimizerConfig, ParallelConfig, RunConfig
+from jpipe.train.config import AUTO, ConfigError, DataConfig, OptimizerConfig, ParallelConfig, RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +27,26 @@ class TrainConfig:
                 f"data.batch_size ({self.data.batch_size}) must divide into microbatches x data = "
                 f"{self.parallel.microbatches} x {self.parallel.data}"
             )
-        from jpipe.schedules import ScheduleError, build
+        from jpipe.schedules import SCHEDULES, ScheduleError, build
 
-        try:
-            build(self.parallel.schedule, self.parallel.stage, self.parallel.microbatches, self.parallel.virtual)
-        except ScheduleError as error:
-            raise ConfigError(f"parallel (schedule/stages/microbatches/virtual): {error}") from error
+        parallel = self.parallel
+        if parallel.schedule == AUTO:
+            # The search starts from the named schedules that build for some virtual <= parallel.virtual.
+            if not any(
+                _builds(name, parallel.stage, parallel.microbatches, virtual)
+                for name in SCHEDULES
+                for virtual in range(1, parallel.virtual + 1)
+            ):
+                raise ConfigError(
+                    f"parallel (schedule/stages/microbatches/virtual): no named schedule builds for "
+                    f"{parallel.stage} stages and {parallel.microbatches} microbatches with virtual 1 to "
+                    f"{parallel.virtual}, so schedule 'auto' has nothing to start its search from"
+                )
+        else:
+            try:
+                build(parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual)
+            except ScheduleError as error:
+                raise ConfigError(f"parallel (schedule/stages/microbatches/virtual): {error}") from error
         if self.model.vocab_size < 256:
             raise ConfigError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
         tensor = self.parallel.tensor
@@ -43,6 +57,16 @@ class TrainConfig:
         for name, size in split.items():
             if size % tensor:
                 raise ConfigError(f"parallel.tensor: {tensor} tensor-parallel devices must divide {name} = {size}")
+
+
+def _builds(name: str, stages: int, microbatches: int, virtual: int) -> bool:
+    from jpipe.schedules import ScheduleError, build
+
+    try:
+        build(name, stages, microbatches, virtual)
+    except ScheduleError:
+        return False
+    return True
 
 
 def _quickstart() -> TrainConfig:
