@@ -43,8 +43,6 @@ import sys
 from jpipe import schedules
 from jpipe.pipeline.executor import resolve_overlap
 
-SCHEDULE_VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
-
 
 def lower_bound(schedule: schedules.Schedule, cost: schedules.Cost, latency: int) -> float:
     """Makespan bound in unit ticks: the busiest device's ops after the first forward reaches it."""
@@ -81,7 +79,7 @@ def simulation_table(p: int = 4, m: int = 16, search_seconds: float = 15.0) -> s
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(schedules.SCHEDULES):
-        virtual = SCHEDULE_VIRTUAL.get(name, 1)
+        virtual = schedules.default_virtual(name)
         schedule = schedules.build(name, p, m, virtual)
         plain = schedules.simulate(schedule, unit, "lockstep").makespan
         hidden = schedules.simulate(schedule, unit, "lockstep", send_latency=1).makespan
@@ -117,7 +115,7 @@ def compile_table(topology: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in sorted(schedules.SCHEDULES):
-        virtual = SCHEDULE_VIRTUAL.get(name, 1)
+        virtual = schedules.default_virtual(name)
         cells = []
         for overlap in (False, True):
             parallel = dataclasses.replace(

@@ -20,7 +20,7 @@ import pytest
 from jpipe import compile as jcompile
 from jpipe.compile import CompileSetupError, compile_training_step, fit_data_parallelism, topology_devices
 from jpipe.parallel.hlo import COLLECTIVES, permute_overlaps
-from jpipe.schedules.generators import SCHEDULES
+from jpipe.schedules.generators import SCHEDULES, default_virtual
 from jpipe.train.loop import build_train_step, training_mesh
 from jpipe.train.presets import TrainConfig, preset
 
@@ -29,7 +29,6 @@ needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu (XLA's TPU compiler) is not installed: pip install 'jpipe[tpu]'",
 )
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 MAX_UNALIASED_OUTPUT = 4096  # the loss and the gradient norm: two scalars, padded to TPU tiles
 
 
@@ -47,7 +46,12 @@ def _small(schedule: str = "1f1b", *, data: int = 1, stage: int = 4) -> TrainCon
         config,
         model=dataclasses.replace(config.model, num_layers=8),
         parallel=dataclasses.replace(
-            config.parallel, data=data, stage=stage, schedule=schedule, virtual=VIRTUAL.get(schedule, 1), microbatches=8
+            config.parallel,
+            data=data,
+            stage=stage,
+            schedule=schedule,
+            virtual=default_virtual(schedule),
+            microbatches=8,
         ),
         data=dataclasses.replace(config.data, batch_size=8 * data),
     )

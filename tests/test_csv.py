@@ -18,6 +18,7 @@ from jpipe.schedules import (
     Schedule,
     ScheduleError,
     build,
+    default_virtual,
     from_csv,
     loop_placement,
     simulate,
@@ -29,7 +30,6 @@ from jpipe.schedules.ir import B, F, I, W
 
 FIXTURES = pathlib.Path("/work/shared/fixtures/torch-schedules")
 # Chunks per device used for each generator name in the generated-schedule tests.
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 
 # Fixture file stem -> expected placement (4 ranks, 2 chunks per rank).
 FIXTURE_PLACEMENTS = {
@@ -112,7 +112,7 @@ def test_round_trip_hand_made(schedule: Schedule, lockstep: bool):
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 @pytest.mark.parametrize("num_devices", [2, 4])
 def test_round_trip_generated(name: str, num_devices: int):
-    schedule = build(name, num_devices, 8, VIRTUAL.get(name, 1))
+    schedule = build(name, num_devices, 8, default_virtual(name))
     for lockstep in (False, True):
         assert_same_schedule(from_csv(to_csv(schedule, lockstep=lockstep)), schedule)
 

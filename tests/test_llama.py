@@ -20,7 +20,7 @@ from pipeline_cases import assert_trees_close
 
 from jpipe.models import GPT, LlamaBlock, LMParts, llama_config
 from jpipe.parallel import TENSOR
-from jpipe.schedules.generators import SCHEDULES
+from jpipe.schedules.generators import SCHEDULES, default_virtual
 from jpipe.train import cli
 from jpipe.train.metrics import read_metrics
 
@@ -28,7 +28,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # 4 query heads sharing 2 key/value heads (groups of 2); heads, KV heads, vocab, MLP divide over tensor = 2.
 LLAMA = llama_config(vocab_size=64, seq_len=8, d_model=16, num_heads=4, num_kv_heads=2, num_layers=4, mlp_ratio=2)
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 # Every schedule once on 2 pipeline devices; tensor parallelism over heads on most, data + FSDP on some.
 MESHES = {
     "naive": (1, 2, 1),
@@ -41,7 +40,7 @@ MESHES = {
     "zbv": (1, 2, 2),
     "dualpipev": (2, 2, 1),
 }
-CASES = [Case(MESHES[name], name, VIRTUAL.get(name, 1), LLAMA, fsdp=name in ("gpipe", "zb_h1")) for name in SCHEDULES]
+CASES = [Case(MESHES[name], name, default_virtual(name), LLAMA, fsdp=name in ("gpipe", "zb_h1")) for name in SCHEDULES]
 
 
 def test_every_schedule_is_covered():

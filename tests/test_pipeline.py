@@ -28,12 +28,11 @@ from jpipe import schedules
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff
 
 FIXTURES = sorted((pathlib.Path(__file__).parent / "fixtures" / "torch-schedules").glob("*.csv"))
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 
 
 def _cases():
     for name in sorted(schedules.SCHEDULES):
-        virtual = VIRTUAL.get(name, 1)
+        virtual = schedules.default_virtual(name)
         for p in (2, 4):
             for m in sorted({1, p - 1, p, 2 * p + 1}):
                 if m < 1:
@@ -79,7 +78,7 @@ def test_remat_modes_give_the_same_numbers(name, p, m, virtual, remat):
 
 def _split_cases():
     for name in sorted(schedules.SCHEDULES):
-        schedule = schedules.build(name, 2, 4, VIRTUAL.get(name, 1))
+        schedule = schedules.build(name, 2, 4, schedules.default_virtual(name))
         has_whole_backward = any(a.op is schedules.Op.B for row in schedule.actions for a in row)
         for split in (True, False) if has_whole_backward else (True,):
             yield pytest.param(name, split, id=f"{name}-{'split' if split else 'whole'}")
@@ -89,7 +88,7 @@ def _split_cases():
 @pytest.mark.parametrize(("name", "split"), list(_split_cases()))
 def test_split_and_whole_backward_match_sequential(name, split, remat):
     """Every schedule, B split into I and W (the exact split) or whole, under every remat mode."""
-    _run_and_compare(schedules.build(name, 2, 4, VIRTUAL.get(name, 1)), split_backward=split, remat=remat)
+    _run_and_compare(schedules.build(name, 2, 4, schedules.default_virtual(name)), split_backward=split, remat=remat)
 
 
 @pytest.mark.parametrize(
@@ -405,7 +404,7 @@ def test_microbatch_counts_that_do_not_divide_over_the_pipeline(m):
 
 def _overlap_cases():
     for name in sorted(schedules.SCHEDULES):
-        virtual = VIRTUAL.get(name, 1)
+        virtual = schedules.default_virtual(name)
         for p, m in ((2, 3), (4, 9)):
             try:
                 schedules.build(name, p, m, virtual)

@@ -15,6 +15,7 @@ from jpipe.schedules import (
     Cost,
     Schedule,
     build,
+    default_virtual,
     plot,
     render,
     simulate,
@@ -22,7 +23,6 @@ from jpipe.schedules import (
 )
 from jpipe.schedules.ir import B, F, I, W
 
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 UNIT_COST = Cost(f=1, b=2, i=1, w=1, comm=0)
 
 
@@ -62,7 +62,7 @@ def test_render_lays_actions_on_lockstep_ticks():
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_render_generated_p8_m32_shows_every_action_on_its_device(name: str):
-    schedule = build(name, 8, 32, VIRTUAL.get(name, 1))
+    schedule = build(name, 8, 32, default_virtual(name))
     text = render(schedule)
     assert f"p=8 m=32 v={schedule.virtual}" in text.splitlines()[0]
     rows = device_rows(text, 8)

@@ -24,6 +24,7 @@ from jpipe.schedules import (
     Schedule,
     ScheduleError,
     build,
+    default_virtual,
     render,
     schedule_routes,
     simulate,
@@ -524,3 +525,24 @@ def test_the_search_space_refuses_routed_schedules():
     space = Orders(2, 4, schedule.placement, UNIT)
     with pytest.raises(ValueError, match="has replicas or per-microbatch routes"):
         space.rows_of(schedule)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED_SCHEDULES))
+def test_the_executor_refuses_routed_schedules_by_name(name):
+    """Until the executor follows routes, compiling one fails early and says why (not a KeyError)."""
+    from jpipe.pipeline.program import compile_program
+
+    with pytest.raises(ScheduleError, match=r"cannot run yet"):
+        compile_program(build(name, 4, 8))
+
+
+def test_build_uses_each_schedules_own_virtual_by_default():
+    assert {name: build(name, 4, 8).virtual for name in ("1f1b", "zbv", "dualpipe", "bitpipe")} == {
+        "1f1b": 1,
+        "zbv": 2,
+        "dualpipe": 2,
+        "bitpipe": 4,
+    }
+    assert default_virtual("interleaved_1f1b") == 2
+    with pytest.raises(ScheduleError, match="unknown schedule 'nope'"):
+        default_virtual("nope")

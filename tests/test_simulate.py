@@ -40,6 +40,7 @@ from jpipe.schedules import (
     ScheduleError,
     Simulation,
     build,
+    default_virtual,
     pack,
     simulate,
     split_backward,
@@ -51,7 +52,6 @@ UNIT = Cost(f=1.0, b=2.0, i=1.0, w=1.0)
 SKEW = Cost(f=1.0, b=2.0, i=1.2, w=0.8)  # I > W, W <= min(F, I): inside every formula's domain
 DEVICES = (1, 2, 3, 4, 8)
 MAX_MICROBATCHES = 32
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 ALL_NAMES = ("naive", "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb_h1", "zb_h2", "zbv", "dualpipev")
 
 
@@ -369,7 +369,7 @@ def test_lockstep_events_start_at_their_tick():
 def test_lockstep_equals_async_of_the_split_schedule_at_unit_cost(name: str):
     """One op per device per tick with F = I = W: the packing loses nothing against an event-driven run
     of the same (split) actions."""
-    schedule = build(name, 4, 16, VIRTUAL.get(name, 1))
+    schedule = build(name, 4, 16, default_virtual(name))
     lockstep = simulate(schedule, UNIT, "lockstep")
     assert lockstep.makespan == exactly(simulate(split_backward(schedule), UNIT, "async").makespan)
     assert lockstep.peak_activations == simulate(schedule, UNIT, "async").peak_activations
@@ -382,7 +382,7 @@ def test_lockstep_within_5_percent_of_async_p4_m16(name: str):
     Lockstep runs each B as I then W, which takes W off the critical path, so for schedules written
     with full B it is even faster than async of the schedule as written (gpipe, 1f1b: 54 vs 57).
     """
-    schedule = build(name, 4, 16, VIRTUAL.get(name, 1))
+    schedule = build(name, 4, 16, default_virtual(name))
     ratio = simulate(schedule, UNIT, "lockstep").makespan / simulate(schedule, UNIT, "async").makespan
     assert ratio <= 1.05, ratio
 
@@ -393,7 +393,7 @@ def test_unsplit_lockstep_pays_for_mixed_ticks(name: str):
 
     (gpipe has no mixed ticks: all forwards, then all backwards, so unsplit lockstep equals async.)
     """
-    schedule = build(name, 4, 16, VIRTUAL.get(name, 1))
+    schedule = build(name, 4, 16, default_virtual(name))
     unsplit = simulate(schedule, UNIT, "lockstep", split_backward=False)
     split = simulate(schedule, UNIT, "lockstep", split_backward=True)
     asynchronous = simulate(schedule, UNIT, "async")

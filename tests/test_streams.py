@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jpipe.schedules import SCHEDULES, ScheduleError, build, simulate, validate
+from jpipe.schedules import SCHEDULES, ScheduleError, build, default_virtual, simulate, validate
 from jpipe.schedules.simulate import peak_activations
 from jpipe.schedules.streams import two_streams
-
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 
 
 def _cases():
@@ -20,7 +18,7 @@ def _cases():
 
 @pytest.mark.parametrize(("name", "p", "m"), list(_cases()))
 def test_two_streams_are_valid_and_never_slower_with_a_send_latency(name, p, m):
-    virtual = VIRTUAL.get(name, 1)
+    virtual = default_virtual(name)
     try:
         plain = build(name, p, m, virtual)
     except ScheduleError:

@@ -9,10 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jpipe.schedules import Action, Schedule, ScheduleError, build, loop_placement, v_placement, validate
+from jpipe.schedules import (
+    Action,
+    Schedule,
+    ScheduleError,
+    build,
+    default_virtual,
+    loop_placement,
+    v_placement,
+    validate,
+)
 from jpipe.schedules.ir import B, F, I, W
-
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 
 
 def two_device_1f1b(**changes) -> Schedule:
@@ -223,7 +230,7 @@ def generated_schedules(draw) -> Schedule:
     name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb_h1", "zb_h2", "zbv"]))
     p = draw(st.integers(1, 4))
     m = draw(st.integers(1, 8))
-    return build(name, p, m, VIRTUAL.get(name, 1))
+    return build(name, p, m, default_virtual(name))
 
 
 def replace_row(schedule: Schedule, device: int, row: list[Action]) -> Schedule:

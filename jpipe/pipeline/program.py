@@ -37,7 +37,7 @@ import dataclasses
 import numpy as np
 
 from jpipe.pipeline.layout import StagePlacement
-from jpipe.schedules.ir import Action, Op, Schedule
+from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
 from jpipe.schedules.ticks import TickTable, pack
 from jpipe.schedules.validate import validate
 
@@ -181,6 +181,13 @@ def compile_program(
     if send_latency not in (0, 1) or isinstance(send_latency, bool):
         raise ValueError(f"send_latency: expected 0 or 1, got {send_latency!r}")
     validate(schedule)
+    if not schedule.is_plain:
+        what = "replicated stages (model_stage)" if schedule.has_replicas else "per-microbatch routes"
+        raise ScheduleError(
+            f"schedule {schedule.name!r} has {what}: the executor runs schedules in which every model stage "
+            "lives on one device and every microbatch visits every stage in order; validate, simulate and "
+            "render this one, but it cannot run yet"
+        )
     if forward_only:
         schedule = forward_only_schedule(schedule)
     table = pack(schedule, split=split, send_latency=send_latency)

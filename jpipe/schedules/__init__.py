@@ -6,7 +6,7 @@ This package imports no jax and no flax.
 from jpipe.schedules.balance import ModelCosts, balance_layers, stage_costs
 from jpipe.schedules.bidirectional import bitpipe, dualpipe
 from jpipe.schedules.csv_io import from_csv, to_csv
-from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES, build, register
+from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES, build, default_virtual, register
 from jpipe.schedules.ir import Action, B, F, I, Op, Schedule, ScheduleError, W, loop_placement, v_placement
 from jpipe.schedules.render import plot, render
 from jpipe.schedules.routes import schedule_routes, skippipe
@@ -36,6 +36,7 @@ __all__ = [
     "bitpipe",
     "best_split",
     "build",
+    "default_virtual",
     "dualpipe",
     "from_csv",
     "loop_placement",

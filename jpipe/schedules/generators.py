@@ -69,8 +69,29 @@ def _check_positive_int(value: object, argument: str) -> None:
         raise ScheduleError(f"{argument} must be >= 1, got {value}")
 
 
+def default_virtual(name: str) -> int:
+    """The chunks per device that schedule `name` is built with when `build` is given no `virtual`.
+
+    The generator's own default for `virtual`, or 1 when it has none.
+    """
+    generator = SCHEDULES.get(name) or ROUTED_SCHEDULES.get(name)
+    if generator is None:
+        known = sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES)
+        raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(known)}")
+    parameter = inspect.signature(generator).parameters.get("virtual")
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return 1  # a registered generator that gives no default
+    return parameter.default
+
+
 def build(
-    name: str, num_devices: int, num_microbatches: int, virtual: int = 1, *, send_latency: int = 0, **options
+    name: str,
+    num_devices: int,
+    num_microbatches: int,
+    virtual: int | None = None,
+    *,
+    send_latency: int = 0,
+    **options,
 ) -> Schedule:
     """Build the schedule registered under `name`.
 
@@ -80,6 +101,8 @@ def build(
       num_devices: pipeline devices `p` (>= 1).
       num_microbatches: microbatches `m` per step (>= 1; some schedules need more, see the module doc).
       virtual: stages (chunks) per device `v` (>= 1); the schedule has `p * v` logical stages.
+        Unset: the schedule's own default (`default_virtual(name)`: 2 for interleaved_1f1b,
+        looped_bfs, zbv, dualpipev and dualpipe, 4 for bitpipe, otherwise 1).
       send_latency: 0, or 1 for an executor that hides its sends (`overlap_sends=True`): then the
         faster, in the lockstep simulation with that latency at unit costs, of the named order and
         its two-stream version (`jpipe.schedules.streams.two_streams`: two half batches interleaved
@@ -100,6 +123,8 @@ def build(
         raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(known)}")
     _check_positive_int(num_devices, "num_devices")
     _check_positive_int(num_microbatches, "num_microbatches")
+    if virtual is None:
+        virtual = default_virtual(name)
     _check_positive_int(virtual, "virtual")
     if send_latency not in (0, 1) or isinstance(send_latency, bool):
         raise ScheduleError(f"send_latency must be 0 or 1, got {send_latency!r}")
