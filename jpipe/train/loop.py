@@ -175,15 +175,16 @@ def build_train_step(
     mesh: jax.sharding.Mesh,
     *,
     schedule: schedules.Schedule | None = None,
-    stream: IO[str] = sys.stdout,
+    stream: IO[str] | None = None,
 ) -> TrainStep:
     """The training step of `config` on `mesh` (see `training_mesh`), and its shardings.
 
     Measures the stage's costs (compiles each op alone for the default backend: seconds), wraps the
     pipelined loss-and-gradient step and the optimizer update in one jitted step; allocates nothing.
     With schedule "auto" it measures the whole model and searches a schedule (`jpipe.train.auto`,
-    printing on `stream`) unless `schedule` is given.
+    printing on `stream`, default the current `sys.stdout`) unless `schedule` is given.
     """
+    stream = sys.stdout if stream is None else stream
     parallel = config.parallel
     search = None
     if parallel.schedule == AUTO:
@@ -291,8 +292,12 @@ def _times(value: float | tuple[float, ...]) -> str:
     return f"{value:.2f}"
 
 
-def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] = sys.stdout) -> RunSummary:
-    """Run (or resume) training as configured; returns the losses of the steps it ran."""
+def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None = None) -> RunSummary:
+    """Run (or resume) training as configured, printing on `stream` (default the current `sys.stdout`).
+
+    Returns the losses of the steps it ran.
+    """
+    stream = sys.stdout if stream is None else stream
     out = pathlib.Path(config.run.out)
     out.mkdir(parents=True, exist_ok=True)
     # In a multi-process run every process trains; process 0 alone writes files and prints.

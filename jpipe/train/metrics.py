@@ -49,9 +49,9 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
 class Progress:
     """A single updating line: step, loss, tokens/s, step time (plain lines when not a terminal)."""
 
-    def __init__(self, total_steps: int, stream: IO[str] = sys.stdout):
+    def __init__(self, total_steps: int, stream: IO[str] | None = None):
         self.total = total_steps
-        self.stream = stream
+        self.stream = sys.stdout if stream is None else stream
         self.interactive = stream.isatty()
         self.started = time.perf_counter()
 
