@@ -167,28 +167,24 @@ def _bitpipe_order(p: int, m: int, d: int) -> list[Action]:
     def entry(chunk: int, index: int) -> tuple[int, int]:
         return chunk, by_chunk[chunk][index]
 
+    def group(base: int, lead: int, other_lead: int, tail: int, other_tail: int) -> list[tuple[int, int]]:
+        """One group of p virtual microbatches in the reference's interleaving of the four chunks."""
+        order = [entry(lead, base + i) for i in range(initial)]
+        for i in range(half - initial):
+            order += [entry(other_lead, base + i), entry(lead, base + i + initial)]
+        for i in range(initial):
+            order += [entry(other_lead, base + i + half - initial), entry(other_tail, base + i)]
+        for i in range(half - initial):
+            order += [entry(tail, base + i), entry(other_tail, base + i + initial)]
+        return order + [entry(tail, base + i + half - initial) for i in range(initial)]
+
+    # Forwards run the first halves before the second ones; backwards mirror that order.
+    first, other_first, second, other_second = own, 1 - own, 2 + own, 3 - own
     forwards: list[tuple[int, int]] = []
     backwards: list[tuple[int, int]] = []
     for j in range(m // p):
-        base = j * half
-        first, other_first, second, other_second = own, 1 - own, 2 + own, 3 - own
-        forwards += [entry(first, base + i) for i in range(initial)]
-        for i in range(half - initial):
-            forwards += [entry(other_first, base + i), entry(first, base + i + initial)]
-        for i in range(initial):
-            forwards += [entry(other_first, base + i + half - initial), entry(other_second, base + i)]
-        for i in range(half - initial):
-            forwards += [entry(second, base + i), entry(other_second, base + i + initial)]
-        forwards += [entry(second, base + i + half - initial) for i in range(initial)]
-
-        backwards += [entry(second, base + k) for k in range(initial)]
-        for k in range(half - initial):
-            backwards += [entry(other_second, base + k), entry(second, base + k + initial)]
-        for k in range(initial):
-            backwards += [entry(other_second, base + k + half - initial), entry(other_first, base + k)]
-        for k in range(half - initial):
-            backwards += [entry(first, base + k), entry(other_first, base + k + initial)]
-        backwards += [entry(first, base + k + half - initial) for k in range(initial)]
+        forwards += group(j * half, first, other_first, second, other_second)
+        backwards += group(j * half, second, other_second, first, other_first)
 
     def forward(index: int) -> Action:
         chunk, mb = forwards[index]

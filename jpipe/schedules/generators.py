@@ -69,16 +69,21 @@ def _check_positive_int(value: object, argument: str) -> None:
         raise ScheduleError(f"{argument} must be >= 1, got {value}")
 
 
+def _generator(name: str) -> Generator:
+    """The generator registered under `name` in either registry; ScheduleError listing the known ones."""
+    generator = SCHEDULES.get(name) or ROUTED_SCHEDULES.get(name)
+    if generator is None:
+        known = sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES)
+        raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(known)}")
+    return generator
+
+
 def default_virtual(name: str) -> int:
     """The chunks per device that schedule `name` is built with when `build` is given no `virtual`.
 
     The generator's own default for `virtual`, or 1 when it has none.
     """
-    generator = SCHEDULES.get(name) or ROUTED_SCHEDULES.get(name)
-    if generator is None:
-        known = sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES)
-        raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(known)}")
-    parameter = inspect.signature(generator).parameters.get("virtual")
+    parameter = inspect.signature(_generator(name)).parameters.get("virtual")
     if parameter is None or parameter.default is inspect.Parameter.empty:
         return 1  # a registered generator that gives no default
     return parameter.default
@@ -117,10 +122,7 @@ def build(
       ScheduleError: unknown name (the message lists the known ones), or arguments the schedule does
         not support (the message names the argument and the rule).
     """
-    generator = SCHEDULES.get(name) or ROUTED_SCHEDULES.get(name)
-    if generator is None:
-        known = sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES)
-        raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(known)}")
+    generator = _generator(name)
     _check_positive_int(num_devices, "num_devices")
     _check_positive_int(num_microbatches, "num_microbatches")
     if virtual is None:
