@@ -14,11 +14,11 @@ import dataclasses
 import re
 
 import pytest
+from schedule_cases import makespan_with_atomic_pairs
 
 from jpipe.schedules import (
     ROUTED_SCHEDULES,
     SCHEDULES,
-    Action,
     Cost,
     Op,
     Schedule,
@@ -291,45 +291,6 @@ def test_build_passes_options_and_refuses_unknown_ones():
 # --- dualpipe: DeepSeek's formula -----------------------------------------------------------------------
 
 
-def makespan_with_atomic_pairs(schedule: Schedule, cost: Cost) -> float:
-    """Async makespan where each forward directly followed by a full backward on a device is DualPipe's
-    overlapped "F&B" unit: it starts when both inputs are there, lasts F + B, and both results are
-    ready at its end. DeepSeek's step 4 runs the middle devices' first such pair un-overlapped."""
-    deps = dependencies(schedule)
-    p = schedule.num_devices
-    units_per_device = []
-    for device, row in enumerate(schedule.actions):
-        units, index, kept_apart = [], 0, min(device, p - 1 - device) != p // 2 - 1
-        while index < len(row):
-            if index + 1 < len(row) and (row[index].op, row[index + 1].op) == (Op.F, Op.B):
-                if kept_apart:
-                    units.append(row[index : index + 2])
-                    index += 2
-                    continue
-                kept_apart = True
-            units.append(row[index : index + 1])
-            index += 1
-        units_per_device.append(units)
-    end: dict[Action, float] = {}
-    free = [0.0] * p
-    cursor = [0] * p
-    while any(cursor[d] < len(units) for d, units in enumerate(units_per_device)):
-        progressed = False
-        for device, units in enumerate(units_per_device):
-            while cursor[device] < len(units):
-                unit = units[cursor[device]]
-                needed = [dep for action in unit for dep in deps[action] if dep not in unit]
-                if any(dep not in end for dep in needed):
-                    break
-                start = max([free[device]] + [end[dep] for dep in needed])
-                free[device] = start + sum(cost.of(action.op) for action in unit)
-                end.update((action, free[device]) for action in unit)
-                cursor[device] += 1
-                progressed = True
-        assert progressed
-    return max(free)
-
-
 def dualpipe_formula(p: int, m: int, cost: Cost) -> float:
     """m(F + B) of work per device plus DeepSeek's bubble (PP/2 - 1)(F&B + B - 3W), PP = p, F&B = F + B."""
     return m * (cost.f + cost.b) + (p // 2 - 1) * (cost.f + cost.b + cost.b - 3 * cost.w)
@@ -349,7 +310,10 @@ def test_dualpipe_layout():
 @pytest.mark.parametrize(("p", "m"), DUALPIPE_CASES)
 def test_dualpipe_matches_deepseeks_bubble_with_atomic_f_and_b(p: int, m: int):
     cost = Cost(f=1.0, b=2.0, i=1.0, w=1.0)  # F = I = W, the formula's own setting
-    assert makespan_with_atomic_pairs(build("dualpipe", p, m, 2), cost) == exactly(dualpipe_formula(p, m, cost))
+    # DeepSeek's step 4 runs the middle devices' first F&B pair un-overlapped.
+    middle = {d for d in range(p) if min(d, p - 1 - d) == p // 2 - 1}
+    schedule = build("dualpipe", p, m, 2)
+    assert makespan_with_atomic_pairs(schedule, cost, middle) == exactly(dualpipe_formula(p, m, cost))
 
 
 @pytest.mark.parametrize(("p", "m"), DUALPIPE_CASES)
