@@ -158,31 +158,28 @@ class LayeredOps(StageOps):
 
         return lax.scan(layer, grad, (params, residuals), reverse=True)
 
-    def _weight_grads(self, params, residuals, x_like, weight_residuals, grads, add) -> PyTree:
-        """Scan the layers' W, folding each layer's `d_params` into `grads` with `add(grads, layer, d_params)`."""
+    def weight_grad(self, params, residuals, x_like, weight_residuals) -> PyTree:
+        """W, layer by layer: `d_params` stacked `[L, ...]` (what the executor avoids with `weight_grad_into`)."""
+        split = self._layer_split(x_like)
+
+        def layer(_, xs):
+            layer_params, layer_residuals, layer_weight_residuals = xs
+            return None, split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
+
+        return lax.scan(layer, None, (params, residuals, weight_residuals))[1]
+
+    def weight_grad_into(self, params, residuals, x_like, weight_residuals, grads, chunk) -> PyTree:
+        """W, adding each layer's `d_params` straight into `grads[chunk, layer]`: no stacked gradient."""
         split = self._layer_split(x_like)
         num_layers = jax.tree.leaves(params)[0].shape[0]
 
         def layer(grads, xs):
             index, layer_params, layer_residuals, layer_weight_residuals = xs
             d_params = split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
-            return add(grads, index, d_params), None
+            return add_at(grads, (chunk, index), d_params), None
 
         xs = (jnp.arange(num_layers), params, residuals, weight_residuals)
         return lax.scan(layer, grads, xs)[0]
-
-    def weight_grad(self, params, residuals, x_like, weight_residuals) -> PyTree:
-        """W, layer by layer: `d_params` stacked `[L, ...]` (what the executor avoids with `weight_grad_into`)."""
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return self._weight_grads(params, residuals, x_like, weight_residuals, zeros, add_at)
-
-    def weight_grad_into(self, params, residuals, x_like, weight_residuals, grads, chunk) -> PyTree:
-        """W, adding each layer's `d_params` straight into `grads[chunk, layer]`: no stacked gradient."""
-
-        def add(grads, index, d_params):
-            return add_at(grads, (chunk, index), d_params)
-
-        return self._weight_grads(params, residuals, x_like, weight_residuals, grads, add)
 
     def backward_into(self, params, residuals, x_like, grad, grads, chunk) -> tuple[PyTree, PyTree]:
         num_layers = jax.tree.leaves(params)[0].shape[0]
