@@ -26,8 +26,6 @@ def dependencies(schedule: Schedule) -> dict[Action, tuple[Action, ...]]:
     """
     present = {a for row in schedule.actions for a in row}
     deps: dict[Action, tuple[Action, ...]] = {}
-    last = schedule.num_stages - 1
-    plain_routes = schedule.routes is None  # every stage in order: the neighbours are s - 1 and s + 1
     for action in present:
         s, m = action.stage, action.microbatch
         needed: list[Action | None] = []
@@ -35,12 +33,12 @@ def dependencies(schedule: Schedule) -> dict[Action, tuple[Action, ...]]:
             deps[action] = ()
             continue
         if action.op is Op.F:
-            previous = (s - 1 if s > 0 else None) if plain_routes else schedule.prev_stage(s, m)
+            previous = schedule.prev_stage(s, m)
             if previous is not None:
                 needed.append(Action(previous, Op.F, m))
         elif action.op in (Op.B, Op.I):
             needed.append(Action(s, Op.F, m))
-            following = (s + 1 if s < last else None) if plain_routes else schedule.next_stage(s, m)
+            following = schedule.next_stage(s, m)
             if following is not None:
                 needed.append(input_grad_action(present, following, m))
         else:  # W

@@ -258,7 +258,9 @@ class Schedule:
         Raises ScheduleError when `stage` is not on the microbatch's route.
         """
         hop = self._hop_or_raise(stage, microbatch)
-        route = self.route(microbatch)
+        if self.routes is None:  # every stage in order: no route to build
+            return stage + 1 if stage + 1 < self.num_stages else None
+        route = self.routes[microbatch]
         return route[hop + 1] if hop + 1 < len(route) else None
 
     def prev_stage(self, stage: int, microbatch: int) -> int | None:
@@ -267,7 +269,9 @@ class Schedule:
         Raises ScheduleError when `stage` is not on the microbatch's route.
         """
         hop = self._hop_or_raise(stage, microbatch)
-        return self.route(microbatch)[hop - 1] if hop > 0 else None
+        if hop == 0:
+            return None
+        return stage - 1 if self.routes is None else self.routes[microbatch][hop - 1]
 
     def is_first_hop(self, stage: int, microbatch: int) -> bool:
         """Whether `stage` is where `microbatch` enters the pipeline (reads the input)."""
