@@ -248,7 +248,7 @@ class Schedule:
         hop = self.hop(stage, microbatch)
         if hop is None:
             raise ScheduleError(
-                f"stage {stage} is not on microbatch {microbatch}'s route {_format_route(self.route(microbatch))}"
+                f"stage {stage} is not on microbatch {microbatch}'s route {format_route(self.route(microbatch))}"
             )
         return hop
 
@@ -295,7 +295,8 @@ class Schedule:
         return "\n".join(lines)
 
 
-def _format_route(route: object) -> str:
+def format_route(route: object) -> str:
+    """A route as `0 -> 1 -> 5 -> 4` (`(empty)` for none; anything else as its repr)."""
     if isinstance(route, tuple):
         return " -> ".join(str(stage) for stage in route) if route else "(empty)"
     return repr(route)

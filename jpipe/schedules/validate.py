@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 
 from jpipe.schedules.deps import dependencies
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
+from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError, format_route
 
 
 def validate(schedule: Schedule) -> None:
@@ -169,7 +169,7 @@ def _check_actions(schedule: Schedule) -> dict[Action, tuple[int, int]]:
                     f"{home} (a stage cannot run on two devices)"
                 )
             if not schedule.on_route(action.stage, action.microbatch):
-                route = " -> ".join(str(s) for s in schedule.route(action.microbatch))
+                route = format_route(schedule.route(action.microbatch))
                 raise ScheduleError(
                     f"action {action} on device {device}: stage {action.stage} is not on microbatch "
                     f"{action.microbatch}'s route ({route})"

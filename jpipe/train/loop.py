@@ -195,9 +195,12 @@ def build_train_step(
         costs, cost = measure.stage_costs(schedule.virtual), measure.cost(schedule.virtual)
     elif schedule is None:
         # Sends hidden on request: an order built for the extra tick they take (two half-batch streams).
-        latency = 1 if parallel.overlap_sends is True else 0
         schedule = schedules.build(
-            parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual, send_latency=latency
+            parallel.schedule,
+            parallel.stage,
+            parallel.microbatches,
+            parallel.virtual,
+            send_latency=auto.send_latency(config),
         )
     pipe = PipelinedLM(
         config.model,
