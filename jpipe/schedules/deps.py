@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jpipe.schedules.ir import Action, Op, Schedule
+from jpipe.schedules.ir import Action, Op, Schedule, flatten
 
 
 def input_grad_action(actions: set[Action], stage: int, microbatch: int) -> Action | None:
@@ -24,7 +24,7 @@ def dependencies(schedule: Schedule) -> dict[Action, tuple[Action, ...]]:
     Dependencies that do not exist in the schedule, and actions of stages off their microbatch's
     route, get none (validation reports them).
     """
-    present = {a for row in schedule.actions for a in row}
+    present = {a for row in schedule.actions for a in flatten(row)}
     deps: dict[Action, tuple[Action, ...]] = {}
     for action in present:
         s, m = action.stage, action.microbatch

@@ -13,6 +13,12 @@ pipeline beyond "every microbatch runs every stage in order":
 Code that needs the stage after or before another one on a microbatch's way asks the schedule
 (`next_stage`, `prev_stage`), never `stage + 1`.
 
+A device's row holds actions and, optionally, *composites* (`Composite`): two actions of different
+microbatches that the device runs together in one step, braided so that each one's tensor-parallel
+all-reduce runs under the other's compute (STP's braided blocks, DualPipe's overlapped F&B pairs,
+torch.pipelining's `(0F7;7B3)OVERLAP_F_B` cells). Code that wants one action at a time reads
+`Schedule.flat_actions(device)` or `Schedule.flattened()`; schedules without composites are unchanged.
+
 A schedule is plain, immutable data. Nothing here imports jax: researchers design, validate and
 simulate schedules anywhere.
 """
@@ -77,6 +83,50 @@ class Action:
         return cls(int(match.group(1)), Op(match.group(2)), int(match.group(3)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """Two actions of different microbatches that one device runs together, in one step.
+
+    The two computations are braided: the device computes one while the tensor-parallel all-reduce
+    of the other is in flight (`jpipe.schedules.simulate.Cost.duration` states the time model).
+    Both members must live on the device whose row holds the composite and belong to different
+    microbatches; since every data dependency links two actions of one microbatch, neither member
+    then needs the other's result (`jpipe.schedules.validate`). The step starts when the inputs of
+    both members are there and both results are ready when it ends. `first` and `second` give
+    the order in which code that runs one action at a time (`flatten`, today's executor) runs them.
+
+    Printed as torch.pipelining prints its overlapped pairs, without the type: `(0F7;7B3)`.
+    """
+
+    first: Action
+    second: Action
+
+    @property
+    def actions(self) -> tuple[Action, Action]:
+        """`(first, second)`."""
+        return (self.first, self.second)
+
+    def __str__(self) -> str:
+        return f"({self.first};{self.second})"
+
+    def __repr__(self) -> str:
+        return f"Composite{self}"
+
+
+Step = Action | Composite
+"""One element of a device's row: an action, or a composite of two actions run together."""
+
+
+def members(step: Step) -> tuple[Action, ...]:
+    """The actions of one row element: `(action,)` for an action, `(first, second)` for a composite."""
+    return step.actions if isinstance(step, Composite) else (step,)
+
+
+def flatten(row: tuple[Step, ...] | list[Step]) -> tuple[Action, ...]:
+    """A row with every composite replaced by its two actions, first then second."""
+    return tuple(action for step in row for action in members(step))
+
+
 def F(stage: int, microbatch: int) -> Action:  # noqa: N802
     return Action(stage, Op.F, microbatch)
 
@@ -129,7 +179,8 @@ class Schedule:
       num_microbatches: microbatches `m` per step.
       placement: `placement[stage]` is the device holding that logical stage; its length is the
         number of logical stages `p * virtual`.
-      actions: `actions[device]` is that device's ordered tuple of actions.
+      actions: `actions[device]` is that device's ordered tuple of steps: actions, or `Composite`s
+        of two actions run together (`flat_actions` gives the actions one by one).
       name: a label for printing; the executor never reads it.
       model_stage: `model_stage[stage]` is the model stage (block of layers) logical stage `stage`
         computes; logical stages with the same model stage are replicas sharing parameters, each on
@@ -144,7 +195,7 @@ class Schedule:
     num_devices: int
     num_microbatches: int
     placement: tuple[int, ...]
-    actions: tuple[tuple[Action, ...], ...]
+    actions: tuple[tuple[Step, ...], ...]
     name: str = "custom"
     model_stage: tuple[int, ...] | None = None
     routes: tuple[tuple[int, ...], ...] | None = None
@@ -188,7 +239,28 @@ class Schedule:
     @property
     def split_backward(self) -> bool:
         """Whether any backward is split into I and W."""
-        return any(a.op in (Op.I, Op.W) for row in self.actions for a in row)
+        return any(a.op in (Op.I, Op.W) for row in self.actions for a in flatten(row))
+
+    # --- composites -----------------------------------------------------------------------------
+
+    @property
+    def has_composites(self) -> bool:
+        """Whether some row holds a `Composite` (two actions run together)."""
+        return any(isinstance(step, Composite) for row in self.actions for step in row)
+
+    def flat_actions(self, device: int) -> tuple[Action, ...]:
+        """`device`'s actions one by one, each composite as its first then its second member."""
+        return flatten(self.actions[device])
+
+    def flattened(self) -> Schedule:
+        """The same schedule with every composite replaced by its two actions (first, then second).
+
+        Returns `self` when there is no composite.
+        """
+        if not self.has_composites:
+            return self
+        rows = tuple(flatten(row) for row in self.actions)
+        return dataclasses.replace(self, actions=rows)
 
     # --- model stages and replicas ------------------------------------------------------------
 

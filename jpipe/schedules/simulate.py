@@ -22,6 +22,21 @@ gradient still needs the stage's saved inputs) and W frees it. A device's peak d
 order of its own list, so it is the same in both modes. Peak memory adds the weight residuals an I
 keeps for its W (`Cost.weight_residuals`, relative to what an F stashes), so it also counts the
 split backward of lockstep mode.
+
+Tensor parallelism (`Cost.all_reduce`, default 0: no tensor parallelism, every time as before):
+a chunk's forward and its input-gradient backward each all-reduce their activations over the
+tensor-parallel group, `all_reduce` in all (STP's T_AR: the attention and MLP all-reduces of a
+layer stack). Run alone, an F or an I waits for its all-reduce; a full B hides its input-gradient
+all-reduce under its own weight-gradient compute (Megatron's overlap), exposing only the part
+longer than `w`; a W has none. A composite (`jpipe.schedules.ir.Composite`, STP's braided block)
+hides each member's all-reduce under the other member's compute (`Cost.duration`). The time a
+device waits on all-reduces is its TP bubble (`Simulation.exposed_all_reduce`); the rest of its
+idle time is its PP bubble (`Simulation.pp_bubble`).
+
+Composites run as one step (`braid=True`, the default): it starts when the inputs of both members
+are there, lasts `Cost.duration(composite)`, and both results are ready at its end; in lockstep
+mode it fills one tick. With `braid=False` each composite runs as its two actions one after the
+other, what the executor does today (`jpipe.schedules.ticks.pack`).
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ import dataclasses
 import math
 
 from jpipe.schedules.deps import dependencies
-from jpipe.schedules.ir import Action, Op, Schedule
+from jpipe.schedules.ir import Action, Composite, Op, Schedule, Step, flatten, members
 from jpipe.schedules.ticks import pack
 from jpipe.schedules.validate import validated_dependencies
 
@@ -41,6 +56,7 @@ Times = float | tuple[float, ...]
 """An op's time: one number for every logical stage, or a tuple with one entry per logical stage."""
 
 _TIMED = ("f", "b", "i", "w")
+_PER_STAGE = (*_TIMED, "all_reduce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +72,10 @@ class Cost:
         tick that sends anything).
       weight_residuals: memory, not time: what an I keeps for its W (the weight residuals), relative
         to what an F stashes for its backward (1). Used by `Simulation.peak_memory`.
-    Each of `f`, `b`, `i`, `w` is either one number (every logical stage costs the same) or a tuple
+      all_reduce: tensor-parallel all-reduce time of one chunk's forward, and the same again for its
+        input-gradient backward (STP's T_AR); `f`, `b`, `i`, `w` are then compute only. Default 0.
+        See `duration` for when it is exposed.
+    Each of `f`, `b`, `i`, `w`, `all_reduce` is either one number (every logical stage costs the same) or a tuple
     with one number per logical stage (`f[s]` is stage s's forward; e.g. the first stage also embeds,
     the last also runs the head and loss); all tuples must have the same length, the schedule's
     `num_stages`. All values must be finite and >= 0. `jpipe.measure_costs` measures them for a real
@@ -69,12 +88,13 @@ class Cost:
     w: Times = 1.0
     comm: float = 0.0
     weight_residuals: float = 0.0
+    all_reduce: Times = 0.0
 
     def __post_init__(self) -> None:
         lengths = set()
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in _TIMED and isinstance(value, (tuple, list)):
+            if field.name in _PER_STAGE and isinstance(value, (tuple, list)):
                 if not value:
                     raise ValueError(f"Cost.{field.name}: a per-stage tuple needs at least one stage")
                 object.__setattr__(self, field.name, tuple(value))
@@ -84,13 +104,15 @@ class Cost:
             else:
                 _check_time(value, f"Cost.{field.name}")
         if len(lengths) > 1:
-            per_stage = {name: len(getattr(self, name)) for name in _TIMED if isinstance(getattr(self, name), tuple)}
+            per_stage = {
+                name: len(getattr(self, name)) for name in _PER_STAGE if isinstance(getattr(self, name), tuple)
+            }
             raise ValueError(f"Cost: per-stage tuples must have one length (the number of stages), got {per_stage}")
 
     @property
     def num_stages(self) -> int | None:
         """The number of logical stages the per-stage tuples describe; None when every time is scalar."""
-        for name in _TIMED:
+        for name in _PER_STAGE:
             value = getattr(self, name)
             if isinstance(value, tuple):
                 return len(value)
@@ -108,7 +130,50 @@ class Cost:
     def at(self, stage: int) -> Cost:
         """The scalar cost of logical stage `stage` (comm and weight_residuals unchanged)."""
         times = {name: self.of(Op(name.upper()), stage) for name in _TIMED}
-        return dataclasses.replace(self, **times)
+        return dataclasses.replace(self, **times, all_reduce=self.all_reduce_of(stage))
+
+    def all_reduce_of(self, stage: int | None = None) -> float:
+        """The all-reduce time of one F (or one I, or the backward of one B) of logical stage `stage`."""
+        if not isinstance(self.all_reduce, tuple):
+            return self.all_reduce
+        if stage is None:
+            raise ValueError("Cost.all_reduce_of: the all-reduce time is given per stage; pass the stage")
+        return self.all_reduce[stage]
+
+    def compute(self, step: Step) -> float:
+        """Compute time of an action or a composite (both members'), all-reduces excluded."""
+        return sum(self.of(action.op, action.stage) for action in members(step))
+
+    def _alone(self, action: Action) -> float:
+        """An action run by itself: compute plus the all-reduce time it waits for."""
+        if action.op is Op.W:
+            return self.of(Op.W, action.stage)
+        reduce = self.all_reduce_of(action.stage)
+        if action.op is Op.B:  # the input-gradient all-reduce runs under B's own weight gradient
+            return self.of(Op.B, action.stage) + max(0.0, reduce - self.of(Op.W, action.stage))
+        return self.of(action.op, action.stage) + reduce
+
+    def duration(self, step: Step) -> float:
+        """Time of an action, or of a composite run as one braided step.
+
+        An action alone: F and I last compute + `all_reduce`; B lasts `b + max(0, all_reduce - w)`
+        (its input-gradient all-reduce runs while it computes the weight gradient); W lasts `w`.
+        With `all_reduce = 0` this is `of(op, stage)`.
+
+        A composite of `a` and `b` (compute `c_a`, `c_b`; all-reduces `r_a`, `r_b`, 0 for a W):
+        the device computes one member while the other's all-reduce is in flight, on one compute
+        stream and one communication stream, so the step lasts
+        `max(c_a + c_b, alone(a), alone(b), r_a + r_b)`: both computes back to back; neither member
+        faster than alone (its all-reduce still follows its own compute); both all-reduces back to
+        back. With all-reduces no longer than the other member's compute this is `c_a + c_b`: the
+        all-reduces are hidden (STP's braided block; DualPipe's overlapped F&B when `all_reduce` is
+        read as its all-to-all). This is a model of perfect interleaving, not a measurement.
+        """
+        if not isinstance(step, Composite):
+            return self._alone(step)
+        a, b = step.first, step.second
+        reduces = sum(self.all_reduce_of(x.stage) for x in (a, b) if x.op is not Op.W)
+        return max(self.compute(step), self._alone(a), self._alone(b), reduces)
 
     def check_stages(self, num_stages: int) -> None:
         """Raise ValueError unless the per-stage tuples (if any) have `num_stages` entries."""
@@ -125,10 +190,13 @@ def _check_time(value: object, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """`action` ran on `device` from `start` to `end` (simulated time)."""
+    """`action` (an action, or a composite run as one braided step) ran on `device` from `start` to `end`.
+
+    In lockstep mode `end - start` is the action's own duration, which may be shorter than its tick.
+    """
 
     device: int
-    action: Action
+    action: Step
     start: float
     end: float
 
@@ -152,6 +220,8 @@ class Simulation:
       num_ticks: lockstep ticks (None in async mode).
       spans: per device, end of its last action minus start of its first one; `span - busy` is the
         device's own bubble, the quantity a parallelogram-shaped schedule (ZB-H2) minimises.
+      exposed_all_reduce: per device, the time its actions wait for tensor-parallel all-reduces
+        (busy time minus compute time; all zero when `cost.all_reduce` is 0): the TP bubble.
     """
 
     schedule: Schedule
@@ -165,15 +235,23 @@ class Simulation:
     timeline: tuple[Event, ...]
     num_ticks: int | None
     spans: tuple[float, ...]
+    exposed_all_reduce: tuple[float, ...] = ()
+
+    @property
+    def pp_bubble(self) -> tuple[float, ...]:
+        """Per device, the time it neither computes nor waits for an all-reduce: `makespan - busy`."""
+        return tuple(self.makespan - busy for busy in self.busy)
 
 
 def peak_activations(schedule: Schedule) -> tuple[float, ...]:
     """Per device, the most live activations (microbatch x full device stage) over its action list.
 
-    F adds `1 / virtual`; B and W remove it; I changes nothing.
+    F adds `1 / virtual`; B and W remove it; I changes nothing. A composite counts as its first
+    member then its second.
     """
     peaks = []
     for row in schedule.actions:
+        row = flatten(row)
         live = peak = 0
         for action in row:
             if action.op is Op.F:
@@ -189,10 +267,12 @@ def peak_memory(schedule: Schedule, weight_residuals: float = 0.0) -> tuple[floa
     """Per device, the most live stash plus weight residuals (microbatch x full device stage).
 
     F adds a stash of `1 / virtual`, B removes it; I adds weight residuals of `weight_residuals /
-    virtual` (relative to a stash), W removes both.
+    virtual` (relative to a stash), W removes both. A composite counts as its first member then its
+    second.
     """
     peaks = []
     for row in schedule.actions:
+        row = flatten(row)
         stash = residuals = 0
         peak = 0.0
         for action in row:
@@ -214,7 +294,7 @@ def best_split(schedule: Schedule, cost: Cost | None = None) -> bool:
 
     Ties keep B whole (fewer ticks, no weight residuals). Schedules without B return False.
     """
-    if not any(action.op is Op.B for row in schedule.actions for action in row):
+    if not any(action.op is Op.B for row in schedule.actions for action in flatten(row)):
         return False
     split = simulate(schedule, cost, "lockstep", split_backward=True).makespan
     whole = simulate(schedule, cost, "lockstep", split_backward=False).makespan
@@ -232,17 +312,18 @@ def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Act
         progressed = False
         for device, row in enumerate(schedule.actions):
             while cursor[device] < len(row):
-                action = row[cursor[device]]
-                if any(needed not in end for needed in deps[action]):
+                step = row[cursor[device]]
+                needed = [producer for action in members(step) for producer in deps[action]]
+                if any(producer not in end for producer in needed):
                     break
                 start = free[device]
-                for needed in deps[action]:
-                    hop = cost.comm if placement[needed.stage] != device else 0.0
-                    start = max(start, end[needed] + hop)
-                finish = start + cost.of(action.op, action.stage)
-                end[action] = finish
+                for producer in needed:
+                    hop = cost.comm if placement[producer.stage] != device else 0.0
+                    start = max(start, end[producer] + hop)
+                finish = start + cost.duration(step)
+                end.update((action, finish) for action in members(step))
                 free[device] = finish
-                events.append(Event(device, action, start, finish))
+                events.append(Event(device, step, start, finish))
                 cursor[device] += 1
                 remaining -= 1
                 progressed = True
@@ -254,7 +335,7 @@ def _simulate_async(schedule: Schedule, cost: Cost, deps: dict[Action, tuple[Act
 def _simulate_lockstep(
     schedule: Schedule, cost: Cost, split_backward: bool, send_latency: int = 0
 ) -> tuple[list[Event], int, Schedule]:
-    table = pack(schedule, split=split_backward, send_latency=send_latency)
+    table = pack(schedule, split=split_backward, send_latency=send_latency, keep_composites=True)
     placement = table.schedule.placement
     crosses = set()  # actions whose result some other device consumes
     for action, needed in dependencies(table.schedule).items():
@@ -265,15 +346,15 @@ def _simulate_lockstep(
     now = 0.0
     in_flight = False  # with send_latency: whether the previous tick's sends travel during this one
     for tick in table.ticks:
-        present = [(device, action) for device, action in enumerate(tick) if action is not None]
-        duration = max((cost.of(action.op, action.stage) for _, action in present), default=0.0)
-        sends = any(action in crosses for _, action in present)
+        present = [(device, step) for device, step in enumerate(tick) if step is not None]
+        duration = max((cost.duration(step) for _, step in present), default=0.0)
+        sends = any(action in crosses for _, step in present for action in members(step))
         if send_latency == 0:
             duration += cost.comm if sends else 0.0  # exposed: the tick ends when its messages arrive
         elif in_flight:
             duration = max(duration, cost.comm)  # hidden behind this tick's compute
         in_flight = sends
-        events += [Event(device, action, now, now + cost.of(action.op, action.stage)) for device, action in present]
+        events += [Event(device, step, now, now + cost.duration(step)) for device, step in present]
         now += duration
     return events, table.num_ticks, table.schedule
 
@@ -285,6 +366,7 @@ def simulate(
     *,
     split_backward: bool = True,
     send_latency: int = 0,
+    braid: bool = True,
 ) -> Simulation:
     """Simulate `schedule` under `cost` in `mode`.
 
@@ -298,6 +380,8 @@ def simulate(
       send_latency: lockstep only: extra ticks a message takes between devices (1: sends overlap
         the next tick's compute, which lasts at least `cost.comm`; see `jpipe.schedules.ticks.pack`).
         Idle ticks cost nothing.
+      braid: run each composite as one braided step (one tick in lockstep mode); False runs its
+        two actions one after the other, as the executor does today. No effect without composites.
 
     Returns:
       A `Simulation`.
@@ -315,6 +399,9 @@ def simulate(
         raise ValueError(f"cost must be a Cost, got {cost!r}")
     cost.check_stages(schedule.num_stages)
     deps = validated_dependencies(schedule)
+    given = schedule
+    if not braid:
+        schedule = schedule.flattened()
     if mode == "async":
         events, num_ticks, ran = _simulate_async(schedule, cost, deps), None, schedule
     else:
@@ -322,17 +409,19 @@ def simulate(
     events.sort(key=lambda event: (event.start, event.device))
     p = schedule.num_devices
     busy = [0.0] * p
+    exposed = [0.0] * p
     first = [math.inf] * p
     last = [0.0] * p
     for event in events:
         busy[event.device] += event.end - event.start
+        exposed[event.device] += cost.duration(event.action) - cost.compute(event.action)
         first[event.device] = min(first[event.device], event.start)
         last[event.device] = max(last[event.device], event.end)
     makespan = max(last, default=0.0)
     spans = tuple(last[d] - first[d] if first[d] != math.inf else 0.0 for d in range(p))
     bubble = 1.0 - sum(busy) / (p * makespan) if makespan > 0 else 0.0
     return Simulation(
-        schedule=schedule,
+        schedule=given,
         cost=cost,
         mode=mode,
         makespan=makespan,
@@ -343,4 +432,5 @@ def simulate(
         timeline=tuple(events),
         num_ticks=num_ticks,
         spans=spans,
+        exposed_all_reduce=tuple(exposed),
     )

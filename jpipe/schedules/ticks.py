@@ -8,6 +8,13 @@ I = W = F, this packing makes every named schedule exactly as fast in lockstep a
 (async) run of the same split schedule (and gpipe/1f1b 5% faster than async with whole B's, since W
 leaves the critical path). Without the split, ticks mixing F and B cost a B: 1f1b at p=4, m=16 takes
 72 instead of 57.
+
+Composites (`jpipe.schedules.ir.Composite`, two actions a device runs together): `pack` flattens
+each into its two actions in consecutive ticks (first, then second) unless asked to keep them.
+That is what the executor does today (`jpipe.pipeline.compile_program` packs with the default), so
+a schedule with composites runs there one op after the other, as torch's `OVERLAP_F_B` cells do
+when read with `from_csv`. `pack(..., keep_composites=True)` gives each composite one tick, the
+braided step the lockstep simulator times (`jpipe.schedules.simulate`).
 """
 
 from __future__ import annotations
@@ -15,20 +22,28 @@ from __future__ import annotations
 import dataclasses
 
 from jpipe.schedules.deps import dependencies
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
+from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, members
 
 
 def split_backward(schedule: Schedule) -> Schedule:
-    """The same schedule with every full backward `B` replaced by `I` followed directly by `W`."""
+    """The same schedule with every full backward `B` replaced by `I` followed directly by `W`.
+
+    A composite holding a B keeps the I in its place and is followed by the W (by both W's, first
+    member's first, when both members are B's).
+    """
     rows = []
     for row in schedule.actions:
-        new_row: list[Action] = []
-        for action in row:
-            if action.op is Op.B:
-                new_row.append(Action(action.stage, Op.I, action.microbatch))
-                new_row.append(Action(action.stage, Op.W, action.microbatch))
+        new_row: list[Step] = []
+        for step in row:
+            weights = [Action(a.stage, Op.W, a.microbatch) for a in members(step) if a.op is Op.B]
+            if isinstance(step, Composite):
+                first, second = (Action(a.stage, Op.I, a.microbatch) if a.op is Op.B else a for a in step.actions)
+                new_row.append(Composite(first, second))
+            elif step.op is Op.B:
+                new_row.append(Action(step.stage, Op.I, step.microbatch))
             else:
-                new_row.append(action)
+                new_row.append(step)
+            new_row.extend(weights)
         rows.append(tuple(new_row))
     return dataclasses.replace(schedule, actions=tuple(rows))
 
@@ -38,26 +53,30 @@ class TickTable:
     """A schedule packed into lockstep ticks.
 
     Attributes:
-      schedule: the schedule that was packed (with B split into I, W when `split` was requested).
-      ticks: `ticks[t][device]` is the action that device runs in tick `t`, or None when idle.
+      schedule: the schedule that was packed (with B split into I, W when `split` was requested, and
+        composites flattened unless they were kept).
+      ticks: `ticks[t][device]` is the action (or kept composite) that device runs in tick `t`, or
+        None when idle.
     """
 
     schedule: Schedule
-    ticks: tuple[tuple[Action | None, ...], ...]
+    ticks: tuple[tuple[Step | None, ...], ...]
 
     @property
     def num_ticks(self) -> int:
         return len(self.ticks)
 
     def tick_of(self) -> dict[Action, int]:
-        """Map each action to its tick."""
-        return {a: t for t, row in enumerate(self.ticks) for a in row if a is not None}
+        """Map each action (each member of a kept composite) to its tick."""
+        return {a: t for t, row in enumerate(self.ticks) for step in row if step is not None for a in members(step)}
 
 
-def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0) -> TickTable:
+def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0, keep_composites: bool = False) -> TickTable:
     """Assign every action the earliest tick its device order and data dependencies allow.
 
     The dependencies follow each microbatch's route (`jpipe.schedules.deps.dependencies`).
+    Composites are flattened first (first member, then second, in consecutive ticks): the executor's
+    current behaviour, one op per device per tick.
 
     Args:
       schedule: a schedule that passes `validate`.
@@ -66,10 +85,14 @@ def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0) -> Ti
         usable there from tick t + 1. 1: the message travels while tick t + 1 computes (sends
         hidden behind compute) and is usable from tick t + 2. Results used on their own device are
         always usable from the next tick.
+      keep_composites: give each composite one tick instead (both members start there and their
+        results are usable from the next tick, as for an action): the braided step.
 
     Returns:
       The tick table. Raises ScheduleError if the per-device orders deadlock.
     """
+    if not keep_composites:
+        schedule = schedule.flattened()
     if split:
         schedule = split_backward(schedule)
     if isinstance(send_latency, bool) or not isinstance(send_latency, int) or send_latency < 0:
@@ -89,11 +112,12 @@ def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0) -> Ti
         progressed = False
         for device, row in enumerate(schedule.actions):
             while cursor[device] < len(row):
-                action = row[cursor[device]]
-                if any(d not in tick for d in deps[action]):
+                step = members(row[cursor[device]])
+                needed = [(d, action) for action in step for d in deps[action]]
+                if any(d not in tick for d, _ in needed):
                     break
-                start = max([next_free[device]] + [ready_at(d, action) for d in deps[action]])
-                tick[action] = start
+                start = max([next_free[device]] + [ready_at(d, action) for d, action in needed])
+                tick.update((action, start) for action in step)
                 next_free[device] = start + 1
                 cursor[device] += 1
                 remaining -= 1
@@ -102,10 +126,11 @@ def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0) -> Ti
             blocked = [str(row[cursor[d]]) for d, row in enumerate(schedule.actions) if cursor[d] < len(row)]
             raise ScheduleError(f"schedule {schedule.name!r} deadlocks: blocked actions {blocked}")
     num_ticks = max(tick.values(), default=-1) + 1
-    grid: list[list[Action | None]] = [[None] * schedule.num_devices for _ in range(num_ticks)]
+    grid: list[list[Step | None]] = [[None] * schedule.num_devices for _ in range(num_ticks)]
     for device, row in enumerate(schedule.actions):
-        for action in row:
-            if grid[tick[action]][device] is not None:
-                raise ScheduleError(f"action {action} appears twice (validate the schedule before packing)")
-            grid[tick[action]][device] = action
+        for step in row:
+            at = tick[members(step)[0]]
+            if grid[at][device] is not None:
+                raise ScheduleError(f"action {step} appears twice (validate the schedule before packing)")
+            grid[at][device] = step
     return TickTable(schedule=schedule, ticks=tuple(tuple(row) for row in grid))

@@ -8,16 +8,23 @@
      the model stages 0..K-1 without gaps, and puts no two replicas of a model stage on one device;
      `routes` has one non-empty route per microbatch, each a tuple of distinct logical stages in
      range that visits no model stage twice;
-  4. actions: each is an `Action` with its stage and microbatch in range, on the device that holds
-     its stage, on its microbatch's route, and appears once;
+  4. actions: each row element is an `Action` or a `Composite`; every action (composite members
+     included) has its stage and microbatch in range, is on the device that holds its stage, on its
+     microbatch's route, and appears once. A composite's two members are `Action`s of different
+     microbatches, both of stages on the device whose row holds it. Every data dependency
+     (`jpipe.schedules.deps.dependencies`) links two actions of one microbatch, so members of
+     different microbatches never need each other's result, directly or through other actions:
+     the rule is what makes running them together possible;
   5. completeness: every (stage, microbatch) on the microbatch's route has one F and either one B
      or one I and one W;
   6. local order: on each device an action comes after the actions it needs that live on the same
      device (F before its I/B, I before its W, F of the previous hop before F of the next one when
-     both are on the device, as at the turn of a V placement, ...);
-  7. cross-device order: running every device's list in order, with each action waiting for the
-     actions it consumes (`jpipe.schedules.deps.dependencies`), finishes; otherwise the message lists
-     the blocked head action of every unfinished device and what it waits for.
+     both are on the device, as at the turn of a V placement, ...); a composite's members count at
+     the composite's position;
+  7. cross-device order: running every device's list in order, with each action (a composite: both
+     members at once) waiting for the actions it consumes (`jpipe.schedules.deps.dependencies`),
+     finishes; otherwise the message lists the blocked head of every unfinished device and what it
+     waits for.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 
 from jpipe.schedules.deps import dependencies
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError, format_route
+from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, format_route, members
 
 
 def validate(schedule: Schedule) -> None:
@@ -147,40 +154,69 @@ def _check_routes(schedule: Schedule) -> None:
 
 
 def _check_actions(schedule: Schedule) -> dict[Action, tuple[int, int]]:
-    """Check types, ranges, placement and duplicates; return each action's (device, position)."""
+    """Check types, ranges, placement, composites and duplicates; return each action's (device, position).
+
+    A composite's members both get the composite's position in its row.
+    """
     num_stages, m = schedule.num_stages, schedule.num_microbatches
     positions: dict[Action, tuple[int, int]] = {}
     for device, row in enumerate(schedule.actions):
-        for position, action in enumerate(row):
-            if not isinstance(action, Action) or not isinstance(action.op, Op):
-                raise ScheduleError(f"device {device}, position {position}: expected an Action, got {action!r}")
-            if not _is_int(action.stage) or not 0 <= action.stage < num_stages:
+        for position, step in enumerate(row):
+            if isinstance(step, Composite):
+                _check_composite(schedule, device, position, step)
+            elif not _is_action(step):
                 raise ScheduleError(
-                    f"action {action} on device {device}: stage {action.stage} out of range [0, {num_stages})"
+                    f"device {device}, position {position}: expected an Action, got {step!r} "
+                    f"(a row holds Actions and Composites of two)"
                 )
-            if not _is_int(action.microbatch) or not 0 <= action.microbatch < m:
-                raise ScheduleError(
-                    f"action {action} on device {device}: microbatch {action.microbatch} out of range [0, {m})"
-                )
-            home = schedule.placement[action.stage]
-            if home != device:
-                raise ScheduleError(
-                    f"action {action} is on device {device}, but stage {action.stage} is placed on device "
-                    f"{home} (a stage cannot run on two devices)"
-                )
-            if not schedule.on_route(action.stage, action.microbatch):
-                route = format_route(schedule.route(action.microbatch))
-                raise ScheduleError(
-                    f"action {action} on device {device}: stage {action.stage} is not on microbatch "
-                    f"{action.microbatch}'s route ({route})"
-                )
-            if action in positions:
-                first_device, first_position = positions[action]
-                raise ScheduleError(
-                    f"duplicate action {action} on device {device}: positions {first_position} and {position}"
-                )
-            positions[action] = (device, position)
+            for action in members(step):
+                if not _is_int(action.stage) or not 0 <= action.stage < num_stages:
+                    raise ScheduleError(
+                        f"action {action} on device {device}: stage {action.stage} out of range [0, {num_stages})"
+                    )
+                if not _is_int(action.microbatch) or not 0 <= action.microbatch < m:
+                    raise ScheduleError(
+                        f"action {action} on device {device}: microbatch {action.microbatch} out of range [0, {m})"
+                    )
+                home = schedule.placement[action.stage]
+                if home != device:
+                    where = f" (in composite {step})" if isinstance(step, Composite) else ""
+                    raise ScheduleError(
+                        f"action {action}{where} is on device {device}, but stage {action.stage} is placed on "
+                        f"device {home} (a stage cannot run on two devices)"
+                    )
+                if not schedule.on_route(action.stage, action.microbatch):
+                    route = format_route(schedule.route(action.microbatch))
+                    raise ScheduleError(
+                        f"action {action} on device {device}: stage {action.stage} is not on microbatch "
+                        f"{action.microbatch}'s route ({route})"
+                    )
+                if action in positions:
+                    first_device, first_position = positions[action]
+                    raise ScheduleError(
+                        f"duplicate action {action} on device {device}: positions {first_position} and {position}"
+                    )
+                positions[action] = (device, position)
     return positions
+
+
+def _is_action(value: object) -> bool:
+    return isinstance(value, Action) and isinstance(value.op, Op)
+
+
+def _check_composite(schedule: Schedule, device: int, position: int, step: Composite) -> None:
+    """A composite holds two actions of different microbatches (ranges and placement are checked after)."""
+    for member in (step.first, step.second):
+        if not _is_action(member):
+            raise ScheduleError(
+                f"composite on device {device}, position {position}: members must be Actions, got {member!r}"
+            )
+    if step.first.microbatch == step.second.microbatch:
+        raise ScheduleError(
+            f"composite {step} on device {device}, position {position}: both members are microbatch "
+            f"{step.first.microbatch}; a composite runs two actions of different microbatches together "
+            f"(actions of one microbatch may depend on each other)"
+        )
 
 
 def _check_complete(schedule: Schedule, positions: dict[Action, tuple[int, int]]) -> None:
@@ -222,18 +258,19 @@ def _check_local_order(
     schedule: Schedule, positions: dict[Action, tuple[int, int]], deps: dict[Action, tuple[Action, ...]]
 ) -> None:
     for device, row in enumerate(schedule.actions):
-        for position, action in enumerate(row):
-            for needed in deps[action]:
-                needed_device, needed_position = positions[needed]
-                if needed_device == device and needed_position > position:
-                    raise ScheduleError(
-                        f"action {action} on device {device} comes before {needed}, which it needs "
-                        f"(positions {position} and {needed_position} on the same device)"
-                    )
+        for position, step in enumerate(row):
+            for action in members(step):
+                for needed in deps[action]:
+                    needed_device, needed_position = positions[needed]
+                    if needed_device == device and needed_position > position:
+                        raise ScheduleError(
+                            f"action {action} on device {device} comes before {needed}, which it needs "
+                            f"(positions {position} and {needed_position} on the same device)"
+                        )
 
 
 def _check_progress(schedule: Schedule, deps: dict[Action, tuple[Action, ...]]) -> None:
-    """Run the device lists in order, each action waiting for its inputs; report a deadlock."""
+    """Run the device lists in order, each step waiting for its inputs; report a deadlock."""
     done: set[Action] = set()
     cursor = [0] * schedule.num_devices
     waiting: dict[Action, list[int]] = defaultdict(list)
@@ -242,19 +279,20 @@ def _check_progress(schedule: Schedule, deps: dict[Action, tuple[Action, ...]]) 
         device = ready.popleft()
         row = schedule.actions[device]
         while cursor[device] < len(row):
-            action = row[cursor[device]]
-            missing = next((needed for needed in deps[action] if needed not in done), None)
+            step = members(row[cursor[device]])
+            missing = next((needed for action in step for needed in deps[action] if needed not in done), None)
             if missing is not None:
                 waiting[missing].append(device)
                 break
-            done.add(action)
+            done.update(step)
             cursor[device] += 1
-            ready.extend(waiting.pop(action, ()))
+            for action in step:
+                ready.extend(waiting.pop(action, ()))
     blocked = []
     for device, row in enumerate(schedule.actions):
         if cursor[device] < len(row):
             head = row[cursor[device]]
-            missing = [str(needed) for needed in deps[head] if needed not in done]
+            missing = [str(needed) for action in members(head) for needed in deps[action] if needed not in done]
             blocked.append(f"device {device}: {head} waits for {', '.join(missing)}")
     if blocked:
         raise ScheduleError(
