@@ -15,7 +15,9 @@ action printed as `f"{stage}{type}{microbatch}"`, an empty cell for an idle step
   the text are ignored (so a trailing device without any action cannot be expressed).
 - Empty cells (idle steps) are skipped: only the order of a row matters to a jpipe schedule.
 - Communication and bookkeeping cells are dropped; they still take part in the placement check.
-- A composite cell contributes its compute sub-actions, in the order written.
+- A composite cell contributes its compute sub-actions, in the order written; with
+  `from_csv(..., composites=True)` a composite cell of two compute actions becomes one
+  `Composite` step instead (jpipe's braided step: the two run together).
 - Placement is inferred: a stage lives on the row whose cells name it. A stage named on two rows is an
   error, and so is a stage index below the largest one that no row names.
 - The number of microbatches is the largest microbatch index of a compute action plus one.
@@ -31,7 +33,9 @@ does. By default each row lists the device's actions without idle cells (every v
 schedule without replicas or routes can be written, and torch reads it unchanged). With
 `lockstep=True` the rows are aligned on the lockstep ticks of
 `jpipe.schedules.ticks.pack(schedule, split=False)`: column `t` is tick `t`, idle ticks are empty
-cells, so the file shows the timing when opened in a spreadsheet.
+cells, so the file shows the timing when opened in a spreadsheet. A `Composite` step is written
+as torch writes its overlapped pairs, `(0F7;7B3)OVERLAP_F_B` (one cell, one tick), so
+`from_csv(to_csv(schedule), composites=True)` gives the schedule back.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import csv
 import io
 import re
 
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
+from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, members
 from jpipe.schedules.ticks import pack
 
 # torch's computation types that are not computations: sends, receives, FSDP bookkeeping.
@@ -98,12 +102,15 @@ def _rows_of(text: str) -> list[list[str]]:
     return rows
 
 
-def from_csv(text: str, name: str = "csv") -> Schedule:
+def from_csv(text: str, name: str = "csv", *, composites: bool = False) -> Schedule:
     """Read a schedule written by torch.pipelining (compute only or compute + comms) or by `to_csv`.
 
     Args:
       text: the CSV text, one row per rank.
       name: the name of the returned schedule.
+      composites: read each `(a;b)OVERLAP_F_B` cell as one `Composite(a, b)` step (it must hold
+        exactly two compute actions); by default its actions are read one after the other, as the
+        executor runs them.
 
     Returns:
       The schedule, with placement and microbatch count inferred from the cells.
@@ -115,20 +122,24 @@ def from_csv(text: str, name: str = "csv") -> Schedule:
     rows = _rows_of(text)
     if not rows:
         raise ScheduleError(f"CSV schedule {name!r} has no rows")
-    actions: list[list[Action]] = []
+    actions: list[list[Step]] = []
     device_of_stage: dict[int, int] = {}
     where_named: dict[int, tuple[int, str]] = {}  # stage -> (column, cell) of its first mention
     for rank, row in enumerate(rows):
-        row_actions: list[Action] = []
+        row_actions: list[Step] = []
         for column, cell in enumerate(row, start=1):
             try:
                 parsed = _parse_cell(cell)
+                computed = [action for _, action in parsed if action is not None]
+                braided = composites and cell.strip().startswith("(")
+                if braided and len(computed) != 2:
+                    raise _CellError(f"a composite step needs two compute actions, this cell has {len(computed)}")
             except _CellError as error:
                 raise ScheduleError(
                     f"CSV schedule {name!r}: cannot parse row {rank} (rank {rank}), column {column}, "
                     f"cell {cell!r}: {error}"
                 ) from None
-            for stage, action in parsed:
+            for stage, _ in parsed:
                 owner = device_of_stage.setdefault(stage, rank)
                 if owner != rank:
                     first_column, first_cell = where_named[stage]
@@ -138,10 +149,12 @@ def from_csv(text: str, name: str = "csv") -> Schedule:
                         f"(column {column}, cell {cell!r})"
                     )
                 where_named.setdefault(stage, (column, cell.strip()))
-                if action is not None:
-                    row_actions.append(action)
+            if braided:
+                row_actions.append(Composite(*computed))
+            else:
+                row_actions.extend(computed)
         actions.append(row_actions)
-    compute = [action for row in actions for action in row]
+    compute = [action for row in actions for step in row for action in members(step)]
     if not compute:
         raise ScheduleError(f"CSV schedule {name!r} has no compute action (F, B, I or W)")
     num_stages = max(device_of_stage) + 1
@@ -165,13 +178,14 @@ def to_csv(schedule: Schedule, *, lockstep: bool = False) -> str:
     Args:
       schedule: any schedule without a model-stage map or routes (`Schedule.is_plain`); with
         `lockstep=True` it must not deadlock.
-      lockstep: align the rows on the ticks of `pack(schedule, split=False)`, idle ticks as empty
-        cells (all rows then have `num_ticks` cells); otherwise each row lists its device's actions
-        back to back.
+      lockstep: align the rows on the ticks of `pack(schedule, split=False, keep_composites=True)`,
+        idle ticks as empty cells (all rows then have `num_ticks` cells); otherwise each row lists
+        its device's actions back to back. A composite is one `(a;b)OVERLAP_F_B` cell.
 
     Returns:
-      The CSV text, one row per device (`\\r\\n` line ends). `from_csv` reads it back to the same
-      actions and placement, provided every device holds at least one stage and the last holds an action.
+      The CSV text, one row per device (`\\r\\n` line ends). `from_csv` (with `composites=True`
+      when the schedule has composites) reads it back to the same actions and placement, provided
+      every device holds at least one stage and the last holds an action.
 
     Raises:
       ScheduleError: the schedule has replicas or routes, which torch's CSV cannot express.
@@ -190,13 +204,18 @@ def to_csv(schedule: Schedule, *, lockstep: bool = False) -> str:
             f"which the format cannot express (every microbatch runs every stage in order there)"
         )
     if lockstep:
-        table = pack(schedule, split=False)
+        table = pack(schedule, split=False, keep_composites=True)
         rows = [
-            ["" if tick[device] is None else str(tick[device]) for tick in table.ticks]
+            ["" if tick[device] is None else _cell(tick[device]) for tick in table.ticks]
             for device in range(schedule.num_devices)
         ]
     else:
-        rows = [[str(action) for action in row] for row in schedule.actions]
+        rows = [[_cell(step) for step in row] for row in schedule.actions]
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
     return buffer.getvalue()
+
+
+def _cell(step: Step) -> str:
+    """A CSV cell: `0F3` for an action, torch's `(0F7;7B3)OVERLAP_F_B` for a composite."""
+    return f"{step}{_COMPOSITE_TYPES[0]}" if isinstance(step, Composite) else str(step)

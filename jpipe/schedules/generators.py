@@ -22,6 +22,13 @@ registered apart, in `ROUTED_SCHEDULES` (`@register(name, routed=True)`): `bitpi
 (`jpipe.schedules.bidirectional`) and `skippipe` (`jpipe.schedules.routes`). `build` finds
 both kinds; `SCHEDULES` holds only the schedules every part of jpipe runs (the executor, the
 training config, the schedule search), so code iterating over it does not meet routes.
+
+Schedules whose rows hold composites (`jpipe.schedules.ir.Composite`: two actions of different
+microbatches run together) are registered apart too, in `COMPOSITE_SCHEDULES`
+(`@register(name, composite=True)`): `stp` (`jpipe.schedules.braided`). The schedule side runs
+them; the executor runs each composite as its two actions one after the other
+(`jpipe.schedules.ticks.pack`). `dualpipev` emits its overlapped F&B pairs as composites with
+`build("dualpipev", p, m, overlap=True)`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import inspect
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError, loop_placement, v_placement
+from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, loop_placement, v_placement
 from jpipe.schedules.validate import validate
 
 Generator = Callable[..., Schedule]
@@ -44,19 +51,27 @@ ROUTED_SCHEDULES: dict[str, Generator] = {}
 """Schedules with replicas or per-microbatch routes (the schedule side runs them: validation,
 simulation, rendering; the executor does not yet)."""
 
+COMPOSITE_SCHEDULES: dict[str, Generator] = {}
+"""Schedules whose rows hold composites (two actions run together): validation, simulation,
+rendering and CSV read them; the executor runs them flattened, one action per tick."""
 
-def register(name: str, *, routed: bool = False) -> Callable[[Generator], Generator]:
+
+def register(name: str, *, routed: bool = False, composite: bool = False) -> Callable[[Generator], Generator]:
     """Decorator registering `fn(num_devices, num_microbatches, virtual) -> Schedule` under `name`.
 
     `build(name, ...)` then calls it; a later registration under the same name replaces the former
-    (in either registry). With `routed=True` the generator goes to `ROUTED_SCHEDULES`: its schedules
-    have replicas or per-microbatch routes.
+    (in any registry). With `routed=True` the generator goes to `ROUTED_SCHEDULES`: its schedules
+    have replicas or per-microbatch routes; with `composite=True` to `COMPOSITE_SCHEDULES`: its
+    rows hold composites.
     """
+    if routed and composite:
+        raise ScheduleError(f"register({name!r}): choose one registry, routed or composite")
 
     def wrap(fn: Generator) -> Generator:
-        SCHEDULES.pop(name, None)
-        ROUTED_SCHEDULES.pop(name, None)
-        (ROUTED_SCHEDULES if routed else SCHEDULES)[name] = fn
+        for registry in (SCHEDULES, ROUTED_SCHEDULES, COMPOSITE_SCHEDULES):
+            registry.pop(name, None)
+        target = ROUTED_SCHEDULES if routed else COMPOSITE_SCHEDULES if composite else SCHEDULES
+        target[name] = fn
         return fn
 
     return wrap
@@ -71,9 +86,9 @@ def _check_positive_int(value: object, argument: str) -> None:
 
 def _generator(name: str) -> Generator:
     """The generator registered under `name` in either registry; ScheduleError listing the known ones."""
-    generator = SCHEDULES.get(name) or ROUTED_SCHEDULES.get(name)
+    generator = SCHEDULES.get(name) or ROUTED_SCHEDULES.get(name) or COMPOSITE_SCHEDULES.get(name)
     if generator is None:
-        known = sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES)
+        known = sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES) + sorted(COMPOSITE_SCHEDULES)
         raise ScheduleError(f"unknown schedule {name!r}; known schedules: {', '.join(known)}")
     return generator
 
@@ -101,8 +116,8 @@ def build(
     """Build the schedule registered under `name`.
 
     Args:
-      name: a key of `SCHEDULES` (e.g. "gpipe", "1f1b", "interleaved_1f1b", "zbv") or of
-        `ROUTED_SCHEDULES` ("bitpipe", "dualpipe", "skippipe").
+      name: a key of `SCHEDULES` (e.g. "gpipe", "1f1b", "interleaved_1f1b", "zbv"), of
+        `ROUTED_SCHEDULES` ("bitpipe", "dualpipe", "skippipe") or of `COMPOSITE_SCHEDULES` ("stp").
       num_devices: pipeline devices `p` (>= 1).
       num_microbatches: microbatches `m` per step (>= 1; some schedules need more, see the module doc).
       virtual: stages (chunks) per device `v` (>= 1); the schedule has `p * v` logical stages.
@@ -139,7 +154,7 @@ def build(
     if schedule.name != name:
         schedule = dataclasses.replace(schedule, name=name)
     validate(schedule)
-    if send_latency:
+    if send_latency and not schedule.has_composites:  # two_streams re-times single actions only
         schedule = _for_send_latency(schedule, name, num_devices, num_microbatches, virtual, options)
     return schedule
 
@@ -167,7 +182,11 @@ def _require_virtual(name: str, virtual: int, allowed: int) -> None:
 
 
 def _schedule(
-    name: str, num_devices: int, num_microbatches: int, placement: tuple[int, ...], rows: Iterable[list[Action]]
+    name: str,
+    num_devices: int,
+    num_microbatches: int,
+    placement: tuple[int, ...],
+    rows: Iterable[list[Action] | list[Action | Composite]],
 ) -> Schedule:
     return Schedule(
         num_devices=num_devices,
@@ -437,7 +456,7 @@ def zbv(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
 
 
 @register("dualpipev")
-def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
+def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2, overlap: bool = False) -> Schedule:
     """DualPipeV (DeepSeek's DualPipe cut in half, Sea AI Lab), V placement; needs `m >= 2p`.
 
     DeepSeek's order (deepseek-ai/DualPipe, `DualPipeV.step`) for device r with chunks `c0 = r` and
@@ -454,6 +473,11 @@ def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2) -> Sche
     order reproduces it exactly. Run as F then B (the forward's output leaves earlier), the makespan
     is never above it, and equals `2m(F + B) + (p - 1)F` when I <= W. Peak `p + 1/2` full stages
     (DeepSeek's PP + 1 chunk activations).
+
+    With `overlap=True` the overlapped pairs are `Composite(F, B)` steps instead (the same actions
+    in the same order): in step 4 `(F(c0); B(c1))` and `(F(c1); B(c0))`, except the last device's
+    first `F(c0), B(c1)`, which DeepSeek runs apart; in step 5 `(F(c1); B(c0))`. These are the
+    `(..F..;..B..)OVERLAP_F_B` cells torch.pipelining writes for DualPipeV.
     """
     _require_virtual("dualpipev", virtual, 2)
     p, m = num_devices, num_microbatches
@@ -461,7 +485,31 @@ def dualpipev(num_devices: int, num_microbatches: int, virtual: int = 2) -> Sche
         raise ScheduleError(f"dualpipev needs num_microbatches >= 2 * num_devices = {2 * p}, got num_microbatches={m}")
     last = 2 * p - 1
     rows = [_dualpipe_order(p, m, d, d, last - d) for d in range(p)]
+    if overlap:
+        rows = [_overlapped_pairs(row, skip_first=d == p - 1) for d, row in enumerate(rows)]
     return _schedule("dualpipev", p, m, v_placement(p), rows)
+
+
+def _overlapped_pairs(row: list[Action], skip_first: bool) -> list[Action | Composite]:
+    """DualPipe's order with each forward directly followed by a full backward as one composite.
+
+    In `_dualpipe_order` exactly steps 4 and 5 put a B right after an F, and those are DeepSeek's
+    overlapped F&B pairs; `skip_first` keeps the first such pair apart (the last rank's step 4).
+    """
+    steps: list[Action | Composite] = []
+    index = 0
+    while index < len(row):
+        action = row[index]
+        following = row[index + 1] if index + 1 < len(row) else None
+        if action.op is Op.F and following is not None and following.op is Op.B:
+            if not skip_first:
+                steps.append(Composite(action, following))
+                index += 2
+                continue
+            skip_first = False
+        steps.append(action)
+        index += 1
+    return steps
 
 
 def _dualpipe_order(half: int, n: int, rank: int, c0: int, c1: int) -> list[Action]:

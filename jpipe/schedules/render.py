@@ -7,6 +7,10 @@ Both follow the schedule's routes through the packing and the simulation; the he
 schedule has replicas or per-microbatch routes, and a Gantt bar of a schedule with replicas names
 its logical stage (`mb/s<stage>`), which `Schedule.model_stage_of` maps to its block of layers.
 
+A composite (two actions a device runs together, `jpipe.schedules.ir.Composite`) is one cell,
+`(0F7;7B3)`, and one Gantt box split in two halves (first member on top), coloured by the members'
+ops and labelled with both.
+
 matplotlib is imported inside `plot` only, so `import jpipe.schedules` stays light.
 """
 
@@ -18,7 +22,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
+from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, members
 from jpipe.schedules.simulate import Cost, simulate
 from jpipe.schedules.ticks import pack
 
@@ -45,9 +49,10 @@ def _header(schedule: Schedule) -> str:
 
 
 def _tick_grid(schedule: Schedule) -> tuple[list[list[str]], str]:
-    """Cells laid out on the lockstep ticks of `pack(schedule, split=False)`, and what a column means."""
+    """Cells laid out on the lockstep ticks of `pack(schedule, split=False)` (a composite in one tick),
+    and what a column means."""
     try:
-        table = pack(schedule, split=False)
+        table = pack(schedule, split=False, keep_composites=True)
     except ScheduleError as error:
         grid = [[str(action) for action in row] for row in schedule.actions]
         return grid, f"column = position in the device's list (not time: {error})"
@@ -117,11 +122,18 @@ def render(
         shown = min(num_columns, max(1, fits))
 
     # From the cells, not the schedule: a simulation may run each B as I and W.
-    ops_present = {Action.parse(cell).op for row in grid for cell in row if cell not in (IDLE, CONTINUATION)}
+    ops_present = {
+        Action.parse(part).op
+        for row in grid
+        for cell in row
+        if cell not in (IDLE, CONTINUATION)
+        for part in cell.strip("()").split(";")
+    }
     legend = ", ".join(f"{op.value} {OP_NAMES[op]}" for op in Op if op in ops_present) or "no actions"
     lines = [
         _header(schedule),
-        f"cell = <stage><op><microbatch>: {legend}; {IDLE} idle; {column_meaning}",
+        f"cell = <stage><op><microbatch>{_COMPOSITE_NOTE if schedule.has_composites else ''}: {legend}; "
+        f"{IDLE} idle; {column_meaning}",
     ]
     if width is not None:
         lines = [wrapped for line in lines for wrapped in textwrap.wrap(line, width, subsequent_indent="  ")]
@@ -145,9 +157,13 @@ def render(
     return "\n".join(lines)
 
 
-def _event_label(action: Action, schedule: Schedule) -> str:
+_COMPOSITE_NOTE = " ((a;b) = a and b run together)"
+
+
+def _event_label(step: Step, schedule: Schedule) -> str:
     plain = schedule.virtual == 1 and not schedule.has_routes
-    return f"{action.microbatch}" if plain else f"{action.microbatch}/s{action.stage}"
+    labels = [f"{a.microbatch}" if plain else f"{a.microbatch}/s{a.stage}" for a in members(step)]
+    return "&".join(labels)
 
 
 def plot(
@@ -160,7 +176,8 @@ def plot(
 
     One row per device (device 0 on top), one bar per event from its start to its end, coloured by op
     (F, B, I, W), labelled with its microbatch (`mb/s<stage>` when a device holds several stages or
-    the microbatches take their own routes);
+    the microbatches take their own routes); a composite is one box, its top half coloured by its
+    first member's op and its bottom half by its second's, labelled `a&b`;
     idle time stays blank. Each panel's title gives schedule name, p, m, v, mode, makespan and bubble
     fraction.
 
@@ -201,18 +218,36 @@ def plot(
     for axes, sim in zip(axes_column, simulations, strict=True):
         schedule = sim.schedule
         for op in Op:
-            events = [e for e in sim.timeline if e.action.op is op]
-            if not events:
+            # (row centre, bar height) of each bar of this op: whole actions, then composite halves.
+            bars = [(e, e.device, 0.8) for e in sim.timeline if isinstance(e.action, Action) and e.action.op is op]
+            for e in sim.timeline:
+                if isinstance(e.action, Composite):
+                    if e.action.first.op is op:
+                        bars.append((e, e.device - 0.2, 0.4))
+                    if e.action.second.op is op:
+                        bars.append((e, e.device + 0.2, 0.4))
+            if not bars:
                 continue
             ops_drawn.add(op)
             axes.barh(
-                [e.device for e in events],
-                [e.end - e.start for e in events],
-                left=[e.start for e in events],
-                height=0.8,
+                [y for _, y, _ in bars],
+                [e.end - e.start for e, _, _ in bars],
+                left=[e.start for e, _, _ in bars],
+                height=[h for _, _, h in bars],
                 color=OP_COLORS[op],
                 edgecolor="black",
                 linewidth=0.4,
+            )
+        braided = [e for e in sim.timeline if isinstance(e.action, Composite)]
+        if braided:  # one outline around both halves: the composite is one step
+            axes.barh(
+                [e.device for e in braided],
+                [e.end - e.start for e in braided],
+                left=[e.start for e in braided],
+                height=0.8,
+                fill=False,
+                edgecolor="black",
+                linewidth=1.2,
             )
         for event in sim.timeline:
             label = _event_label(event.action, schedule)

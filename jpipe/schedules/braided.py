@@ -1,0 +1,104 @@
+"""Schedules built from braided steps (composites): STP (Qi et al. 2025).
+
+A braided step (`jpipe.schedules.ir.Composite`) runs two actions of different microbatches on one
+device together, so that each one's tensor-parallel all-reduce runs under the other's compute
+(`jpipe.schedules.simulate.Cost.duration`). The executor runs them one after the other today
+(`jpipe.schedules.ticks.pack`).
+
+Notation: `p` devices, `m` microbatches, device `r` with chunks `c0 = r` and `c1 = 2p - 1 - r`
+(V placement); F, B, I, W as everywhere in jpipe (STP's T_B is jpipe's I, its T_W jpipe's W).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from jpipe.schedules.generators import _require_virtual, _schedule, register
+from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, v_placement
+
+
+@register("stp", composite=True)
+def stp(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
+    """STP's synergistic V schedule (Qi et al. 2025, "Synergistic Tensor and Pipeline Parallelism",
+    arXiv 2510.27257; MICLAB-BUPT/STP, `STPSchedule.generate`), V placement; needs `m >= 3p - 1`.
+
+    Device r's order, read from the reference's nine steps (STP's instructions in brackets;
+    `(X; Y)` is a composite, "split" means the backward runs as I with its W deferred to a queue,
+    "W" pops the oldest deferred W):
+      1. `2(p - 1 - r)` forwards of c0;
+      2. r + 1 pairs `F(c0), F(c1)`;
+      3. r + 1 forwards of c0: a single one when r + 1 is odd, then composites `(F(c0); F(c0))` of
+         two consecutive microbatches [ForwardAndForward];
+      4. p - 1 - r rounds `(F(c1); I(c1))` [ForwardAndBackward, split], `(F(c0); W)`
+         [ForwardAndWeight];
+      5. `2(m - 3p + 1) + 1 + 2r` composites `(F(c); B(c))` with c = c1, c0, c1, ... (the forward
+         and backward of one chunk on different microbatches), the last r of them split;
+      6. `2p - 2 - r` rounds `B(c0)`, `(F(c1); I(c1))` (split);
+      7. r + 1 pairs `B(c0), B(c1)`;
+      8. `B(c0)`, then p - 1 - r times `W, W, B(c0)`;
+      9. the 2r W's left.
+    The reference asserts `m >= 2p` only, but its step counts need `m >= 3p - 1` (step 5 is
+    empty, and step 6's count wrong, below that on device 0). Its trainer runs the two forwards of
+    a ForwardAndForward one after the other (no braiding flag), the other composites braided.
+
+    Published bubbles (README and paper, per-chunk times, T_AR the TP all-reduce time of one
+    chunk pass): PP `(p - 1)(T_F + T_AR + T_B - T_W)`, TP `(2p + 1) T_AR`; peak activations `3p`
+    chunk activations. What `simulate` gives for this order under `Cost.duration`'s model is
+    measured in `tests/test_stp.py`.
+    """
+    _require_virtual("stp", virtual, 2)
+    p, m = num_devices, num_microbatches
+    if m < 3 * p - 1:
+        raise ScheduleError(
+            f"stp needs num_microbatches >= 3 * num_devices - 1 = {3 * p - 1} (STP's step counts), "
+            f"got num_microbatches={m}"
+        )
+    last = 2 * p - 1
+    rows = [_stp_order(p, m, r, r, last - r) for r in range(p)]
+    return _schedule("stp", p, m, v_placement(p), rows)
+
+
+def _stp_order(p: int, m: int, r: int, c0: int, c1: int) -> list[Step]:
+    """Device r's steps (see `stp`)."""
+    next_forward = {c0: 0, c1: 0}
+    next_backward = {c0: 0, c1: 0}
+    deferred: deque[Action] = deque()
+    row: list[Step] = []
+
+    def forward(stage: int) -> Action:
+        action = Action(stage, Op.F, next_forward[stage])
+        next_forward[stage] += 1
+        return action
+
+    def backward(stage: int, split: bool = False) -> Action:
+        mb = next_backward[stage]
+        next_backward[stage] += 1
+        if not split:
+            return Action(stage, Op.B, mb)
+        deferred.append(Action(stage, Op.W, mb))
+        return Action(stage, Op.I, mb)
+
+    row += [forward(c0) for _ in range(2 * (p - 1 - r))]  # 1
+    for _ in range(r + 1):  # 2
+        row += [forward(c0), forward(c1)]
+    if (r + 1) % 2 == 1:  # 3
+        row.append(forward(c0))
+    for _ in range((r + 1) // 2):
+        row.append(Composite(forward(c0), forward(c0)))
+    for _ in range(p - 1 - r):  # 4
+        row.append(Composite(forward(c1), backward(c1, split=True)))
+        row.append(Composite(forward(c0), deferred.popleft()))
+    steady = 2 * (m - 3 * p + 1) + 1 + 2 * r  # 5
+    for index in range(steady):
+        chunk = c1 if index % 2 == 0 else c0
+        row.append(Composite(forward(chunk), backward(chunk, split=index >= steady - r)))
+    for _ in range(2 * p - 2 - r):  # 6
+        row.append(backward(c0))
+        row.append(Composite(forward(c1), backward(c1, split=True)))
+    for _ in range(r + 1):  # 7
+        row += [backward(c0), backward(c1)]
+    row.append(backward(c0))  # 8
+    for _ in range(p - 1 - r):
+        row += [deferred.popleft(), deferred.popleft(), backward(c0)]
+    row += list(deferred)  # 9
+    return row
