@@ -5,9 +5,29 @@ This package imports no jax and no flax.
 
 from jpipe.schedules.balance import ModelCosts, balance_layers, stage_costs
 from jpipe.schedules.bidirectional import bitpipe, dualpipe
+from jpipe.schedules.braided import stp
 from jpipe.schedules.csv_io import from_csv, to_csv
-from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES, build, default_virtual, register
-from jpipe.schedules.ir import Action, B, F, I, Op, Schedule, ScheduleError, W, loop_placement, v_placement
+from jpipe.schedules.generators import (
+    COMPOSITE_SCHEDULES,
+    ROUTED_SCHEDULES,
+    SCHEDULES,
+    build,
+    default_virtual,
+    register,
+)
+from jpipe.schedules.ir import (
+    Action,
+    B,
+    Composite,
+    F,
+    I,
+    Op,
+    Schedule,
+    ScheduleError,
+    W,
+    loop_placement,
+    v_placement,
+)
 from jpipe.schedules.render import plot, render
 from jpipe.schedules.routes import schedule_routes, skippipe
 from jpipe.schedules.search import SearchResult, search, search_result
@@ -21,6 +41,8 @@ __all__ = [
     "I",
     "W",
     "Action",
+    "COMPOSITE_SCHEDULES",
+    "Composite",
     "Cost",
     "Event",
     "ModelCosts",
@@ -50,6 +72,7 @@ __all__ = [
     "schedule_routes",
     "simulate",
     "skippipe",
+    "stp",
     "split_backward",
     "stage_costs",
     "to_csv",
