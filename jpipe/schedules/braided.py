@@ -43,8 +43,13 @@ def stp(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
 
     Published bubbles (README and paper, per-chunk times, T_AR the TP all-reduce time of one
     chunk pass): PP `(p - 1)(T_F + T_AR + T_B - T_W)`, TP `(2p + 1) T_AR`; peak activations `3p`
-    chunk activations. What `simulate` gives for this order under `Cost.duration`'s model is
-    measured in `tests/test_stp.py`.
+    chunk activations. Simulated (async, T_F = T_B = T_W = 1, B = 2, T_AR <= 1; `tests/test_stp.py`):
+    device r's TP bubble is `(2p + 1) T_AR` for even r (its solo forwards) and `2p T_AR` for odd r;
+    its PP bubble is the published one for even p (largest on odd r) and one T_AR more for odd p;
+    the makespan is `6m + (p - 1)(T_F + T_AR + T_B - T_W) + 2p T_AR` (+ T_AR for odd p). Peak:
+    device r holds `max(3p + 1, 3p + r)` chunk activations (up to `4p - 1` on the last device;
+    twice `peak_activations`), counting, as jpipe does, an I's activations as live until its W and
+    a composite's members one after the other (`tests/test_stp.py`).
     """
     _require_virtual("stp", virtual, 2)
     p, m = num_devices, num_microbatches
