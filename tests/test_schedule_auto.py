@@ -18,8 +18,9 @@ import pytest
 
 from jpipe import schedules
 from jpipe.compile import compile_training_step
+from jpipe.pipeline.costs import StageCosts
 from jpipe.train import auto, cli
-from jpipe.train.config import ConfigError, MemoryLimit, parse_memory_limit
+from jpipe.train.config import ConfigError, MemoryLimit, format_bytes, parse_memory_limit
 from jpipe.train.metrics import read_metrics
 from jpipe.train.presets import preset
 
@@ -92,7 +93,7 @@ class TestSearch:
         limit = 3 * measure.stash_bytes(1)
         out = io.StringIO()
         searched = auto.search_schedule(_config("--memory-limit", f"{limit}B"), measure, out)
-        assert math.isclose(searched.limit, 3.0) and max(searched.result.peak_memory) <= 3.0 + 1e-9
+        assert math.isclose(searched.limit, 3.0) and searched.result.memory <= 3.0 + 1e-9
         assert "= 3 stashes of" in out.getvalue() and "ratio chosen / best named makespan" in out.getvalue()
 
     def test_no_fit_names_the_flag_and_the_smallest_limit(self, measure):
@@ -104,6 +105,49 @@ class TestSearch:
         compiled = compile_training_step(config, "cpu:2")
         assert "searching schedules (p=2, m=4, virtual 1..2" in capsys.readouterr().out
         assert compiled.schedule.endswith("m=4 v=2") or compiled.schedule.endswith("m=4 v=1")
+
+
+# The quick start's model (`--preset quickstart`: 8 blocks of d_model 64 on 4 stages, 8
+# microbatches) as `measure_model` measured it on CPU: one block's XLA FLOPs and bytes.
+QUICKSTART = auto.ModelMeasure(
+    layer=StageCosts(
+        flops={"f": 15574784.0, "b": 30573184.0, "i": 17957632.0, "w": 12615552.0},
+        stash_bytes=1546764,
+        weight_residual_bytes=360448,
+    ),
+    embed_f=17152.0,
+    embed_b=12672.0,
+    head_f=4424192.0,
+    head_b=8742976.0,
+    num_layers=8,
+    num_devices=4,
+)
+LIMITS = [("1", None), ("1", "4.5"), ("1", "5"), ("1", "6"), ("2", "4"), ("2", "6"), ("2", "40MiB")]
+
+
+@pytest.mark.parametrize(("virtual", "limit"), LIMITS, ids=[f"v{v}-{x}" for v, x in LIMITS])
+def test_the_limit_holds_for_the_buffers_the_executor_allocates(virtual, limit):
+    """Quick-start costs: `compile_program`'s stash and weight-residual slots of the chosen schedule
+    times the measured slot bytes are within the limit (unset: within 1F1B's), and the report prints them."""
+    argv = ["--preset", "quickstart", "--schedule", "auto", "--virtual", virtual]
+    config = cli.build_config(cli.parse(argv + (["--memory-limit", limit] if limit else [])))
+    out = io.StringIO()
+    searched = auto.search_schedule(config, QUICKSTART, out)
+    chosen = searched.result.schedule
+    buffers = auto.executor_buffers(chosen, QUICKSTART, auto.send_latency(config))
+    assert (buffers.stash_slots, buffers.weight_slots) == tuple(map(max, zip(*searched.result.slots)))
+    assert buffers.stashes == pytest.approx(searched.result.memory, rel=1e-12)
+    assert buffers.stashes <= searched.limit + 1e-9
+    if limit is None:
+        one_f_one_b = auto.executor_buffers(schedules.build("1f1b", 4, 8), QUICKSTART, 0)
+        assert buffers.bytes <= one_f_one_b.bytes
+    elif limit.endswith("MiB"):
+        assert buffers.bytes <= 40 * 2**20
+    else:
+        assert buffers.bytes <= float(limit) * QUICKSTART.stash_bytes(chosen.virtual) * (1 + 1e-12)
+    report = out.getvalue()
+    assert f"{buffers.stash_slots} x {format_bytes(buffers.stash_slot_bytes)} + {buffers.weight_slots} x " in report
+    assert f"= {format_bytes(buffers.bytes)}" in report and f"limit {searched.limit:.3g} stashes = " in report
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -23,12 +23,15 @@ from pipeline_cases import assert_trees_close, loss_fn, make_problem, reference_
 
 import jpipe
 from jpipe import schedules
+from jpipe.pipeline.program import compile_program
 from jpipe.schedules import (
     SCHEDULES,
     Cost,
     ModelCosts,
     ScheduleError,
     balance_layers,
+    buffer_memory,
+    buffer_slots,
     build,
     peak_memory,
     search,
@@ -103,7 +106,7 @@ def test_best_split_and_the_executor_read_per_stage_costs():
 
 
 def test_fast_evaluation_equals_simulate():
-    """The search's inner loop gives `simulate`'s makespan and `peak_memory`, any cost and latency."""
+    """The search's inner loop gives `simulate`'s makespan and `buffer_memory`, any cost and latency."""
     rng = random.Random(0)
     checked = 0
     for name in SCHEDULES:
@@ -123,16 +126,81 @@ def test_fast_evaluation_equals_simulate():
                 score = space.evaluate(space.rows_of(schedule))
                 sim = simulate(split_backward(schedule), cost, mode, send_latency=latency)
                 assert score.makespan == exactly(sim.makespan), (name, p, m, mode, latency)
-                assert score.memory == tuple(exactly(x) for x in sim.peak_memory)
+                split = split_backward(schedule)
+                assert score.memory == exactly(buffer_memory(buffer_slots(split), 0.4, virtual))
+                assert score.memory >= max(sim.peak_memory) - 1e-12  # the joint count is at most the buffers
                 checked += 1
     assert checked == 60  # 20 schedule shapes x 3 modes
+
+
+def test_buffer_count_is_what_the_executor_allocates():
+    """`buffer_slots` of the split schedule, maxed over devices, is `compile_program`'s stash and
+    weight-residual slot counts, for named and searched schedules, with and without a send latency;
+    the search's memory is those slots over `virtual`, at least `peak_memory`'s joint count."""
+    cost = Cost(weight_residuals=0.25)
+    checked = 0
+    for name in SCHEDULES:
+        for p, m, virtual in ((2, 3, 1), (3, 7, 2), (4, 8, 1), (4, 8, 2)):
+            try:
+                schedule = build(name, p, m, virtual)
+            except ScheduleError:
+                continue
+            slots = buffer_slots(split_backward(schedule))
+            for latency in (0, 1):
+                program = compile_program(schedule, split=True, send_latency=latency)
+                assert (program.num_stash_slots, program.num_weight_slots) == (
+                    max(s for s, _ in slots),
+                    max(w for _, w in slots),
+                ), (name, p, m, virtual, latency)
+            space = Orders(p, m, schedule.placement, cost)
+            memory = space.evaluate(space.rows_of(schedule)).memory
+            assert memory == exactly(executor_memory(schedule, 0.25))
+            assert memory >= max(peak_memory(split_backward(schedule), 0.25)) - 1e-12
+            checked += 1
+    assert checked >= 20
+    for latency in (0, 1):
+        result = search_result(4, 8, Cost(f=(1.0, 1.0, 1.0, 1.5), weight_residuals=0.5), memory_limit=5.0, virtual=1,
+                               send_latency=latency, budget=1000)  # fmt: skip
+        program = compile_program(result.schedule, split=True, send_latency=latency)
+        assert (program.num_stash_slots, program.num_weight_slots) == tuple(map(max, zip(*result.slots)))
+        assert result.memory == exactly(executor_memory(result.schedule, 0.5, latency))
+        assert result.memory <= 5.0 + 1e-9 and result.schedule.name == "auto"
+
+
+def test_the_joint_count_is_not_what_the_executor_allocates():
+    """Device 0 holds 3 stashes (then 1 weight residual), device 1 2 stashes and 2 weight residuals:
+    `peak_memory`'s joint count is 3.5 at most (residuals half a stash), but every device of the SPMD
+    executor allocates 3 stash and 2 weight-residual slots: 4, what the search counts."""
+    F, I, W = schedules.F, schedules.I, schedules.W
+    schedule = schedules.Schedule(
+        num_devices=2,
+        num_microbatches=3,
+        placement=(0, 1),
+        actions=(
+            (F(0, 0), F(0, 1), F(0, 2), I(0, 0), W(0, 0), I(0, 1), W(0, 1), I(0, 2), W(0, 2)),
+            (F(1, 0), F(1, 1), I(1, 0), I(1, 1), W(1, 0), W(1, 1), F(1, 2), I(1, 2), W(1, 2)),
+        ),
+    )
+    validate(schedule)
+    assert buffer_slots(schedule) == ((3, 1), (2, 2))
+    assert peak_memory(schedule, 0.5) == (3.5, 3.0)
+    assert buffer_memory(buffer_slots(schedule), 0.5, 1) == exactly(4.0) == executor_memory(schedule, 0.5)
+    space = Orders(2, 3, (0, 1), Cost(weight_residuals=0.5))
+    assert space.memory(space.rows_of(schedule)) == exactly(4.0)
 
 
 # --- the search ---------------------------------------------------------------------------------
 
 
+def executor_memory(schedule, weight_residuals: float, latency: int = 0) -> float:
+    """The stash and weight-residual buffers `compile_program` allocates per device, in microbatch x
+    full device stage (one slot holds one chunk's stash, `1 / virtual`)."""
+    program = compile_program(schedule, split=True, send_latency=latency)
+    return (program.num_stash_slots + weight_residuals * program.num_weight_slots) / schedule.virtual
+
+
 def best_named(p: int, m: int, cost_of, limit: float, virtual: int, latency: int = 0) -> float:
-    """The least lockstep makespan of the named schedules whose peak memory fits `limit` (with a
+    """The least lockstep makespan of the named schedules whose executor buffers fit `limit` (with a
     send latency, also of `build`'s versions for it)."""
     best = float("inf")
     for name in SCHEDULES:
@@ -143,16 +211,17 @@ def best_named(p: int, m: int, cost_of, limit: float, virtual: int, latency: int
                 continue
             for schedule in built:
                 sim = simulate(schedule, cost_of(v), "lockstep", send_latency=latency)
-                if max(sim.peak_memory) <= limit + 1e-9:
+                if executor_memory(schedule, cost_of(v).weight_residuals, latency) <= limit + 1e-9:
                     best = min(best, sim.makespan)
     return best
 
 
 def check_found(schedule, cost, limit: float, latency: int = 0) -> float:
-    """Validate, check the memory limit and return the lockstep makespan."""
+    """Validate, check the memory limit against what the executor allocates and return the lockstep
+    makespan."""
     validate(schedule)
     sim = simulate(schedule, cost, "lockstep", send_latency=latency)
-    assert max(sim.peak_memory) <= limit + 1e-9
+    assert executor_memory(schedule, cost.weight_residuals, latency) <= limit + 1e-9
     assert max(peak_memory(split_backward(schedule), cost.weight_residuals)) <= limit + 1e-9
     return sim.makespan
 
@@ -174,7 +243,7 @@ def test_uniform_costs_never_worse_than_the_best_named_schedule(p, m):
             except ScheduleError:
                 continue
             sim = simulate(schedule, cost, "lockstep")
-            named.append((max(sim.peak_memory), sim.makespan))
+            named.append((executor_memory(schedule, cost.weight_residuals), sim.makespan))
     for limit in (1.25, p / 2 + 1.25, p + 0.25, 1.5 * p + 0.25):
         result = search_result(p, m, cost, memory_limit=limit, virtual=2, budget=300 if p < 8 else 100, seed=1)
         baseline = min(makespan for memory, makespan in named if memory <= limit + 1e-9)
@@ -341,6 +410,19 @@ def test_experiment_prints_and_writes_its_table(tmp_path):
     assert "auto: p=4 m=8 v=2" in result.stdout
 
 
+def test_experiment_runs_on_the_quick_starts_measured_costs(tmp_path):
+    """`--costs quickstart`: the measured weight residuals count, slots and bytes in the table."""
+    script = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "schedule_search.py"
+    args = ["--out", str(tmp_path), "--costs", "quickstart", "--budget", "300", "--microbatches", "8"]
+    args += ["--latencies", "0", "--limits", "4.25,6"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "schedule_search.md").read_text()
+    assert table.count("\n") == 2 + 2 and "| 0 | 8 | 4.25 | 1f1b (1) | 71.9 |" in table, table
+    assert "| 4 + 1 |" in table and " MiB |" in table
+    assert "weight residuals 0.233 of a stash" in result.stdout
+
+
 def test_readme_search_example_runs():
     """The README's search example: the best named schedule, both makespans, a chart."""
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -378,7 +460,9 @@ def test_any_costs_give_a_valid_schedule_within_the_limit(p, extra, seed, latenc
     result = search_result(p, m, costs.__getitem__, memory_limit=limit, mode=mode, send_latency=latency, budget=400)
     validate(result.schedule)
     sim = simulate(result.schedule, result.cost, mode, send_latency=latency)
-    assert max(sim.peak_memory) <= limit + 1e-9
+    assert max(sim.peak_memory) <= result.memory + 1e-9 and result.memory <= limit + 1e-9
+    if mode == "lockstep":
+        assert executor_memory(result.schedule, result.cost.weight_residuals, latency) == exactly(result.memory)
     assert sim.makespan == exactly(result.makespan) and result.makespan <= result.baseline_makespan + 1e-9
 
 

@@ -28,6 +28,7 @@ from jpipe.schedules.ir import (
     loop_placement,
     v_placement,
 )
+from jpipe.schedules.orders import buffer_memory, buffer_slots
 from jpipe.schedules.render import plot, render
 from jpipe.schedules.routes import schedule_routes, skippipe
 from jpipe.schedules.search import SearchResult, search, search_result
@@ -57,6 +58,8 @@ __all__ = [
     "balance_layers",
     "bitpipe",
     "best_split",
+    "buffer_memory",
+    "buffer_slots",
     "build",
     "default_virtual",
     "dualpipe",

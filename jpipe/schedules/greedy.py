@@ -8,11 +8,14 @@ many weight gradients (W) may wait before they go first, how deep the warm-up go
 on live stashes), and which chunk goes first on a device holding several. The resulting orders are
 repacked by the simulator like any schedule; the list scheduler only proposes them.
 
-Memory is counted as `jpipe.schedules.peak_memory` counts it (microbatch x full device stage: an F
-stashes `1 / virtual`, an I keeps `weight_residuals / virtual`, a W frees both). An F that brings a
-new microbatch onto a device (the device's first stage) also needs room for the microbatch's later
-chunks on that device and one weight residual, so that the oldest microbatch in flight can finish;
-an order that gets stuck all the same is dropped (`list_schedule` returns None).
+Memory is the executor's buffers, as `Orders.memory` counts them (microbatch x full device stage:
+the most live stashes of any device so far, each `1 / virtual`, plus the most live weight residuals
+of any device so far, each `weight_residuals / virtual`): an F or an I runs only if the buffers it
+may grow still fit the limit. An F that brings a new microbatch onto a device (the device's first
+stage) also needs stash slots for the microbatch's later chunks on that device and a weight-residual
+slot, so that the oldest microbatch in flight can finish; an order that gets stuck all the same is
+dropped (`list_schedule` returns None). The policy's warm-up `depth` caps a device's own live stash
+plus weight residuals at one moment.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ def list_schedule(space: Orders, policy: Policy, memory_limit: float) -> list[li
     Args:
       space: the placement, costs and latency.
       policy: how each device picks.
-      memory_limit: the most live stash plus weight residuals per device (microbatch x full
-        device stage).
+      memory_limit: the most buffer memory per device (`Orders.memory`, microbatch x full device
+        stage).
     """
     p, m, stages = space.num_devices, space.num_microbatches, space.num_stages
     rng = random.Random(policy.seed)
@@ -69,6 +72,7 @@ def list_schedule(space: Orders, policy: Policy, memory_limit: float) -> list[li
     next_mb = [[0] * stages for _ in range(3)]  # next microbatch per op and stage
     tick = [-1] * len(space.device)
     stash, held = [0] * p, [0] * p  # live stashes and weight residuals, in chunks
+    buffers = _Buffers(space, memory_limit)
     rows: list[list[int]] = [[] for _ in range(p)]
     total = 3 * stages * m
     done = idle = 0
@@ -82,13 +86,14 @@ def list_schedule(space: Orders, policy: Policy, memory_limit: float) -> list[li
         longest = float("inf")
         for d in devices:
             state = (stash[d], held[d])
-            ranked = _ranked(space, policy, memory_limit, d, t, local[d], entry[d], next_mb, tick, state, rng)
+            ranked = _ranked(space, policy, buffers, d, t, local[d], entry[d], next_mb, tick, state, rng)
             if not ranked:
                 continue
             a = next((a for a in ranked if space.time[a] <= longest + 1e-12), ranked[0])
             if policy.align and d == busiest:
                 longest = space.time[a]
             picks.append((d, a))
+            buffers.take(space.op[a], stash[d], held[d])
         idle = 0 if picks else idle + 1
         if _stuck(idle, space):
             return None
@@ -112,10 +117,39 @@ def _ready(space: Orders, a: int, t: int, tick: list[int]) -> bool:
     return True
 
 
+class _Buffers:
+    """The executor's buffer slots so far (the most live stashes and weight residuals of any device),
+    and whether an action may grow them within the limit."""
+
+    def __init__(self, space: Orders, memory_limit: float) -> None:
+        self.residual, self.virtual = space.cost.weight_residuals, space.virtual
+        self.hard = memory_limit * space.virtual + 1e-9  # in chunks
+        self.stashes = self.held = 0
+
+    def fit(self, stashes: int, held: int) -> bool:
+        """Whether buffers with room for `stashes` stashes and `held` weight residuals fit the limit."""
+        return max(self.stashes, stashes) + self.residual * max(self.held, held) <= self.hard
+
+    def allows(self, op: int, stash: int, held: int) -> bool:
+        """Whether a device with `stash` live stashes and `held` weight residuals may run an `op` (F, I, W)."""
+        if op == F_:
+            return self.fit(stash + 1, held)
+        if op == I_:
+            return self.fit(stash, held + 1)
+        return True
+
+    def take(self, op: int, stash: int, held: int) -> None:
+        """Grow the slots for an `op` run by a device with `stash` live stashes and `held` residuals."""
+        if op == F_:
+            self.stashes = max(self.stashes, stash + 1)
+        elif op == I_:
+            self.held = max(self.held, held + 1)
+
+
 def _ranked(
     space: Orders,
     policy: Policy,
-    limit: float,
+    buffers: _Buffers,
     d: int,
     t: int,
     stages: list[int],
@@ -128,8 +162,7 @@ def _ranked(
     """The actions device `d` may run in tick `t`, best first, given its live (stashes, residuals)."""
     m, virtual, residual = space.num_microbatches, space.virtual, space.cost.weight_residuals
     stash, held = state
-    cap = min(limit, policy.depth[d]) * virtual + 1e-9  # in chunks
-    hard = limit * virtual + 1e-9
+    cap = min(buffers.hard, policy.depth[d] * virtual + 1e-9)  # in chunks
     ready: list[list[int]] = [[], [], []]
     for s in stages:
         for op in (F_, I_, W_):
@@ -139,11 +172,15 @@ def _ranked(
                 if _ready(space, a, t, tick):
                     ready[op].append(a)
     forwards, inputs, weights = ready
-    inputs = [a for a in inputs if stash + (held + 1) * residual <= hard]
+    inputs = [a for a in inputs if buffers.allows(I_, stash, held)]
 
     def fits(a: int) -> bool:
-        reserve = (virtual - 1) + residual if space.stage[a] == entry else 0
-        return stash + 1 + reserve + held * residual <= cap
+        if space.stage[a] == entry:  # room for the microbatch's later chunks and one weight residual
+            reserve = (virtual - 1) + residual
+            grown = buffers.fit(stash + virtual, max(held, 1))
+        else:
+            reserve, grown = 0, buffers.allows(F_, stash, held)
+        return grown and stash + 1 + reserve + held * residual <= cap
 
     forwards = [a for a in forwards if fits(a)]
     if policy.noise and rng.random() < policy.noise:
@@ -168,8 +205,8 @@ def repack(space: Orders, rows: list[list[int]], memory_limit: float, lookahead:
     A device never idles while one of those is ready, so actions move ahead of ones that wait: a
     large, structured change of the orders (the local search's kick). Returns None if stuck.
     """
-    p, virtual, residual = space.num_devices, space.virtual, space.cost.weight_residuals
-    hard = memory_limit * virtual + 1e-9
+    p = space.num_devices
+    buffers = _Buffers(space, memory_limit)
     remaining = [list(row) for row in rows]
     tick = [-1] * len(space.device)
     out: list[list[int]] = [[] for _ in range(p)]
@@ -181,12 +218,9 @@ def repack(space: Orders, rows: list[list[int]], memory_limit: float, lookahead:
         for d in range(p):
             for index, a in enumerate(remaining[d][:lookahead]):
                 op = space.op[a]
-                if op == F_ and stash[d] + 1 + held[d] * residual > hard:
-                    continue
-                if op == I_ and stash[d] + (held[d] + 1) * residual > hard:
-                    continue
-                if _ready(space, a, t, tick):
+                if buffers.allows(op, stash[d], held[d]) and _ready(space, a, t, tick):
                     picks.append((d, index, a))
+                    buffers.take(op, stash[d], held[d])
                     break
         idle = 0 if picks else idle + 1
         if _stuck(idle, space):

@@ -3,9 +3,10 @@
 A move takes one action and puts it elsewhere in its device's list, at most a few positions away
 (the distance drawn per move), between the same-device actions it needs and those that need it
 (so the list stays locally valid). A cross-device deadlock shows as an infinite makespan and is
-refused. A move is kept when the simulated makespan does not grow and every device's peak memory
-stays within the limit; equal-makespan moves are kept too (the search walks plateaus, which is how
-a W drifts into a bubble).
+refused. A move is kept when the simulated makespan does not grow and the executor's buffers
+(`Orders.memory`: the most live stashes and weight residuals of any device, each its own peak) stay
+within the limit; equal-makespan moves are kept too (the search walks plateaus, which is how a W
+drifts into a bubble).
 Everything random comes from one seeded `random.Random`, so a run is reproducible for a seed and a
 number of moves.
 """
@@ -43,6 +44,7 @@ class _Search:
         for row in self.rows:
             for i, a in enumerate(row):
                 self.position[a] = i
+        self.slots = [space.slots(row) for row in self.rows]
         self.current = space.makespan(self.rows)
         self.limit = memory_limit + EPSILON
 
@@ -73,12 +75,16 @@ class _Search:
         i, j = move
         moved = row[:i] + row[i + 1 :]
         moved.insert(j, row[i])
-        if self.space.memory(moved) > self.limit:
-            return False
+        slots = self.space.slots(moved)
+        if slots != self.slots[d]:
+            others = self.slots[:d] + [slots] + self.slots[d + 1 :]
+            if self.space.memory_of(others) > self.limit:
+                return False
         rows[d] = moved
         makespan = self.space.makespan(rows)
         if makespan <= self.current + EPSILON:
             self.current = min(self.current, makespan)
+            self.slots[d] = slots
             for k in range(min(i, j), max(i, j) + 1):
                 self.position[moved[k]] = k
         else:
@@ -100,7 +106,8 @@ def improve(
     Args:
       space: the placement, costs, mode and latency (the objective is `space.makespan`).
       rows: a feasible starting point (not modified).
-      memory_limit: per-device peak limit (microbatch x full device stage).
+      memory_limit: the most buffer memory per device (`Orders.memory`, microbatch x full device
+        stage); `rows` must fit it.
       rng: the only source of randomness.
       moves: how many moves to evaluate (at most 4x as many are proposed).
       deadline: a `time.monotonic()` value after which the search stops.

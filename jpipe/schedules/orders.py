@@ -1,11 +1,27 @@
-"""Per-device action orders as integers, with a fast makespan and peak memory: the search's inner loop.
+"""Per-device action orders as integers, with a fast makespan and buffer memory: the search's inner loop.
 
 `Orders` is one placement's search space: every (stage, op, microbatch) of a split-backward schedule
 (F, I, W only) numbered once, with its device, time, dependencies and whether its result crosses
 devices. `Orders.evaluate(rows)` gives the same makespan as `jpipe.schedules.simulate` (lockstep:
 the same earliest-tick packing as `jpipe.schedules.ticks.pack` and the same tick durations; async:
-the same event-driven run) and the same per-device `peak_memory`, on integer rows, without building
-`Action`s. `Orders.schedule(rows)` turns rows back into a `Schedule`.
+the same event-driven run) and the buffer memory the executor allocates for the orders, on integer
+rows, without building `Action`s. `Orders.schedule(rows)` turns rows back into a `Schedule`.
+
+Buffer memory (what the search's memory limit bounds): the executor
+(`jpipe.pipeline.program.compile_program`) gives every device one stash buffer with a slot per live
+stash (from an F until the last backward op of that stage and microbatch) and one weight-residual
+buffer with a slot per live weight residual (from an I until its W), each sized for its own peak;
+the program is SPMD, so every device allocates the slots the busiest device needs. A device's
+memory is therefore
+
+    (max over devices of peak live stashes + weight_residuals x max over devices of peak live
+     weight residuals) / virtual
+
+in microbatch x full device stage (one chunk's stash is `1 / virtual` of it; `Cost.weight_residuals`
+is a weight residual's bytes over a stash's), the same on every device. It is at least
+`jpipe.schedules.peak_memory`'s count (stash plus weight residuals live at one moment, what an
+allocator freeing each buffer at once would need): the two peaks may come at different moments and
+on different devices. `buffer_slots` counts a `Schedule` the same way.
 
 The space assumes the plain layout: every microbatch visits every stage in order and every stage
 is its own model stage (`Schedule.is_plain`); schedules with replicas or routes are refused.
@@ -14,6 +30,7 @@ is its own model stage (`Schedule.is_plain`); schedules with replicas or routes 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from jpipe.schedules.ir import Action, Op, Schedule
 from jpipe.schedules.simulate import Cost
@@ -23,14 +40,52 @@ OPS = (Op.F, Op.I, Op.W)
 F_, I_, W_ = 0, 1, 2
 
 
+Slots = tuple[int, int]
+"""One device's (peak live stashes, peak live weight residuals), in chunks: the executor's buffer slots."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Score:
-    """A candidate's quality: `makespan` (simulated, as `simulate` reports it) and `memory` (per-device
-    peak, as `peak_memory` reports it, in microbatch x full device stage). `makespan` is infinite when
-    the orders deadlock."""
+    """A candidate's quality: `makespan` (simulated, as `simulate` reports it) and `memory` (the
+    executor's buffers per device, microbatch x full device stage: `buffer_memory`). `makespan` is
+    infinite when the orders deadlock."""
 
     makespan: float
-    memory: tuple[float, ...]
+    memory: float
+
+
+def buffer_slots(schedule: Schedule) -> tuple[Slots, ...]:
+    """Per device, the peak live stashes and the peak live weight residuals of its action list.
+
+    F starts a stash; B ends it; I starts a weight residual; W ends it and the stash. Each count's
+    peak is taken on its own. For a schedule of F, I and W (`split_backward(schedule)`, what the
+    executor runs with `split=True`) the maxima over devices are `compile_program`'s
+    `num_stash_slots` and `num_weight_slots`.
+    """
+    slots = []
+    for row in schedule.actions:
+        stash = held = top_stash = top_held = 0
+        for action in row:
+            if action.op is Op.F:
+                stash += 1
+                top_stash = max(top_stash, stash)
+            elif action.op is Op.I:
+                held += 1
+                top_held = max(top_held, held)
+            elif action.op is Op.W:
+                stash, held = stash - 1, held - 1
+            else:
+                stash -= 1
+        slots.append((top_stash, top_held))
+    return tuple(slots)
+
+
+def buffer_memory(slots: Sequence[Slots], weight_residuals: float, virtual: int) -> float:
+    """The executor's stash and weight-residual buffers per device, in microbatch x full device stage:
+    `(max stashes + weight_residuals x max weight residuals) / virtual` over `slots` (one per device)."""
+    stashes = max((s for s, _ in slots), default=0)
+    held = max((h for _, h in slots), default=0)
+    return (stashes + weight_residuals * held) / virtual
 
 
 class Orders:
@@ -124,29 +179,36 @@ class Orders:
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def memory(self, row: list[int]) -> float:
-        """One device's peak stash plus weight residuals, as `peak_memory` counts it."""
-        residual = self.cost.weight_residuals
-        stash = held = 0
-        peak = 0.0
+    def slots(self, row: list[int]) -> Slots:
+        """One device's peak live stashes and peak live weight residuals (`buffer_slots` of one row)."""
+        stash = held = top_stash = top_held = 0
         op = self.op
         for a in row:
             kind = op[a]
             if kind == F_:
                 stash += 1
+                if stash > top_stash:
+                    top_stash = stash
             elif kind == I_:
                 held += 1
+                if held > top_held:
+                    top_held = held
             else:
                 stash -= 1
                 held -= 1
-            live = stash + held * residual
-            if live > peak:
-                peak = live
-        return peak / self.virtual
+        return top_stash, top_held
+
+    def memory_of(self, slots: Sequence[Slots]) -> float:
+        """`buffer_memory` of per-device slots, with this space's weight residuals and virtual."""
+        return buffer_memory(slots, self.cost.weight_residuals, self.virtual)
+
+    def memory(self, rows: list[list[int]]) -> float:
+        """The executor's buffers per device for `rows` (microbatch x full device stage)."""
+        return self.memory_of([self.slots(row) for row in rows])
 
     def evaluate(self, rows: list[list[int]]) -> Score:
-        """Makespan and per-device peak memory of `rows` (infinite makespan if they deadlock)."""
-        return Score(self.makespan(rows), tuple(self.memory(row) for row in rows))
+        """Makespan and buffer memory of `rows` (infinite makespan if they deadlock)."""
+        return Score(self.makespan(rows), self.memory(rows))
 
     def makespan(self, rows: list[list[int]]) -> float:
         """The simulated makespan of `rows` in this space's mode (infinite if they deadlock)."""

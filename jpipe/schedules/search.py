@@ -1,4 +1,4 @@
-"""Search a schedule: the least simulated makespan under a per-device memory limit.
+"""Search a schedule: the least simulated makespan within the memory the executor allocates.
 
     schedule = jpipe.schedules.search(4, 16, cost, memory_limit=4, virtual=2)
     result = jpipe.schedules.search_result(4, 16, cost, memory_limit=4, virtual=2)  # with the baseline
@@ -7,7 +7,7 @@ The search
   1. builds every named schedule (`SCHEDULES`) for every `virtual` from 1 to the given one that it
      accepts (with `send_latency=1` also `build(..., send_latency=1)`'s version of it, e.g. its
      two-stream order), simulates it (the objective: `simulate(schedule, cost, mode, send_latency=...)`'s
-     makespan) and keeps those whose `peak_memory` fits: the best of them is the baseline;
+     makespan) and keeps those whose buffer memory (below) fits: the best of them is the baseline;
   2. proposes more starting points with a lockstep list scheduler (`jpipe.schedules.greedy`) under
      a grid of policies (backward or forward first, weight-gradient lag, warm-up depth, chunk
      order) on every placement those named schedules use (loop with 1..virtual chunks, V);
@@ -19,8 +19,19 @@ The search
      when nothing beats it: never worse than the best named schedule that fits.
 
 Every searched schedule has F, I and W actions only (B split) and a named schedule's placement, so
-the executor runs it unchanged. Memory is `peak_memory` with `cost.weight_residuals`, in microbatch
-x full device stage (a device's whole share of the model holding one microbatch's stash).
+the executor runs it unchanged.
+
+Memory is the stash and weight-residual buffers the executor allocates per device
+(`jpipe.schedules.orders`): `(S + cost.weight_residuals x R) / virtual` in microbatch x full device
+stage (a device's whole share of the model holding one microbatch's stash), where S is the most
+stashes and R the most weight residuals (an I's, until its W) any one device holds live, each
+counted at its own peak: `compile_program(schedule, split=True)`'s `num_stash_slots` and
+`num_weight_slots`. The executor is one SPMD program, so every device allocates those slots, and the
+limit bounds them on every device. Named schedules are counted as the executor runs them in
+lockstep mode (every B split into I and W); in async mode as written (a whole B holds no weight
+residual). This is at least `jpipe.schedules.peak_memory` (stash plus weight residuals live at one
+moment on one device): the two peaks may come at different moments, or on different devices. Not
+counted: parameters, gradients, optimizer state, the inbox of messages in flight, temporaries.
 
 Costs: a `Cost` gives per-chunk times (per logical stage), as `simulate` reads them; a scalar `Cost`
 then means that a chunk of a v-chunk schedule costs as much as a whole stage of a 1-chunk one, so to
@@ -44,8 +55,9 @@ from jpipe.schedules.generators import SCHEDULES, build
 from jpipe.schedules.greedy import Policy, list_schedule, repack
 from jpipe.schedules.ir import Schedule, ScheduleError
 from jpipe.schedules.local_search import EPSILON, improve
-from jpipe.schedules.orders import Orders
+from jpipe.schedules.orders import Orders, buffer_memory, buffer_slots
 from jpipe.schedules.simulate import MODES, Cost, simulate
+from jpipe.schedules.ticks import split_backward
 from jpipe.schedules.validate import validate
 
 CostModel = Cost | Callable[[int], Cost]
@@ -53,12 +65,13 @@ CostModel = Cost | Callable[[int], Cost]
 
 @dataclasses.dataclass(frozen=True)
 class Named:
-    """A named schedule as the search saw it: its simulated makespan and per-device peak memory."""
+    """A named schedule as the search saw it: its simulated makespan and buffer memory (microbatch x
+    full device stage, the count the limit bounds)."""
 
     schedule: Schedule
     virtual: int
     makespan: float
-    memory: tuple[float, ...]
+    memory: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +81,10 @@ class SearchResult:
     Attributes:
       schedule: the chosen schedule (the baseline itself when nothing beat it).
       makespan: its simulated makespan (`simulate(schedule, cost, mode, send_latency=...)`).
-      peak_memory: its per-device peak memory (microbatch x full device stage).
+      memory: its buffer memory per device (microbatch x full device stage; the count the limit
+        bounds, see the module docstring): `buffer_memory(slots, cost.weight_residuals, virtual)`.
+      slots: per device, its peak live stashes and weight residuals (`buffer_slots` of the schedule
+        the executor runs; their maxima are `compile_program`'s slot counts).
       cost: the `Cost` of its `virtual` (what to simulate it with).
       baseline: the best named schedule that fits the limit.
       baseline_makespan: its simulated makespan.
@@ -80,7 +96,8 @@ class SearchResult:
 
     schedule: Schedule
     makespan: float
-    peak_memory: tuple[float, ...]
+    memory: float
+    slots: tuple[tuple[int, int], ...]
     cost: Cost
     baseline: Schedule
     baseline_makespan: float
@@ -115,8 +132,8 @@ def search(
       num_microbatches: microbatches `m`.
       cost: a `Cost` (per logical stage, as `simulate` reads it) or a function `virtual -> Cost`;
         default `Cost()`.
-      memory_limit: the most live stash plus weight residuals per device, in microbatch x full
-        device stage (`peak_memory`'s unit).
+      memory_limit: the most stash and weight-residual buffer memory per device, in microbatch x
+        full device stage, as the executor allocates it (see the module docstring).
       virtual: the most stages (chunks) per device to consider (1 to `virtual`).
       mode: the simulator's mode to minimise: "lockstep" (the SPMD executor) or "async".
       send_latency: lockstep: extra ticks per message between devices (1: the executor's hidden
@@ -165,12 +182,12 @@ def search_result(
     _check_arguments(num_devices, num_microbatches, memory_limit, virtual, mode, send_latency, time_limit, budget)
     cost_of = _cost_model(cost, num_devices, virtual)
     named, spaces = _named(num_devices, num_microbatches, cost_of, mode, send_latency)
-    fitting = [n for n in named if max(n.memory) <= memory_limit + EPSILON]
+    fitting = [n for n in named if n.memory <= memory_limit + EPSILON]
     if not fitting:
-        smallest = min(named, key=lambda n: max(n.memory))
+        smallest = min(named, key=lambda n: n.memory)
         raise ValueError(
             f"memory_limit={memory_limit:g}: no schedule fits; the smallest limit that fits is "
-            f"{max(smallest.memory):g} ({smallest.schedule.name}, virtual {smallest.virtual}); "
+            f"{smallest.memory:g} ({smallest.schedule.name}, virtual {smallest.virtual}); "
             f"memory is in microbatch x full device stage"
         )
     baseline = min(fitting, key=lambda n: n.makespan)
@@ -183,7 +200,8 @@ def search_result(
     return SearchResult(
         schedule=chosen.schedule,
         makespan=chosen.makespan,
-        peak_memory=chosen.memory,
+        memory=chosen.memory,
+        slots=_slots(chosen.schedule, mode),
         cost=cost_of[chosen.virtual],
         baseline=baseline.schedule,
         baseline_makespan=baseline.makespan,
@@ -243,7 +261,8 @@ def _named(
     """Every named schedule that builds, simulated, and one search space per placement they use.
 
     In lockstep mode `simulate` runs every B as I then W, so the fast evaluation of the split
-    schedule gives its makespan and memory exactly; in async mode `simulate` itself is used.
+    schedule gives its makespan and memory exactly; in async mode `simulate` itself is used, and
+    the memory of the schedule as written.
     """
     named, spaces = [], {}
     for name in SCHEDULES:
@@ -258,7 +277,8 @@ def _named(
                     named.append(Named(schedule, v, score.makespan, score.memory))
                 else:
                     sim = simulate(schedule, cost_of[v], mode, send_latency=latency)
-                    named.append(Named(schedule, v, sim.makespan, sim.peak_memory))
+                    memory = buffer_memory(buffer_slots(schedule), cost_of[v].weight_residuals, v)
+                    named.append(Named(schedule, v, sim.makespan, memory))
     return named, spaces
 
 
@@ -320,7 +340,7 @@ def _starts(
         rows = space.rows_of(n.schedule)
         evaluations += 1
         # In async mode a whole B frees its stash at once; split into I and W it holds weight residuals.
-        if max(space.memory(row) for row in rows) <= limit + EPSILON:
+        if space.memory(rows) <= limit + EPSILON:
             starts.append((n.schedule.placement, rows, space.makespan(rows)))
             seen.add(_fingerprint(rows))
     p = next(iter(spaces.values())).num_devices
@@ -331,7 +351,7 @@ def _starts(
                 break
             rows = list_schedule(space, policy, limit)
             evaluations += _LIST_COST
-            if rows is None or max(space.memory(row) for row in rows) > limit + EPSILON:
+            if rows is None or space.memory(rows) > limit + EPSILON:
                 continue
             key = _fingerprint(rows)
             if key in seen:
@@ -373,7 +393,7 @@ def _climb(
         space, rows, makespan = entry
         kicked = repack(space, rows, limit, rng.choice(_LOOKAHEADS))
         evaluations += _LIST_COST
-        if kicked is None or max(space.memory(row) for row in kicked) > limit + EPSILON:
+        if kicked is None or space.memory(kicked) > limit + EPSILON:
             continue
         kicked, climbed, used = improve(space, kicked, limit, rng, min(_KICK_MOVES, budget - evaluations), deadline)
         evaluations += used
@@ -395,15 +415,22 @@ def _chosen(
     latency: int,
     limit: float,
 ) -> Named:
-    """The searched schedule, checked by `validate` and `simulate`, if it beats the baseline."""
+    """The searched schedule, checked by `validate`, `simulate` and `buffer_slots`, if it beats the
+    baseline."""
     if space is None or rows is None or not makespan < baseline.makespan - EPSILON:
         return baseline
     schedule = space.schedule(rows)
     validate(schedule)
     sim = simulate(schedule, space.cost, mode, send_latency=latency)
-    if abs(sim.makespan - makespan) > 1e-6 * max(1.0, makespan) or max(sim.peak_memory) > limit + EPSILON:
+    memory = buffer_memory(buffer_slots(schedule), space.cost.weight_residuals, space.virtual)
+    if abs(sim.makespan - makespan) > 1e-6 * max(1.0, makespan) or memory > limit + EPSILON:
         raise AssertionError(
             f"search: the fast evaluation (makespan {makespan}, memory <= {limit}) disagrees with simulate "
-            f"(makespan {sim.makespan}, memory {max(sim.peak_memory)})"
+            f"and buffer_slots (makespan {sim.makespan}, memory {memory})"
         )
-    return Named(schedule, space.virtual, sim.makespan, sim.peak_memory)
+    return Named(schedule, space.virtual, sim.makespan, memory)
+
+
+def _slots(schedule: Schedule, mode: str) -> tuple[tuple[int, int], ...]:
+    """Per device, the buffer slots of `schedule` as the search counted it (lockstep: B split)."""
+    return buffer_slots(split_backward(schedule) if mode == "lockstep" else schedule)

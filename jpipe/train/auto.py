@@ -17,16 +17,21 @@ What a run with schedule "auto" does before it builds its training step:
    with identity layers that still compute).
 3. Searches (`jpipe.schedules.search_result`, lockstep, with the send latency of
    `overlap_sends=true`) within `parallel.memory_limit` and at most `parallel.search_time` seconds,
-   prints the chosen schedule's chart and its simulated makespan, bubble and peak memory next to the
-   best named schedule's that fits, and the run writes it to `<out>/schedule.csv` (torch.pipelining's
-   format, `jpipe.schedules.to_csv`) with the numbers in `<out>/schedule_search.json`.
+   prints the chosen schedule's chart, its simulated makespan and bubble and the stash and
+   weight-residual buffers the executor allocates for it (`compile_program`'s slots times the
+   measured bytes) next to the limit and to the best named schedule's that fits, and the run writes
+   it to `<out>/schedule.csv` (torch.pipelining's format, `jpipe.schedules.to_csv`) with the numbers
+   in `<out>/schedule_search.json`.
 
 A resumed run (`--resume`) reads the schedule back from `schedule.csv` instead of searching again,
 unless what the search depends on changed (stages, microbatches, virtual, memory limit, remat, data
 parallelism or send latency): then it searches again and says why.
 
-Memory: the search counts per device the live stash plus weight residuals in microbatch x full
-device stage (`jpipe.schedules.peak_memory`). One such stash, in bytes (`ModelMeasure.stash_bytes`),
+Memory: the limit bounds the stash and weight-residual buffers the executor allocates per device,
+in microbatch x full device stage: `compile_program`'s `num_stash_slots` times one chunk's stash plus
+its `num_weight_slots` times one chunk's weight residuals (each buffer sized for its own peak, the
+most any device needs, since every device of the SPMD program allocates the same; the search's
+count, `jpipe.schedules.buffer_slots`). One such stash, in bytes (`ModelMeasure.stash_bytes`),
 is what the executor keeps between a microbatch's F and its backward on one device: the residuals
 `jax.vjp` of the blocks saves under the run's remat policy (the parameters excluded), one block's
 bytes (`measure_costs`' `stash_bytes`, on a microbatch divided by the data axis) times the layers a
@@ -37,14 +42,9 @@ embedding and the head stash nothing (the executor recomputes the lookup; the he
 in its F). With tensor parallelism the residuals are counted unsplit (an upper bound). A limit in
 bytes is divided by the stash bytes of the `virtual` whose padded layers per device are most (so it
 holds for every `virtual` tried).
-The limit bounds the sum of stashes and weight residuals at every moment, as the simulator counts
-it; the executor sizes its stash buffer and its weight-residual buffer each for its own peak, which
-can come at different moments, so its buffers may exceed the searched peak (the quick start's
-searched schedule: 4 stash and 3 weight-residual slots, 13.9 MiB, for a searched peak of 12.5 MiB,
-that of 1F1B). The report prints both.
-Unset, the limit is what 1F1B needs: its peak in the same count (p stashes, plus weight residuals
-while an I waits for its W), so the searched peak is at most 1F1B's (with fewer microbatches than
-stages, where 1F1B does not build, the least that a named schedule needs).
+Unset, the limit is what the executor allocates for 1F1B (B split into I and W): p stash slots and
+one weight-residual slot, so the chosen schedule's buffers are at most 1F1B's (with fewer
+microbatches than stages, where 1F1B does not build, the least that a named schedule needs).
 
 Multi-process runs search without the time limit (the search is then a function of its budget and
 seed alone), so every process finds the same schedule.
@@ -230,7 +230,7 @@ def search_schedule(config: TrainConfig, measure: ModelMeasure, stream: IO[str])
     """
     parallel = config.parallel
     p, m, virtual, latency = parallel.stage, parallel.microbatches, parallel.virtual, send_latency(config)
-    limit, limit_text = _limit(parallel.memory, measure, p, m, virtual, latency)
+    limit, limit_text = _limit(parallel.memory, measure, p, m, virtual)
     multi = jax.process_count() > 1
     time_limit = math.inf if multi else float(parallel.search_time)
     chunks = "virtual 1" if virtual == 1 else f"virtual 1..{virtual}"
@@ -251,8 +251,47 @@ def search_schedule(config: TrainConfig, measure: ModelMeasure, stream: IO[str])
     return AutoSchedule(result, limit, chosen_bytes, search_key(config), report)
 
 
+@dataclasses.dataclass(frozen=True)
+class Buffers:
+    """The stash and weight-residual buffers the executor allocates per device for one schedule.
+
+    Attributes:
+      stash_slots, weight_slots: `compile_program(schedule, split=True)`'s `num_stash_slots` and
+        `num_weight_slots` (each the most any device needs; every device allocates them).
+      stash_slot_bytes, weight_slot_bytes: the measured bytes of one slot (one chunk's stash, one
+        chunk's weight residuals, the largest chunk's layers counted).
+      stashes: the same buffers in microbatch x full device stage stashes (the limit's unit).
+    """
+
+    stash_slots: int
+    weight_slots: int
+    stash_slot_bytes: int
+    weight_slot_bytes: int
+    stashes: float
+
+    @property
+    def bytes(self) -> int:
+        return self.stash_slots * self.stash_slot_bytes + self.weight_slots * self.weight_slot_bytes
+
+
+def executor_buffers(schedule: Schedule, measure: ModelMeasure, latency: int) -> Buffers:
+    """What `compile_program` allocates for `schedule`'s stashes and weight residuals, with measured bytes."""
+    program = compile_program(schedule, split=True, send_latency=latency)
+    v = schedule.virtual
+    chunk = measure.stage_costs(v)
+    wr = measure.layer.cost().weight_residuals
+    return Buffers(
+        stash_slots=program.num_stash_slots,
+        weight_slots=program.num_weight_slots,
+        stash_slot_bytes=chunk.stash_bytes,
+        weight_slot_bytes=chunk.weight_residual_bytes,
+        stashes=(program.num_stash_slots + wr * program.num_weight_slots) / v,
+    )
+
+
 def describe_search(result: SearchResult, latency: int, measure: ModelMeasure, limit: float) -> str:
-    """The search's time, the chosen schedule's chart, and its numbers next to the best named schedule's."""
+    """The search's time, the chosen schedule's chart, and its numbers and buffers next to the limit
+    and the best named schedule's."""
     searched = schedules.simulate(result.schedule, result.cost, "lockstep", send_latency=latency)
     baseline = result.baseline
     named = schedules.simulate(baseline, measure.cost(baseline.virtual), "lockstep", send_latency=latency)
@@ -261,35 +300,31 @@ def describe_search(result: SearchResult, latency: int, measure: ModelMeasure, l
         verdict = "nothing beat the best named schedule: training with it"
     else:
         verdict = f"the searched schedule is {1 - result.ratio:.1%} faster (simulated)"
+    limit_bytes = limit * measure.stash_bytes(result.schedule.virtual)
     lines = [
         f"searched {result.evaluations} orders in {result.seconds:.1f} s{stopped}; {verdict}",
         schedules.render(result.schedule, width=160),
-        f"simulated lockstep; times in block forwards (XLA FLOPs), memory in stashes (limit {limit:.3g}),",
-        "buffers: the stash + weight-residual slots the executor allocates per device (each for its own peak)",
-        f"  {'':<12}{'schedule':<20}{'makespan':>10}{'bubble':>9}  {'peak memory':<20}buffers",
+        "simulated lockstep, times in block forwards (XLA FLOPs); buffers: the stash and weight-residual slots",
+        "the executor allocates on every device (compile_program, each buffer for its own peak) x measured bytes,",
+        f"in microbatch x stage stashes; limit {limit:.3g} stashes = {format_bytes(limit_bytes)}",
+        f"  {'':<12}{'schedule':<20}{'makespan':>10}{'bubble':>9}  buffers: stash + weight-residual slots",
     ]
-    wr = measure.layer.cost().weight_residuals
     for label, schedule, sim in (("best named", baseline, named), ("chosen", result.schedule, searched)):
-        memory, v = max(sim.peak_memory), schedule.virtual
-        size = format_bytes(memory * measure.stash_bytes(v))
-        program = compile_program(schedule, split=True, send_latency=latency)
-        slots = (program.num_stash_slots + wr * program.num_weight_slots) / v
-        buffers = (
-            f"{program.num_stash_slots} + {program.num_weight_slots} = {format_bytes(slots * measure.stash_bytes(v))}"
+        buffers = executor_buffers(schedule, measure, latency)
+        slots = (
+            f"{buffers.stash_slots} x {format_bytes(buffers.stash_slot_bytes)} + {buffers.weight_slots} x "
+            f"{format_bytes(buffers.weight_slot_bytes)} = {buffers.stashes:.3g} = {format_bytes(buffers.bytes)}"
         )
-        name = f"{schedule.name} (v={v})"
-        peak = f"{memory:.2f} = {size}"
-        lines.append(f"  {label:<12}{name:<20}{sim.makespan:>10.1f}{sim.bubble_fraction:>9.1%}  {peak:<20}{buffers}")
+        name = f"{schedule.name} (v={schedule.virtual})"
+        lines.append(f"  {label:<12}{name:<20}{sim.makespan:>10.1f}{sim.bubble_fraction:>9.1%}  {slots}")
     lines.append(f"  ratio chosen / best named makespan: {result.ratio:.3f}")
     return "\n".join(lines)
 
 
-def _limit(
-    limit: MemoryLimit | None, measure: ModelMeasure, p: int, m: int, virtual: int, latency: int
-) -> tuple[float, str]:
+def _limit(limit: MemoryLimit | None, measure: ModelMeasure, p: int, m: int, virtual: int) -> tuple[float, str]:
     """The limit in stashes, and how to print it."""
     if limit is None:
-        name, v, stashes = _least_memory(measure, p, m, virtual, latency)
+        name, v, stashes = _least_memory(measure, p, m, virtual)
         return stashes, f"{stashes:.3g} stashes = {name}'s, {format_bytes(stashes * measure.stash_bytes(v))}"
     if limit.stashes is not None:
         size = format_bytes(limit.stashes * _unit_bytes(measure, virtual))
@@ -299,8 +334,8 @@ def _limit(
     return stashes, f"{format_bytes(limit.bytes)} = {stashes:.3g} stashes of {format_bytes(unit)}"
 
 
-def _least_memory(measure: ModelMeasure, p: int, m: int, virtual: int, latency: int) -> tuple[str, int, float]:
-    """The default limit: 1F1B's peak memory as the search counts it; returns (name, virtual, stashes).
+def _least_memory(measure: ModelMeasure, p: int, m: int, virtual: int) -> tuple[str, int, float]:
+    """The default limit: 1F1B's buffers as the search counts them; returns (name, virtual, stashes).
 
     1F1B does not build with fewer microbatches than stages; then the named schedule (virtual 1 to
     `virtual`) that needs least memory sets it.
@@ -313,9 +348,8 @@ def _least_memory(measure: ModelMeasure, p: int, m: int, virtual: int, latency: 
     found = []
     for name, v in names:
         if _builds(name, p, m, v):
-            schedule = schedules.build(name, p, m, v)
-            sim = schedules.simulate(schedule, measure.cost(v), "lockstep", send_latency=latency)
-            found.append((name, v, max(sim.peak_memory)))
+            slots = schedules.buffer_slots(schedules.split_backward(schedules.build(name, p, m, v)))
+            found.append((name, v, schedules.buffer_memory(slots, measure.cost(v).weight_residuals, v)))
     return min(found, key=lambda entry: entry[2])
 
 
@@ -356,7 +390,9 @@ def save(out: pathlib.Path, searched: AutoSchedule) -> None:
         "schedule": result.schedule.name,
         "virtual": result.schedule.virtual,
         "makespan": result.makespan,
-        "peak_memory": max(result.peak_memory),
+        "memory": result.memory,
+        "stash_slots": max(s for s, _ in result.slots),
+        "weight_slots": max(w for _, w in result.slots),
         "memory_limit_stashes": searched.limit,
         "stash_bytes": searched.stash_bytes,
         "baseline": result.baseline.name,
