@@ -66,7 +66,10 @@ def model_params(config: GPTConfig, seed: int = 0) -> dict:
     shapes = jax.eval_shape(lambda: params_of(GPT(config, rngs=nnx.Rngs(0))))
 
     def draw(path, leaf):
-        is_scale = jax.tree_util.keystr(path).endswith("['scale']")
+        keystr = jax.tree_util.keystr(path)
+        is_scale = keystr.endswith("['scale']")
+        if keystr == "['head']['out']":  # [V, D], drawn as the [D, V] it was stored as before
+            return jnp.asarray(rng.normal(size=leaf.shape[::-1]).astype(np.float32).T / np.sqrt(leaf.shape[0]))
         noise = rng.normal(size=leaf.shape).astype(np.float32)
         return jnp.asarray(1.0 + 0.1 * noise if is_scale else noise / np.sqrt(leaf.shape[-1]))
 

@@ -86,7 +86,7 @@ class TestLlamaModel:
         }
         assert shapes["blocks"]["mlp"] == {"w_gate": (layers, d, f), "w_up": (layers, d, f), "w_down": (layers, f, d)}
         assert "positions" not in shapes["embed"]  # RoPE: no position table
-        assert shapes["head"]["out"] == (d, 64)  # untied head
+        assert shapes["head"]["out"] == (64, d)  # untied head, [V, D]
 
     def test_grouped_query_attention_is_attention_with_shared_key_value_heads(self):
         """GQA with 2 KV heads == the same model with 4 KV heads whose k/v weights repeat each group's."""

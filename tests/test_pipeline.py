@@ -336,6 +336,43 @@ def test_prologue_runs_inside_the_pipeline_and_gets_its_gradient(name, virtual, 
     assert_trees_close(grads, ref_grads)
 
 
+def _mixing_prologue(prologue_params, raw):
+    """`_prologue` plus a term through `mix` `[WIDTH, OUT]`, shaped like the loss's head."""
+    h = jnp.tanh(raw["h"] @ prologue_params["proj"])
+    h = h + 0.1 * (h @ prologue_params["mix"]) @ prologue_params["mix"].T
+    return {"h": h, "aux": raw["aux"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "virtual", "shared"), [("1f1b", 1, True), ("interleaved_1f1b", 2, True), ("zbv", 2, False)]
+)
+def test_prologue_and_loss_gradients_share_an_accumulator_when_no_device_runs_both_ends(name, virtual, shared):
+    """A prologue parameter shaped like a loss parameter (an untied embedding and head) shares one
+    float32 accumulator with it unless one device runs both a first and a last stage (V placement)."""
+    from jpipe.pipeline.executor import _EndSlots
+
+    schedule = schedules.build(name, 2, 4, virtual)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    stage_params, loss_params, inputs, targets = make_problem(schedule.num_stages, 4)
+    raw = {"h": inputs["h"][..., :2], "aux": inputs["aux"]}
+    prologue_params = {
+        "proj": jax.random.normal(jax.random.key(7), (2, WIDTH)),
+        "mix": jax.random.normal(jax.random.key(8), loss_params["head"].shape) / np.sqrt(WIDTH),
+    }
+    step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, prologue=_mixing_prologue)
+    assert _EndSlots.of(step.program, loss_params, prologue_params).shared == shared
+    loss, grads = jax.jit(step)(stage_params, loss_params, raw, targets, prologue_params)
+
+    def reference(stage_params, loss_params, prologue_params):
+        x = jax.vmap(lambda r: _mixing_prologue(prologue_params, r))(raw)
+        outputs = sequential_outputs(stage_params, x)
+        return jnp.mean(jax.vmap(lambda y, t: loss_fn(loss_params, y, t))(outputs, targets))
+
+    ref_loss, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(stage_params, loss_params, prologue_params)
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(grads, ref_grads)
+
+
 def test_prologue_params_must_match_the_prologue_option():
     schedule = schedules.build("1f1b", 2, 2)
     mesh = make_mesh_or_skip((2,), ("stage",))

@@ -167,7 +167,10 @@ class Head(nnx.Module):
         self.config = config
         self.norm = RMSNorm(config)
         if not config.tie_embeddings:
-            self.out = _normal(rngs, config, (config.d_model, config.vocab_size), config.init_std, ("embed", "vocab"))
+            # Stored [V, D], as the embedding table is; drawn [D, V] and transposed so that a seed
+            # gives the same model as when the head was stored [D, V].
+            drawn = _normal(rngs, config, (config.d_model, config.vocab_size), config.init_std, ("embed", "vocab"))
+            self.out = nnx.Param(drawn[...].T, logical_axes=("vocab", "embed"))
 
     def __call__(self, x: jax.Array, table: jax.Array | None = None) -> jax.Array:
         """`[B, T, D]` -> float32 logits `[B, T, V]`; `table` `[V, D]` is the tied embedding."""
@@ -178,7 +181,7 @@ class Head(nnx.Module):
             if table is None:
                 raise ValueError("Head: tie_embeddings=True needs the embedding table")
             return jnp.einsum("btd,vd->btv", h, table.astype(dtype), preferred_element_type=out_dtype)
-        return jnp.einsum("btd,dv->btv", h, self.out[...].astype(dtype), preferred_element_type=out_dtype)
+        return jnp.einsum("btd,vd->btv", h, self.out[...].astype(dtype), preferred_element_type=out_dtype)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -224,7 +227,8 @@ class GPT(nnx.Module):
 
     Parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`):
     `{"embed": {"tokens": [V, D], "positions": [T, D]?}, "blocks": {...: [L, ...]},
-    "head": {"norm": {"scale": [D]}, "out": [D, V]?}}`.
+    "head": {"norm": {"scale": [D]}, "out": [V, D]?}}` (an untied head is stored as the embedding table
+    is, `[V, D]`, like torch's `lm_head.weight`).
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):

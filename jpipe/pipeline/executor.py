@@ -286,6 +286,7 @@ def _build_runner(
         local_params = _varying(local_params, manual_axes)
         prologue_params = _varying(prologue_params, manual_axes)
         device = lax.axis_index(axis)
+        end_slots = _EndSlots.of(program, loss_params, prologue_params)
         rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
         rows["channel_used"] = channel_used
         rows["input_channel_used"] = input_channel_used
@@ -313,9 +314,7 @@ def _build_runner(
             carry["weight_stash"] = slots(program.num_weight_slots, weight_residuals)
             carry["grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), local_params)
             carry["loss"] = jnp.zeros((), _acc(*(a.dtype for a in jax.tree.leaves(loss_params))))
-            carry["loss_grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), loss_params)
-            if prologue is not None:
-                carry["prologue_grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), prologue_params)
+            carry["end_grads"] = [_zeros((), like, _acc(like.dtype)) for like in end_slots.buffers]
         carry = _varying(carry, manual_axes)
 
         def stage_input(row, view):
@@ -344,9 +343,7 @@ def _build_runner(
                 state = {
                     **state,
                     "loss": state["loss"] + loss.astype(state["loss"].dtype) * scale,
-                    "loss_grads": jax.tree.map(
-                        lambda acc, g: acc + g.astype(acc.dtype), state["loss_grads"], d_loss_params
-                    ),
+                    "end_grads": end_slots.add(state["end_grads"], end_slots.loss, d_loss_params),
                 }
                 return state, d_y
 
@@ -365,10 +362,10 @@ def _build_runner(
                 tokens = _take(inputs, row["microbatch"])
                 _, prologue_vjp = jax.vjp(lambda pp: prologue(pp, tokens), prologue_params)
                 (d_prologue,) = prologue_vjp(jax.tree.map(lambda g, a: g.astype(a.dtype), d_x, x_like))
-                return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, d_prologue)
+                return end_slots.add(acc, end_slots.prologue, d_prologue)
 
-            grads = lax.cond(row["is_first"] == 1, accumulate, lambda g: g, state["prologue_grads"])
-            return {**state, "prologue_grads": grads}
+            grads = lax.cond(row["is_first"] == 1, accumulate, lambda g: g, state["end_grads"])
+            return {**state, "end_grads": grads}
 
         def run_backward(state, row, view):
             params, residuals = op_inputs(row, view)
@@ -393,9 +390,9 @@ def _build_runner(
             return state, x_like
 
         # (op code, what it runs, the buffers it may update); views are read-only.
-        backward_keys = ("grads", "prologue_grads") if prologue is not None else ("grads",)
-        input_grad_keys = ("weight_stash", "prologue_grads") if prologue is not None else ("weight_stash",)
-        kinds = [(prog.FORWARD, run_forward, () if forward_only else ("stash", "loss", "loss_grads"))]
+        backward_keys = ("grads", "end_grads") if prologue is not None else ("grads",)
+        input_grad_keys = ("weight_stash", "end_grads") if prologue is not None else ("weight_stash",)
+        kinds = [(prog.FORWARD, run_forward, () if forward_only else ("stash", "loss", "end_grads"))]
         if not forward_only:
             kinds += [
                 (prog.BACKWARD, run_backward, backward_keys),
@@ -450,16 +447,15 @@ def _build_runner(
             return jax.tree.map(lambda a: lax.pmean(a, data_axes), tree) if data_axes else tree
 
         grads = jax.tree.map(lambda g, a: g.astype(a.dtype)[None], data_mean(state["grads"]), local_params)
-        loss_grads = jax.tree.map(
-            lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["loss_grads"], axis)), loss_params
-        )
+        # Parameter-sized, once per step (only the devices running first / last hops hold non-zero values).
+        holds_first, holds_last = end_slots.holders(device)
+        loss_grads = end_slots.reduce(state["end_grads"], end_slots.loss, holds_last, loss_params, axis, data_mean)
         if prologue is None:
             # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
             first_grads = jax.tree.map(lambda g: g / num_data, results)
         else:
-            # Parameter-sized, once per step (only the first stage's device holds non-zero values).
-            first_grads = jax.tree.map(
-                lambda g, a: g.astype(a.dtype), data_mean(lax.psum(state["prologue_grads"], axis)), prologue_params
+            first_grads = end_slots.reduce(
+                state["end_grads"], end_slots.prologue, holds_first, prologue_params, axis, data_mean
             )
         return data_mean(lax.psum(state["loss"], axis)), grads, loss_grads, first_grads
 
@@ -504,6 +500,91 @@ def _build_runner(
         return loss, grads, loss_grads, unpad(input_grads)
 
     return run
+
+
+class _EndSlots:
+    """Float32 accumulators for the gradients of the model's ends: the loss's and the prologue's parameters.
+
+    A device accumulates the loss's parameter gradients only where it runs a microbatch's last hop,
+    and the prologue's only where it runs a first hop. When no device does both, a prologue
+    parameter and a loss parameter of the same shape, dtype and sharding (an untied embedding table
+    `[V, D]` and a head stored `[V, D]`) share one buffer: each device holds one of the two sums in
+    it, and the end of the step separates them with a mask before the reduction over the pipeline.
+
+    Attributes:
+      buffers: one example array per accumulator (its shape, dtype and sharding).
+      loss, prologue: per leaf of `loss_params` / `prologue_params` (flattened), its buffer index.
+      shared: whether any buffer is shared.
+      first_devices, last_devices: the devices running first / last hops (`[p]` 0/1 tables).
+    """
+
+    def __init__(self, buffers, loss, prologue, shared, loss_tree, prologue_tree, first_devices, last_devices):
+        self.buffers, self.loss, self.prologue, self.shared = buffers, loss, prologue, shared
+        self.loss_tree, self.prologue_tree = loss_tree, prologue_tree
+        self.first_devices, self.last_devices = first_devices, last_devices
+
+    @classmethod
+    def of(cls, program: prog.Program, loss_params: PyTree, prologue_params: PyTree) -> _EndSlots:
+        loss_leaves, loss_tree = jax.tree.flatten(loss_params)
+        prologue_leaves, prologue_tree = jax.tree.flatten(prologue_params)
+        first_devices = (program.is_first == 1).any(axis=0)
+        last_devices = (program.is_last == 1).any(axis=0)
+        can_share = not (first_devices & last_devices).any()
+        buffers = list(loss_leaves)
+        loss = list(range(len(loss_leaves)))
+        prologue, taken = [], set()
+        for leaf in prologue_leaves:
+            match = next(
+                (
+                    j
+                    for j, other in enumerate(loss_leaves)
+                    if can_share and j not in taken and _same_buffer(leaf, other)
+                ),
+                None,
+            )
+            if match is None:
+                prologue.append(len(buffers))
+                buffers.append(leaf)
+            else:
+                taken.add(match)
+                prologue.append(match)
+        return cls(
+            buffers,
+            tuple(loss),
+            tuple(prologue),
+            bool(taken),
+            loss_tree,
+            prologue_tree,
+            jnp.asarray(first_devices),
+            jnp.asarray(last_devices),
+        )
+
+    def add(self, buffers: list, indices: tuple[int, ...], grads: PyTree) -> list:
+        """`buffers` with the flattened `grads` added into the buffers at `indices`."""
+        buffers = list(buffers)
+        for index, g in zip(indices, jax.tree.leaves(grads)):
+            buffers[index] = buffers[index] + g.astype(buffers[index].dtype)
+        return buffers
+
+    def holders(self, device) -> tuple[jax.Array, jax.Array]:
+        """Whether `device` runs first hops, and whether it runs last hops (traced booleans)."""
+        return self.first_devices[device], self.last_devices[device]
+
+    def reduce(self, buffers, indices, holds, like: PyTree, axis: str, data_mean) -> PyTree:
+        """The sums at `indices`, psum'd over the pipeline, in `like`'s structure and dtypes."""
+        tree = self.loss_tree if indices is self.loss else self.prologue_tree
+        leaves = []
+        for index, example in zip(indices, jax.tree.leaves(like)):
+            value = buffers[index]
+            if self.shared:
+                value = jnp.where(holds, value, jnp.zeros_like(value))
+            leaves.append(data_mean(lax.psum(value, axis)).astype(example.dtype))
+        return jax.tree.unflatten(tree, leaves)
+
+
+def _same_buffer(a: jax.Array, b: jax.Array) -> bool:
+    """Whether one accumulator can hold the gradients of `a` and of `b` (same shape, dtype and sharding)."""
+    return a.shape == b.shape and _acc(a.dtype) == _acc(b.dtype) and _spec_of(a) == _spec_of(b)
 
 
 def _take_first(tree: PyTree, n: int) -> PyTree:

@@ -383,6 +383,21 @@ class Checkpointer:
         tried = "\n".join(f"  step {s}: {why}" for s, why in failures)
         raise NoRestorableCheckpointError(f"no restorable checkpoint in {self._directory}; tried:\n{tried}")
 
+    def read_metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata saved with `step` (default: the newest), without reading the state.
+
+        Raises NoRestorableCheckpointError when there is no such step.
+        """
+        self._check_open()
+        self.wait()
+        step = self.latest_step() if step is None else int(step)
+        if step is None or step not in self.all_steps():
+            raise NoRestorableCheckpointError(f"no checkpoint for step {step} in {self._directory}")
+        with _orbax_read_scope():
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+        metadata = restored[_META]
+        return metadata if isinstance(metadata, dict) else {}
+
     def _saved_tree(self, step: int) -> Any:
         """The checkpoint's own tree of array metadata (shape, dtype) for `state` at `step`."""
         item = self._manager.item_metadata(step)[_STATE]

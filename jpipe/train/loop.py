@@ -74,6 +74,21 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JPIPE_CACHE", pathlib.Path.home() / ".cache" / "jpipe"))
 
 
+# How checkpoints store an untied head: `[vocab, d_model]`, as the embedding table (and torch's
+# `lm_head.weight`). Checkpoints without this marker in their metadata store it `[d_model, vocab]`.
+HEAD_LAYOUT = "vocab_embed"
+
+
+def _transpose_head(params: PyTree) -> PyTree:
+    """`params` (model layout) with the untied head's `out` transposed (works on shapes too)."""
+    out = params["head"]["out"]
+    if isinstance(out, jax.ShapeDtypeStruct):
+        transposed = jax.ShapeDtypeStruct(out.shape[::-1], out.dtype)
+    else:
+        transposed = out.T
+    return {**params, "head": {**params["head"], "out": transposed}}
+
+
 def _map_params_like(fn, tree: PyTree, params_structure) -> PyTree:
     """Apply `fn` to every subtree of `tree` shaped like the parameters (e.g. Adam's mu and nu)."""
     return jax.tree.map(
@@ -369,7 +384,13 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
             "opt_state": model_opt_state,
             "rng": np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(config.run.seed), step))),
         }
-        metadata = {"step": step, "data_position": step, "seed": config.run.seed, "config": as_dict(config)}
+        metadata = {
+            "step": step,
+            "data_position": step,
+            "seed": config.run.seed,
+            "config": as_dict(config),
+            "head_layout": HEAD_LAYOUT,
+        }
         checkpointer.save(step, state, json.loads(json.dumps(metadata, default=str)))
 
     try:
@@ -437,6 +458,11 @@ def _restore(checkpointer, pipe, optimizer, params, opt_state, params_structure,
         stream.write("resume: no checkpoint yet; starting from step 0\n")
         return 0, params, opt_state
     model_params = jax.eval_shape(pipe.to_model, params)
+    legacy_head = "out" in model_params["head"] and checkpointer.read_metadata().get("head_layout") != HEAD_LAYOUT
+    if legacy_head:
+        stream.write("resume: the checkpoint stores the head as [d_model, vocab] (older layout); transposing it\n")
+        model_params = _transpose_head(model_params)
+    params_structure_on_disk = jax.tree.structure(model_params)
     template = {
         "params": model_params,
         "opt_state": jax.eval_shape(optimizer.init, model_params),
@@ -444,6 +470,12 @@ def _restore(checkpointer, pipe, optimizer, params, opt_state, params_structure,
     }
     template = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), template)
     step, state, metadata = checkpointer.restore(template)
+    if legacy_head:
+        state = {
+            **state,
+            "params": _transpose_head(state["params"]),
+            "opt_state": _map_params_like(_transpose_head, state["opt_state"], params_structure_on_disk),
+        }
     restored_params = jax.tree.map(
         lambda fresh, value: jax.device_put(value, fresh.sharding), params, jax.jit(pipe.to_pipeline)(state["params"])
     )
