@@ -271,6 +271,8 @@ class RunConfig:
       seed: seed of the parameter initialisation.
       stop_at_step: leave after this step as if preempted (the schedule still spans `steps`);
         unset: run to the end.
+      profile_steps: write a `jax.profiler` trace of steps N to M (both included), given as "N..M"
+        or "N" for one step, to <out>/profile (TensorBoard's and xprof's format); unset: no trace.
     """
 
     out: str = "runs/default"
@@ -282,6 +284,7 @@ class RunConfig:
     log_every: int = 1
     seed: int = 0
     stop_at_step: int | None = None
+    profile_steps: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps: must be >= 1, got {self.steps}")
@@ -294,6 +297,29 @@ class RunConfig:
             self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps,
             f"run.stop_at_step: must be in [1, steps={self.steps}], got {self.stop_at_step}",
         )
+        if self.profile_steps is not None:
+            parse_step_range(self.profile_steps, self.steps, "run.profile_steps")
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """`profile_steps` as `(first, last)` steps, both included; None when unset."""
+        return None if self.profile_steps is None else parse_step_range(self.profile_steps, self.steps)
+
+
+_STEP_RANGE = re.compile(r"^\s*(\d+)\s*(?:\.\.\s*(\d+)\s*)?$")
+
+
+def parse_step_range(text: str, steps: int, name: str = "steps") -> tuple[int, int]:
+    """`"N..M"` (or `"N"`, one step) -> `(N, M)` with `1 <= N <= M <= steps`; ConfigError naming `name` otherwise."""
+    match = _STEP_RANGE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigError(f"{name}: expected N..M (the first and last step, e.g. 5..7) or N, got {text!r}")
+    first = int(match.group(1))
+    last = int(match.group(2) or first)
+    _require(first >= 1, f"{name}: the first step must be >= 1 (steps count from 1), got {text!r}")
+    _require(first <= last, f"{name}: the first step comes after the last, got {text!r}")
+    _require(last <= steps, f"{name}: the last step must be <= steps ({steps}), got {text!r}")
+    return first, last
 
 
 def as_dict(config: Any) -> dict:

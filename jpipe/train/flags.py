@@ -41,6 +41,7 @@ SHORT_NAMES = {
     "run.out": "out",
     "run.seed": "seed",
     "run.stop_at_step": "stop_at_step",
+    "run.profile_steps": "profile_steps",
     "optimizer.learning_rate": "learning_rate",
     "optimizer.warmup_steps": "warmup_steps",
     "data.batch_size": "batch_size",
@@ -53,6 +54,9 @@ SHORT_NAMES = {
     "model.num_heads": "heads",
     "model.compute_dtype": "compute_dtype",
 }
+
+# Placeholders in `--help` for fields whose type alone says too little (default: INT, FLOAT, STR).
+METAVARS = {"run.profile_steps": "N..M"}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -124,7 +128,8 @@ def _add_field(group: argparse._ArgumentGroup, spec: FieldSpec, default: Any) ->
         # A number or a text form of one (`--memory-limit 4` or `512MiB`): the field's check parses it.
         group.add_argument(*options, type=str, metavar="VALUE", **common)
     elif len(kinds) == 1 and kinds[0] in (int, float, str):
-        group.add_argument(*options, type=kinds[0], metavar=kinds[0].__name__.upper(), **common)
+        metavar = METAVARS.get(spec.key, kinds[0].__name__.upper())
+        group.add_argument(*options, type=kinds[0], metavar=metavar, **common)
     else:
         raise TypeError(f"no command-line form for {spec.key}: {spec.annotation!r}")
 

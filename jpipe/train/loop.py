@@ -9,6 +9,10 @@ Everything a run writes goes under `config.run.out`:
   (`jpipe.train.auto`);
 - `metrics.jsonl`: one JSON object per step (`step`, `loss`, `grad_norm`, `learning_rate`,
   `step_seconds`, `tokens_per_second`, and `eval_loss` on evaluation steps);
+- `events.out.tfevents.*`: the same numbers as TensorBoard scalars of the same names
+  (`tensorboard --logdir <out>`);
+- with `--profile-steps N..M`: `profile/plugins/profile/<time>/`, a `jax.profiler` trace of steps N
+  to M (`<host>.xplane.pb`, read by xprof and TensorBoard's profile plugin, and `<host>.trace.json.gz`);
 - `checkpoints/<step>/`: orbax checkpoints of parameters *by layer* (the model layout, independent
   of stages, virtual chunks and schedule), optimizer state in the same layout, and metadata (step,
   data position, seed, configuration);
@@ -50,6 +54,7 @@ from jpipe.train.data import ByteDataset, build_corpus
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.presets import TrainConfig
+from jpipe.train.step import jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
 
 PyTree = Any
 
@@ -80,22 +85,41 @@ HEAD_LAYOUT = "vocab_embed"
 
 
 def _transpose_head(params: PyTree) -> PyTree:
-    """`params` (model layout) with the untied head's `out` transposed (works on shapes too)."""
+    """`params` (model layout) with the untied head's `out` transposed (arrays, or shapes with shardings)."""
     out = params["head"]["out"]
     if isinstance(out, jax.ShapeDtypeStruct):
-        transposed = jax.ShapeDtypeStruct(out.shape[::-1], out.dtype)
+        transposed = jax.ShapeDtypeStruct(out.shape[::-1], out.dtype, sharding=_transpose_sharding(out.sharding))
+    elif isinstance(out, jax.sharding.NamedSharding):
+        transposed = _transpose_sharding(out)
     else:
         transposed = out.T
     return {**params, "head": {**params["head"], "out": transposed}}
 
 
-def _map_params_like(fn, tree: PyTree, params_structure) -> PyTree:
-    """Apply `fn` to every subtree of `tree` shaped like the parameters (e.g. Adam's mu and nu)."""
-    return jax.tree.map(
-        lambda sub: fn(sub) if jax.tree.structure(sub) == params_structure else sub,
-        tree,
-        is_leaf=lambda sub: jax.tree.structure(sub) == params_structure,
+def _transpose_sharding(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+    """The `NamedSharding` of a 2-D array's transpose (other shardings unchanged)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[::-1]))
+
+
+def model_shardings(pipe: PipelinedLM) -> PyTree:
+    """A `NamedSharding` per model-layout parameter (blocks `[L, ...]`): how a checkpoint is read back.
+
+    The rules' shardings of the pipeline layout (tensor, FSDP), with the blocks' layer axis split
+    over `stage` when the stage axis divides the number of layers (so each device reads its share of
+    the layers, not all of them), else whole on every stage.
+    """
+    axes = pipe.logical_axes()  # blocks: ("stage", "layer", ...) in the pipeline layout
+    over_stage = pipe.config.num_layers % pipe.mesh.shape[STAGE] == 0
+    axes["blocks"] = jax.tree.map(
+        lambda names: ("stage" if over_stage else "layer", *names[2:]),
+        axes["blocks"],
+        is_leaf=lambda names: isinstance(names, tuple),
     )
+    abstract = jax.eval_shape(pipe.to_model, pipe.abstract_params())
+    return pipe.rules.param_shardings(axes, abstract, pipe.mesh)
 
 
 def _microbatches(
@@ -147,10 +171,10 @@ class TrainStep:
         decide `split_backward="auto"`.
       optimizer: AdamW with warmup and cosine decay over `config.run.steps` (`jpipe.train.optimizer`).
       learning_rate: its schedule, step -> learning rate.
-      step: jitted `(params, opt_state, tokens, targets) -> (params, opt_state, loss, grad_norm)`.
-        The state arguments are donated (updated in place) and come back with the same shardings,
-        so the second call does not recompile.
-      eval_loss: jitted `(params, tokens, targets) -> loss`.
+      step: `jpipe.train.step.train_step`, jitted: `(params, opt_state, tokens, targets) -> (params,
+        opt_state, loss, grad_norm)`. The state arguments are donated (updated in place) and come
+        back with the same shardings, so the second call does not recompile.
+      eval_loss: `jpipe.train.step.eval_step`, jitted: `(params, tokens, targets) -> loss`.
       param_shardings: a `NamedSharding` per parameter (pipeline layout).
       opt_shardings: a `NamedSharding` per optimizer-state leaf: Adam's moments like the parameters,
         everything else (step counts) replicated.
@@ -233,32 +257,17 @@ def build_train_step(
     pipe = dataclasses.replace(pipe, cost=cost)
     optimizer = make_optimizer(config.optimizer, config.run.steps)
     loss_and_grads = pipe.value_and_grad()
-
-    def train_step(params, opt_state, tokens, targets):
-        loss, grads = loss_and_grads(params, tokens, targets)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
-
-    def eval_loss(params, tokens, targets):
-        return loss_and_grads(params, tokens, targets)[0]
-
     param_shardings = pipe.shardings()
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_shardings = _map_params_like(
-        lambda _: param_shardings,
-        jax.tree.map(lambda _: replicated, jax.eval_shape(optimizer.init, pipe.abstract_params())),
-        jax.tree.structure(param_shardings),
-    )
-    # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
-    # donated, so parameters and optimizer state are updated in place.
-    step = jax.jit(train_step, out_shardings=(param_shardings, opt_shardings, None, None), donate_argnums=(0, 1))
+    opt_shardings = optimizer_shardings(optimizer, pipe.abstract_params(), param_shardings, mesh)
     return TrainStep(
         pipe=pipe,
         costs=costs,
         optimizer=optimizer,
         learning_rate=learning_rate_schedule(config.optimizer, config.run.steps),
-        step=step,
-        eval_loss=jax.jit(eval_loss),
+        # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
+        # donated, so parameters and optimizer state are updated in place.
+        step=jit_train_step(loss_and_grads, optimizer, param_shardings, opt_shardings),
+        eval_loss=jit_eval_step(loss_and_grads),
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
         batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA)),
@@ -349,24 +358,35 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
     eval_data = ByteDataset.open(corpus, config.data.seq_len, "eval", config.data.eval_fraction)
 
     total_steps = config.run.steps
-    optimizer, learning_rate, train_step, eval_loss = built.optimizer, built.learning_rate, built.step, built.eval_loss
-    params, opt_state = built.init_state(config.run.seed)
-    params_structure = jax.tree.structure(params)
+    learning_rate, train_step, eval_loss = built.learning_rate, built.step, built.eval_loss
+    params_structure = jax.tree.structure(pipe.abstract_params())
 
     checkpointer = Checkpointer(out / "checkpoints", keep=config.run.keep_checkpoints, async_save=True)
     start = 0
-    if resume:
-        start, params, opt_state = _restore(checkpointer, pipe, optimizer, params, opt_state, params_structure, stream)
+    if resume and checkpointer.latest_step() is not None:
+        start, params, opt_state = _restore(checkpointer, built, stream)
     elif checkpointer.latest_step() is not None:
         checkpointer.close()
         raise FileExistsError(
             f"{out / 'checkpoints'} already holds checkpoints (latest step {checkpointer.latest_step()}); "
             "pass --resume to continue that run, or choose another --out"
         )
+    else:
+        if resume:
+            stream.write("resume: no checkpoint yet; starting from step 0\n")
+        params, opt_state = built.init_state(config.run.seed)
 
     metrics_path = out / "metrics.jsonl" if lead else out / f".metrics.process{jax.process_index()}.jsonl"
-    metrics = MetricsWriter(metrics_path, resume_from_step=start + 1 if resume else None)
+    metrics = MetricsWriter(metrics_path, resume_from_step=start + 1 if resume else None, events=out if lead else None)
+    if lead:
+        stream.write(f"metrics: {out / 'metrics.jsonl'}, and TensorBoard event files (tensorboard --logdir {out})\n")
     progress = Progress(total_steps, stream)
+    # Each process traces its own host; on one machine, processes other than 0 write beside process 0.
+    profiler = StepProfiler(
+        config.run.profile_range, out / ("profile" if lead else f"profile-process{jax.process_index()}"), progress
+    )
+    if profiler.steps is not None and profiler.steps[1] <= start:
+        progress.message(f"profile: steps {config.run.profile_steps} were run before step {start + 1}; no trace")
     tokens_per_step = config.data.batch_size * config.data.seq_len
     losses: list[float] = []
     final_eval: float | None = None
@@ -374,7 +394,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
     # One compiled program for the layout change: with several processes, a string of eager ops on
     # arrays spanning them can deadlock between the processes' collectives.
     to_model_state = jax.jit(
-        lambda params, opt_state: (pipe.to_model(params), _map_params_like(pipe.to_model, opt_state, params_structure))
+        lambda params, opt_state: (pipe.to_model(params), map_params_like(pipe.to_model, opt_state, params_structure))
     )
 
     def save(step: int) -> None:
@@ -397,9 +417,11 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
         for step in range(start + 1, total_steps + 1):
             batch = train_data.batch(config.data.seed, step - 1, config.data.batch_size)
             tokens, targets = _microbatches(batch, parallel.microbatches, built.batch_sharding)
+            profiler.before(step)
             began = time.perf_counter()
-            params, opt_state, loss, grad_norm = train_step(params, opt_state, tokens, targets)
-            loss = float(loss)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                params, opt_state, loss, grad_norm = train_step(params, opt_state, tokens, targets)
+                loss = float(loss)
             seconds = time.perf_counter() - began
             record = {
                 "step": step,
@@ -425,6 +447,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
             metrics.write(record)
             if step % config.run.log_every == 0 or step == total_steps:
                 progress.update(step, loss, record["tokens_per_second"], seconds, extra)
+            profiler.after(step, (params, opt_state))
             stopping = step == config.run.stop_at_step
             if step % config.run.checkpoint_every == 0 or step == total_steps or stopping:
                 save(step)
@@ -432,6 +455,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
                 progress.message(f"stopping at step {step} as asked (--stop-at-step); resume with --resume")
                 break
     finally:
+        profiler.close()
         metrics.close()
         checkpointer.close()
     if lead:
@@ -452,34 +476,84 @@ def _evaluate(
     return float(np.mean(values))
 
 
-def _restore(checkpointer, pipe, optimizer, params, opt_state, params_structure, stream):
-    """Newest readable checkpoint (model layout) -> this run's layout and shardings."""
-    if checkpointer.latest_step() is None:
-        stream.write("resume: no checkpoint yet; starting from step 0\n")
-        return 0, params, opt_state
-    model_params = jax.eval_shape(pipe.to_model, params)
+def _restore(checkpointer: Checkpointer, built: TrainStep, stream: IO[str]) -> tuple[int, PyTree, PyTree]:
+    """Newest readable checkpoint (model layout) -> `(step, params, opt_state)` in this run's layout.
+
+    Arrays are read straight into sharded device arrays (`model_shardings`: each device reads its
+    share), then one compiled program converts them to the pipeline layout and `built`'s shardings;
+    no host copy of the whole state is made.
+    """
+    pipe, optimizer = built.pipe, built.optimizer
+    shardings = model_shardings(pipe)
+    model_params = _with_shardings(jax.eval_shape(pipe.to_model, pipe.abstract_params()), shardings)
     legacy_head = "out" in model_params["head"] and checkpointer.read_metadata().get("head_layout") != HEAD_LAYOUT
     if legacy_head:
         stream.write("resume: the checkpoint stores the head as [d_model, vocab] (older layout); transposing it\n")
-        model_params = _transpose_head(model_params)
-    params_structure_on_disk = jax.tree.structure(model_params)
+        model_params, shardings = _transpose_head(model_params), _transpose_head(shardings)
+    params_structure = jax.tree.structure(model_params)
+    replicated = jax.sharding.NamedSharding(pipe.mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.eval_shape(optimizer.init, model_params)
     template = {
         "params": model_params,
-        "opt_state": jax.eval_shape(optimizer.init, model_params),
-        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        "opt_state": _with_shardings(opt_state, optimizer_shardings(optimizer, model_params, shardings, pipe.mesh)),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     }
-    template = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), template)
     step, state, metadata = checkpointer.restore(template)
-    if legacy_head:
-        state = {
-            **state,
-            "params": _transpose_head(state["params"]),
-            "opt_state": _map_params_like(_transpose_head, state["opt_state"], params_structure_on_disk),
-        }
-    restored_params = jax.tree.map(
-        lambda fresh, value: jax.device_put(value, fresh.sharding), params, jax.jit(pipe.to_pipeline)(state["params"])
-    )
-    restored_opt = _map_params_like(jax.jit(pipe.to_pipeline), state["opt_state"], jax.tree.structure(state["params"]))
-    restored_opt = jax.tree.map(lambda fresh, value: jax.device_put(value, fresh.sharding), opt_state, restored_opt)
+
+    def to_pipeline(params, opt_state):
+        if legacy_head:
+            params, opt_state = _transpose_head(params), map_params_like(_transpose_head, opt_state, params_structure)
+        return pipe.to_pipeline(params), map_params_like(pipe.to_pipeline, opt_state, params_structure)
+
+    # One compiled program (see `to_model_state` in `train`), its outputs on the training step's shardings.
+    convert = jax.jit(to_pipeline, out_shardings=(built.param_shardings, built.opt_shardings), donate_argnums=(0, 1))
+    params, opt_state = convert(state["params"], state["opt_state"])
     stream.write(f"resumed from step {step} (data position {metadata.get('data_position', step)})\n")
-    return step, restored_params, restored_opt
+    return step, params, opt_state
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of training steps `steps = (first, last)` into `directory`.
+
+    `before(step)` starts the trace at the first step (or at the first step run, on a resume that
+    starts inside the range), `after(step, outputs)` waits for the step's outputs and stops it after
+    the last, printing where the trace went; `close()` stops a trace the run left early.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, directory: pathlib.Path, progress: Progress):
+        self.steps = steps
+        self.directory = directory
+        self.progress = progress
+        self.first_traced: int | None = None
+        self._existing: set[pathlib.Path] = set()
+
+    def before(self, step: int) -> None:
+        if self.steps is None or self.first_traced is not None or not self.steps[0] <= step <= self.steps[1]:
+            return
+        self.progress.message(f"profile: tracing steps {step}..{self.steps[1]} (jax.profiler)")
+        self._existing = set(self._files())
+        jax.profiler.start_trace(str(self.directory))
+        self.first_traced = step
+
+    def after(self, step: int, outputs: PyTree) -> None:
+        if self.first_traced is not None and step == self.steps[1]:
+            jax.block_until_ready(outputs)
+            self._stop(step)
+
+    def close(self) -> None:
+        if self.first_traced is not None:
+            self._stop(None)
+
+    def _files(self) -> list[pathlib.Path]:
+        return sorted(self.directory.glob("plugins/profile/*/*"))
+
+    def _stop(self, last: int | None) -> None:
+        jax.profiler.stop_trace()
+        traced = f"{self.first_traced}..{last}" if last is not None else f"{self.first_traced} to the run's end"
+        self.first_traced = None
+        written = [path for path in self._files() if path not in self._existing]
+        where = written[0].parent if written else self.directory
+        self.progress.message(
+            f"profile: wrote the trace of steps {traced} to {where} ({', '.join(p.name for p in sorted(written))}); "
+            f"open it with xprof --logdir {self.directory}, or TensorBoard's profile plugin"
+        )

@@ -1,23 +1,35 @@
-"""Metrics to JSONL, a one-line progress display, and the loss-curve plot."""
+"""Metrics to JSONL and TensorBoard event files, a one-line progress display, and the loss-curve plot."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
-from typing import IO
+from typing import IO, Any
+
+EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's name for its event files
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to `<out>/metrics.jsonl` (flushed each write).
+    """Appends one JSON object per record to `<out>/metrics.jsonl`, and its numbers to TensorBoard.
 
-    On resume, records at or after the resumed step are dropped first so the file never holds two
-    records for one step.
+    Each record is a dict with an integer `step`; with `events` (a folder, normally the one holding
+    `path`), every other field that is a number becomes a TensorBoard scalar of the same name at
+    that step (`tensorboardX.SummaryWriter`), so `tensorboard --logdir <out>` plots what
+    metrics.jsonl holds. Both are flushed at every write.
+
+    On resume, records at or after the resumed step are dropped from metrics.jsonl first so the file
+    never holds two records for one step, and the new event file starts with TensorBoard's purge
+    marker (a `SessionLog.START` at that step), which hides the older files' events from that step
+    on. A fresh run (no resume) deletes the folder's old metrics.jsonl and event files.
     """
 
-    def __init__(self, path: pathlib.Path, resume_from_step: int | None = None):
+    def __init__(
+        self, path: pathlib.Path, resume_from_step: int | None = None, *, events: pathlib.Path | None = None
+    ):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_from_step is not None and path.exists():
@@ -25,14 +37,31 @@ class MetricsWriter:
             path.write_text("".join(line + "\n" for line in kept))
         elif resume_from_step is None and path.exists():
             path.unlink()
+        self._events: Any = None
+        if events is not None:
+            from tensorboardX import SummaryWriter
+
+            if resume_from_step is None:
+                for old in events.glob(EVENT_FILE_PREFIX + "*"):
+                    old.unlink()
+            # The file name holds the time in seconds: the suffix keeps two writers in one second apart.
+            suffix = f".{os.getpid()}.from{resume_from_step or 1}"
+            self._events = SummaryWriter(str(events), purge_step=resume_from_step, filename_suffix=suffix)
         self._file: IO[str] = open(path, "a")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._events is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._events.add_scalar(name, value, record["step"])
+            self._events.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._events is not None:
+            self._events.close()
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:

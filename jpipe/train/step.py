@@ -1,0 +1,109 @@
+"""The training and evaluation steps, as plain functions: what the CLI, the experiments and the tests run.
+
+In the Flax examples' shape, the step is a module-level function of the state and a batch; what
+it closes over in a training script (the loss-and-gradient function, the optimizer) are keyword
+arguments, bound once with `functools.partial` before `jax.jit`:
+
+    step = jit_train_step(pipe.value_and_grad(), optimizer, param_shardings, opt_shardings)
+    params, opt_state, loss, grad_norm = step(params, opt_state, tokens, targets)
+
+`value_and_grad` is any `(params, tokens, targets) -> (loss, grads)`: `PipelinedLM.value_and_grad()`
+in the training loop and `experiments/throughput.py`, the unpipelined model's
+(`jpipe.models.reference_value_and_grad`) in `experiments/parity.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+PyTree = Any
+ValueAndGrad = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
+
+
+def train_step(
+    params: PyTree,
+    opt_state: PyTree,
+    tokens: jax.Array,
+    targets: jax.Array,
+    *,
+    value_and_grad: ValueAndGrad,
+    optimizer: optax.GradientTransformation,
+) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
+    """One optimizer step: `(params, opt_state, loss, grad_norm)` after the update.
+
+    Args:
+      params, opt_state: the parameters and `optimizer`'s state (any layout `value_and_grad` takes).
+      tokens, targets: int32 `[m, B / m, T]`: microbatches of byte ids and their next bytes.
+      value_and_grad: `(params, tokens, targets) -> (mean loss, gradients shaped like params)`.
+      optimizer: the update rule (`jpipe.train.optimizer.make_optimizer`).
+
+    Returns the updated parameters and optimizer state, the loss before the update (float32 `[]`)
+    and the global L2 norm of the gradients (before clipping, float32 `[]`).
+    """
+    loss, grads = value_and_grad(params, tokens, targets)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+
+
+def eval_step(params: PyTree, tokens: jax.Array, targets: jax.Array, *, value_and_grad: ValueAndGrad) -> jax.Array:
+    """The mean loss of `params` on `tokens` / `targets` (shapes as in `train_step`).
+
+    It runs `value_and_grad` and drops the gradients: the pipeline executor has no forward-only
+    program yet, so an evaluation costs a training step's compute without the update.
+    """
+    return value_and_grad(params, tokens, targets)[0]
+
+
+def jit_train_step(
+    value_and_grad: ValueAndGrad,
+    optimizer: optax.GradientTransformation,
+    param_shardings: PyTree | None = None,
+    opt_shardings: PyTree | None = None,
+) -> Callable:
+    """`train_step` bound to `value_and_grad` and `optimizer`, jitted, parameters and optimizer state donated.
+
+    With `param_shardings` and `opt_shardings` (`NamedSharding` trees, see `optimizer_shardings`)
+    the updated state comes back on the shardings it came in with, so the second call does not
+    recompile; without them the compiler chooses.
+    """
+    step = functools.partial(train_step, value_and_grad=value_and_grad, optimizer=optimizer)
+    out_shardings = None if param_shardings is None else (param_shardings, opt_shardings, None, None)
+    return jax.jit(step, out_shardings=out_shardings, donate_argnums=(0, 1))
+
+
+def jit_eval_step(value_and_grad: ValueAndGrad) -> Callable:
+    """`eval_step` bound to `value_and_grad`, jitted: `(params, tokens, targets) -> loss`."""
+    return jax.jit(functools.partial(eval_step, value_and_grad=value_and_grad))
+
+
+def map_params_like(fn: Callable[[PyTree], PyTree], tree: PyTree, params_structure: Any) -> PyTree:
+    """Apply `fn` to every subtree of `tree` shaped like the parameters (e.g. Adam's mu and nu).
+
+    `params_structure` is `jax.tree.structure(params)`; other subtrees (step counts) are kept.
+    """
+    return jax.tree.map(
+        lambda sub: fn(sub) if jax.tree.structure(sub) == params_structure else sub,
+        tree,
+        is_leaf=lambda sub: jax.tree.structure(sub) == params_structure,
+    )
+
+
+def optimizer_shardings(
+    optimizer: optax.GradientTransformation, abstract_params: PyTree, param_shardings: PyTree, mesh: jax.sharding.Mesh
+) -> PyTree:
+    """A `NamedSharding` per leaf of `optimizer`'s state for parameters `abstract_params`.
+
+    Moments shaped like the parameters take `param_shardings`; everything else (step counts) is
+    replicated over `mesh`.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return map_params_like(
+        lambda _: param_shardings,
+        jax.tree.map(lambda _: replicated, jax.eval_shape(optimizer.init, abstract_params)),
+        jax.tree.structure(param_shardings),
+    )
