@@ -247,3 +247,33 @@ def test_hidden_sends_have_a_matmul_in_flight_on_tpu(schedule):
     exposed = [o for o in permute_overlaps(_compiled(schedule).hlo_text) if o.in_loop]
     assert hidden and all(o.hidden for o in hidden), [(o.name, o.matmuls_in_flight) for o in hidden]
     assert exposed and not any(o.hidden for o in exposed)
+
+
+_SCHEDULED_MODULE = """HloModule m, is_scheduled=true
+
+%body (p: f32[4,4]) -> f32[4,4] {
+  %p = f32[4,4] parameter(0)
+  %ar = f32[4,4] all-reduce-start(%p), replica_groups={}, to_apply=%add
+  %mm = f32[4,4] dot(%p, %p), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %done = f32[4,4] all-reduce-done(%ar)
+  %sync = f32[4,4] all-reduce(%done), replica_groups={}, to_apply=%add
+  ROOT %out = f32[4,4] add(%sync, %mm)
+}
+
+ENTRY %main (x: f32[4,4]) -> f32[4,4] {
+  %x = f32[4,4] parameter(0)
+  ROOT %w = f32[4,4] while(%x), condition=%cond, body=%body
+}
+"""
+
+
+def test_collective_overlaps_finds_async_all_reduces_with_a_matmul_in_flight():
+    from jpipe.parallel.hlo import collective_overlaps
+
+    found = {o.name: o for o in collective_overlaps(_SCHEDULED_MODULE, "all-reduce")}
+    assert set(found) == {"ar", "sync"}
+    assert found["ar"].hidden and found["ar"].matmuls_in_flight == ("mm",) and found["ar"].in_loop
+    assert not found["sync"].hidden  # synchronous: nothing runs beside it
+    assert collective_overlaps(_SCHEDULED_MODULE, "collective-permute") == []
+    with pytest.raises(ValueError, match="kind"):
+        collective_overlaps(_SCHEDULED_MODULE, "all-reduce-start")

@@ -6,7 +6,7 @@ run once per iteration, e.g. once per pipeline tick; the others run once per ste
 
 A compiled module is scheduled (`is_scheduled=true`): each computation lists its instructions in
 execution order. An asynchronous collective is a `*-start` and a `*-done`; what the schedule puts
-between them runs while the data is in flight (`permute_overlaps`).
+between them runs while the data is in flight (`collective_overlaps`, `permute_overlaps`).
 """
 
 from __future__ import annotations
@@ -90,18 +90,20 @@ MATMUL_OPCODES = ("dot", "convolution")
 
 
 @dataclasses.dataclass(frozen=True)
-class PermuteOverlap:
-    """One collective-permute and the matmuls scheduled while it is in flight.
+class CollectiveOverlap:
+    """One collective and the matmuls scheduled while it is in flight.
 
     Attributes:
-      name: the `collective-permute-start` instruction (or the synchronous `collective-permute`).
+      kind: the collective (`"collective-permute"`, `"all-reduce"`, ...; see `COLLECTIVES`).
+      name: the `<kind>-start` instruction (or the synchronous `<kind>`).
       computation: the computation that holds it.
       in_loop: whether it runs inside a `while` body (once per pipeline tick).
       matmuls_in_flight: instructions between its start and done that run a matmul, directly or in
-        anything they call (a fusion, a conditional's branches): empty for a synchronous permute or
-        one whose start is directly followed by its done.
+        anything they call (a fusion, a conditional's branches): empty for a synchronous collective
+        or one whose start is directly followed by its done.
     """
 
+    kind: str
     name: str
     computation: str
     in_loop: bool
@@ -113,14 +115,29 @@ class PermuteOverlap:
         return bool(self.matmuls_in_flight)
 
 
+PermuteOverlap = CollectiveOverlap  # the name collective-permute overlaps had first
+
+
 def _parse(line: str) -> tuple[str, str] | None:
     """(instruction name, opcode) of an instruction line, or None."""
     match = _INSTRUCTION.match(line)
     return (match.group(1), match.group(2)) if match else None
 
 
-def permute_overlaps(hlo_text: str) -> list[PermuteOverlap]:
+def permute_overlaps(hlo_text: str) -> list[CollectiveOverlap]:
     """Every collective-permute of a scheduled module, with the matmuls in flight during it."""
+    return collective_overlaps(hlo_text, "collective-permute")
+
+
+def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
+    """Every collective of `kind` (e.g. `"all-reduce"`) in a scheduled module, with the matmuls in flight.
+
+    A synchronous collective (`<kind>(...)`, which the compiler leaves when it found nothing to run
+    beside it) has none; an asynchronous one (`<kind>-start` ... `<kind>-done`) has what the
+    schedule puts between the two.
+    """
+    if kind not in COLLECTIVES:
+        raise ValueError(f"kind: expected one of {COLLECTIVES}, got {kind!r}")
     comps = computations(hlo_text)
     in_loop = loop_computations(hlo_text)
     has_matmul: dict[str, bool] = {}
@@ -143,16 +160,16 @@ def permute_overlaps(hlo_text: str) -> list[PermuteOverlap]:
     for comp, lines in comps.items():
         for index, line in enumerate(lines):
             parsed = _parse(line)
-            if parsed is None or parsed[1] not in ("collective-permute", "collective-permute-start"):
+            if parsed is None or parsed[1] not in (kind, f"{kind}-start"):
                 continue
             name, opcode = parsed
             in_flight: list[str] = []
-            if opcode == "collective-permute-start":
-                done = re.compile(r"collective-permute-done\(%?" + re.escape(name) + r"\b")
+            if opcode == f"{kind}-start":
+                done = re.compile(re.escape(kind) + r"-done\(%?" + re.escape(name) + r"\b")
                 for later in lines[index + 1 :]:
                     if done.search(later):
                         break
                     if line_runs_matmul(later):
                         in_flight.append(_parse(later)[0])
-            found.append(PermuteOverlap(name, comp, comp in in_loop, tuple(in_flight)))
+            found.append(CollectiveOverlap(kind, name, comp, comp in in_loop, tuple(in_flight)))
     return found
