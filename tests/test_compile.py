@@ -273,6 +273,7 @@ def test_collective_overlaps_finds_async_all_reduces_with_a_matmul_in_flight():
     found = {o.name: o for o in collective_overlaps(_SCHEDULED_MODULE, "all-reduce")}
     assert set(found) == {"ar", "sync"}
     assert found["ar"].hidden and found["ar"].matmuls_in_flight == ("mm",) and found["ar"].in_loop
+    assert found["ar"].asynchronous and not found["sync"].asynchronous
     assert not found["sync"].hidden  # synchronous: nothing runs beside it
     assert collective_overlaps(_SCHEDULED_MODULE, "collective-permute") == []
     with pytest.raises(ValueError, match="kind"):

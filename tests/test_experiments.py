@@ -146,3 +146,17 @@ def test_send_overlap_simulation(tmp_path, cache):
     assert table.strip() in result.stdout
     # zb_h1 at p=4, m=16: 51 ticks without latency; its two streams reach the bound, 54.
     assert "| zb_h1 | 1 | 51 | 71 | 1.392 | 54 | 1.059 | 4 -> 8 | 1.059 |" in table
+
+
+def test_tp_overlap_counts_the_tick_loops_all_reduces(tmp_path, cache):
+    pytest.importorskip("libtpu")
+    result = run_experiment("tp_overlap.py", "--schedules", "1f1b,stp", "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "tp_overlap.md").read_text()
+    assert table.strip() in result.stdout
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    for label, composites in (("1f1b", "0"), ("stp", None)):
+        cells = rows[label]
+        in_loop, asynchronous, hidden = int(cells[3]), int(cells[4]), int(cells[5])
+        assert in_loop > 0 and 0 <= hidden <= asynchronous <= in_loop  # tensor parallelism's all-reduces
+        assert composites is None or cells[2] == composites
+    assert int(rows["stp"][2]) > 0

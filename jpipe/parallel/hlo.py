@@ -101,6 +101,8 @@ class CollectiveOverlap:
       matmuls_in_flight: instructions between its start and done that run a matmul, directly or in
         anything they call (a fusion, a conditional's branches): empty for a synchronous collective
         or one whose start is directly followed by its done.
+      asynchronous: whether it is a start/done pair (the compiler left a synchronous collective
+        where it found nothing to run beside it).
     """
 
     kind: str
@@ -108,6 +110,7 @@ class CollectiveOverlap:
     computation: str
     in_loop: bool
     matmuls_in_flight: tuple[str, ...]
+    asynchronous: bool = False
 
     @property
     def hidden(self) -> bool:
@@ -171,5 +174,6 @@ def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
                         break
                     if line_runs_matmul(later):
                         in_flight.append(_parse(later)[0])
-            found.append(CollectiveOverlap(kind, name, comp, comp in in_loop, tuple(in_flight)))
+            asynchronous = opcode == f"{kind}-start"
+            found.append(CollectiveOverlap(kind, name, comp, comp in in_loop, tuple(in_flight), asynchronous))
     return found
