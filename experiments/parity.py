@@ -10,11 +10,13 @@ are requested; GPU/TPU backends ignore that), 8 microbatches of 2 examples per s
 warmup steps to a learning rate of 1e-3 and cosine decay (`jpipe.train.optimizer.make_optimizer`),
 batches from `ByteDataset` over the Python standard library's sources. zbv runs v=2 chunks per
 device (8 stages of 1 block); gpipe and 1f1b run v=1 (4 stages of 2 blocks). The reference is the
-plain model on one device: `jax.value_and_grad` of `GPT.loss` (`jpipe.models.reference_value_and_grad`)
-with the same initial parameters (`GPT(config, rngs=nnx.Rngs(seed))`), optimizer and batches. A
-control run ("unpipelined, accumulated", `--no-control` to skip) is the same plain model with loss
-and gradients summed microbatch by microbatch, as a pipeline does: mathematically the reference,
-it shows how far float32 rounding alone (a different order of the sums) moves the curve.
+plain model on one device: `jax.value_and_grad` of `GPT.loss`
+(`jpipe.models.reference_value_and_grad`) in the training loop's own step
+(`jpipe.train.step.train_step`), with the same initial parameters (`GPT(config,
+rngs=nnx.Rngs(seed))`), optimizer and batches. A control run ("unpipelined, accumulated",
+`--no-control` to skip) is the same plain model with loss and gradients summed microbatch by
+microbatch, as a pipeline does: mathematically the reference, it shows how far float32 rounding
+alone (a different order of the sums) moves the curve.
 
 Writes to `<out>`: `parity.png` (the loss curves overlaid, and |loss - reference| per step on a log
 scale below), `parity.md` (the table) and `parity.json` (every loss), plus each pipelined run's own
@@ -55,7 +57,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -66,6 +67,7 @@ from jpipe.train.data import ByteDataset, build_corpus  # noqa: E402
 from jpipe.train.loop import cache_dir, train  # noqa: E402
 from jpipe.train.optimizer import make_optimizer  # noqa: E402
 from jpipe.train.presets import TrainConfig  # noqa: E402
+from jpipe.train.step import jit_train_step  # noqa: E402
 
 VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
 REFERENCE = "unpipelined"
@@ -144,13 +146,8 @@ def run_unpipelined(config: TrainConfig, accumulate: bool = False) -> list[float
         total, _ = jax.lax.scan(add, zero, (tokens, targets))
         return jax.tree.map(lambda a: a / tokens.shape[0], total)
 
-    value_and_grad = accumulated if accumulate else loss_and_grads
-
-    @jax.jit
-    def step(params, opt_state, tokens, targets):
-        loss, grads = value_and_grad(params, tokens, targets)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    # The training loop's step (`jpipe.train.step.train_step`) over the unpipelined loss and gradients.
+    step = jit_train_step(accumulated if accumulate else loss_and_grads, optimizer)
 
     m = config.parallel.microbatches
     losses = []
@@ -160,7 +157,7 @@ def run_unpipelined(config: TrainConfig, accumulate: bool = False) -> list[float
             jax.device_put(a.reshape((m, a.shape[0] // m) + a.shape[1:]), device)
             for a in (batch["inputs"], batch["targets"])
         )
-        params, opt_state, loss = step(params, opt_state, tokens, targets)
+        params, opt_state, loss, _ = step(params, opt_state, tokens, targets)
         losses.append(float(loss))
     return losses
 

@@ -6,13 +6,14 @@ and pick a real size, e.g. `--layers 24 --d-model 2048 --heads 16 --seq-len 2048
 
     .venv/bin/python experiments/throughput.py --cpu-devices 8 --out experiments/out/throughput
 
-Times the whole training step the training system runs (`PipelinedLM.value_and_grad` then AdamW
-from `jpipe.train.optimizer.make_optimizer`, parameters and optimizer state donated and updated in
-place) for each schedule in `--schedule` (comma-separated) on a `data x stage x tensor` mesh
-(`jpipe.parallel.make_mesh`). Inputs are random byte ids, created on the devices once, so no host
-input pipeline is timed. The step is compiled first (compile seconds reported), `--warmup` steps
-run untimed, then `--steps` steps are timed back to back (one wait at the end, as a training loop
-that does not read the loss every step would run).
+Times the training step the training system runs (`jpipe.train.step.train_step` over
+`PipelinedLM.value_and_grad`, AdamW from `jpipe.train.optimizer.make_optimizer`, jitted by
+`jit_train_step`: parameters and optimizer state donated and updated in place) for each schedule in
+`--schedule` (comma-separated) on a `data x stage x tensor` mesh (`jpipe.parallel.make_mesh`).
+Inputs are random byte ids, created on the devices once, so no host input pipeline is timed. The
+step is compiled first (compile seconds reported), `--warmup` steps run untimed, then `--steps`
+steps are timed back to back (one wait at the end, as a training loop that does not read the loss
+every step would run).
 
 Reported per schedule: tokens/s (global), step time, compile time, model TFLOP/s per device and
 MFU. Model FLOPs per token (PaLM's appendix B): `6 N + 12 L d T`, with N the parameters that take
@@ -189,7 +190,6 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
     """Compile, warm up and time the training step of one schedule."""
     import jax
     import numpy as np
-    import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -198,6 +198,7 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
     from jpipe.parallel import DATA, ShardingRules, make_mesh
     from jpipe.train.config import OptimizerConfig
     from jpipe.train.optimizer import make_optimizer
+    from jpipe.train.step import jit_train_step, optimizer_shardings
 
     virtual = args.virtual if args.virtual is not None else VIRTUAL.get(schedule_name, 1)
     config = GPTConfig(
@@ -221,23 +222,12 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
     )
     pipe = dataclasses.replace(pipe, cost=pipe.stage_costs().cost())
     flops_per_token, matmul_params = model_flops_per_token(config, pipe.abstract_params())
-    loss_and_grads = pipe.value_and_grad()
     optimizer = make_optimizer(OptimizerConfig(), args.warmup + args.steps)
-
+    param_shardings = pipe.shardings()
+    opt_shardings = optimizer_shardings(optimizer, pipe.abstract_params(), param_shardings, mesh)
+    step = jit_train_step(pipe.value_and_grad(), optimizer, param_shardings, opt_shardings)
     params = pipe.init(seed=args.seed)
-    replicated = NamedSharding(mesh, P())
-    opt_state = jax.jit(optimizer.init)(params)
-    # Leaves the optimizer creates off the mesh (Adam's step count) go onto it, replicated.
-    on_mesh = lambda a: isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh  # noqa: E731
-    opt_state = jax.tree.map(lambda a: a if on_mesh(a) else jax.device_put(a, replicated), opt_state)
-
-    def train_step(params, opt_state, tokens, targets):
-        loss, grads = loss_and_grads(params, tokens, targets)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    shardings = (jax.tree.map(lambda a: a.sharding, params), jax.tree.map(lambda a: a.sharding, opt_state))
-    step = jax.jit(train_step, out_shardings=(*shardings, replicated), donate_argnums=(0, 1))
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
     per_microbatch = args.batch_size // args.microbatches
     shape = (args.microbatches, per_microbatch, args.seq_len)
@@ -251,11 +241,11 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
     compiled = step.lower(params, opt_state, tokens, targets).compile()
     compile_seconds = time.perf_counter() - began
     for _ in range(args.warmup):
-        params, opt_state, loss = compiled(params, opt_state, tokens, targets)
+        params, opt_state, loss, _ = compiled(params, opt_state, tokens, targets)
     jax.block_until_ready((params, opt_state))
     began = time.perf_counter()
     for _ in range(args.steps):
-        params, opt_state, loss = compiled(params, opt_state, tokens, targets)
+        params, opt_state, loss, _ = compiled(params, opt_state, tokens, targets)
     jax.block_until_ready((params, opt_state, loss))
     elapsed = time.perf_counter() - began
 

@@ -357,8 +357,9 @@ def test_every_checkpoint_corrupt_raises_listing_what_was_tried(tmp_path):
     ckpt.close()
 
 
-def test_failed_reads_leave_no_stray_exceptions_behind(tmp_path, monkeypatch):
-    """Orbax strands sibling reads when one fails; they must not surface later as unraisable exceptions."""
+def test_failed_reads_leave_no_stray_exceptions_behind(tmp_path, monkeypatch, caplog):
+    """Orbax strands sibling reads when one fails; they must not surface later as unraisable exceptions,
+    nor as asyncio's "Task was destroyed but it is pending!" log records."""
     leaked = []
     monkeypatch.setattr(sys, "unraisablehook", leaked.append)
     rng = np.random.default_rng(0)
@@ -381,6 +382,7 @@ def test_failed_reads_leave_no_stray_exceptions_behind(tmp_path, monkeypatch):
     time.sleep(0.2)
     gc.collect()
     assert leaked == []
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_explicit_step_never_falls_back(tmp_path):

@@ -432,6 +432,14 @@ def _reason(err: BaseException) -> str:
 # those two kinds while active, and on failure cancels the orphaned reads and closes their
 # coroutines so nothing is left to fire later. Only tasks on closed loops running orbax code are
 # touched; every other unraisable exception goes to the previous hook.
+#
+# Orbax offers no public way around this (checked for 0.12.8: no option cancels the sibling reads
+# or hands orbax a loop of ours; its `asyncio_utils.run_sync` always runs on a fresh loop it closes
+# itself), so the workaround stays. It uses only public interfaces: `gc` to find the stranded
+# tasks, coroutine introspection (`cr_await`, `cr_frame`) to reach the futures they wait on, and the
+# dead loop's `set_exception_handler` to drop what asyncio would log about that loop's leftovers when
+# they are garbage-collected ("Task was destroyed but it is pending!" for a stranded read, "... exception
+# was never retrieved" for the sibling reads that failed too): the caller already got the read's error.
 
 
 def _is_orbax_coroutine(obj: Any) -> bool:
@@ -449,13 +457,24 @@ def _is_orbax_teardown_noise(unraisable: Any) -> bool:
     return False
 
 
+_LEFTOVER_REPORTS = ("Task was destroyed but it is pending!", "exception was never retrieved")
+
+
+def _ignore_failed_read_leftovers(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Exception handler of a closed orbax loop whose read failed: its leftovers' reports are noise."""
+    if not str(context.get("message", "")).endswith(_LEFTOVER_REPORTS):
+        loop.default_exception_handler(context)
+
+
 def _cancel_orphaned_orbax_reads() -> None:
     """Cancel the tensorstore reads of orbax tasks stranded on a closed loop, then close their coroutines."""
     for task in [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task)]:
         coro = task.get_coro()
-        if task.done() or not task.get_loop().is_closed() or not _is_orbax_coroutine(coro):
+        if not task.get_loop().is_closed() or not _is_orbax_coroutine(coro):
             continue
-        task._log_destroy_pending = False  # it can never run again; asyncio need not log that
+        task.get_loop().set_exception_handler(_ignore_failed_read_leftovers)  # the loop can never run again
+        if task.done():
+            continue
         awaited: Any = coro
         while inspect.iscoroutine(awaited):  # down the await chain to the future it is blocked on
             awaited = awaited.cr_await
