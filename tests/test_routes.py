@@ -492,12 +492,12 @@ def test_the_search_space_refuses_routed_schedules():
 
 
 @pytest.mark.parametrize("name", sorted(ROUTED_SCHEDULES))
-def test_the_executor_refuses_routed_schedules_by_name(name):
-    """Until the executor follows routes, compiling one fails early and says why (not a KeyError)."""
+def test_the_executor_compiles_routed_schedules_by_name(name):
+    """The executor follows routes (parity in tests/test_routes_executor.py): its tables build."""
     from jpipe.pipeline.program import compile_program
 
-    with pytest.raises(ScheduleError, match=r"cannot run yet"):
-        compile_program(build(name, 4, 8))
+    program = compile_program(build(name, 4, 8))
+    assert program.placement.num_model_stages == build(name, 4, 8).num_model_stages
 
 
 def test_build_uses_each_schedules_own_virtual_by_default():

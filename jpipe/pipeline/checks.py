@@ -46,9 +46,18 @@ def check_call(
     num_data: int = 1,
     prologue=None,
     prologue_params: PyTree = None,
+    stage_order: str = "logical",
 ) -> None:
-    """Shapes of the step's arguments, and that `stage_fn` preserves the activation's shape/dtype."""
-    _leading(stage_params, "stage_params", schedule.num_stages, "num_stages")
+    """Shapes of the step's arguments, and that `stage_fn` preserves the activation's shape/dtype.
+
+    `stage_params` leaves lead with `num_model_stages` rows in "logical" (model) order, with
+    `num_stages` rows (one per logical stage, replicas included) in "device" order.
+    """
+    if stage_order == "logical":
+        what = "num_model_stages" if schedule.has_replicas else "num_stages"
+        _leading(stage_params, "stage_params", schedule.num_model_stages, what)
+    else:
+        _leading(stage_params, "stage_params", schedule.num_stages, "num_stages, device-major")
     _leading(inputs, "inputs", schedule.num_microbatches, "num_microbatches")
     if targets is not None:
         _leading(targets, "targets", schedule.num_microbatches, "num_microbatches")

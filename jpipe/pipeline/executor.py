@@ -95,9 +95,13 @@ def value_and_grad(
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
+    `stages` is microbatch m's route (`Schedule.route`: by default every stage in order), each
+    logical stage applying its model stage's parameters (`Schedule.model_stage`: replicas share
+    them). A model stage that a microbatch skips gets no gradient from it.
+
     Args:
       stage_fn: `(params_of_one_stage, x) -> y`, y with x's structure, shapes and dtypes.
-      loss_fn: `(loss_params, y, target) -> scalar`, applied per microbatch after the last stage.
+      loss_fn: `(loss_params, y, target) -> scalar`, applied per microbatch after its last hop.
       schedule: any schedule `jpipe.schedules.validate` accepts.
       mesh: a mesh with an axis `stage_axis` of size `schedule.num_devices`. Axes other than the
         stage and data axes (e.g. tensor) are left to the compiler.
@@ -113,15 +117,20 @@ def value_and_grad(
         (`jpipe.schedules.best_split`). Schedules written with I and W always run them split.
       cost: per-op costs for the "auto" choice (default `Cost()`: F=1, B=2, I=W=1); measure a
         real stage's with `jpipe.measure_costs`.
-      stage_order: "logical" (stage_params leaves `[S, ...]` in stage order 0..S-1) or "device"
-        (device-major, `StagePlacement.of(schedule).device_major`: device 0's stages, then
-        device 1's, ...). With
+      stage_order: "logical" (stage_params leaves `[K, ...]` in model-stage order 0..K-1, K =
+        `schedule.num_model_stages`, which is `num_stages` without replicas) or "device"
+        (device-major `[S, ...]`, `StagePlacement.of(schedule).device_major`: device 0's logical
+        stages, then device 1's, ...; a replicated model stage has one row per replica). With
         "device" and leaves sharded `P(stage_axis)`, every device already holds exactly its stages
         and no parameter moves between devices; use it for training (gradients come back in the
-        same order). With "logical", interleaved and V placements permute the stages every step.
+        same order). With "logical", interleaved and V placements permute the stages every step,
+        and replicas are copied from (and their gradients summed into) their model stage's row.
+        With "device", each replica's row gets the gradient summed over all replicas of its model
+        stage (`StagePlacement.sum_replicas`), so an optimizer applied row by row keeps the copies
+        equal, provided they start equal.
       prologue: optional `(prologue_params, inputs[i]) -> x`, the start of the model (e.g. an
-        embedding lookup of token ids). It runs inside the tick loop, on the device holding stage 0,
-        as part of each microbatch's first forward; its backward runs in that stage's B (or I) and
+        embedding lookup of token ids). It runs inside the tick loop, on the device of each
+        microbatch's first hop, as part of its forward there; its backward runs in that stage's B (or I) and
         its parameter gradients are accumulated there and reduced over the pipeline once per step.
         Inputs are then typically small (token ids, replicated over the pipeline), and no input
         gradient is computed.
@@ -134,14 +143,14 @@ def value_and_grad(
 
     Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
     over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
-    (the array is padded to a multiple of p when m is not), and sent to stage 0's device in the
-    tick before its first forward; input gradients return to the same device and come back sharded
+    (the array is padded to a multiple of p when m is not), and sent to the device of its first
+    hop before its first forward; input gradients return to the same device and come back sharded
     the same way. No collective larger than one microbatch crosses the pipeline; `targets` are
-    replicated (the loss runs on the last stage's device).
+    replicated (the loss runs on the device of each microbatch's last hop).
 
     Returns:
       `step(stage_params, loss_params, inputs, targets) -> (loss, (stage_grads, loss_grads,
-      input_grads))` where stage_params leaves are `[num_stages, ...]` in logical order,
+      input_grads))` where stage_params leaves are `[K, ...]` in model-stage order (see `stage_order`),
       inputs/targets leaves are `[num_microbatches, ...]`; gradients match their arguments. With a
       `prologue`: `step(stage_params, loss_params, inputs, targets, prologue_params) -> (loss,
       (stage_grads, loss_grads, prologue_grads))`.
@@ -163,15 +172,17 @@ def value_and_grad(
                 f"(prologue {'given' if prologue is not None else 'not given'})"
             )
         num_data = _axes_size(mesh, data_axes)
-        check_call(schedule, stage_fn, stage_params, inputs, targets, num_data, prologue, prologue_params)
+        check_call(schedule, stage_fn, stage_params, inputs, targets, num_data, prologue, prologue_params, stage_order)
         if stage_order == "logical":
-            stage_params = placement.to_device_order(stage_params, mesh)
+            stage_params = placement.model_to_device(stage_params, mesh)
         loss, grads, loss_grads, first_grads = run(
             placement.split_devices(stage_params), loss_params, inputs, targets, prologue_params
         )
         stage_grads = placement.merge_devices(grads)
         if stage_order == "logical":
-            stage_grads = placement.to_logical_order(stage_grads, mesh)
+            stage_grads = placement.device_to_model(stage_grads, mesh)
+        else:
+            stage_grads = placement.sum_replicas(stage_grads, mesh)
         return loss, (stage_grads, loss_grads, first_grads)
 
     step.program = program  # for inspection: tick tables, slot counts
@@ -212,10 +223,12 @@ def forward(
     data_axes: str | tuple[str, ...] = (),
     overlap_sends: bool = False,
 ) -> Callable:
-    """Pipelined forward (inference): `run(stage_params, inputs) -> outputs`, all `[m, ...]`.
+    """Pipelined forward (inference): `run(stage_params, inputs) -> outputs`, inputs/outputs `[m, ...]`.
 
-    Runs the schedule's forwards in each device's order (a fill/drain without backward). Arguments
-    as for `value_and_grad`; inputs and outputs are sharded over the pipeline as its inputs are.
+    Runs the schedule's forwards in each device's order (a fill/drain without backward); microbatch
+    i's output is that of its route's last hop. `stage_params` leaves are `[K, ...]` in model-stage
+    order (`stage_order="logical"` of `value_and_grad`). Arguments as for `value_and_grad`; inputs
+    and outputs are sharded over the pipeline as its inputs are.
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     check_mesh(schedule, mesh, stage_axis, data_axes)
@@ -227,7 +240,7 @@ def forward(
 
     def apply(stage_params, inputs):
         check_call(schedule, stage_fn, stage_params, inputs, None, _axes_size(mesh, data_axes))
-        return run(placement.split_devices(placement.to_device_order(stage_params, mesh)), inputs)
+        return run(placement.split_devices(placement.model_to_device(stage_params, mesh)), inputs)
 
     apply.program = program
     return apply

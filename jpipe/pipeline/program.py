@@ -12,15 +12,25 @@ outgoing message on every channel; receivers keep only what their table marks, s
 needed. Slots are assigned by interval colouring, so buffers are sized by the schedule's peak number
 of in-flight messages and live residuals, not by the number of microbatches.
 
+Messages follow each microbatch's route (`Schedule.route`; by default every stage in order): a
+forward's output goes to the forward of the next stage on the route, or at the route's last hop
+(where the loss runs) to its own backward; a backward's input gradient goes to the backward of the
+previous stage on the route, or at the first hop (where the input, or the prologue, was read) is a
+result. `is_first` / `is_last` mark first and last hops. Logical stages that are replicas of one
+model stage (`Schedule.model_stage`) are ordinary stages here: the executor gives each its own copy
+of the parameters (`StagePlacement.model_to_device`).
+
 With `deliver=True` (the generic API, whose inputs are activations) the batch is not replicated
 over the pipeline: microbatch i is stored on its *owner*, device `i // k` with `k = ceil(m / p)`
 microbatches per device (contiguous blocks, the layout of a `[m, ...]` array sharded over the stage
-axis). The owner sends microbatch i to the device of stage 0 in the tick before its first forward,
-on an *input channel* (one per owner offset; at most one of them carries data in a tick), into an
-inbox slot like any other message; a leading delivery-only tick serves the forwards of the first
-tick. What the pipeline returns per microbatch (the input gradient from stage 0's backward, or the
-last stage's output when running forward only) travels back to the owner on the ordinary channels
-and lands in the owner's result buffer.
+axis). The owner sends microbatch i to the device of its first hop in a tick before that forward,
+on an *input channel* (one per owner offset), into an inbox slot like any other message. An owner
+sends one input per tick: its deliveries take the latest free ticks before their forwards
+(the tick before, when free), and leading delivery-only ticks serve the forwards of the first
+ticks (one for every schedule in which one device runs all first hops; BitPipe's two pipelines can
+need more). What the pipeline returns per microbatch (the input gradient from its first hop's
+backward, or its last hop's output when running forward only) travels back to the owner on the
+ordinary channels and lands in the owner's result buffer.
 
 With `send_latency=1` (the executor's hidden sends) a message produced in tick t on one device
 travels while tick t + 1 computes and arrives at the end of tick t + 1: the packing gives every
@@ -37,7 +47,7 @@ import dataclasses
 import numpy as np
 
 from jpipe.pipeline.layout import StagePlacement
-from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
+from jpipe.schedules.ir import Action, Op, Schedule
 from jpipe.schedules.ticks import TickTable, pack
 from jpipe.schedules.validate import validate
 
@@ -105,7 +115,7 @@ class Program:
 
     @property
     def num_ticks(self) -> int:
-        """Rows of the tables: the packed schedule's ticks, plus the delivery-only tick with `deliver`."""
+        """Rows of the tables: the packed schedule's ticks, plus the delivery-only ticks with `deliver`."""
         return self.op.shape[0]
 
     def per_tick_arrays(self) -> dict[str, np.ndarray]:
@@ -172,7 +182,7 @@ def compile_program(
     """Validate, pack into ticks and lower to executor tables.
 
     Args:
-      schedule: any schedule that `jpipe.schedules.validate` accepts.
+      schedule: any schedule that `jpipe.schedules.validate` accepts (replicas and routes included).
       forward_only: keep only the forwards (for `jpipe.forward`).
       split: run each B as I then W in consecutive ticks (equal-cost ticks in lockstep).
       deliver: inputs and results live on their owner devices (see the module docstring).
@@ -181,29 +191,44 @@ def compile_program(
     if send_latency not in (0, 1) or isinstance(send_latency, bool):
         raise ValueError(f"send_latency: expected 0 or 1, got {send_latency!r}")
     validate(schedule)
-    if not schedule.is_plain:
-        what = "replicated stages (model_stage)" if schedule.has_replicas else "per-microbatch routes"
-        raise ScheduleError(
-            f"schedule {schedule.name!r} has {what}: the executor runs schedules in which every model stage "
-            "lives on one device and every microbatch visits every stage in order; validate, simulate and "
-            "render this one, but it cannot run yet"
-        )
     if forward_only:
         schedule = forward_only_schedule(schedule)
     table = pack(schedule, split=split, send_latency=send_latency)
     sched = table.schedule
     p, num_stages, m = sched.num_devices, sched.num_stages, sched.num_microbatches
-    last = num_stages - 1
-    lead = 1 if deliver else 0  # the delivery-only tick
-    tick_of = {action: t + lead for action, t in table.tick_of().items()}
+    packed = table.tick_of()
     local_index = {s: sched.local_index(s) for s in range(num_stages)}
     per_device = -(-m // p) if deliver else 0
 
     def device_of(action: Action) -> int:
         return sched.placement[action.stage]
 
-    # Messages: (producer action, consumer actions). F(s<last) -> F(s+1); F(last) -> B/I(last) (the
-    # loss gradient, local); B/I(s>0) -> B/I(s-1) (and W(s-1) reads the same slot).
+    def owner(i: int) -> int:
+        return i // per_device
+
+    # Inputs: microbatch i leaves its owner in a tick before the forward of its first hop reads it,
+    # on the device of that hop. An owner sends one input per tick: its deliveries are given the
+    # latest free ticks before their reads, scheduled backwards; ticks before the packed schedule's
+    # first one (negative here) become leading delivery-only ticks.
+    send_of: dict[Action, int] = {}  # the forward that reads an input -> its send tick (unshifted)
+    if deliver:
+        readers_by_owner: dict[int, list[Action]] = {}
+        for action in packed:
+            if action.op is Op.F and sched.is_first_hop(action.stage, action.microbatch):
+                readers_by_owner.setdefault(owner(action.microbatch), []).append(action)
+        for readers in readers_by_owner.values():
+            latest = None
+            for reader in sorted(readers, key=lambda a: (packed[a], a.microbatch), reverse=True):
+                sent = packed[reader] - 1 if latest is None else min(packed[reader] - 1, latest - 1)
+                send_of[reader] = latest = sent
+    lead = max(0, -min(send_of.values(), default=0))  # the delivery-only ticks
+    tick_of = {action: t + lead for action, t in packed.items()}
+    deliveries = sorted((t + lead, reader) for reader, t in send_of.items())  # (send tick, reader)
+
+    # Messages: (producer action, consumer actions), along each microbatch's route: F(s) -> F of the
+    # next stage; F at the last hop -> its own B/I (the loss gradient, local); B/I(s) -> B/I of the
+    # previous stage (and W(s-1) reads the same slot). At the first hop a B/I's input gradient, and
+    # forward only a last hop's output, is a result for the microbatch's owner (with `deliver`).
     grad_op: dict[tuple[int, int], Action] = {}
     for action in tick_of:
         if action.op in (Op.B, Op.I):
@@ -213,20 +238,19 @@ def compile_program(
     for action in tick_of:
         s, i = action.stage, action.microbatch
         if action.op is Op.F:
-            if s < last:
-                messages.append((action, [Action(s + 1, Op.F, i)]))
+            following = sched.next_stage(s, i)
+            if following is not None:
+                messages.append((action, [Action(following, Op.F, i)]))
             elif not forward_only:
                 messages.append((action, [grad_op[(s, i)]]))
             elif deliver:
                 results.append(action)
         elif action.op in (Op.B, Op.I):
-            if s > 0:
-                messages.append((action, [grad_op[(s - 1, i)]]))
+            previous = sched.prev_stage(s, i)
+            if previous is not None:
+                messages.append((action, [grad_op[(previous, i)]]))
             elif deliver:
                 results.append(action)
-
-    def owner(i: int) -> int:
-        return i // per_device
 
     def arrival(producer: Action, destination: int) -> int:
         """The tick at whose end `producer`'s message is in `destination`'s inbox."""
@@ -239,13 +263,7 @@ def compile_program(
     offsets = {(device_of(c[0]) - device_of(a)) % p for a, c in messages}
     offsets |= {(owner(a.microbatch) - device_of(a)) % p for a in results}
     channels = tuple(sorted(offsets)) if offsets else (0,)
-
-    # Inputs: microbatch i leaves its owner at the end of the tick before stage 0's forward of it.
-    first_device = sched.placement[0]
-    deliveries: list[tuple[int, Action]] = []  # (send tick, the forward that reads it)
-    if deliver:
-        deliveries = [(t - 1, a) for a, t in tick_of.items() if a.op is Op.F and a.stage == 0]
-    input_channels = tuple(sorted({(first_device - owner(a.microbatch)) % p for _, a in deliveries}))
+    input_channels = tuple(sorted({(device_of(a) - owner(a.microbatch)) % p for _, a in deliveries}))
 
     # Inbox slots per receiving device: pipeline messages and delivered inputs.
     inbox_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
@@ -255,7 +273,7 @@ def compile_program(
             (arrival(producer, destination), max(tick_of[r] for r in readers), producer)
         )
     for sent, reader in deliveries:
-        inbox_intervals[first_device].append((sent, tick_of[reader], ("input", reader.microbatch)))
+        inbox_intervals[device_of(reader)].append((sent, tick_of[reader], ("input", reader.microbatch)))
     inbox_slot_of, num_inbox = _assign_slots(inbox_intervals, strict=False)
 
     # Stash slots: from the F until the last backward op that reads its residuals.
@@ -304,8 +322,8 @@ def compile_program(
         op[t, d] = OP_CODES[action.op]
         chunk[t, d] = local_index[action.stage]
         microbatch[t, d] = action.microbatch
-        is_first[t, d] = action.stage == 0
-        is_last[t, d] = action.stage == last
+        is_first[t, d] = sched.is_first_hop(action.stage, action.microbatch)
+        is_last[t, d] = sched.is_last_hop(action.stage, action.microbatch)
         if action in input_message:
             inbox_slot[t, d] = inbox_slot_of[input_message[action]]
         key = (action.stage, action.microbatch)
@@ -320,10 +338,10 @@ def compile_program(
         src, dst = device_of(action), owner(action.microbatch)
         result_index[arrival(action, dst), dst, channels.index((dst - src) % p)] = action.microbatch % per_device
     for sent, reader in deliveries:
-        src = owner(reader.microbatch)
+        src, dst = owner(reader.microbatch), device_of(reader)
         input_send_index[sent, src] = reader.microbatch % per_device
-        channel = input_channels.index((first_device - src) % p)
-        input_recv_slot[sent, first_device, channel] = inbox_slot_of[("input", reader.microbatch)]
+        channel = input_channels.index((dst - src) % p)
+        input_recv_slot[sent, dst, channel] = inbox_slot_of[("input", reader.microbatch)]
 
     return Program(
         tick_table=table,
