@@ -60,6 +60,10 @@ class TestCommandLineErrors:
             (["--steps", "0"], "--steps: run.steps: must be >= 1, got 0"),
             (["--data-path", "/no/such/place"], "--data-path: data.path: '/no/such/place' does not exist"),
             (["--preset", "huge"], "--preset: unknown preset 'huge'"),
+            (["--profile-steps", "5..3"], "--profile-steps: run.profile_steps: the first step comes after the last"),
+            (["--profile-steps", "x"], "--profile-steps: run.profile_steps: expected N..M (the first and last step"),
+            (["--profile-steps", "3..9"], "--profile-steps: run.profile_steps: the last step must be <= steps (6)"),
+            (["--profile-steps", "0..2"], "--profile-steps: run.profile_steps: the first step must be >= 1"),
         ],
     )
     def test_bad_values_are_named_before_anything_runs(self, args, message, capsys):
@@ -206,3 +210,83 @@ def test_checkpoint_written_before_the_pipeline_memory_changes_still_resumes(tmp
     resumed = train(config, resume=True, stream=io.StringIO())
     assert resumed.first_step == 3
     np.testing.assert_allclose(resumed.losses, [old[3], old[4]], rtol=1e-5)
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _tensorboard_scalars(folder: pathlib.Path) -> dict[str, dict[int, float]]:
+    """Tag -> step -> value, as TensorBoard reads `folder`'s event files: TFRecord framing (checked with
+    its CRCs), files in name order, and a `SessionLog.START` at step s hiding earlier events at steps >= s."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            header = data[offset : offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            (header_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
+            record = data[offset + 12 : offset + 12 + length]
+            (record_crc,) = struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])
+            assert header_crc == _masked_crc32c(header) and record_crc == _masked_crc32c(record), path
+            offset += 16 + length
+            event = event_pb2.Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                for values in scalars.values():
+                    for step in [step for step in values if step >= event.step]:
+                        del values[step]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_metrics_reach_tensorboard_and_profile_steps_write_a_trace(tmp_path):
+    """A run stopped at step 2 and resumed to step 4, profiling steps 2..3 (the second half after the
+    resume): TensorBoard's scalars equal metrics.jsonl, and each part wrote a non-empty trace."""
+    from jpipe.train.loop import train
+
+    out = tmp_path / "run"
+    config = _tiny(out, steps=4, checkpoint_every=2, eval_every=2, profile_steps="2..3")
+    first = io.StringIO()
+    train(dataclasses.replace(config, run=dataclasses.replace(config.run, stop_at_step=2)), stream=first)
+    resumed = io.StringIO()
+    train(config, resume=True, stream=resumed)
+
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    expected: dict[str, dict[int, float]] = {}
+    for record in records:
+        for name, value in record.items():
+            if name != "step":
+                expected.setdefault(name, {})[record["step"]] = value
+    assert set(expected) == {"loss", "grad_norm", "learning_rate", "step_seconds", "tokens_per_second", "eval_loss"}
+    scalars = _tensorboard_scalars(out)
+    assert scalars.keys() == expected.keys()
+    for name, values in expected.items():
+        assert scalars[name].keys() == values.keys(), name
+        for step, value in values.items():
+            assert scalars[name][step] == pytest.approx(value, rel=1e-6), (name, step)
+
+    traces = sorted((out / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 2 and all(trace.stat().st_size > 0 for trace in traces)
+    assert "profile: tracing steps 2..3" in first.getvalue()
+    assert "profile: tracing steps 3..3" in resumed.getvalue()
+    assert "profile: wrote the trace of steps 2..2 (the run stopped before step 3) to " in first.getvalue()
+    assert "profile: wrote the trace of steps 3..3 to " in resumed.getvalue()
+    for log in (first.getvalue(), resumed.getvalue()):
+        assert str(out / "profile" / "plugins" / "profile") in log
+    assert "TensorBoard event files (tensorboard --logdir" in first.getvalue()

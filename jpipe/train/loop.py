@@ -506,8 +506,10 @@ def _restore(checkpointer: Checkpointer, built: TrainStep, stream: IO[str]) -> t
         return pipe.to_pipeline(params), map_params_like(pipe.to_pipeline, opt_state, params_structure)
 
     # One compiled program (see `to_model_state` in `train`), its outputs on the training step's shardings.
-    convert = jax.jit(to_pipeline, out_shardings=(built.param_shardings, built.opt_shardings), donate_argnums=(0, 1))
+    # Not donating its inputs: the layouts differ in shape wherever the stages hold padding layers.
+    convert = jax.jit(to_pipeline, out_shardings=(built.param_shardings, built.opt_shardings))
     params, opt_state = convert(state["params"], state["opt_state"])
+    del state
     stream.write(f"resumed from step {step} (data position {metadata.get('data_position', step)})\n")
     return step, params, opt_state
 
@@ -525,6 +527,7 @@ class StepProfiler:
         self.directory = directory
         self.progress = progress
         self.first_traced: int | None = None
+        self.last_traced: int | None = None
         self._existing: set[pathlib.Path] = set()
 
     def before(self, step: int) -> None:
@@ -536,21 +539,29 @@ class StepProfiler:
         self.first_traced = step
 
     def after(self, step: int, outputs: PyTree) -> None:
-        if self.first_traced is not None and step == self.steps[1]:
+        if self.first_traced is None:
+            return
+        self.last_traced = step
+        if step == self.steps[1]:
             jax.block_until_ready(outputs)
-            self._stop(step)
+            self._stop()
 
     def close(self) -> None:
         if self.first_traced is not None:
-            self._stop(None)
+            self._stop()
 
     def _files(self) -> list[pathlib.Path]:
         return sorted(self.directory.glob("plugins/profile/*/*"))
 
-    def _stop(self, last: int | None) -> None:
+    def _stop(self) -> None:
         jax.profiler.stop_trace()
-        traced = f"{self.first_traced}..{last}" if last is not None else f"{self.first_traced} to the run's end"
-        self.first_traced = None
+        if self.last_traced is None:
+            traced = f"{self.first_traced} (unfinished)"
+        else:
+            traced = f"{self.first_traced}..{self.last_traced}"
+            if self.last_traced < self.steps[1]:
+                traced += f" (the run stopped before step {self.steps[1]})"
+        self.first_traced = self.last_traced = None
         written = [path for path in self._files() if path not in self._existing]
         where = written[0].parent if written else self.directory
         self.progress.message(
