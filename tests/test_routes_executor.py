@@ -315,3 +315,63 @@ def test_skipped_model_stage_gets_no_gradient():
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, ref_grads)
     assert all(float(jnp.abs(g[3]).max()) == 0.0 for g in jax.tree.leaves(grads[0]))
+
+
+# --- the pipelined language model ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "virtual"), [("dualpipe", 2), ("bitpipe", 4)])
+def test_pipelined_lm_with_replicas_matches_the_model(name, virtual):
+    """PipelinedLM on a replicated schedule: one copy per logical stage, the model's loss and gradients.
+
+    6 layers over the model stages (dualpipe: 2 of 3 layers; bitpipe: 4, padded to 2 slots), float64
+    as in test_models. Every copy of a model stage gets the summed gradient, so an SGD step keeps the
+    copies equal, and `to_model` (the checkpoint layout) holds each model stage once.
+    """
+    import dataclasses
+
+    from lm_cases import TINY, batch, mesh_of, model_params, reference_step
+
+    from jpipe.models import PipelinedLM
+
+    params32 = model_params(TINY)
+    with jax.enable_x64(True):
+        config = dataclasses.replace(TINY, compute_dtype="float64", param_dtype="float64")
+        schedule = schedules.build(name, 2, 4, virtual)
+        pipe = PipelinedLM(config, schedule=schedule, mesh=mesh_of((1, 2, 1)))
+        assert pipe.layout.num_stages == schedule.num_model_stages
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params32)
+        placed = pipe.place(params)
+        loss, grads = jax.jit(pipe.value_and_grad())(placed, *batch(config))
+        ref_loss, ref_grads = reference_step(config)(params, *batch(config))
+        assert_trees_close(loss, ref_loss)
+        assert_trees_close(pipe.to_model(grads), ref_grads)
+        assert_trees_close(pipe.to_model(placed), params)
+        rows = pipe.placement.device_major_model
+        for leaf in jax.tree.leaves(grads["blocks"]):
+            leaf = np.asarray(leaf)
+            for k in range(schedule.num_model_stages):
+                copies = leaf[rows == k]
+                assert len(copies) == 2 and np.array_equal(copies[0], copies[1])
+
+
+def test_training_config_takes_routed_schedules_and_skip_ratio():
+    import dataclasses
+
+    from jpipe.train.config import ConfigError, ParallelConfig
+    from jpipe.train.presets import preset
+
+    config = preset("tiny")
+    for parallel in (
+        ParallelConfig(stage=2, virtual=4, schedule="bitpipe", microbatches=2),
+        ParallelConfig(stage=2, virtual=2, schedule="dualpipe", microbatches=4),
+        ParallelConfig(stage=2, virtual=2, schedule="skippipe", microbatches=2, skip_ratio=0.5),
+    ):
+        dataclasses.replace(config, parallel=parallel)  # the schedule builds
+    assert ParallelConfig(schedule="skippipe", skip_ratio=0.5).schedule_options == {"skip_ratio": 0.5}
+    with pytest.raises(ConfigError, match="skip_ratio: only for schedule 'skippipe'"):
+        ParallelConfig(schedule="1f1b", skip_ratio=0.5)
+    with pytest.raises(ConfigError, match="skip_ratio"):
+        dataclasses.replace(
+            config, parallel=ParallelConfig(stage=2, virtual=2, schedule="skippipe", microbatches=2, skip_ratio=0.9)
+        )

@@ -26,6 +26,14 @@ How each kind of parallelism enters:
 Block parameters go to the executor in their storage (device) order (`stage_order="device"`), so
 with several stages per device (interleaved, ZB-V) no stage parameter or gradient moves between
 devices either.
+
+Schedules with replicas (DualPipe, BitPipe: `Schedule.model_stage`) split the layers into
+`schedule.num_model_stages` model stages; the pipeline layout stores one copy of a model stage's
+blocks per logical stage computing it (`[S, ...]` rows, device-major), and each copy's gradient is
+the sum over the copies (`StagePlacement.sum_replicas`), so the optimizer keeps them equal. The model
+layout (`to_model`, checkpoints) holds each model stage once. A global-norm gradient clip over the
+pipeline layout counts a replicated block once per copy. Routes (SkipPipe) need nothing here: a
+microbatch runs the embedding where it enters and the head where it leaves.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ class PipelinedLM:
 
     Attributes:
       config: the model.
-      schedule: any schedule the executor runs; its `num_stages` logical stages share the layers.
+      schedule: any schedule the executor runs; its `num_model_stages` model stages share the layers
+        (`num_stages` without replicas).
       mesh: a mesh with a `stage` axis of `schedule.num_devices` devices (see
         `jpipe.parallel.make_mesh`); a `data` axis, if present, splits each microbatch's batch.
       rules: logical -> mesh axes and FSDP on/off.
@@ -84,7 +93,7 @@ class PipelinedLM:
     def __post_init__(self):
         if STAGE not in self.mesh.shape:
             raise ValueError(f"mesh: no {STAGE!r} axis (axes: {dict(self.mesh.shape)}); see jpipe.parallel.make_mesh")
-        layout = as_layout(self.layout, self.config.num_layers, self.schedule.num_stages)
+        layout = as_layout(self.layout, self.config.num_layers, self.schedule.num_model_stages)
         object.__setattr__(self, "layout", layout)
 
     @property
@@ -126,16 +135,22 @@ class PipelinedLM:
     @property
     def padding(self) -> np.ndarray:
         """`[S, layers_per_stage]` bool, rows in storage order: True at padding slots of the blocks."""
-        return self.placement.to_device_order(self.layout.mask) == 0
+        return self.placement.model_to_device(self.layout.mask) == 0
 
     def to_pipeline(self, model_params: PyTree) -> PyTree:
-        """Model-layout params (blocks `[L, ...]`) -> pipeline layout (blocks `[S, slots, ...]`, device-major)."""
-        stages = self.layout.to_stages(model_params["blocks"])
-        return {**model_params, "blocks": self.placement.to_device_order(stages)}
+        """Model-layout params (blocks `[L, ...]`) -> pipeline layout (blocks `[S, slots, ...]`, device-major).
+
+        With replicas, each logical stage's rows are a copy of its model stage's layers.
+        """
+        stages = self.layout.to_stages(model_params["blocks"])  # [K, slots, ...]
+        return {**model_params, "blocks": self.placement.model_to_device(stages)}
 
     def to_model(self, params: PyTree) -> PyTree:
-        """Pipeline layout -> model layout (e.g. to compare with, or load into, `GPT`)."""
-        stages = self.placement.to_logical_order(params["blocks"])
+        """Pipeline layout -> model layout (e.g. to compare with, or load into, `GPT`).
+
+        With replicas, each model stage is read from its first copy (the copies are equal).
+        """
+        stages = self.placement.model_rows(params["blocks"])  # [K, slots, ...]
         return {**params, "blocks": self.layout.from_stages(stages)}
 
     def place(self, model_params: PyTree) -> PyTree:
@@ -177,7 +192,7 @@ class PipelinedLM:
         embed_fn = parts.embed
 
         def prologue(embed_params: PyTree, tokens: jax.Array) -> jax.Array:
-            """Token ids `[B, T]` -> activations `[B, T, D]`, on the device holding stage 0."""
+            """Token ids `[B, T]` -> activations `[B, T, D]`, on the device of each microbatch's first hop."""
             return embed_fn({"embed": embed_params}, tokens)
 
         pipelined = executor.value_and_grad(
@@ -204,7 +219,7 @@ class PipelinedLM:
             embed_params = jax.lax.with_sharding_constraint(params["embed"], embed_in_use)
             stage_params = params["blocks"]  # device order, as stored
             if layout.padded:
-                stage_params = {"layer": stage_params, "active": self.placement.to_device_order(layout.mask)}
+                stage_params = {"layer": stage_params, "active": self.placement.model_to_device(layout.mask)}
             loss, (stage_grads, loss_grads, embed_grads) = pipelined(
                 stage_params, parts.loss_params(params), tokens, targets, embed_params
             )

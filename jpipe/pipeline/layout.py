@@ -14,7 +14,7 @@ That axis has these orders:
 
 `StagePlacement` owns these mappings. The executor, the AD-GPipe baseline and the pipelined model
 convert through it (`to_device_order`, `to_logical_order`, `model_to_device`, `device_to_model`,
-`sum_replicas`, `split_devices`), so each permutation is written once. Checkpoints are stored by
+`model_rows`, `sum_replicas`, `split_devices`), so each permutation is written once. Checkpoints are stored by
 layer (model layout); `PipelinedLM.to_pipeline` / `to_model` go through it too.
 """
 
@@ -133,6 +133,21 @@ class StagePlacement:
         if not self.has_replicas:
             return self.to_logical_order(tree, mesh)
         return _sum_rows(tree, self.device_major_model, self.num_model_stages, mesh)
+
+    def model_rows(self, tree: PyTree, mesh: jax.sharding.Mesh | None = None) -> PyTree:
+        """Leaves `[S, ...]` device-major rows -> `[K, ...]` in model-stage order, one copy each.
+
+        For parameters (and optimizer state) whose replica rows are equal copies: each model stage
+        takes the row of its first replica (lowest logical stage). Without replicas this is
+        `to_logical_order`; the inverse of `model_to_device` on such trees.
+        """
+        if not self.has_replicas:
+            return self.to_logical_order(tree, mesh)
+        row_of = {int(s): row for row, s in enumerate(self.device_major)}  # logical stage -> its row
+        first = {}
+        for stage in range(self.num_stages):  # increasing: the first replica of each model stage wins
+            first.setdefault(self.model_stage[stage], row_of[stage])
+        return _take_rows(tree, np.array([first[k] for k in range(self.num_model_stages)], np.int32), mesh)
 
     def sum_replicas(self, tree: PyTree, mesh: jax.sharding.Mesh | None = None) -> PyTree:
         """Leaves `[S, ...]` device-major -> `[S, ...]`, each row the sum of its model stage's replica rows.

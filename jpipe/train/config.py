@@ -13,7 +13,7 @@ import pathlib
 import re
 from typing import Any
 
-from jpipe.schedules.generators import SCHEDULES
+from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES
 
 REMAT_CHOICES = ("none", "full", "dots")
 AUTO = "auto"  # `parallel.schedule`: search a schedule for the measured model (`jpipe.train.auto`)
@@ -113,11 +113,14 @@ class ParallelConfig:
       stage: pipeline devices (the mesh's stage axis).
       tensor: tensor-parallel devices per stage (Megatron: attention heads, MLP hidden units and
         the vocabulary are split over them, so it must divide each).
-      virtual: model chunks per pipeline device (2 for interleaved_1f1b, zbv, dualpipev); the model
-        has stage x virtual pipeline stages. With schedule "auto": the most chunks per device the
-        search may use (it tries 1 to virtual).
-      schedule: the pipeline schedule (`jpipe.schedules.SCHEDULES`), or "auto": search one for the
-        measured model within memory_limit (`jpipe.train.auto`; the run keeps it as schedule.csv).
+      virtual: model chunks per pipeline device (2 for interleaved_1f1b, zbv, dualpipev, dualpipe;
+        4 for bitpipe); the model has stage x virtual pipeline stages, or half as many with
+        replicas (dualpipe, bitpipe: every model stage has two copies, on two devices). With
+        schedule "auto": the most chunks per device the search may use (it tries 1 to virtual).
+      schedule: the pipeline schedule (`jpipe.schedules.SCHEDULES`, or one with replicas or
+        per-microbatch routes from `jpipe.schedules.ROUTED_SCHEDULES`: bitpipe, dualpipe,
+        skippipe), or "auto": search one for the measured model within memory_limit
+        (`jpipe.train.auto`; the run keeps it as schedule.csv).
       microbatches: microbatches per step; the batch size must divide by microbatches x data.
       fsdp: also store parameters and optimizer state split over the data axis (gathered once per
         step, outside the tick loop).
@@ -134,6 +137,8 @@ class ParallelConfig:
         whole share of the layers) or bytes with a unit (e.g. 512MiB, 2GB: converted with the
         measured bytes of one stash). Unset: what 1F1B needs.
       search_time: schedule "auto" only: seconds the search may take (single-process runs).
+      skip_ratio: schedule "skippipe" only: the share of stage visits the microbatches skip (the
+        first and last stage are never skipped; `jpipe.schedules.skippipe`). Unset: its default.
     """
 
     data: int = 2
@@ -148,15 +153,20 @@ class ParallelConfig:
     overlap_sends: bool | str = "auto"
     memory_limit: float | str | None = None
     search_time: float = 30.0
+    skip_ratio: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("data", "stage", "tensor", "virtual", "microbatches"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"parallel.{name}: must be an integer >= 1, got {value!r}")
         _require(
-            self.schedule in SCHEDULES or self.schedule == AUTO,
-            f"parallel.schedule: unknown schedule {self.schedule!r}; known: {', '.join(sorted(SCHEDULES))}, "
-            f"or {AUTO!r} (searched)",
+            self.schedule in SCHEDULES or self.schedule in ROUTED_SCHEDULES or self.schedule == AUTO,
+            f"parallel.schedule: unknown schedule {self.schedule!r}; known: "
+            f"{', '.join(sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES))}, or {AUTO!r} (searched)",
+        )
+        _require(
+            self.skip_ratio is None or self.schedule == "skippipe",
+            f"parallel.skip_ratio: only for schedule 'skippipe', got schedule {self.schedule!r}",
         )
         _require(self.remat in REMAT_CHOICES, f"parallel.remat: expected one of {REMAT_CHOICES}, got {self.remat!r}")
         _require(
@@ -188,6 +198,11 @@ class ParallelConfig:
     @property
     def num_devices(self) -> int:
         return self.data * self.stage * self.tensor
+
+    @property
+    def schedule_options(self) -> dict[str, Any]:
+        """Keyword options for `jpipe.schedules.build(schedule, ...)` (skippipe's `skip_ratio`)."""
+        return {} if self.skip_ratio is None else {"skip_ratio": self.skip_ratio}
 
     @property
     def num_stages(self) -> int:

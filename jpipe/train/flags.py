@@ -34,6 +34,7 @@ SHORT_NAMES = {
     "parallel.overlap_sends": "overlap_sends",
     "parallel.memory_limit": "memory_limit",
     "parallel.search_time": "search_time",
+    "parallel.skip_ratio": "skip_ratio",
     "run.steps": "steps",
     "run.checkpoint_every": "checkpoint_every",
     "run.keep_checkpoints": "keep_checkpoints",

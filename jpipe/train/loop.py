@@ -240,6 +240,7 @@ def build_train_step(
             parallel.microbatches,
             parallel.virtual,
             send_latency=auto.send_latency(config),
+            **parallel.schedule_options,
         )
     pipe = PipelinedLM(
         config.model,

@@ -44,7 +44,13 @@ class TrainConfig:
                 )
         else:
             try:
-                build(parallel.schedule, parallel.stage, parallel.microbatches, parallel.virtual)
+                build(
+                    parallel.schedule,
+                    parallel.stage,
+                    parallel.microbatches,
+                    parallel.virtual,
+                    **parallel.schedule_options,
+                )
             except ScheduleError as error:
                 raise ConfigError(f"parallel (schedule/stages/microbatches/virtual): {error}") from error
         if self.model.vocab_size < 256:
