@@ -228,3 +228,18 @@ def test_the_readme_config_file_example_builds(tmp_path):
     config = _config("--config", str(tmp_path / "exp.toml"), "--steps", "500")
     assert (config.parallel.schedule, config.parallel.virtual, config.model.num_layers) == ("zbv", 2, 8)
     assert config.optimizer.learning_rate == 1e-3 and config.run.steps == 500 and config.run.out == "runs/tiny"
+
+
+@pytest.mark.parametrize(
+    ("args", "virtual"),
+    [
+        (["--schedule", "zbv"], 2),
+        (["--schedule", "bitpipe"], 4),
+        (["--schedule", "1f1b"], 1),
+        (["--schedule", "zbv", "--virtual", "2"], 2),
+        (["--schedule", "interleaved_1f1b", "--virtual", "3"], 3),
+    ],
+)
+def test_a_schedule_without_virtual_gets_its_own_chunks_per_device(args, virtual):
+    config = cli.build_config(cli.parse(args))
+    assert config.parallel.virtual == virtual

@@ -152,3 +152,18 @@ def test_executor_runs_stp_flattened():
         ref_loss, ref_grads = reference_value_and_grad(*problem)
         assert_trees_close(loss, ref_loss)
         assert_trees_close(grads, ref_grads)
+
+
+def test_forward_runs_a_schedule_with_composites():
+    """`jpipe.forward` keeps the forwards of composites too (in their flattened order)."""
+    jax = pytest.importorskip("jax")
+    from conftest import make_mesh_or_skip
+    from pipeline_cases import assert_trees_close, make_problem, sequential_outputs, stage_fn
+
+    import jpipe
+
+    schedule = build("stp", 2, 5)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    stage_params, _, inputs, _ = make_problem(schedule.num_stages, schedule.num_microbatches)
+    outputs = jax.jit(jpipe.forward(stage_fn, schedule=schedule, mesh=mesh))(stage_params, inputs)
+    assert_trees_close(outputs, sequential_outputs(stage_params, inputs))

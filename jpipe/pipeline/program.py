@@ -166,8 +166,8 @@ def _assign_slots(intervals_per_device: list[list[tuple[int, int, object]]], str
 
 
 def forward_only_schedule(schedule: Schedule) -> Schedule:
-    """The schedule's forwards, in each device's order (an inference fill/drain)."""
-    rows = tuple(tuple(a for a in row if a.op is Op.F) for row in schedule.actions)
+    """The schedule's forwards, in each device's order (an inference fill/drain; composites flattened)."""
+    rows = tuple(tuple(a for a in row if a.op is Op.F) for row in schedule.flattened().actions)
     return dataclasses.replace(schedule, actions=rows, name=f"{schedule.name}[forward]")
 
 

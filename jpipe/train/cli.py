@@ -106,6 +106,22 @@ def _config_file(args: argparse.Namespace) -> ConfigFile | None:
     return read_toml(args.config, preset("quickstart"))
 
 
+def _default_virtual(overrides: dict, sources: dict) -> None:
+    """A named schedule given without `--virtual` runs with its own chunks per device (zbv 2, bitpipe 4).
+
+    Only when the virtual is given nowhere (flag or config file); unknown names are left to the
+    config's own validation, which lists the known ones.
+    """
+    name = overrides.get("parallel.schedule")
+    if name is None or "parallel.virtual" in overrides:
+        return
+    from jpipe import schedules
+
+    if name in schedules.SCHEDULES or name in schedules.ROUTED_SCHEDULES:
+        overrides["parallel.virtual"] = schedules.default_virtual(name)
+        sources["parallel.virtual"] = sources.get("parallel.schedule", "--schedule")
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The configuration `args` ask for (raises ConfigError naming the flag or file at fault).
 
@@ -119,6 +135,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     sources = {key: file.path for key in file.overrides} if file else {}
     sources.update({key: flag_name(key) for key in flags})
     overrides = {**(file.overrides if file else {}), **flags}
+    _default_virtual(overrides, sources)
     base = preset(args.preset or (file.preset if file else None) or "quickstart")
     try:
         if getattr(args, "resume", False):
