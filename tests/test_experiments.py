@@ -7,6 +7,7 @@ setup is what is tested.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -160,3 +161,28 @@ def test_tp_overlap_counts_the_tick_loops_all_reduces(tmp_path, cache):
         assert in_loop > 0 and 0 <= hidden <= asynchronous <= in_loop  # tensor parallelism's all-reduces
         assert composites is None or cells[2] == composites
     assert int(rows["stp"][2]) > 0
+
+
+def test_skippipe(tmp_path, cache):
+    result = run_experiment("skippipe.py", "--quick", "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "skippipe.md").read_text()
+    assert table in result.stdout
+    assert "| schedule | costs | lockstep | / 1f1b | async | / 1f1b |" in table
+    assert "| run | skip ratio | final train loss | pipeline eval loss | full-model eval loss |" in table
+    spans = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[1] in ("unit", "measured"):
+            spans[cells[0], cells[1]] = (float(cells[2]), float(cells[4]))
+    assert len(spans) == 8
+    for costs in ("unit", "measured"):
+        for mode in (0, 1):  # lockstep, async: skipping half the middle visits shortens the step
+            assert spans["skippipe 0.5", costs][mode] < spans["skippipe 0", costs][mode]
+    runs = [line for line in table.splitlines() if line.startswith(("| 1f1b | 0 |", "| skippipe-"))]
+    assert [line.split("|")[1].strip() for line in runs] == ["1f1b", "skippipe-0.25", "skippipe-0.5"]
+    for line in runs:
+        losses = [float(cell) for cell in line.split("|")[3:6]]
+        assert all(math.isfinite(loss) and loss > 0 for loss in losses)
+    # The full pipeline's own eval and the unpipelined full model on the same batches agree.
+    full = [float(cell) for cell in runs[0].split("|")[4:6]]
+    assert abs(full[0] - full[1]) < 1e-3
