@@ -414,13 +414,21 @@ def test_experiment_runs_on_the_quick_starts_measured_costs(tmp_path):
     """`--costs quickstart`: the measured weight residuals count, slots and bytes in the table."""
     script = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "schedule_search.py"
     args = ["--out", str(tmp_path), "--costs", "quickstart", "--budget", "300", "--microbatches", "8"]
-    args += ["--latencies", "0", "--limits", "4.25,6"]
+    args += ["--latencies", "0", "--limits", "4.5,6"]
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "schedule_search.md").read_text()
-    assert table.count("\n") == 2 + 2 and "| 0 | 8 | 4.25 | 1f1b (1) | 71.9 |" in table, table
-    assert "| 4 + 1 |" in table and " MiB |" in table
-    assert "weight residuals 0.233 of a stash" in result.stdout
+    assert table.count("\n") == 2 + 2, table
+    # The measured costs depend on the JAX version (XLA's FLOP and byte counts); the relations do not.
+    weight = float(re.search(r"weight residuals ([0-9.]+) of a stash", result.stdout).group(1))
+    assert 0 < weight < 0.5  # so 1F1B (4 stash slots + 1 weight slot) fits a limit of 4.5
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    for cells, limit in zip(rows, (4.5, 6.0)):
+        assert float(cells[2]) == limit
+        memory = float(cells[10].split(" = ")[0])  # searched buffers, in stashes
+        assert memory <= limit and cells[10].endswith("MiB")
+        assert float(cells[5]) <= float(cells[4])  # never worse than the best named schedule
+    assert rows[0][3] == "1f1b (1)" and rows[0][8] == "4 + 1"
 
 
 def test_readme_search_example_runs():
