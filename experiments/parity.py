@@ -110,15 +110,20 @@ def make_config(args: argparse.Namespace, schedule: str, out: pathlib.Path) -> T
     )
 
 
-def run_pipelined(config: TrainConfig) -> list[float]:
-    """Train with the training system; returns the per-step losses."""
+def train_fresh(config: TrainConfig):
+    """Train with the training system into an emptied `config.run.out` (its log in log.txt); the run's summary."""
     out = pathlib.Path(config.run.out)
     if out.exists():
         shutil.rmtree(out)  # a fresh run each time (train refuses to overwrite checkpoints)
     log = io.StringIO()
     summary = train(config, stream=log)
     (out / "log.txt").write_text(log.getvalue())
-    return list(summary.losses)
+    return summary
+
+
+def run_pipelined(config: TrainConfig) -> list[float]:
+    """Train with the training system; returns the per-step losses."""
+    return list(train_fresh(config).losses)
 
 
 def run_unpipelined(config: TrainConfig, accumulate: bool = False) -> list[float]:

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import os
 import pathlib
-import shutil
 
 # Fake CPU devices must be requested before JAX starts (ignored by GPU and TPU backends).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -47,12 +45,14 @@ from flax import nnx  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from parity import train_fresh  # noqa: E402  (experiments/parity.py, a sibling script)
+
 from jpipe import schedules  # noqa: E402
 from jpipe.models import GPT, params_of, reference_value_and_grad  # noqa: E402
 from jpipe.train import auto  # noqa: E402
 from jpipe.train.checkpoint import Checkpointer  # noqa: E402
 from jpipe.train.data import ByteDataset, build_corpus  # noqa: E402
-from jpipe.train.loop import cache_dir, train  # noqa: E402
+from jpipe.train.loop import cache_dir  # noqa: E402
 from jpipe.train.metrics import read_metrics  # noqa: E402
 from jpipe.train.optimizer import make_optimizer  # noqa: E402
 from jpipe.train.presets import TrainConfig, preset  # noqa: E402
@@ -146,11 +146,7 @@ def full_model_eval(config: TrainConfig) -> float:
 
 def run_training(config: TrainConfig) -> dict:
     out = pathlib.Path(config.run.out)
-    if out.exists():
-        shutil.rmtree(out)  # a fresh run each time (train refuses to overwrite checkpoints)
-    log = io.StringIO()
-    summary = train(config, stream=log)
-    (out / "log.txt").write_text(log.getvalue())
+    summary = train_fresh(config)
     records = read_metrics(out / "metrics.jsonl")
     # Step 1 compiles; the wall time per step is the median of the others.
     seconds = [r["step_seconds"] for r in records if "step_seconds" in r and r["step"] > 1]

@@ -325,15 +325,20 @@ def test_prologue_runs_inside_the_pipeline_and_gets_its_gradient(name, virtual, 
         jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, split_backward=split, prologue=_prologue)
     )
     loss, grads = step(stage_params, loss_params, raw, targets, prologue_params)
+    _assert_prologue_parity(_prologue, (loss, grads), stage_params, loss_params, raw, targets, prologue_params)
+
+
+def _assert_prologue_parity(prologue, result, stage_params, loss_params, raw, targets, prologue_params):
+    """`result` (loss, grads) equals the sequential model's with `prologue` before the stages."""
 
     def reference(stage_params, loss_params, prologue_params):
-        x = jax.vmap(lambda r: _prologue(prologue_params, r))(raw)
+        x = jax.vmap(lambda r: prologue(prologue_params, r))(raw)
         outputs = sequential_outputs(stage_params, x)
         return jnp.mean(jax.vmap(lambda y, t: loss_fn(loss_params, y, t))(outputs, targets))
 
     ref_loss, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(stage_params, loss_params, prologue_params)
-    assert_trees_close(loss, ref_loss)
-    assert_trees_close(grads, ref_grads)
+    assert_trees_close(result[0], ref_loss)
+    assert_trees_close(result[1], ref_grads)
 
 
 def _mixing_prologue(prologue_params, raw):
@@ -361,16 +366,8 @@ def test_prologue_and_loss_gradients_share_an_accumulator_when_no_device_runs_bo
     }
     step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, prologue=_mixing_prologue)
     assert _EndSlots.of(step.program, loss_params, prologue_params).shared == shared
-    loss, grads = jax.jit(step)(stage_params, loss_params, raw, targets, prologue_params)
-
-    def reference(stage_params, loss_params, prologue_params):
-        x = jax.vmap(lambda r: _mixing_prologue(prologue_params, r))(raw)
-        outputs = sequential_outputs(stage_params, x)
-        return jnp.mean(jax.vmap(lambda y, t: loss_fn(loss_params, y, t))(outputs, targets))
-
-    ref_loss, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(stage_params, loss_params, prologue_params)
-    assert_trees_close(loss, ref_loss)
-    assert_trees_close(grads, ref_grads)
+    result = jax.jit(step)(stage_params, loss_params, raw, targets, prologue_params)
+    _assert_prologue_parity(_mixing_prologue, result, stage_params, loss_params, raw, targets, prologue_params)
 
 
 def test_prologue_params_must_match_the_prologue_option():

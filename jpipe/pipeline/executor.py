@@ -531,15 +531,14 @@ class _EndSlots:
       first_devices, last_devices: the devices running first / last hops (`[p]` 0/1 tables).
     """
 
-    def __init__(self, buffers, loss, prologue, shared, loss_tree, prologue_tree, first_devices, last_devices):
+    def __init__(self, buffers, loss, prologue, shared, first_devices, last_devices):
         self.buffers, self.loss, self.prologue, self.shared = buffers, loss, prologue, shared
-        self.loss_tree, self.prologue_tree = loss_tree, prologue_tree
         self.first_devices, self.last_devices = first_devices, last_devices
 
     @classmethod
     def of(cls, program: prog.Program, loss_params: PyTree, prologue_params: PyTree) -> _EndSlots:
-        loss_leaves, loss_tree = jax.tree.flatten(loss_params)
-        prologue_leaves, prologue_tree = jax.tree.flatten(prologue_params)
+        loss_leaves = jax.tree.leaves(loss_params)
+        prologue_leaves = jax.tree.leaves(prologue_params)
         first_devices = (program.is_first == 1).any(axis=0)
         last_devices = (program.is_last == 1).any(axis=0)
         can_share = not (first_devices & last_devices).any()
@@ -566,8 +565,6 @@ class _EndSlots:
             tuple(loss),
             tuple(prologue),
             bool(taken),
-            loss_tree,
-            prologue_tree,
             jnp.asarray(first_devices),
             jnp.asarray(last_devices),
         )
@@ -585,14 +582,13 @@ class _EndSlots:
 
     def reduce(self, buffers, indices, holds, like: PyTree, axis: str, data_mean) -> PyTree:
         """The sums at `indices`, psum'd over the pipeline, in `like`'s structure and dtypes."""
-        tree = self.loss_tree if indices is self.loss else self.prologue_tree
         leaves = []
         for index, example in zip(indices, jax.tree.leaves(like)):
             value = buffers[index]
             if self.shared:
                 value = jnp.where(holds, value, jnp.zeros_like(value))
             leaves.append(data_mean(lax.psum(value, axis)).astype(example.dtype))
-        return jax.tree.unflatten(tree, leaves)
+        return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def _same_buffer(a: jax.Array, b: jax.Array) -> bool:
