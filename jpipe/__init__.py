@@ -1,9 +1,9 @@
 """jpipe: pipeline-parallel training in SPMD JAX, every major schedule from one executor.
 
-    import jpipe
-    schedule = jpipe.schedules.build("1f1b", num_devices=4, num_microbatches=8)
-    step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh)
-    loss, (stage_grads, loss_grads, input_grads) = jax.jit(step)(stage_params, loss_params, x, y)
+import jpipe
+schedule = jpipe.schedules.build("1f1b", num_devices=4, num_microbatches=8)
+step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh)
+loss, (stage_grads, loss_grads, input_grads) = jax.jit(step)(stage_params, loss_params, x, y)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["forward", "layered", "measure_costs", "schedules", "value_and_grad"]
+__all__ = ["PipelinedModel", "forward", "forward_loss", "layered", "measure_costs", "schedules", "value_and_grad"]
 __version__ = "0.1.0"
 
 # Lazy attributes: `import jpipe.schedules` must work without importing jax.
@@ -19,9 +19,11 @@ _LAZY = {
     "schedules": ("jpipe.schedules", None),
     "pipeline": ("jpipe.pipeline", None),
     "forward": ("jpipe.pipeline", "forward"),
+    "forward_loss": ("jpipe.pipeline", "forward_loss"),
     "value_and_grad": ("jpipe.pipeline", "value_and_grad"),
     "layered": ("jpipe.pipeline", "layered"),
     "measure_costs": ("jpipe.pipeline", "measure_costs"),
+    "PipelinedModel": ("jpipe.models", "PipelinedModel"),
 }
 
 

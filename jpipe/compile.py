@@ -46,6 +46,19 @@ EXAMPLE_TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5e:4x4", "v5p:2x2x1", "v5p:2x2x2"
 GIB = 2**30
 MIB = 2**20
 
+TPU_ASYNC_ALL_REDUCE_FLAGS = (
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=true",
+    "--xla_enable_async_all_reduce=true",
+    "--xla_jf_crs_combiner_threshold_count=1",
+)
+"""libtpu flags (`LIBTPU_INIT_ARGS`, set before JAX starts) under which XLA's TPU compiler runs an
+all-reduce asynchronously, fused with independent compute (its async collective fusion), instead of
+synchronously. The last one stops it from combining independent all-reduces into one: two
+tensor-parallel all-reduces of a braided tick's two ops, combined, would wait for both ops. Without
+all four, every all-reduce in the tick loop stays synchronous (libtpu 0.0.42.1 and 0.0.50.1;
+`experiments/tp_overlap.py`)."""
+
 # HBM per chip by `device.device_kind`, as the Cloud TPU documentation gives it. Deviceless
 # topology devices expose no memory size (`memory_stats()` needs an attached device), hence a table.
 HBM_PER_CHIP = {

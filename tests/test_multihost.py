@@ -58,10 +58,30 @@ def test_a_killed_peer_stops_the_other_process_with_an_error(tmp_path):
     handles = [open(log, "w") for log in logs]  # noqa: SIM115 - closed in finally
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "jpipe.train", *RUN, "--steps", "1000", "--checkpoint-every", "1000",
-             "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-             "--process-id", str(i), "--heartbeat-timeout", "10"],
-            stdout=handles[i], stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "jpipe.train",
+                *RUN,
+                "--steps",
+                "1000",
+                "--checkpoint-every",
+                "1000",
+                "--out",
+                str(out),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--heartbeat-timeout",
+                "10",
+            ],
+            stdout=handles[i],
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=ROOT,
         )  # fmt: skip
         for i in range(2)
     ]

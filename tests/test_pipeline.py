@@ -520,3 +520,30 @@ def test_two_stream_schedules_with_hidden_sends_match_sequential(name, virtual):
     schedule = schedules.build(name, 2, 5, virtual, send_latency=1)
     assert schedule.name == f"{name}[2 streams]"
     _run_and_compare(schedule, overlap_sends=True)
+
+
+@pytest.mark.parametrize(("name", "p", "m"), [("1f1b", 4, 6), ("stp", 2, 5), ("skippipe", 4, 8)])
+def test_forward_loss_is_the_gradient_steps_loss_without_backward_ops(name, p, m):
+    from jpipe.pipeline.program import FORWARD, IDLE
+
+    schedule = schedules.build(name, p, m)
+    mesh = make_mesh_or_skip((p,), ("stage",))
+    problem = make_problem(schedule.num_model_stages, m)
+    evaluate = jpipe.forward_loss(stage_fn, loss_fn, schedule=schedule, mesh=mesh)
+    assert set(np.unique(evaluate.program.op)) <= {IDLE, FORWARD}
+    loss, _ = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh))(*problem)
+    assert_trees_close(jax.jit(evaluate)(*problem), loss)
+
+
+def test_forward_loss_runs_the_prologue():
+    schedule = schedules.build("zbv", 2, 4)
+    mesh = make_mesh_or_skip((2,), ("stage",))
+    stage_params, loss_params, inputs, targets = make_problem(schedule.num_stages, 4)
+    raw = {"h": inputs["h"][..., :2], "aux": inputs["aux"]}
+    prologue_params = {"proj": jax.random.normal(jax.random.key(7), (2, WIDTH)), "gain": jnp.float32(1.3)}
+    args = (stage_params, loss_params, raw, targets, prologue_params)
+    evaluate = jpipe.forward_loss(stage_fn, loss_fn, schedule=schedule, mesh=mesh, prologue=_prologue)
+    step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, prologue=_prologue)
+    assert_trees_close(jax.jit(evaluate)(*args), jax.jit(step)(*args)[0])
+    with pytest.raises(ValueError, match="prologue_params"):
+        evaluate(stage_params, loss_params, raw, targets)

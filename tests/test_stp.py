@@ -136,24 +136,6 @@ def test_stp_peak_chunk_activations(p: int, m: int):
     assert [2 * peak for peak in peaks] == [max(3 * p + 1, 3 * p + r) for r in range(p)]
 
 
-def test_executor_runs_stp_flattened():
-    """The executor packs composites one op after the other: pipelined == sequential."""
-    jax = pytest.importorskip("jax")
-    from conftest import make_mesh_or_skip
-    from pipeline_cases import assert_trees_close, loss_fn, make_problem, reference_value_and_grad, stage_fn
-
-    import jpipe
-
-    for schedule in (build("stp", 2, 5), build("dualpipev", 2, 4, overlap=True)):
-        mesh = make_mesh_or_skip((schedule.num_devices,), ("stage",))
-        problem = make_problem(schedule.num_stages, schedule.num_microbatches)
-        step = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh))
-        loss, grads = step(*problem)
-        ref_loss, ref_grads = reference_value_and_grad(*problem)
-        assert_trees_close(loss, ref_loss)
-        assert_trees_close(grads, ref_grads)
-
-
 def test_forward_runs_a_schedule_with_composites():
     """`jpipe.forward` keeps the forwards of composites too (in their flattened order)."""
     jax = pytest.importorskip("jax")

@@ -7,8 +7,11 @@
 
 `llama_config(...)` (GPTConfig(family="llama", ...)) is the Llama-style decoder, pipelined alike.
 `reference_value_and_grad(config)` is the same loss and gradients, unpipelined, on one device.
+`PipelinedModel(model, blocks=..., prologue=..., loss=..., schedule=..., mesh=...)` pipelines any
+NNX model whose blocks are stacked with `nnx.vmap` (PipelinedLM is it applied to GPT).
 """
 
+from jpipe.models.adapter import PipelinedModel
 from jpipe.models.config import GPTConfig
 from jpipe.models.gpt import GPT, Block, block_class, cross_entropy, logical_axes, params_of
 from jpipe.models.layout import StageLayout, masked_layer
@@ -24,6 +27,7 @@ __all__ = [
     "LlamaBlock",
     "LMParts",
     "PipelinedLM",
+    "PipelinedModel",
     "StageLayout",
     "SwiGLU",
     "block_class",

@@ -34,34 +34,45 @@ the sum over the copies (`StagePlacement.sum_replicas`), so the optimizer keeps 
 layout (`to_model`, checkpoints) holds each model stage once. A global-norm gradient clip over the
 pipeline layout counts a replicated block once per copy. Routes (SkipPipe) need nothing here: a
 microbatch runs the embedding where it enters and the head where it leaves.
+
+All of this is `jpipe.models.PipelinedModel` (any NNX model with stacked blocks) applied to `GPT`:
+the prologue is `model.embed`, the loss `cross_entropy(model.head(x, table), targets)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from jpipe.models.adapter import PipelinedModel
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, block_class, logical_axes, params_of
-from jpipe.models.layout import StageLayout, as_layout, masked_layer
+from jpipe.models.gpt import GPT, cross_entropy
+from jpipe.models.layout import StageLayout, as_layout
 from jpipe.models.parts import LMParts
-from jpipe.parallel.mesh import DATA, STAGE
+from jpipe.parallel.mesh import STAGE
 from jpipe.parallel.rules import ShardingRules
-from jpipe.pipeline import executor
-from jpipe.pipeline.costs import StageCosts, measure_costs
+from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.layout import StagePlacement
-from jpipe.pipeline.stage import layered
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost
 
 PyTree = Any
+
+
+def _embed(model: GPT, tokens: jax.Array) -> jax.Array:
+    """Token ids `[B, T]` -> activations `[B, T, D]`."""
+    return model.embed(tokens)
+
+
+def _head_loss(model: GPT, x: jax.Array, targets: jax.Array) -> jax.Array:
+    """Final norm, head (the embedding table when tied) and mean cross-entropy: a scalar."""
+    table = model.embed.tokens[...] if model.config.tie_embeddings else None
+    return cross_entropy(model.head(x, table), targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,71 +107,81 @@ class PipelinedLM:
         layout = as_layout(self.layout, self.config.num_layers, self.schedule.num_model_stages)
         object.__setattr__(self, "layout", layout)
 
+    @functools.cached_property
+    def adapter(self) -> PipelinedModel:
+        """The generic pipeline of this model: `PipelinedModel` with the GPT's embedding, blocks and head."""
+        config = self.config
+        return PipelinedModel(
+            lambda rngs: GPT(config, rngs=rngs),
+            blocks="blocks",
+            prologue=_embed,
+            loss=_head_loss,
+            schedule=self.schedule,
+            mesh=self.mesh,
+            rules=self.rules,
+            layout=self.layout,
+            remat=self.remat,
+            split_backward=self.split_backward,
+            cost=self.cost,
+            overlap_sends=self.overlap_sends,
+        )
+
     @property
     def parts(self) -> LMParts:
         return LMParts(self.config)
 
     @property
     def data_axes(self) -> tuple[str, ...]:
-        return (DATA,) if DATA in self.mesh.shape else ()
+        return self.adapter.data_axes
 
     # Parameters: structure, logical axes, shardings, creation.
 
     def logical_axes(self) -> PyTree:
         """Logical axis names of the pipeline-layout parameters (blocks `("stage", "layer", ...)`)."""
-        model = nnx.eval_shape(lambda: GPT(self.config, rngs=nnx.Rngs(0)))
-        names = logical_axes(model)
-        names["blocks"] = jax.tree.map(
-            lambda axes: ("stage", *axes), names["blocks"], is_leaf=lambda x: isinstance(x, tuple)
-        )
-        return names
+        return self.adapter.logical_axes()
 
     def abstract_params(self) -> PyTree:
         """`jax.ShapeDtypeStruct`s of the pipeline-layout parameters."""
-        return jax.eval_shape(lambda: self.to_pipeline(params_of(GPT(self.config, rngs=nnx.Rngs(0)))))
+        return self.adapter.abstract_params()
 
     def shardings(self, *, gathered: bool = False) -> PyTree:
         """`NamedSharding` of every pipeline-layout parameter on the mesh.
 
         With `gathered`, the sharding parameters have where they are used: without FSDP's split.
         """
-        rules = dataclasses.replace(self.rules, fsdp=False) if gathered else self.rules
-        return rules.param_shardings(self.logical_axes(), self.abstract_params(), self.mesh)
+        return self.adapter.shardings(gathered=gathered)
 
     @property
     def placement(self) -> StagePlacement:
         """Where the schedule puts each logical stage; block rows are stored in its device-major order."""
-        return StagePlacement.of(self.schedule)
+        return self.adapter.placement
 
     @property
     def padding(self) -> np.ndarray:
         """`[S, layers_per_stage]` bool, rows in storage order: True at padding slots of the blocks."""
-        return self.placement.model_to_device(self.layout.mask) == 0
+        return self.adapter.padding
 
     def to_pipeline(self, model_params: PyTree) -> PyTree:
         """Model-layout params (blocks `[L, ...]`) -> pipeline layout (blocks `[S, slots, ...]`, device-major).
 
         With replicas, each logical stage's rows are a copy of its model stage's layers.
         """
-        stages = self.layout.to_stages(model_params["blocks"])  # [K, slots, ...]
-        return {**model_params, "blocks": self.placement.model_to_device(stages)}
+        return self.adapter.to_pipeline(model_params)
 
     def to_model(self, params: PyTree) -> PyTree:
         """Pipeline layout -> model layout (e.g. to compare with, or load into, `GPT`).
 
         With replicas, each model stage is read from its first copy (the copies are equal).
         """
-        stages = self.placement.model_rows(params["blocks"])  # [K, slots, ...]
-        return {**params, "blocks": self.layout.from_stages(stages)}
+        return self.adapter.to_model(params)
 
     def place(self, model_params: PyTree) -> PyTree:
         """Model-layout params -> pipeline layout, placed on the mesh with `shardings()`."""
-        return jax.jit(self.to_pipeline, out_shardings=self.shardings())(model_params)
+        return self.adapter.place(model_params)
 
     def init(self, seed: int = 0) -> PyTree:
         """Fresh parameters (those of `GPT(config, rngs=nnx.Rngs(seed))`), created directly sharded."""
-        create = lambda: self.to_pipeline(params_of(GPT(self.config, rngs=nnx.Rngs(seed))))  # noqa: E731
-        return jax.jit(create, out_shardings=self.shardings())()
+        return self.adapter.init(seed)
 
     def stage_costs(self, batch: int = 1) -> StageCosts:
         """Measured F/B/I/W FLOPs and memory of this model's largest stage on one microbatch.
@@ -169,11 +190,9 @@ class PipelinedLM:
         batch divided by the data axis). Compiles each op alone for the default backend.
         """
         config = self.config
-        layers = max(self.layout.layer_counts)
-        one_layer = jax.eval_shape(lambda: params_of(block_class(config)(config, rngs=nnx.Rngs(0))))
-        stage_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape), a.dtype), one_layer)
-        x = jax.ShapeDtypeStruct((batch, config.seq_len, config.d_model), config.residual_dtype)
-        return measure_costs(layered(self.parts.layer_fn), stage_params, x, remat=self.remat)
+        return self.adapter.stage_costs(
+            jax.ShapeDtypeStruct((batch, config.seq_len, config.d_model), config.residual_dtype)
+        )
 
     # The step.
 
@@ -184,55 +203,8 @@ class PipelinedLM:
         axis). The loss is the mean over microbatches of the mean next-token cross-entropy; grads
         have the structure and sharding of params (padding slots get zero gradients).
         """
-        parts, layout, mesh = self.parts, self.layout, self.mesh
-        if layout.padded:
-            stage_fn = layered(masked_layer(parts.layer_fn))
-        else:
-            stage_fn = layered(parts.layer_fn)
-        embed_fn = parts.embed
+        return self.adapter.value_and_grad()
 
-        def prologue(embed_params: PyTree, tokens: jax.Array) -> jax.Array:
-            """Token ids `[B, T]` -> activations `[B, T, D]`, on the device of each microbatch's first hop."""
-            return embed_fn({"embed": embed_params}, tokens)
-
-        pipelined = executor.value_and_grad(
-            stage_fn,
-            parts.head_loss,
-            schedule=self.schedule,
-            mesh=mesh,
-            remat=self.remat,
-            data_axes=self.data_axes,
-            split_backward=self.split_backward,
-            cost=self.cost,
-            stage_order="device",
-            prologue=prologue,
-            overlap_sends=self.overlap_sends,
-        )
-        shardings = self.shardings()
-        embed_in_use = self.shardings(gathered=True)["embed"]
-        batch = NamedSharding(mesh, P(None, *self.data_axes[:1]))
-
-        def step(params: PyTree, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Array, PyTree]:
-            tokens = jax.lax.with_sharding_constraint(tokens, batch)
-            targets = jax.lax.with_sharding_constraint(targets, batch)
-            # FSDP: gather the embedding once per step, explicitly, rather than let the lookup reshard.
-            embed_params = jax.lax.with_sharding_constraint(params["embed"], embed_in_use)
-            stage_params = params["blocks"]  # device order, as stored
-            if layout.padded:
-                stage_params = {"layer": stage_params, "active": self.placement.model_to_device(layout.mask)}
-            loss, (stage_grads, loss_grads, embed_grads) = pipelined(
-                stage_params, parts.loss_params(params), tokens, targets, embed_params
-            )
-            grads = {
-                "embed": embed_grads,
-                "blocks": stage_grads["layer"] if layout.padded else stage_grads,
-                "head": loss_grads["head"],
-            }
-            if self.config.tie_embeddings:
-                # The lookup's and the head's contributions meet once per step.
-                tokens_grad = grads["embed"]["tokens"] + loss_grads["embed"]["tokens"]
-                grads["embed"] = {**grads["embed"], "tokens": tokens_grad}
-            return loss, jax.lax.with_sharding_constraint(grads, shardings)
-
-        step.program = pipelined.program
-        return step
+    def evaluate(self, schedule: Schedule | None = None) -> Callable:
+        """`loss_of(params, tokens, targets) -> mean loss`, forwards only (see `PipelinedModel.evaluate`)."""
+        return self.adapter.evaluate(schedule)

@@ -7,6 +7,14 @@ run once per iteration, e.g. once per pipeline tick; the others run once per ste
 A compiled module is scheduled (`is_scheduled=true`): each computation lists its instructions in
 execution order. An asynchronous collective is a `*-start` and a `*-done`; what the schedule puts
 between them runs while the data is in flight (`collective_overlaps`, `permute_overlaps`).
+
+The TPU compiler has a second form, its *async collective fusion* (on with
+`--xla_tpu_enable_async_collective_fusion=true` and, for all-reduces,
+`--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=true` in `LIBTPU_INIT_ARGS`): fusions
+named `async-collective-start.N` and `async-collective-done.N`, each calling a computation that
+holds the collective, and between them fusions that call `async_collective_fusion.*` computations,
+which run the collective's transfer fused with other compute. One such chain is one asynchronous
+collective here; its in-flight matmuls are those of the instructions between its start and done.
 """
 
 from __future__ import annotations
@@ -103,6 +111,8 @@ class CollectiveOverlap:
         or one whose start is directly followed by its done.
       asynchronous: whether it is a start/done pair (the compiler left a synchronous collective
         where it found nothing to run beside it).
+      op_name: the `op_name` of its metadata: the JAX operations (and `jax.named_scope`s) that
+        traced it, e.g. `"jit(step)/.../braided_tick/..."`; empty when the HLO has none.
     """
 
     kind: str
@@ -111,6 +121,7 @@ class CollectiveOverlap:
     in_loop: bool
     matmuls_in_flight: tuple[str, ...]
     asynchronous: bool = False
+    op_name: str = ""
 
     @property
     def hidden(self) -> bool:
@@ -119,6 +130,14 @@ class CollectiveOverlap:
 
 
 PermuteOverlap = CollectiveOverlap  # the name collective-permute overlaps had first
+
+
+_OP_NAME = re.compile(r'\bop_name="([^"]*)"')
+
+
+def _op_name(line: str) -> str:
+    match = _OP_NAME.search(line)
+    return match.group(1) if match else ""
 
 
 def _parse(line: str) -> tuple[str, str] | None:
@@ -159,8 +178,65 @@ def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
             return False
         return parsed[1] in MATMUL_OPCODES or any(computes_matmul(c) for c in _callees([line]))
 
+    def holds(name: str, seen: frozenset = frozenset()) -> bool:
+        """Whether computation `name`, or anything it calls, holds a collective of `kind`."""
+        lines = comps.get(name, [])
+        if any((parsed := _parse(line)) and parsed[1] in (kind, f"{kind}-start") for line in lines):
+            return True
+        return any(holds(c, seen | {name}) for c in _callees(lines) - seen - {name})
+
+    def collective_line(name: str, seen: frozenset = frozenset()) -> str:
+        """The first line of a collective of `kind` in computation `name` or what it calls."""
+        lines = comps.get(name, [])
+        for line in lines:
+            if (parsed := _parse(line)) and parsed[1] in (kind, f"{kind}-start"):
+                return line
+        for callee in sorted(_callees(lines) - seen - {name}):
+            if found_line := collective_line(callee, seen | {name}):
+                return found_line
+        return ""
+
+    def reachable(names: set[str]) -> set[str]:
+        pending, seen = list(names), set()
+        while pending:
+            name = pending.pop()
+            if name not in seen and name in comps:
+                seen.add(name)
+                pending.extend(_callees(comps[name]))
+        return seen
+
     found = []
+    # TPU async collective fusions: one chain (start ... done) per collective; the computations its
+    # start, done and `async_collective_fusion` parts call are not searched for collectives again.
+    in_chains: set[str] = set()
     for comp, lines in comps.items():
+        for index, line in enumerate(lines):
+            parsed = _parse(line)
+            if parsed is None or not parsed[0].startswith("async-collective-start"):
+                continue
+            start_callees = _callees([line])
+            if not any(holds(c) for c in start_callees):
+                continue
+            done_name = parsed[0].replace("async-collective-start", "async-collective-done", 1)
+            in_flight, parts = [], set(start_callees)
+            for later in lines[index + 1 :]:
+                later_parsed = _parse(later)
+                if later_parsed is None:
+                    continue
+                callees = _callees([later])
+                if later_parsed[0] == done_name:
+                    parts |= callees
+                    break
+                if any(c.startswith("async_collective_fusion") for c in callees):
+                    parts |= {c for c in callees if c.startswith("async_collective_fusion")}
+                if line_runs_matmul(later):
+                    in_flight.append(later_parsed[0])
+            in_chains |= reachable(parts)
+            op_name = next((_op_name(hit) for c in sorted(start_callees) if (hit := collective_line(c))), "")
+            found.append(CollectiveOverlap(kind, parsed[0], comp, comp in in_loop, tuple(in_flight), True, op_name))
+    for comp, lines in comps.items():
+        if comp in in_chains:
+            continue
         for index, line in enumerate(lines):
             parsed = _parse(line)
             if parsed is None or parsed[1] not in (kind, f"{kind}-start"):
@@ -175,5 +251,7 @@ def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
                     if line_runs_matmul(later):
                         in_flight.append(_parse(later)[0])
             asynchronous = opcode == f"{kind}-start"
-            found.append(CollectiveOverlap(kind, name, comp, comp in in_loop, tuple(in_flight), asynchronous))
+            found.append(
+                CollectiveOverlap(kind, name, comp, comp in in_loop, tuple(in_flight), asynchronous, _op_name(line))
+            )
     return found

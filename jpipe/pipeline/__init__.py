@@ -1,7 +1,7 @@
 """jpipe.pipeline: the SPMD executor (any valid schedule) and the AD-GPipe baseline."""
 
 from jpipe.pipeline.costs import StageCosts, measure_costs
-from jpipe.pipeline.executor import forward, value_and_grad
+from jpipe.pipeline.executor import forward, forward_loss, value_and_grad
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff
 from jpipe.pipeline.layout import StagePlacement
 from jpipe.pipeline.program import Program, compile_program
@@ -14,6 +14,7 @@ __all__ = [
     "StagePlacement",
     "compile_program",
     "forward",
+    "forward_loss",
     "gpipe_autodiff",
     "layered",
     "measure_costs",

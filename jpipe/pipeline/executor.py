@@ -1,7 +1,8 @@
 """The SPMD pipeline executor: any valid schedule as one `shard_map` + `lax.scan` program.
 
 Each device walks the tick tables built by `jpipe.pipeline.program.compile_program`. In every tick
-it runs at most one action, each kind under its own `lax.cond` (idle ticks compute nothing), then
+it runs at most one action, each kind under its own `lax.cond` (idle ticks compute nothing), or the
+two ops of a braided composite in one branch (`braid`), then
 every device sends its outgoing message on every ring channel with `lax.ppermute`; receivers store
 what their table marks in inbox slots. With `overlap_sends`, the message a device produced in tick
 t is sent at the start of tick t + 1, by a `ppermute` that nothing in that tick's compute depends
@@ -24,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -34,6 +36,10 @@ from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost, best_split, simulate
 
 PyTree = Any
+
+
+BRAIDED_SCOPE = "braided_tick"
+"""The `jax.named_scope` of a braided tick's ops: in the `op_name` metadata of everything they compile to."""
 
 
 def _acc(*dtypes) -> jnp.dtype:
@@ -49,6 +55,18 @@ def _varying(tree: PyTree, axes: tuple[str, ...]) -> PyTree:
         return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
+
+
+def _if(flag, then: Callable, otherwise: Callable, *operands):
+    """`then(*operands)` where `flag` is 1, else `otherwise(*operands)`.
+
+    A table entry (traced) becomes a `lax.cond`; a Python int (a braided tick's branch, built for
+    one combination of first/last hops) picks the function while tracing, so the branch stays
+    straight-line code that the compiler can interleave with the tick's other op.
+    """
+    if isinstance(flag, (bool, int, np.integer)):
+        return then(*operands) if flag else otherwise(*operands)
+    return lax.cond(flag == 1, then, otherwise, *operands)
 
 
 def _zeros_like(tree: PyTree) -> PyTree:
@@ -92,6 +110,7 @@ def value_and_grad(
     stage_order: str = "logical",
     prologue: Callable[[PyTree, PyTree], PyTree] | None = None,
     overlap_sends: bool | str = "auto",
+    braid: bool = True,
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -140,6 +159,12 @@ def value_and_grad(
         compute, exposed. "auto" (default) turns it on when the lockstep simulation under `cost`
         (whose `comm` is the time of one tick's send) is not slower with it
         (`resolve_overlap`); with `comm=0` that is never, as sends then cost nothing.
+      braid: run the two ops of each composite (`jpipe.schedules.Composite`: STP's and DualPipe's
+        overlapped F&B pairs, torch's `OVERLAP_F_B` cells) in one tick, as one computation with no
+        data dependence between them, so the compiler can run one op's tensor-parallel collectives
+        under the other's compute; a `jpipe.layered` stage's layers are then unrolled in those
+        ticks (straight-line code instead of two loops run one after the other). False runs them
+        one after the other in consecutive ticks. Schedules without composites are unaffected.
 
     Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
     over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
@@ -161,8 +186,13 @@ def value_and_grad(
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
     split = resolve_split(schedule, split_backward, cost)
     overlap = resolve_overlap(schedule, overlap_sends, cost, split=split)
-    program = prog.compile_program(schedule, split=split, deliver=prologue is None, send_latency=int(overlap))
-    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue)
+    if not isinstance(braid, bool):
+        raise ValueError(f"braid: expected True or False, got {braid!r}")
+    program = prog.compile_program(
+        schedule, split=split, deliver=prologue is None, send_latency=int(overlap), braid=braid
+    )
+    braid_ops = stage_ops(stage_fn, remat, unroll=True) if program.braided else None
+    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops)
     placement = program.placement
 
     def step(stage_params, loss_params, inputs, targets, prologue_params=None):
@@ -246,6 +276,57 @@ def forward(
     return apply
 
 
+def forward_loss(
+    stage_fn: Callable[[PyTree, PyTree], PyTree],
+    loss_fn: Callable[[PyTree, PyTree, PyTree], jax.Array],
+    *,
+    schedule: Schedule,
+    mesh: jax.sharding.Mesh,
+    stage_axis: str = "stage",
+    data_axes: str | tuple[str, ...] = (),
+    stage_order: str = "logical",
+    prologue: Callable[[PyTree, PyTree], PyTree] | None = None,
+    overlap_sends: bool = False,
+) -> Callable:
+    """Pipelined evaluation: `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`, forwards only.
+
+    The loss of `value_and_grad` without its backward: the schedule's forwards in each device's order
+    (composites flattened), the prologue on the device of each microbatch's first hop, the loss on
+    the device of its last hop; no residuals are stashed and nothing is differentiated. Arguments
+    as for `value_and_grad`.
+
+    Returns:
+      `loss(stage_params, loss_params, inputs, targets) -> scalar`, or with a `prologue`
+      `loss(stage_params, loss_params, inputs, targets, prologue_params) -> scalar`.
+    """
+    data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+    check_mesh(schedule, mesh, stage_axis, data_axes)
+    if stage_order not in ("logical", "device"):
+        raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
+    if not isinstance(overlap_sends, bool):
+        raise ValueError(f"overlap_sends: expected True or False, got {overlap_sends!r}")
+    program = prog.compile_program(
+        schedule, forward_only=True, deliver=prologue is None, send_latency=int(overlap_sends)
+    )
+    run = _build_runner(program, stage_ops(stage_fn, "none"), loss_fn, mesh, stage_axis, data_axes, prologue)
+    placement = program.placement
+
+    def loss(stage_params, loss_params, inputs, targets, prologue_params=None):
+        if (prologue is None) != (prologue_params is None):
+            raise ValueError(
+                "prologue_params: pass them exactly when forward_loss was given a prologue "
+                f"(prologue {'given' if prologue is not None else 'not given'})"
+            )
+        num_data = _axes_size(mesh, data_axes)
+        check_call(schedule, stage_fn, stage_params, inputs, targets, num_data, prologue, prologue_params, stage_order)
+        if stage_order == "logical":
+            stage_params = placement.model_to_device(stage_params, mesh)
+        return run(placement.split_devices(stage_params), loss_params, inputs, targets, prologue_params)
+
+    loss.program = program
+    return loss
+
+
 def _axes_size(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
     size = 1
     for name in axes:
@@ -254,15 +335,21 @@ def _axes_size(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
 
 
 def _build_runner(
-    program: prog.Program, ops, loss_fn, mesh, axis: str, data_axes: tuple[str, ...], prologue=None
+    program: prog.Program, ops, loss_fn, mesh, axis: str, data_axes: tuple[str, ...], prologue=None, braid_ops=None
 ) -> Callable:
-    """The shard_map'ed scan over ticks. `ops`: a `jpipe.pipeline.stage` op implementation."""
+    """The shard_map'ed scan over ticks.
+
+    `ops`: a `jpipe.pipeline.stage` op implementation; `braid_ops`: the one braided ticks run (its
+    layers unrolled, `stage_ops(..., unroll=True)`), default `ops`.
+    """
+    braid_ops = ops if braid_ops is None else braid_ops
     num_data = _axes_size(mesh, data_axes)
     manual_axes = (axis, *data_axes)
     schedule = program.schedule
     p, m = schedule.num_devices, schedule.num_microbatches
     k = program.microbatches_per_device
     forward_only, deliver, overlap = program.forward_only, program.deliver, program.send_latency > 0
+    evaluating = forward_only and loss_fn is not None  # `forward_loss`: the mean loss, no gradients
     tables = {name: jnp.asarray(a) for name, a in program.per_tick_arrays().items()}
     channels, input_channels = program.channels, program.input_channels
     # [T, C]: whether any device receives on channel c in tick t (identical on every device).
@@ -270,6 +357,27 @@ def _build_runner(
         (program.recv_slot < program.num_inbox_slots).any(axis=1) | (program.result_index < k).any(axis=1)
     )
     input_channel_used = jnp.asarray((program.input_recv_slot < program.num_inbox_slots).any(axis=1))
+    # Braided ticks: a device runs two ops (a kept composite) in one branch. `pair[t, d]` is 0 for a
+    # tick with one op, else 1 + the index of its (first op, second op) kind in `pair_kinds`.
+    braided, second_channels = program.braided, program.second_channels
+    pair_kinds: list[tuple[int, int]] = []
+    if braided:
+        # A kind: (op, is_first, is_last) of the first and of the second op; each gets its own branch,
+        # in which the first/last-hop work (prologue, loss) is static, not a nested conditional.
+        kind_tables = [
+            getattr(program, f"{prefix}{name}") for prefix in ("", "second_") for name in ("op", "is_first", "is_last")
+        ]
+        kind_of = np.stack(kind_tables, axis=-1)  # [T, p, 6]
+        paired = program.second_op != prog.IDLE
+        pair_kinds = sorted({tuple(int(v) for v in kind) for kind in kind_of[paired]})
+        pair = np.zeros(program.op.shape, np.int32)
+        for index, kind in enumerate(pair_kinds, start=1):
+            pair[paired & (kind_of == np.asarray(kind)).all(axis=-1)] = index
+        tables["pair"] = jnp.asarray(pair)
+        second_channel_used = jnp.asarray(
+            (program.second_recv_slot < program.num_inbox_slots).any(axis=1)
+            | (program.second_result_index < k).any(axis=1)
+        )
     scale = 1.0 / m
 
     def send(message, offset, used):
@@ -303,6 +411,8 @@ def _build_runner(
         rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
         rows["channel_used"] = channel_used
         rows["input_channel_used"] = input_channel_used
+        if braided:
+            rows["second_channel_used"] = second_channel_used
         if prologue is None:
             x_like = _varying(_zeros_like(_take(inputs, 0)), manual_axes)
         else:
@@ -315,6 +425,8 @@ def _build_runner(
         carry = {"inbox": slots(program.num_inbox_slots + 1, x_like)}  # + a scratch slot
         if overlap:
             carry["outbox"] = x_like  # the message of the previous tick, sent during this one
+            if braided:
+                carry["second_outbox"] = x_like
         if deliver:
             # Input gradients (or outputs, forward only) of this device's microbatches; + a scratch slot.
             carry["results"] = slots(k + 1, x_like)
@@ -328,6 +440,8 @@ def _build_runner(
             carry["grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), local_params)
             carry["loss"] = jnp.zeros((), _acc(*(a.dtype for a in jax.tree.leaves(loss_params))))
             carry["end_grads"] = [_zeros((), like, _acc(like.dtype)) for like in end_slots.buffers]
+        if evaluating:
+            carry["loss"] = jnp.zeros((), _acc(*(a.dtype for a in jax.tree.leaves(loss_params))))
         carry = _varying(carry, manual_axes)
 
         def stage_input(row, view):
@@ -339,13 +453,21 @@ def _build_runner(
                 x = prologue(prologue_params, _take(inputs, row["microbatch"]))
                 return jax.tree.map(lambda a, b: a.astype(b.dtype), _varying(x, manual_axes), arrived)
 
-            return lax.cond(row["is_first"] == 1, start, lambda a: a, arrived)
+            return _if(row["is_first"], start, lambda a: a, arrived)
 
-        def run_forward(state, row, view):
+        def run_forward(state, row, view, ops=ops):
             params = _take(local_params, row["chunk"])
             x = _varying(stage_input(row, view), manual_axes)
             if forward_only:
-                return state, ops.fn(params, x)
+                y = ops.fn(params, x)
+                if not evaluating:
+                    return state, y
+
+                def add_loss(state):
+                    loss = loss_fn(loss_params, y, _take(targets, row["microbatch"]))
+                    return {**state, "loss": state["loss"] + loss.astype(state["loss"].dtype) * scale}
+
+                return _if(row["is_last"], add_loss, lambda s: s, state), y
             y, residuals = ops.forward(params, x)
             state = {**state, "stash": _put(state["stash"], row["stash_slot"], residuals)}
 
@@ -360,7 +482,7 @@ def _build_runner(
                 }
                 return state, d_y
 
-            return lax.cond(row["is_last"] == 1, with_loss, lambda s: (s, y), state)
+            return _if(row["is_last"], with_loss, lambda s: (s, y), state)
 
         def op_inputs(row, view):
             return _take(local_params, row["chunk"]), _take(view["stash"], row["stash_slot"])
@@ -377,23 +499,23 @@ def _build_runner(
                 (d_prologue,) = prologue_vjp(jax.tree.map(lambda g, a: g.astype(a.dtype), d_x, x_like))
                 return end_slots.add(acc, end_slots.prologue, d_prologue)
 
-            grads = lax.cond(row["is_first"] == 1, accumulate, lambda g: g, state["end_grads"])
+            grads = _if(row["is_first"], accumulate, lambda g: g, state["end_grads"])
             return {**state, "end_grads": grads}
 
-        def run_backward(state, row, view):
+        def run_backward(state, row, view, ops=ops):
             params, residuals = op_inputs(row, view)
             grad = _take(view["inbox"], row["inbox_slot"])
             grads, d_x = ops.backward_into(params, residuals, x_like, grad, state["grads"], row["chunk"])
             state = {**state, "grads": grads}
             return prologue_backward(state, row, d_x), d_x
 
-        def run_input_grad(state, row, view):
+        def run_input_grad(state, row, view, ops=ops):
             params, residuals = op_inputs(row, view)
             d_x, weight_residuals = ops.input_grad(params, residuals, x_like, _take(view["inbox"], row["inbox_slot"]))
             state = {**state, "weight_stash": _put(state["weight_stash"], row["weight_slot"], weight_residuals)}
             return prologue_backward(state, row, d_x), d_x
 
-        def run_weight_grad(state, row, view):
+        def run_weight_grad(state, row, view, ops=ops):
             params, residuals = op_inputs(row, view)
             weight_residuals = _take(view["weight_stash"], row["weight_slot"])
             grads = ops.weight_grad_into(params, residuals, x_like, weight_residuals, state["grads"], row["chunk"])
@@ -405,7 +527,8 @@ def _build_runner(
         # (op code, what it runs, the buffers it may update); views are read-only.
         backward_keys = ("grads", "end_grads") if prologue is not None else ("grads",)
         input_grad_keys = ("weight_stash", "end_grads") if prologue is not None else ("weight_stash",)
-        kinds = [(prog.FORWARD, run_forward, () if forward_only else ("stash", "loss", "end_grads"))]
+        forward_keys = ("stash", "loss", "end_grads") if not forward_only else ("loss",) if evaluating else ()
+        kinds = [(prog.FORWARD, run_forward, forward_keys)]
         if not forward_only:
             kinds += [
                 (prog.BACKWARD, run_backward, backward_keys),
@@ -414,31 +537,76 @@ def _build_runner(
             ]
         if program.num_weight_slots == 0:
             kinds = [k for k in kinds if k[0] not in (prog.INPUT_GRAD, prog.WEIGHT_GRAD)]
-        if not (program.op == prog.BACKWARD).any():
-            kinds = [k for k in kinds if k[0] != prog.BACKWARD]
+        runs = {code: (run, keys) for code, run, keys in kinds}  # the pairs' ops, too
+        # The single-op branches only for ops some tick runs alone.
+        alone = program.op[program.second_op == prog.IDLE] if braided else program.op
+        kinds = [k for k in kinds if (alone == k[0]).any()]
+
+        def braided_run(kind):
+            """Both ops of a braided tick in one branch: neither reads what the other writes."""
+            first, first_is_first, first_is_last, second, second_is_first, second_is_last = kind
+            (run_first, first_keys), (run_second, second_keys) = runs[first], runs[second]
+
+            def run(state, row, view):
+                first_row = {**row, "is_first": first_is_first, "is_last": first_is_last}
+                second_row = {name: row[f"second_{name}"] for name in prog.SECOND_TABLES}
+                second_row.update(is_first=second_is_first, is_last=second_is_last)
+                with jax.named_scope(BRAIDED_SCOPE):
+                    state, first_message = run_first(state, first_row, view, ops=braid_ops)
+                    state, second_message = run_second(state, second_row, view, ops=braid_ops)
+                return state, (first_message, second_message)
+
+            return run, tuple(dict.fromkeys(first_keys + second_keys))
+
+        def skip_pair(state, row, view):
+            return state, (x_like, x_like)
+
+        def deliver_messages(row, inbox, results, message, lane_channels, prefix, in_flight):
+            for c, offset in enumerate(lane_channels):
+                if overlap and offset != 0:
+                    arrived = in_flight[c]
+                else:
+                    arrived = send(message, offset, row[f"{prefix}channel_used"][c])
+                inbox = _put(inbox, row[f"{prefix}recv_slot"][c], arrived)
+                if deliver:
+                    index = row[f"{prefix}result_index"][c]
+                    results = lax.cond(index < k, lambda r, a=arrived, i=index: _put(r, i, a), lambda r: r, results)
+            return inbox, results
 
         def tick(state, row):
             if overlap:
                 # Sent first: nothing this tick computes depends on it, so it travels meanwhile.
                 in_flight = [send(state["outbox"], offset, True) for offset in channels]
-            message = x_like
+                second_in_flight = [send(state["second_outbox"], offset, True) for offset in second_channels]
+            else:
+                in_flight = second_in_flight = None
+            message = second_message = x_like
+            single = row["pair"] == 0 if braided else True
             for code, run, keys in kinds:
                 view = {k: state[k] for k in ("inbox", "stash", "weight_stash") if k in state}
                 part = {k: state[k] for k in keys}
-                part, produced = lax.cond(row["op"] == code, run, skip, part, row, view)
+                runs_here = (row["op"] == code) & single
+                part, produced = lax.cond(runs_here, run, skip, part, row, view)
                 state = {**state, **part}
-                message = jax.tree.map(lambda a, b, c=code: jnp.where(row["op"] == c, a, b), produced, message)
-            inbox = state["inbox"]
-            results = state.get("results")
-            for c, offset in enumerate(channels):
-                if overlap and offset != 0:
-                    arrived = in_flight[c]
-                else:
-                    arrived = send(message, offset, row["channel_used"][c])
-                inbox = _put(inbox, row["recv_slot"][c], arrived)
-                if deliver:
-                    index = row["result_index"][c]
-                    results = lax.cond(index < k, lambda r, a=arrived, i=index: _put(r, i, a), lambda r: r, results)
+                message = jax.tree.map(lambda a, b, r=runs_here: jnp.where(r, a, b), produced, message)
+            for index, kind in enumerate(pair_kinds, start=1):
+                run, keys = braided_run(kind)
+                view = {k: state[k] for k in ("inbox", "stash", "weight_stash") if k in state}
+                part = {k: state[k] for k in keys}
+                runs_here = row["pair"] == index
+                part, (produced, second_produced) = lax.cond(runs_here, run, skip_pair, part, row, view)
+                state = {**state, **part}
+                message = jax.tree.map(lambda a, b, r=runs_here: jnp.where(r, a, b), produced, message)
+                second_message = jax.tree.map(
+                    lambda a, b, r=runs_here: jnp.where(r, a, b), second_produced, second_message
+                )
+            inbox, results = deliver_messages(
+                row, state["inbox"], state.get("results"), message, channels, "", in_flight
+            )
+            if braided:
+                inbox, results = deliver_messages(
+                    row, inbox, results, second_message, second_channels, "second_", second_in_flight
+                )
             if input_channels:
                 outgoing = _take(inputs, row["input_send_index"])
                 for c, offset in enumerate(input_channels):
@@ -449,15 +617,20 @@ def _build_runner(
                 state["results"] = results
             if overlap:
                 state["outbox"] = message
+                if braided:
+                    state["second_outbox"] = second_message
             return state, None
 
         state, _ = lax.scan(tick, carry, rows)
         results = _take_first(state["results"], k) if deliver else None
-        if forward_only:
-            return results
 
         def data_mean(tree):
             return jax.tree.map(lambda a: lax.pmean(a, data_axes), tree) if data_axes else tree
+
+        if evaluating:
+            return data_mean(lax.psum(state["loss"], axis))
+        if forward_only:
+            return results
 
         grads = jax.tree.map(lambda g, a: g.astype(a.dtype)[None], data_mean(state["grads"]), local_params)
         # Parameter-sized, once per step (only the devices running first / last hops hold non-zero values).
@@ -475,7 +648,15 @@ def _build_runner(
     stage_spec = P(axis)
     batch_spec = P(None, data_axes) if data_axes else P()
     owned_spec = P(axis, data_axes) if data_axes else P(axis)  # [m, B, ...]: microbatches over stage
-    if forward_only:
+    if evaluating and prologue is None:
+        in_specs = (stage_spec, P(), owned_spec, batch_spec)
+        out_specs = P()
+        body = lambda lp, loss_p, x, t: per_device(lp, loss_p, x, t, None)  # noqa: E731
+    elif evaluating:
+        in_specs = (stage_spec, P(), batch_spec, batch_spec, P())
+        out_specs = P()
+        body = per_device
+    elif forward_only:
         in_specs = (stage_spec, owned_spec)
         out_specs = owned_spec
         body = lambda lp, x: per_device(lp, None, x, None, None)  # noqa: E731
@@ -501,11 +682,12 @@ def _build_runner(
 
     def run(*args):
         args = list(args[: len(in_specs)])  # a trailing None (no prologue params) is not an argument
+        inputs_at = 1 if forward_only and not evaluating else 2
         if padding:
-            args[1 if forward_only else 2] = pad(args[1 if forward_only else 2])
+            args[inputs_at] = pad(args[inputs_at])
         args = tuple(_place(mesh, manual, spec, arg) for spec, arg in zip(in_specs, args))
         out = mapped(*args)
-        if not padding:
+        if not padding or evaluating:
             return out
         if forward_only:
             return unpad(out)

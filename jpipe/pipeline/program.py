@@ -32,6 +32,14 @@ need more). What the pipeline returns per microbatch (the input gradient from it
 backward, or its last hop's output when running forward only) travels back to the owner on the
 ordinary channels and lands in the owner's result buffer.
 
+Composites (`jpipe.schedules.ir.Composite`, two ops of different microbatches that a device runs
+together) are kept with `braid=True` (the default): the composite gets one tick, its first member is
+the tick's op as usual and its second member the tick's *second op* (the `second_*` tables, IDLE
+where the tick holds one op). The second op's message travels on its own channels
+(`second_channels`, `second_recv_slot`, `second_result_index`), so a device can send two messages in
+one tick even to the same neighbour. With `braid=False` each composite runs as its two members in
+consecutive ticks, one op per tick (the unbraided baseline).
+
 With `send_latency=1` (the executor's hidden sends) a message produced in tick t on one device
 travels while tick t + 1 computes and arrives at the end of tick t + 1: the packing gives every
 cross-device dependency that extra tick (`jpipe.schedules.ticks.pack`), and `recv_slot` /
@@ -47,12 +55,25 @@ import dataclasses
 import numpy as np
 
 from jpipe.pipeline.layout import StagePlacement
-from jpipe.schedules.ir import Action, Op, Schedule
+from jpipe.schedules.ir import Action, Composite, Op, Schedule
 from jpipe.schedules.ticks import TickTable, pack
 from jpipe.schedules.validate import validate
 
 IDLE, FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2, 3, 4
 OP_CODES = {Op.F: FORWARD, Op.B: BACKWARD, Op.I: INPUT_GRAD, Op.W: WEIGHT_GRAD}
+# The per-op tables a braided tick's second op has too (`Program.second_<name>`).
+SECOND_TABLES = (
+    "op",
+    "chunk",
+    "microbatch",
+    "is_first",
+    "is_last",
+    "inbox_slot",
+    "stash_slot",
+    "weight_slot",
+    "recv_slot",
+    "result_index",
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,6 +104,12 @@ class Program:
       deliver: whether inputs are delivered from their owners (see the module docstring).
       send_latency: 0 (a message arrives at the end of the tick that produced it) or 1 (at the end
         of the next tick: the send overlaps that tick's compute) for messages between devices.
+      second_op, second_chunk, second_microbatch, second_is_first, second_is_last,
+      second_inbox_slot, second_stash_slot, second_weight_slot: int32 `[T, p]`, the same for the
+        second member of a braided composite (`second_op` is IDLE in ticks without one).
+      second_recv_slot, second_result_index: int32 `[T, p, C2]`, as `recv_slot` and `result_index`
+        for the messages of second ops, which travel on `second_channels` (ring offsets; empty
+        when the program braids nothing).
     """
 
     tick_table: TickTable
@@ -108,6 +135,22 @@ class Program:
     forward_only: bool
     deliver: bool
     send_latency: int = 0
+    second_op: np.ndarray | None = None
+    second_chunk: np.ndarray | None = None
+    second_microbatch: np.ndarray | None = None
+    second_is_first: np.ndarray | None = None
+    second_is_last: np.ndarray | None = None
+    second_inbox_slot: np.ndarray | None = None
+    second_stash_slot: np.ndarray | None = None
+    second_weight_slot: np.ndarray | None = None
+    second_recv_slot: np.ndarray | None = None
+    second_result_index: np.ndarray | None = None
+    second_channels: tuple[int, ...] = ()
+
+    @property
+    def braided(self) -> bool:
+        """Whether some tick runs two ops on one device (a kept composite)."""
+        return self.second_op is not None and bool((self.second_op != IDLE).any())
 
     @property
     def schedule(self) -> Schedule:
@@ -133,6 +176,7 @@ class Program:
             "result_index": self.result_index,
             "input_send_index": self.input_send_index,
             "input_recv_slot": self.input_recv_slot,
+            **{f"second_{name}": getattr(self, f"second_{name}") for name in SECOND_TABLES if self.braided},
         }
 
 
@@ -178,6 +222,7 @@ def compile_program(
     split: bool = True,
     deliver: bool = False,
     send_latency: int = 0,
+    braid: bool = True,
 ) -> Program:
     """Validate, pack into ticks and lower to executor tables.
 
@@ -187,16 +232,22 @@ def compile_program(
       split: run each B as I then W in consecutive ticks (equal-cost ticks in lockstep).
       deliver: inputs and results live on their owner devices (see the module docstring).
       send_latency: 0 or 1, ticks a message between devices spends in flight after its tick.
+      braid: run each composite's two ops in one tick (see the module docstring); False runs them
+        one after the other. Forward only, composites are always flattened.
     """
     if send_latency not in (0, 1) or isinstance(send_latency, bool):
         raise ValueError(f"send_latency: expected 0 or 1, got {send_latency!r}")
+    if not isinstance(braid, bool):
+        raise ValueError(f"braid: expected True or False, got {braid!r}")
     validate(schedule)
     if forward_only:
         schedule = forward_only_schedule(schedule)
-    table = pack(schedule, split=split, send_latency=send_latency)
+    table = pack(schedule, split=split, send_latency=send_latency, keep_composites=braid)
     sched = table.schedule
     p, num_stages, m = sched.num_devices, sched.num_stages, sched.num_microbatches
     packed = table.tick_of()
+    # Lane 1: the second member of a kept composite; every other action is lane 0.
+    second = {step.second for row in table.ticks for step in row if isinstance(step, Composite)}
     local_index = {s: sched.local_index(s) for s in range(num_stages)}
     per_device = -(-m // p) if deliver else 0
 
@@ -260,9 +311,12 @@ def compile_program(
         [table.num_ticks + lead] + [arrival(a, owner(a.microbatch)) + 1 for a in results]
     )  # + a tick without compute when results are still in flight after the last one
 
-    offsets = {(device_of(c[0]) - device_of(a)) % p for a, c in messages}
-    offsets |= {(owner(a.microbatch) - device_of(a)) % p for a in results}
-    channels = tuple(sorted(offsets)) if offsets else (0,)
+    def offsets_of(lane: int) -> set[int]:
+        found = {(device_of(c[0]) - device_of(a)) % p for a, c in messages if (a in second) == lane}
+        return found | {(owner(a.microbatch) - device_of(a)) % p for a in results if (a in second) == lane}
+
+    channels = tuple(sorted(offsets_of(0))) or (0,)
+    second_channels = tuple(sorted(offsets_of(1)))
     input_channels = tuple(sorted({(device_of(a) - owner(a.microbatch)) % p for _, a in deliveries}))
 
     # Inbox slots per receiving device: pipeline messages and delivered inputs.
@@ -298,16 +352,23 @@ def compile_program(
     weight_slot_of, num_weight = _assign_slots(weight_intervals, strict=True)
 
     shape = (num_ticks, p)
-    op = np.zeros(shape, np.int32)
-    chunk = np.zeros(shape, np.int32)
-    microbatch = np.zeros(shape, np.int32)
-    is_first = np.zeros(shape, np.int32)
-    is_last = np.zeros(shape, np.int32)
-    inbox_slot = np.full(shape, num_inbox, np.int32)
-    stash_slot = np.zeros(shape, np.int32)
-    weight_slot = np.zeros(shape, np.int32)
-    recv_slot = np.full(shape + (len(channels),), num_inbox, np.int32)
-    result_index = np.full(shape + (len(channels),), per_device, np.int32)
+
+    def lane_tables(lane_channels: tuple[int, ...]) -> dict[str, np.ndarray]:
+        return {
+            "op": np.zeros(shape, np.int32),
+            "chunk": np.zeros(shape, np.int32),
+            "microbatch": np.zeros(shape, np.int32),
+            "is_first": np.zeros(shape, np.int32),
+            "is_last": np.zeros(shape, np.int32),
+            "inbox_slot": np.full(shape, num_inbox, np.int32),
+            "stash_slot": np.zeros(shape, np.int32),
+            "weight_slot": np.zeros(shape, np.int32),
+            "recv_slot": np.full(shape + (len(lane_channels),), num_inbox, np.int32),
+            "result_index": np.full(shape + (len(lane_channels),), per_device, np.int32),
+        }
+
+    lanes = (lane_tables(channels), lane_tables(second_channels))
+    lane_channels = (channels, second_channels)
     input_send_index = np.zeros(shape, np.int32)
     input_recv_slot = np.full(shape + (len(input_channels),), num_inbox, np.int32)
 
@@ -319,24 +380,29 @@ def compile_program(
         input_message[reader] = ("input", reader.microbatch)
     for action, t in tick_of.items():
         d = device_of(action)
-        op[t, d] = OP_CODES[action.op]
-        chunk[t, d] = local_index[action.stage]
-        microbatch[t, d] = action.microbatch
-        is_first[t, d] = sched.is_first_hop(action.stage, action.microbatch)
-        is_last[t, d] = sched.is_last_hop(action.stage, action.microbatch)
+        lane = lanes[action in second]
+        lane["op"][t, d] = OP_CODES[action.op]
+        lane["chunk"][t, d] = local_index[action.stage]
+        lane["microbatch"][t, d] = action.microbatch
+        lane["is_first"][t, d] = sched.is_first_hop(action.stage, action.microbatch)
+        lane["is_last"][t, d] = sched.is_last_hop(action.stage, action.microbatch)
         if action in input_message:
-            inbox_slot[t, d] = inbox_slot_of[input_message[action]]
+            lane["inbox_slot"][t, d] = inbox_slot_of[input_message[action]]
         key = (action.stage, action.microbatch)
         if key in stash_slot_of:
-            stash_slot[t, d] = stash_slot_of[key]
+            lane["stash_slot"][t, d] = stash_slot_of[key]
         if key in weight_slot_of and action.op in (Op.I, Op.W):
-            weight_slot[t, d] = weight_slot_of[key]
+            lane["weight_slot"][t, d] = weight_slot_of[key]
     for producer, readers in messages:
         src, dst = device_of(producer), device_of(readers[0])
-        recv_slot[arrival(producer, dst), dst, channels.index((dst - src) % p)] = inbox_slot_of[producer]
+        lane = producer in second
+        channel = lane_channels[lane].index((dst - src) % p)
+        lanes[lane]["recv_slot"][arrival(producer, dst), dst, channel] = inbox_slot_of[producer]
     for action in results:
         src, dst = device_of(action), owner(action.microbatch)
-        result_index[arrival(action, dst), dst, channels.index((dst - src) % p)] = action.microbatch % per_device
+        lane = action in second
+        channel = lane_channels[lane].index((dst - src) % p)
+        lanes[lane]["result_index"][arrival(action, dst), dst, channel] = action.microbatch % per_device
     for sent, reader in deliveries:
         src, dst = owner(reader.microbatch), device_of(reader)
         input_send_index[sent, src] = reader.microbatch % per_device
@@ -345,16 +411,7 @@ def compile_program(
 
     return Program(
         tick_table=table,
-        op=op,
-        chunk=chunk,
-        microbatch=microbatch,
-        is_first=is_first,
-        is_last=is_last,
-        inbox_slot=inbox_slot,
-        stash_slot=stash_slot,
-        weight_slot=weight_slot,
-        recv_slot=recv_slot,
-        result_index=result_index,
+        **lanes[0],
         input_send_index=input_send_index,
         input_recv_slot=input_recv_slot,
         channels=channels,
@@ -367,4 +424,6 @@ def compile_program(
         forward_only=forward_only,
         deliver=deliver,
         send_latency=send_latency,
+        **{f"second_{name}": a for name, a in lanes[1].items()},
+        second_channels=second_channels,
     )

@@ -117,16 +117,21 @@ class LayeredOps(StageOps):
     Residuals: for each leaf of one layer's vjp residuals, an array `[L, ...]`.
     """
 
-    def __init__(self, stage_fn: Layered, remat):
+    def __init__(self, stage_fn: Layered, remat, unroll: bool = False):
         super().__init__(stage_fn, remat)
         self._layer_fn = apply_remat(stage_fn.layer_fn, remat)
+        self._unroll = unroll
+
+    def _scan(self, body, init, xs, reverse: bool = False):
+        """`lax.scan` over the layers; unrolled into straight-line code when asked (braided ticks)."""
+        return lax.scan(body, init, xs, reverse=reverse, unroll=self._unroll)
 
     def forward(self, params: PyTree, x: PyTree) -> tuple[PyTree, list[jax.Array]]:
         def layer(h, layer_params):
             y, vjp_fn = jax.vjp(self._layer_fn, layer_params, h)
             return y, _residual_leaves(vjp_fn, layer_params)
 
-        return lax.scan(layer, x, params)
+        return self._scan(layer, x, params)
 
     def _layer_vjp(self, layer_params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
         """One layer's vjp function rebuilt from its residuals."""
@@ -139,7 +144,7 @@ class LayeredOps(StageOps):
                 d_params, d_x = self._layer_vjp(layer_params, x_like, layer_residuals)(g)
                 return d_x, d_params
 
-            d_x, d_params = lax.scan(layer, grad, (params, residuals), reverse=True)
+            d_x, d_params = self._scan(layer, grad, (params, residuals), reverse=True)
             return d_params, d_x
 
         return vjp
@@ -156,7 +161,7 @@ class LayeredOps(StageOps):
             layer_params, layer_residuals = xs
             return split.input_grad(layer_params, layer_residuals, g)
 
-        return lax.scan(layer, grad, (params, residuals), reverse=True)
+        return self._scan(layer, grad, (params, residuals), reverse=True)
 
     def weight_grad(self, params, residuals, x_like, weight_residuals) -> PyTree:
         """W, layer by layer: `d_params` stacked `[L, ...]` (what the executor avoids with `weight_grad_into`)."""
@@ -166,7 +171,7 @@ class LayeredOps(StageOps):
             layer_params, layer_residuals, layer_weight_residuals = xs
             return None, split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
 
-        return lax.scan(layer, None, (params, residuals, weight_residuals))[1]
+        return self._scan(layer, None, (params, residuals, weight_residuals))[1]
 
     def weight_grad_into(self, params, residuals, x_like, weight_residuals, grads, chunk) -> PyTree:
         """W, adding each layer's `d_params` straight into `grads[chunk, layer]`: no stacked gradient."""
@@ -179,7 +184,7 @@ class LayeredOps(StageOps):
             return add_at(grads, (chunk, index), d_params), None
 
         xs = (jnp.arange(num_layers), params, residuals, weight_residuals)
-        return lax.scan(layer, grads, xs)[0]
+        return self._scan(layer, grads, xs)[0]
 
     def backward_into(self, params, residuals, x_like, grad, grads, chunk) -> tuple[PyTree, PyTree]:
         num_layers = jax.tree.leaves(params)[0].shape[0]
@@ -191,7 +196,7 @@ class LayeredOps(StageOps):
             return (d_x, add_at(grads, (chunk, index), d_params)), None
 
         xs = (jnp.arange(num_layers), params, residuals)
-        (d_x, grads), _ = lax.scan(layer, (grad, grads), xs, reverse=True)
+        (d_x, grads), _ = self._scan(layer, (grad, grads), xs, reverse=True)
         return grads, d_x
 
 
@@ -234,8 +239,13 @@ def add_at(tree: PyTree, index, value: PyTree) -> PyTree:
     return jax.tree.map(add, tree, value)
 
 
-def stage_ops(stage_fn: Callable, remat) -> StageOps:
-    """The F/B/I/W implementation of `stage_fn` under `remat`."""
+def stage_ops(stage_fn: Callable, remat, *, unroll: bool = False) -> StageOps:
+    """The F/B/I/W implementation of `stage_fn` under `remat`.
+
+    `unroll`: run a `Layered` stage's layers as straight-line code instead of a loop, so that the
+    ops of a braided tick (two ops in one computation) are not two loops the compiler runs one
+    after the other but one program whose parts it can interleave.
+    """
     if isinstance(stage_fn, Layered):
-        return LayeredOps(stage_fn, remat)
+        return LayeredOps(stage_fn, remat, unroll=unroll)
     return StageOps(stage_fn, remat)

@@ -268,13 +268,26 @@ def build_train_step(
         # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
         # donated, so parameters and optimizer state are updated in place.
         step=jit_train_step(loss_and_grads, optimizer, param_shardings, opt_shardings),
-        eval_loss=jit_eval_step(loss_and_grads),
+        eval_loss=jit_eval_step(pipe.evaluate(_evaluation_schedule(pipe.schedule))),
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
         batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA)),
         batch_shape=(parallel.microbatches, microbatch, config.data.seq_len),
         search=search,
     )
+
+
+def _evaluation_schedule(schedule: schedules.Schedule) -> schedules.Schedule:
+    """The schedule evaluation runs: the training one, except that SkipPipe's evaluates every layer.
+
+    A skipping route trains on part of the model; held-out loss is the full model's, so it runs on
+    the same placement with no skips (`skip_ratio=0`).
+    """
+    if schedule.name.startswith("skippipe"):
+        return schedules.build(
+            "skippipe", schedule.num_devices, schedule.num_microbatches, schedule.virtual, skip_ratio=0.0
+        )
+    return schedule
 
 
 def describe(

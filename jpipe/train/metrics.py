@@ -27,9 +27,7 @@ class MetricsWriter:
     on. A fresh run (no resume) deletes the folder's old metrics.jsonl and event files.
     """
 
-    def __init__(
-        self, path: pathlib.Path, resume_from_step: int | None = None, *, events: pathlib.Path | None = None
-    ):
+    def __init__(self, path: pathlib.Path, resume_from_step: int | None = None, *, events: pathlib.Path | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_from_step is not None and path.exists():

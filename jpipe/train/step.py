@@ -23,6 +23,7 @@ import optax
 
 PyTree = Any
 ValueAndGrad = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
+LossFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
 
 def train_step(
@@ -50,13 +51,14 @@ def train_step(
     return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
 
-def eval_step(params: PyTree, tokens: jax.Array, targets: jax.Array, *, value_and_grad: ValueAndGrad) -> jax.Array:
+def eval_step(params: PyTree, tokens: jax.Array, targets: jax.Array, *, loss: LossFn) -> jax.Array:
     """The mean loss of `params` on `tokens` / `targets` (shapes as in `train_step`).
 
-    It runs `value_and_grad` and drops the gradients: the pipeline executor has no forward-only
-    program yet, so an evaluation costs a training step's compute without the update.
+    `loss`: `(params, tokens, targets) -> mean loss`, forwards only (`PipelinedLM.evaluate()`: the
+    executor's forward program, no backward ops, residuals or gradients); any `value_and_grad`'s
+    loss works too (`lambda *a: value_and_grad(*a)[0]`).
     """
-    return value_and_grad(params, tokens, targets)[0]
+    return loss(params, tokens, targets)
 
 
 def jit_train_step(
@@ -76,9 +78,9 @@ def jit_train_step(
     return jax.jit(step, out_shardings=out_shardings, donate_argnums=(0, 1))
 
 
-def jit_eval_step(value_and_grad: ValueAndGrad) -> Callable:
-    """`eval_step` bound to `value_and_grad`, jitted: `(params, tokens, targets) -> loss`."""
-    return jax.jit(functools.partial(eval_step, value_and_grad=value_and_grad))
+def jit_eval_step(loss: LossFn) -> Callable:
+    """`eval_step` bound to `loss`, jitted: `(params, tokens, targets) -> loss`."""
+    return jax.jit(functools.partial(eval_step, loss=loss))
 
 
 def map_params_like(fn: Callable[[PyTree], PyTree], tree: PyTree, params_structure: Any) -> PyTree:
