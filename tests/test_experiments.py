@@ -151,16 +151,18 @@ def test_send_overlap_simulation(tmp_path, cache):
 
 def test_tp_overlap_counts_the_tick_loops_all_reduces(tmp_path, cache):
     pytest.importorskip("libtpu")
-    result = run_experiment("tp_overlap.py", "--schedules", "1f1b,stp", "--out", str(tmp_path), cache=cache)
+    result = run_experiment("tp_overlap.py", "--schedules", "1f1b,stp braided", "--out", str(tmp_path), cache=cache)
     table = (tmp_path / "tp_overlap.md").read_text()
     assert table.strip() in result.stdout
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
-    for label, composites in (("1f1b", "0"), ("stp", None)):
+    for label in ("1f1b", "stp braided"):
         cells = rows[label]
         in_loop, asynchronous, hidden = int(cells[3]), int(cells[4]), int(cells[5])
         assert in_loop > 0 and 0 <= hidden <= asynchronous <= in_loop  # tensor parallelism's all-reduces
-        assert composites is None or cells[2] == composites
-    assert int(rows["stp"][2]) > 0
+    assert rows["1f1b"][2] == "0" and rows["1f1b"][6] == "0"  # no composites, no braided ticks
+    braided = int(rows["stp braided"][6])
+    assert int(rows["stp braided"][2]) > 0 and 0 < braided <= int(rows["stp braided"][3])
+    assert int(rows["stp braided"][7].split()[0]) > 0  # under the async flags some are hidden
 
 
 def test_skippipe(tmp_path, cache):
