@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpipe.pipeline import program as prog
 from jpipe.pipeline.checks import check_call, check_mesh
+from jpipe.pipeline.layout import StagePlacement
 from jpipe.pipeline.stage import stage_ops
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost, best_split, simulate
@@ -195,19 +196,11 @@ def value_and_grad(
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops)
     placement = program.placement
 
+    device_params = _device_params_of("value_and_grad", schedule, stage_fn, mesh, data_axes, prologue, stage_order)
+
     def step(stage_params, loss_params, inputs, targets, prologue_params=None):
-        if (prologue is None) != (prologue_params is None):
-            raise ValueError(
-                "prologue_params: pass them exactly when value_and_grad was given a prologue "
-                f"(prologue {'given' if prologue is not None else 'not given'})"
-            )
-        num_data = _axes_size(mesh, data_axes)
-        check_call(schedule, stage_fn, stage_params, inputs, targets, num_data, prologue, prologue_params, stage_order)
-        if stage_order == "logical":
-            stage_params = placement.model_to_device(stage_params, mesh)
-        loss, grads, loss_grads, first_grads = run(
-            placement.split_devices(stage_params), loss_params, inputs, targets, prologue_params
-        )
+        local = device_params(stage_params, inputs, targets, prologue_params)
+        loss, grads, loss_grads, first_grads = run(local, loss_params, inputs, targets, prologue_params)
         stage_grads = placement.merge_devices(grads)
         if stage_order == "logical":
             stage_grads = placement.device_to_model(stage_grads, mesh)
@@ -309,22 +302,38 @@ def forward_loss(
         schedule, forward_only=True, deliver=prologue is None, send_latency=int(overlap_sends)
     )
     run = _build_runner(program, stage_ops(stage_fn, "none"), loss_fn, mesh, stage_axis, data_axes, prologue)
-    placement = program.placement
+    device_params = _device_params_of("forward_loss", schedule, stage_fn, mesh, data_axes, prologue, stage_order)
 
     def loss(stage_params, loss_params, inputs, targets, prologue_params=None):
+        local = device_params(stage_params, inputs, targets, prologue_params)
+        return run(local, loss_params, inputs, targets, prologue_params)
+
+    loss.program = program
+    return loss
+
+
+def _device_params_of(api: str, schedule, stage_fn, mesh, data_axes, prologue, stage_order) -> Callable:
+    """`(stage_params, inputs, targets, prologue_params) -> per-device stage params` after checking the call.
+
+    Shared by `value_and_grad` and `forward_loss` (`api` names the one in errors): the prologue
+    parameters are given exactly with a prologue, the arguments fit the schedule, and logical-order
+    parameters are placed in device order.
+    """
+    placement = StagePlacement.of(schedule)
+
+    def device_params(stage_params, inputs, targets, prologue_params):
         if (prologue is None) != (prologue_params is None):
             raise ValueError(
-                "prologue_params: pass them exactly when forward_loss was given a prologue "
+                f"prologue_params: pass them exactly when {api} was given a prologue "
                 f"(prologue {'given' if prologue is not None else 'not given'})"
             )
         num_data = _axes_size(mesh, data_axes)
         check_call(schedule, stage_fn, stage_params, inputs, targets, num_data, prologue, prologue_params, stage_order)
         if stage_order == "logical":
             stage_params = placement.model_to_device(stage_params, mesh)
-        return run(placement.split_devices(stage_params), loss_params, inputs, targets, prologue_params)
+        return placement.split_devices(stage_params)
 
-    loss.program = program
-    return loss
+    return device_params
 
 
 def _axes_size(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
