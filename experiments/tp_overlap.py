@@ -13,14 +13,16 @@ and MLP output, forward and backward, ends in an all-reduce over the tensor axis
 For each schedule it counts the all-reduces inside the tick loop (`jpipe.parallel.hlo.
 collective_overlaps`): "async" ones have a start and a done, "hidden" ones a matmul scheduled
 between the two. Braided ticks (`Composite`: STP's and DualPipe's overlapped F&B pairs) run both
-ops in one computation (`jpipe.value_and_grad(..., braid=True)`, the default); their all-reduces
+ops in one computation (`jpipe.value_and_grad(..., braid=True)`, the default), layer by layer in
+lockstep (`jpipe.pipeline.steps`); their all-reduces
 are those traced under `jpipe.pipeline.executor.BRAIDED_SCOPE`. Each composite schedule is also
 compiled flattened (`Schedule.flattened()`: the same order, one op per tick, as `braid=False`
 runs it), the unbraided baseline.
 
 The compiler runs all-reduces asynchronously only under `jpipe.compile.TPU_ASYNC_ALL_REDUCE_FLAGS`
 (set here in `LIBTPU_INIT_ARGS` unless `--no-async-flags`); without them every all-reduce in the
-loop is synchronous whatever the schedule.
+loop is synchronous whatever the schedule. "temp MiB": the compiled step's temporary memory per
+device (`memory_analysis()`).
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def table(
         f"{layers} layers, remat {remat!r}, {flags} `TPU_ASYNC_ALL_REDUCE_FLAGS`: all-reduces inside the tick loop.",
         "",
         "| schedule | v | composites | all-reduces in the loop | async | hidden (a matmul in flight) "
-        "| in braided ticks | of those hidden | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| in braided ticks | of those hidden | temp MiB | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label in labels:
         options = dict(SCHEDULES[label])
@@ -130,6 +132,7 @@ def table(
             hidden,
             len(braided),
             share,
+            f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:.1f}",
             f"{seconds:.1f}",
         )
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")

@@ -34,6 +34,7 @@ from jax import lax
 
 from jpipe.pipeline.remat import apply_remat
 from jpipe.pipeline.split import SplitBackward
+from jpipe.pipeline.steps import StepGenerator, returns, run_steps
 
 PyTree = Any
 
@@ -110,6 +111,25 @@ class StageOps:
         """W, adding `d_params` into `grads[chunk]` (float32 accumulators `[v, ...]`): the new `grads`."""
         return add_at(grads, chunk, self.weight_grad(params, residuals, x_like, weight_residuals))
 
+    # The ops the executor runs, as step generators (`jpipe.pipeline.steps`): a plain stage has no
+    # layers to step through, so each returns its result at once.
+
+    def forward_steps(self, params, x) -> StepGenerator:
+        """`forward` as a step generator."""
+        return returns(self.forward(params, x))
+
+    def backward_into_steps(self, params, residuals, x_like, grad, grads, chunk) -> StepGenerator:
+        """`backward_into` as a step generator."""
+        return returns(self.backward_into(params, residuals, x_like, grad, grads, chunk))
+
+    def input_grad_steps(self, params, residuals, x_like, grad) -> StepGenerator:
+        """`input_grad` as a step generator."""
+        return returns(self.input_grad(params, residuals, x_like, grad))
+
+    def weight_grad_into_steps(self, params, residuals, x_like, weight_residuals, grads, chunk) -> StepGenerator:
+        """`weight_grad_into` as a step generator."""
+        return returns(self.weight_grad_into(params, residuals, x_like, weight_residuals, grads, chunk))
+
 
 class LayeredOps(StageOps):
     """F, B, I and W of a `Layered` stage, one layer at a time (see the module docstring).
@@ -122,16 +142,53 @@ class LayeredOps(StageOps):
         self._layer_fn = apply_remat(stage_fn.layer_fn, remat)
         self._unroll = unroll
 
-    def _scan(self, body, init, xs, reverse: bool = False):
-        """`lax.scan` over the layers; unrolled into straight-line code when asked (braided ticks)."""
-        return lax.scan(body, init, xs, reverse=reverse, unroll=self._unroll)
+    def _layers(self, body, carry, params, xs=(), accumulator=None, reverse: bool = False) -> StepGenerator:
+        """`lax.scan` of `body` over the layers as a step generator: `(carry, accumulator, outputs)`.
+
+        `body(carry, accumulator, layer_params, layer_xs) -> (carry, accumulator, out)`; `params`
+        and `xs` (a layer's residuals, its index) have leaves `[L, ...]`; the outputs are stacked
+        `[L, ...]` as a scan stacks them. The carry is what the next layer depends on (activation
+        or output gradient); the accumulator is a buffer layers add into (the float32 parameter
+        gradients).
+
+        Unrolled (braided ticks), a Python loop over the layers with a step (`jpipe.pipeline.steps`)
+        before each layer and one after the last. Before layer `l` it yields `(carry, (params,
+        layer_xs))` and continues with what it is sent back, and takes the layer's parameters from
+        the `params` sent back: every matmul of the layer, its recomputation included, then waits
+        for the step. After the last layer it yields `(carry, ())`. The accumulator takes no part.
+        The stage's whole `params` goes through the step rather than the layer's slice, which would
+        be a copy (compiled for TPU, the slices cost 1.2 MiB more temporary memory than the whole
+        `params` on the `experiments/tp_overlap.py` job and hid 3 fewer of its 72 braided
+        all-reduces). Not unrolled: one `lax.scan`, no steps.
+        """
+        if not self._unroll:
+
+            def scan_body(state, layer):
+                carry, accumulator, out = body(*state, *layer)
+                return (carry, accumulator), out
+
+            (carry, accumulator), outputs = lax.scan(scan_body, (carry, accumulator), (params, xs), reverse=reverse)
+            return carry, accumulator, outputs
+        count = jax.tree.leaves(params)[0].shape[0]
+        outputs: list[PyTree] = [None] * count
+        for index in reversed(range(count)) if reverse else range(count):
+            layer_xs = jax.tree.map(lambda a, i=index: a[i], xs)
+            carry, (params, layer_xs) = yield carry, (params, layer_xs)
+            layer_params = jax.tree.map(lambda a, i=index: a[i], params)
+            carry, accumulator, outputs[index] = body(carry, accumulator, layer_params, layer_xs)
+        carry, _ = yield carry, ()
+        return carry, accumulator, jax.tree.map(lambda *layers: jnp.stack(layers), *outputs)
 
     def forward(self, params: PyTree, x: PyTree) -> tuple[PyTree, list[jax.Array]]:
-        def layer(h, layer_params):
-            y, vjp_fn = jax.vjp(self._layer_fn, layer_params, h)
-            return y, _residual_leaves(vjp_fn, layer_params)
+        return run_steps(self.forward_steps(params, x))
 
-        return self._scan(layer, x, params)
+    def forward_steps(self, params: PyTree, x: PyTree) -> StepGenerator:
+        def layer(h, _, layer_params, __):
+            y, vjp_fn = jax.vjp(self._layer_fn, layer_params, h)
+            return y, None, _residual_leaves(vjp_fn, layer_params)
+
+        y, _, residuals = yield from self._layers(layer, x, params)
+        return y, residuals
 
     def _layer_vjp(self, layer_params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
         """One layer's vjp function rebuilt from its residuals."""
@@ -139,12 +196,11 @@ class LayeredOps(StageOps):
 
     def _vjp_fn(self, params: PyTree, x_like: PyTree, residuals: list[jax.Array]) -> Callable:
         def vjp(grad):
-            def layer(g, xs):
-                layer_params, layer_residuals = xs
+            def layer(g, _, layer_params, layer_residuals):
                 d_params, d_x = self._layer_vjp(layer_params, x_like, layer_residuals)(g)
-                return d_x, d_params
+                return d_x, None, d_params
 
-            d_x, d_params = self._scan(layer, grad, (params, residuals), reverse=True)
+            d_x, _, d_params = run_steps(self._layers(layer, grad, params, residuals, reverse=True))
             return d_params, d_x
 
         return vjp
@@ -155,48 +211,58 @@ class LayeredOps(StageOps):
 
     def input_grad(self, params, residuals, x_like, grad) -> tuple[PyTree, list[jax.Array]]:
         """I, layer by layer (reverse scan): `(d_x, weight_residuals)`, each weight residual `[L, ...]`."""
+        return run_steps(self.input_grad_steps(params, residuals, x_like, grad))
+
+    def input_grad_steps(self, params, residuals, x_like, grad) -> StepGenerator:
         split = self._layer_split(x_like)
 
-        def layer(g, xs):
-            layer_params, layer_residuals = xs
-            return split.input_grad(layer_params, layer_residuals, g)
+        def layer(g, _, layer_params, layer_residuals):
+            d_x, weight_residuals = split.input_grad(layer_params, layer_residuals, g)
+            return d_x, None, weight_residuals
 
-        return self._scan(layer, grad, (params, residuals), reverse=True)
+        d_x, _, weight_residuals = yield from self._layers(layer, grad, params, residuals, reverse=True)
+        return d_x, weight_residuals
 
     def weight_grad(self, params, residuals, x_like, weight_residuals) -> PyTree:
         """W, layer by layer: `d_params` stacked `[L, ...]` (what the executor avoids with `weight_grad_into`)."""
         split = self._layer_split(x_like)
 
-        def layer(_, xs):
-            layer_params, layer_residuals, layer_weight_residuals = xs
-            return None, split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
+        def layer(_, __, layer_params, xs):
+            layer_residuals, layer_weight_residuals = xs
+            return None, None, split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
 
-        return self._scan(layer, None, (params, residuals, weight_residuals))[1]
+        return run_steps(self._layers(layer, None, params, (residuals, weight_residuals)))[2]
 
     def weight_grad_into(self, params, residuals, x_like, weight_residuals, grads, chunk) -> PyTree:
         """W, adding each layer's `d_params` straight into `grads[chunk, layer]`: no stacked gradient."""
+        return run_steps(self.weight_grad_into_steps(params, residuals, x_like, weight_residuals, grads, chunk))
+
+    def weight_grad_into_steps(self, params, residuals, x_like, weight_residuals, grads, chunk) -> StepGenerator:
         split = self._layer_split(x_like)
         num_layers = jax.tree.leaves(params)[0].shape[0]
 
-        def layer(grads, xs):
-            index, layer_params, layer_residuals, layer_weight_residuals = xs
+        def layer(_, grads, layer_params, xs):
+            index, layer_residuals, layer_weight_residuals = xs
             d_params = split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
-            return add_at(grads, (chunk, index), d_params), None
+            return None, add_at(grads, (chunk, index), d_params), None
 
-        xs = (jnp.arange(num_layers), params, residuals, weight_residuals)
-        return self._scan(layer, grads, xs)[0]
+        xs = (jnp.arange(num_layers), residuals, weight_residuals)
+        _, grads, _ = yield from self._layers(layer, None, params, xs, accumulator=grads)
+        return grads
 
     def backward_into(self, params, residuals, x_like, grad, grads, chunk) -> tuple[PyTree, PyTree]:
+        return run_steps(self.backward_into_steps(params, residuals, x_like, grad, grads, chunk))
+
+    def backward_into_steps(self, params, residuals, x_like, grad, grads, chunk) -> StepGenerator:
         num_layers = jax.tree.leaves(params)[0].shape[0]
 
-        def layer(carry, xs):
-            g, grads = carry
-            index, layer_params, layer_residuals = xs
+        def layer(g, grads, layer_params, xs):
+            index, layer_residuals = xs
             d_params, d_x = self._layer_vjp(layer_params, x_like, layer_residuals)(g)
-            return (d_x, add_at(grads, (chunk, index), d_params)), None
+            return d_x, add_at(grads, (chunk, index), d_params), None
 
-        xs = (jnp.arange(num_layers), params, residuals)
-        (d_x, grads), _ = self._scan(layer, (grad, grads), xs, reverse=True)
+        xs = (jnp.arange(num_layers), residuals)
+        d_x, grads, _ = yield from self._layers(layer, grad, params, xs, accumulator=grads, reverse=True)
         return grads, d_x
 
 
@@ -242,9 +308,9 @@ def add_at(tree: PyTree, index, value: PyTree) -> PyTree:
 def stage_ops(stage_fn: Callable, remat, *, unroll: bool = False) -> StageOps:
     """The F/B/I/W implementation of `stage_fn` under `remat`.
 
-    `unroll`: run a `Layered` stage's layers as straight-line code instead of a loop, so that the
-    ops of a braided tick (two ops in one computation) are not two loops the compiler runs one
-    after the other but one program whose parts it can interleave.
+    `unroll`: run a `Layered` stage's layers as straight-line code instead of a loop, with a step
+    before each layer (`jpipe.pipeline.steps`), so that the two ops of a braided tick are not two
+    loops the compiler runs one after the other but two layer sequences run in lockstep.
     """
     if isinstance(stage_fn, Layered):
         return LayeredOps(stage_fn, remat, unroll=unroll)
