@@ -56,8 +56,8 @@ TPU_ASYNC_ALL_REDUCE_FLAGS = (
 all-reduce asynchronously, fused with independent compute (its async collective fusion), instead of
 synchronously. The last one stops it from combining independent all-reduces into one: two
 tensor-parallel all-reduces of a braided tick's two ops, combined, would wait for both ops. Without
-all four, every all-reduce in the tick loop stays synchronous (libtpu 0.0.42.1,
-`experiments/tp_overlap.py`)."""
+all four, every all-reduce in the tick loop stays synchronous (libtpu 0.0.42.1 with jax 0.10.2;
+with them, libtpu 0.0.50.1 with jax 0.12 hides as many: `experiments/tp_overlap.py`)."""
 
 # HBM per chip by `device.device_kind`, as the Cloud TPU documentation gives it. Deviceless
 # topology devices expose no memory size (`memory_stats()` needs an attached device), hence a table.

@@ -436,8 +436,10 @@ def _reason(err: BaseException) -> str:
 # Orbax offers no public way around this (checked for 0.12.8: no option cancels the sibling reads
 # or hands orbax a loop of ours; its `asyncio_utils.run_sync` always runs on a fresh loop it closes
 # itself), so the workaround stays. It uses only public interfaces: `gc` to find the stranded
-# tasks, coroutine introspection (`cr_await`, `cr_frame`) to reach the futures they wait on, and the
-# dead loop's `set_exception_handler` to drop what asyncio would log about that loop's leftovers when
+# tasks, coroutine introspection (`cr_await`, `cr_frame`) to reach the futures they wait on, the dead
+# loop's `call_soon_threadsafe` replaced by one that drops the callback (a read finishing after the
+# scope ended, whatever the timing), and its `set_exception_handler` to drop what asyncio would log
+# about that loop's leftovers when
 # they are garbage-collected ("Task was destroyed but it is pending!" for a stranded read, "... exception
 # was never retrieved" for the sibling reads that failed too): the caller already got the read's error.
 
@@ -466,13 +468,26 @@ def _ignore_failed_read_leftovers(loop: asyncio.AbstractEventLoop, context: dict
         loop.default_exception_handler(context)
 
 
-def _cancel_orphaned_orbax_reads() -> None:
-    """Cancel the tensorstore reads of orbax tasks stranded on a closed loop, then close their coroutines."""
+def _drop_callback(callback: Any, *args: Any, context: Any = None) -> None:
+    """`call_soon_threadsafe` of a closed orbax loop: nothing can run there any more."""
+
+
+def _cancel_orphaned_orbax_reads() -> list[Any]:
+    """Cancel the tensorstore reads of orbax tasks stranded on a closed loop, then close their coroutines.
+
+    Returns the cancelled tensorstore futures.
+    """
+    cancelled = []
     for task in [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task)]:
         coro = task.get_coro()
         if not task.get_loop().is_closed() or not _is_orbax_coroutine(coro):
             continue
-        task.get_loop().set_exception_handler(_ignore_failed_read_leftovers)  # the loop can never run again
+        loop = task.get_loop()
+        loop.set_exception_handler(_ignore_failed_read_leftovers)  # the loop can never run again
+        # A read tensorstore completes after this (cancelling does not stop one already finishing)
+        # would schedule its result on the closed loop, and raise "Event loop is closed" in
+        # tensorstore's thread, after the read scope has ended: this loop drops such callbacks.
+        loop.call_soon_threadsafe = _drop_callback
         if task.done():
             continue
         awaited: Any = coro
@@ -486,11 +501,20 @@ def _cancel_orphaned_orbax_reads() -> None:
                 owner = getattr(ref, "__self__", None)
                 if inspect.ismethod(ref) and type(owner).__module__.startswith("tensorstore"):
                     owner.cancel()
+                    cancelled.append(owner)
         if coro.cr_frame is not None and not coro.cr_running:
             try:
                 coro.close()
             except Exception:  # noqa: BLE001 - orbax re-raises GeneratorExit as Exception; that is expected
                 pass
+    return cancelled
+
+
+def _wait_until_done(futures: list[Any], timeout: float = 2.0) -> None:
+    """Wait (at most `timeout` seconds) until the cancelled tensorstore `futures` have finished."""
+    deadline = time.monotonic() + timeout
+    while any(not future.done() for future in futures) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -506,7 +530,8 @@ def _orbax_read_scope() -> Iterator[None]:
     try:
         yield
     except Exception:
-        _cancel_orphaned_orbax_reads()
+        # Cancelled reads still finishing report into this scope's hook, not after it.
+        _wait_until_done(_cancel_orphaned_orbax_reads())
         raise
     finally:
         if sys.unraisablehook is hook:
