@@ -472,12 +472,8 @@ def _drop_callback(callback: Any, *args: Any, context: Any = None) -> None:
     """`call_soon_threadsafe` of a closed orbax loop: nothing can run there any more."""
 
 
-def _cancel_orphaned_orbax_reads() -> list[Any]:
-    """Cancel the tensorstore reads of orbax tasks stranded on a closed loop, then close their coroutines.
-
-    Returns the cancelled tensorstore futures.
-    """
-    cancelled = []
+def _cancel_orphaned_orbax_reads() -> None:
+    """Cancel the tensorstore reads of orbax tasks stranded on a closed loop, then close their coroutines."""
     for task in [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task)]:
         coro = task.get_coro()
         if not task.get_loop().is_closed() or not _is_orbax_coroutine(coro):
@@ -501,20 +497,11 @@ def _cancel_orphaned_orbax_reads() -> list[Any]:
                 owner = getattr(ref, "__self__", None)
                 if inspect.ismethod(ref) and type(owner).__module__.startswith("tensorstore"):
                     owner.cancel()
-                    cancelled.append(owner)
         if coro.cr_frame is not None and not coro.cr_running:
             try:
                 coro.close()
             except Exception:  # noqa: BLE001 - orbax re-raises GeneratorExit as Exception; that is expected
                 pass
-    return cancelled
-
-
-def _wait_until_done(futures: list[Any], timeout: float = 2.0) -> None:
-    """Wait (at most `timeout` seconds) until the cancelled tensorstore `futures` have finished."""
-    deadline = time.monotonic() + timeout
-    while any(not future.done() for future in futures) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -530,8 +517,7 @@ def _orbax_read_scope() -> Iterator[None]:
     try:
         yield
     except Exception:
-        # Cancelled reads still finishing report into this scope's hook, not after it.
-        _wait_until_done(_cancel_orphaned_orbax_reads())
+        _cancel_orphaned_orbax_reads()
         raise
     finally:
         if sys.unraisablehook is hook:
