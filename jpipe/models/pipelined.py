@@ -52,9 +52,8 @@ import numpy as np
 from jpipe.models.adapter import PipelinedModel
 from jpipe.models.config import GPTConfig
 from jpipe.models.gpt import GPT, cross_entropy
-from jpipe.models.layout import StageLayout, as_layout
+from jpipe.models.layout import StageLayout
 from jpipe.models.parts import LMParts
-from jpipe.parallel.mesh import STAGE
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.layout import StagePlacement
@@ -102,10 +101,8 @@ class PipelinedLM:
     overlap_sends: bool | str = "auto"
 
     def __post_init__(self):
-        if STAGE not in self.mesh.shape:
-            raise ValueError(f"mesh: no {STAGE!r} axis (axes: {dict(self.mesh.shape)}); see jpipe.parallel.make_mesh")
-        layout = as_layout(self.layout, self.config.num_layers, self.schedule.num_model_stages)
-        object.__setattr__(self, "layout", layout)
+        # The adapter checks the mesh and resolves the layout; built here so that bad input fails now.
+        object.__setattr__(self, "layout", self.adapter.layout)
 
     @functools.cached_property
     def adapter(self) -> PipelinedModel:
