@@ -167,7 +167,8 @@ def value_and_grad(
         under the other's compute; a `jpipe.layered` stage's two ops then run layer by layer in
         lockstep (`jpipe.pipeline.steps`: unrolled, a barrier between layers), so every layer has
         the other op's layer beside it. The unrolled layers of both ops cost temporary memory:
-        compiled for TPU, 1.8x the flattened step's for `stp` (`experiments/tp_overlap.py`).
+        compiled for TPU, 1.8x the flattened step's for `stp` at 16 layers, 1.9x at 8
+        (`experiments/tp_overlap.py`).
         False runs them one after the other in consecutive ticks. Schedules without composites are
         unaffected.
 
@@ -468,10 +469,10 @@ def _build_runner(
 
             return _if(row["is_first"], start, lambda a: a, arrived)
 
-        # Each op is a step generator (`jpipe.pipeline.steps`): it reads the tick's views and its inputs,
-        # yields after each layer, and returns `finish(state) -> (state, message)`, which writes what
-        # it produced into the buffers. The one buffer an op reads from the state before finishing is
-        # the gradient accumulator (B and W add into it layer by layer).
+        # Each op is a step generator (`jpipe.pipeline.steps`): it reads the tick's views and its
+        # inputs, yields before each layer and after the last, and returns `finish(state) -> (state,
+        # message)`, which writes what it produced into the buffers. The one buffer an op reads from
+        # the state before finishing is the gradient accumulator (B and W add into it layer by layer).
 
         def run_forward(state, row, view, ops=ops):
             params = _take(local_params, row["chunk"])
