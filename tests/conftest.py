@@ -1,14 +1,23 @@
-"""Test setup: 8 fake CPU devices requested once, strict numerics, a mesh helper that skips."""
+"""Test setup: 8 fake CPU devices requested once, strict numerics, an empty corpus cache of the run's
+own, a mesh helper that skips."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before the JAX backend starts; both spellings for robustness.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The test extra installs libtpu (for deviceless TPU compiles, which need no TPU backend): keep every
 # test process, and the subprocesses it starts, from probing for TPU hardware first.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The corpus cache of this test run only (every test, and every process it starts, builds its corpora
+# afresh): a shared ~/.cache/jpipe must never hide a change to a data fixture.
+_TEST_CACHE = tempfile.mkdtemp(prefix="jpipe-test-cache-")
+os.environ["JPIPE_CACHE"] = _TEST_CACHE
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
