@@ -38,22 +38,23 @@ def test_second_ops_are_the_second_members_of_the_composites(split):
     program = compile_program(schedule, split=split)
     table = pack(schedule, split=split, keep_composites=True)
     assert program.braided and program.num_ticks == table.num_ticks
+    first, second = program.lanes
     for t, row in enumerate(table.ticks):
         for device, step in enumerate(row):
             if isinstance(step, Composite):
-                assert program.op[t, device] == OP_CODES[step.first.op]
-                assert program.second_op[t, device] == OP_CODES[step.second.op]
-                assert program.second_microbatch[t, device] == step.second.microbatch
+                assert first.op[t, device] == OP_CODES[step.first.op]
+                assert second.op[t, device] == OP_CODES[step.second.op]
+                assert second.microbatch[t, device] == step.second.microbatch
             else:
-                assert program.second_op[t, device] == IDLE
+                assert second.op[t, device] == IDLE
     # Both members' messages can leave for the same neighbour in one tick: separate channels.
-    assert set(program.second_channels) <= set(program.channels) and program.second_channels
+    assert set(second.channels) <= set(first.channels) and second.channels
 
 
 def test_braid_false_and_forward_only_run_composites_one_after_the_other():
     schedule = schedules.build("dualpipev", 4, 8, overlap=True)
     flattened = compile_program(schedule, braid=False)
-    assert not flattened.braided and flattened.second_channels == ()
+    assert not flattened.braided and len(flattened.lanes) == 1
     assert flattened.num_ticks == compile_program(schedule.flattened()).num_ticks
     assert not compile_program(schedule, forward_only=True, deliver=True).braided
     with pytest.raises(ValueError, match="braid"):
@@ -120,8 +121,9 @@ def test_braided_ticks_run_the_prologue_and_the_loss():
     prologue_params = {"proj": jax.random.normal(jax.random.key(7), (2, WIDTH)), "gain": jnp.float32(1.3)}
     step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, prologue=_prologue)
     program = step.program
-    paired = program.second_op != IDLE
-    ends = (program.is_first | program.is_last | program.second_is_first | program.second_is_last) == 1
+    first, second = program.lanes
+    paired = second.op != IDLE
+    ends = (first.is_first | first.is_last | second.is_first | second.is_last) == 1
     assert (paired & ends).any()  # some braided tick runs a first or last hop
     loss, grads = jax.jit(step)(stage_params, loss_params, raw, targets, prologue_params)
 

@@ -173,9 +173,10 @@ def test_buffers_are_sized_by_peak_in_flight_not_by_microbatches():
 
 def test_idle_ticks_compute_nothing_and_ticks_use_one_op_per_device():
     program = jpipe.pipeline.compile_program(schedules.build("1f1b", 4, 8))
-    busy = (program.op != 0).sum()
+    (lane,) = program.lanes
+    busy = (lane.op != 0).sum()
     assert busy == 4 * 8 * 3  # F, I, W per stage and microbatch: no op is duplicated or masked
-    assert program.op.shape == (program.num_ticks, 4)
+    assert lane.op.shape == (program.num_ticks, 4)
 
 
 class TestErrors:
@@ -296,11 +297,11 @@ def test_hlo_has_one_collective_permute_per_channel_and_leaf_and_no_gathers():
     step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh)
     problem = make_problem(4, 8)
     hlo = jax.jit(step).lower(*problem).compile().as_text()
-    remote_channels = [offset for offset in step.program.channels if offset != 0]
+    remote_channels = [offset for offset in step.program.lanes[0].channels if offset != 0]
     # +1 (activations), -1 (gradients) on a ring of 4, and +2 (input gradients back to their owner).
     assert remote_channels == [1, 2, 3]
     # Inputs from their owners (devices 1, 2, 3) to stage 0's device 0.
-    remote_inputs = [offset for offset in step.program.input_channels if offset != 0]
+    remote_inputs = [offset for offset in step.program.delivery.channels if offset != 0]
     assert remote_inputs == [1, 2, 3]
     num_leaves = len(jax.tree.leaves(problem[2]))
     permutes = re.findall(r"collective-permute(?:-start)?\(", hlo)
@@ -354,7 +355,7 @@ def _mixing_prologue(prologue_params, raw):
 def test_prologue_and_loss_gradients_share_an_accumulator_when_no_device_runs_both_ends(name, virtual, shared):
     """A prologue parameter shaped like a loss parameter (an untied embedding and head) shares one
     float32 accumulator with it unless one device runs both a first and a last stage (V placement)."""
-    from jpipe.pipeline.executor import _EndSlots
+    from jpipe.pipeline.end_slots import EndSlots
 
     schedule = schedules.build(name, 2, 4, virtual)
     mesh = make_mesh_or_skip((2,), ("stage",))
@@ -365,7 +366,7 @@ def test_prologue_and_loss_gradients_share_an_accumulator_when_no_device_runs_bo
         "mix": jax.random.normal(jax.random.key(8), loss_params["head"].shape) / np.sqrt(WIDTH),
     }
     step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, prologue=_mixing_prologue)
-    assert _EndSlots.of(step.program, loss_params, prologue_params).shared == shared
+    assert EndSlots.of(step.program, loss_params, prologue_params).shared == shared
     result = jax.jit(step)(stage_params, loss_params, raw, targets, prologue_params)
     _assert_prologue_parity(_mixing_prologue, result, stage_params, loss_params, raw, targets, prologue_params)
 
@@ -469,10 +470,11 @@ def test_hidden_send_tables_deliver_remote_messages_one_tick_later(name, virtual
                 continue
             src, dst = placement[action.stage], placement[action.stage + 1]
             reader = tick_of[schedules.Action(action.stage + 1, schedules.Op.F, action.microbatch)]
-            channel = program.channels.index((dst - src) % 4)
+            lane = program.lanes[0]
+            channel = lane.channels.index((dst - src) % 4)
             arrive = t + (latency if src != dst else 0)
-            slot = program.recv_slot[arrive, dst, channel]
-            assert slot < program.num_inbox_slots and program.inbox_slot[reader, dst] == slot
+            slot = lane.recv_slot[arrive, dst, channel]
+            assert slot < program.num_inbox_slots and lane.inbox_slot[reader, dst] == slot
             assert reader > arrive
             arrivals += 1
         assert arrivals == 8 * (program.schedule.num_stages - 1)
@@ -530,7 +532,7 @@ def test_forward_loss_is_the_gradient_steps_loss_without_backward_ops(name, p, m
     mesh = make_mesh_or_skip((p,), ("stage",))
     problem = make_problem(schedule.num_model_stages, m)
     evaluate = jpipe.forward_loss(stage_fn, loss_fn, schedule=schedule, mesh=mesh)
-    assert set(np.unique(evaluate.program.op)) <= {IDLE, FORWARD}
+    assert set(np.unique(evaluate.program.lanes[0].op)) <= {IDLE, FORWARD}
     loss, _ = jax.jit(jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh))(*problem)
     assert_trees_close(jax.jit(evaluate)(*problem), loss)
 

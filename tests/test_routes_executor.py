@@ -18,8 +18,8 @@ from pipeline_cases import WIDTH, assert_trees_close, loss_fn, make_problem, sta
 
 import jpipe
 from jpipe import schedules
-from jpipe.pipeline.executor import _EndSlots
-from jpipe.pipeline.layout import StagePlacement
+from jpipe.pipeline.end_slots import EndSlots
+from jpipe.pipeline.placement import StagePlacement
 from jpipe.pipeline.program import FORWARD, compile_program
 from jpipe.schedules import Op
 
@@ -155,9 +155,9 @@ def test_prologue_runs_at_each_microbatchs_first_hop(name, p, m, split):
     # `mix` and the head may share one accumulator only when no device runs both a first and a last
     # hop: not so for DualPipe and BitPipe (a microbatch of one direction enters where one of the
     # other leaves), so for the SkipPipe routes (stage 0 on device 0, stage 7 on device 3).
-    first = (step.program.is_first == 1).any(axis=0)
-    last = (step.program.is_last == 1).any(axis=0)
-    shared = _EndSlots.of(step.program, loss_params, prologue_params).shared
+    first = step.program.first_hop_devices()
+    last = step.program.last_hop_devices()
+    shared = EndSlots.of(step.program, loss_params, prologue_params).shared
     assert shared == (not (first & last).any())
     assert shared == name.startswith(("skippipe", "hand"))
     loss, grads = jax.jit(step)(stage_params, loss_params, raw, targets, prologue_params)
@@ -238,28 +238,30 @@ def test_tables_follow_the_routes(name, p, m, latency):
     program = compile_program(schedule, deliver=True, send_latency=latency)
     sched = program.schedule
     k = program.microbatches_per_device
+    (lane,) = program.lanes
+    delivery = program.delivery
     seen = 0
     for t in range(program.num_ticks):
         for d in range(p):
-            if program.op[t, d] == 0:
+            if lane.op[t, d] == 0:
                 continue
-            stage = sched.stages_of(d)[program.chunk[t, d]]
-            mb = int(program.microbatch[t, d])
-            assert program.is_first[t, d] == sched.is_first_hop(stage, mb)
-            assert program.is_last[t, d] == sched.is_last_hop(stage, mb)
+            stage = sched.stages_of(d)[lane.chunk[t, d]]
+            mb = int(lane.microbatch[t, d])
+            assert lane.is_first[t, d] == sched.is_first_hop(stage, mb)
+            assert lane.is_last[t, d] == sched.is_last_hop(stage, mb)
             seen += 1
     assert seen == sum(len(row) for row in sched.actions)
     # Each owner sends at most one input per tick, to the device of the microbatch's first hop, before
     # the forward that reads it; the slot is not reused in between.
     sends = {}  # microbatch -> (tick, destination)
     for t in range(program.num_ticks):
-        for c, offset in enumerate(program.input_channels):
+        for c, offset in enumerate(delivery.channels):
             for dst in range(p):
-                if program.input_recv_slot[t, dst, c] < program.num_inbox_slots:
+                if delivery.recv_slot[t, dst, c] < program.num_inbox_slots:
                     owner = (dst - offset) % p
-                    mb = owner * k + int(program.input_send_index[t, owner])
+                    mb = owner * k + int(delivery.send_index[t, owner])
                     assert mb not in sends
-                    sends[mb] = (t, dst, int(program.input_recv_slot[t, dst, c]))
+                    sends[mb] = (t, dst, int(delivery.recv_slot[t, dst, c]))
     assert sorted(sends) == list(range(m))
     for mb, (sent, dst, slot) in sends.items():
         first = sched.route(mb)[0]
@@ -267,13 +269,13 @@ def test_tables_follow_the_routes(name, p, m, latency):
         reads = [
             t
             for t in range(program.num_ticks)
-            if program.op[t, dst] == FORWARD
-            and program.microbatch[t, dst] == mb
-            and sched.stages_of(dst)[program.chunk[t, dst]] == first
+            if lane.op[t, dst] == FORWARD
+            and lane.microbatch[t, dst] == mb
+            and sched.stages_of(dst)[lane.chunk[t, dst]] == first
         ]
-        assert len(reads) == 1 and sent < reads[0] and program.inbox_slot[reads[0], dst] == slot
-        overwritten = (program.recv_slot[sent + 1 : reads[0], dst] == slot).any() or (
-            program.input_recv_slot[sent + 1 : reads[0], dst] == slot
+        assert len(reads) == 1 and sent < reads[0] and lane.inbox_slot[reads[0], dst] == slot
+        overwritten = (lane.recv_slot[sent + 1 : reads[0], dst] == slot).any() or (
+            delivery.recv_slot[sent + 1 : reads[0], dst] == slot
         ).any()
         assert not overwritten
     if name == "bitpipe" and p == 2:

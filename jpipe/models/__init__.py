@@ -13,7 +13,8 @@ NNX model whose blocks are stacked with `nnx.vmap` (PipelinedLM is it applied to
 
 from jpipe.models.adapter import PipelinedModel
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, Block, block_class, cross_entropy, logical_axes, params_of
+from jpipe.models.gpt import GPT, Block, cross_entropy, logical_axes, params_of
+from jpipe.models.layers import PreNormBlock, block_class
 from jpipe.models.layout import StageLayout, masked_layer
 from jpipe.models.llama import GroupedQueryAttention, LlamaBlock, SwiGLU, llama_config
 from jpipe.models.parts import LMParts, num_params, reference_value_and_grad
@@ -28,6 +29,7 @@ __all__ = [
     "LMParts",
     "PipelinedLM",
     "PipelinedModel",
+    "PreNormBlock",
     "StageLayout",
     "SwiGLU",
     "block_class",

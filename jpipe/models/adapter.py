@@ -54,7 +54,7 @@ from jpipe.parallel.mesh import DATA, STAGE
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline import executor
 from jpipe.pipeline.costs import StageCosts, measure_costs
-from jpipe.pipeline.layout import StagePlacement
+from jpipe.pipeline.placement import StagePlacement
 from jpipe.pipeline.stage import layered
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost

@@ -19,53 +19,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from jpipe.models.config import GPTConfig
+from jpipe.models.layers import (
+    PreNormBlock,
+    RMSNorm,
+    attention_dtype,
+    normal_param,
+    register_block,
+    rope,
+    stacked_blocks,
+    wide,
+)
 
 PyTree = Any
-F32 = jnp.float32
-
-
-def _wide(dtype) -> jnp.dtype:
-    """Where the model computes in float32 (norms, softmax, logits): float64 for float64 values."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(F32)
-
-
-def attention_dtype(config: GPTConfig, dtype) -> jnp.dtype:
-    """The dtype of attention scores and softmax: float32 (`_wide`) unless `config.float32_attention` is off."""
-    return _wide(dtype) if config.float32_attention else jnp.dtype(dtype)
-
-
-def _normal(rngs: nnx.Rngs, config: GPTConfig, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
-    """A parameter drawn from N(0, std^2), named by its logical axes."""
-    value = std * jax.random.normal(rngs.params(), shape, config.params_dtype)
-    return nnx.Param(value, logical_axes=axes)
-
-
-class RMSNorm(nnx.Module):
-    """Root-mean-square norm with a learned scale, computed in float32."""
-
-    def __init__(self, config: GPTConfig):
-        self.eps = config.norm_eps
-        self.scale = nnx.Param(jnp.ones((config.d_model,), config.params_dtype), logical_axes=("embed",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`[..., D] -> [..., D]` in x's dtype."""
-        x32 = x.astype(_wide(x.dtype))
-        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        scale = self.scale[...].astype(x32.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-        return (normed * scale).astype(x.dtype)
-
-
-def rope(x: jax.Array, base: float) -> jax.Array:
-    """Rotary position embedding of `x` `[B, T, H, K]` (positions 0..T-1), in x's dtype."""
-    seq, head_dim = x.shape[1], x.shape[3]
-    inverse_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=_wide(x.dtype)) * (2.0 / head_dim))  # [K/2]
-    angles = jnp.arange(seq, dtype=_wide(x.dtype))[:, None] * inverse_freq[None, :]  # [T, K/2]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]  # [1, T, 1, K/2]
-    x1, x2 = jnp.split(x.astype(_wide(x.dtype)), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -75,10 +42,10 @@ class Attention(nnx.Module):
         self.config = config
         d, h, k = config.d_model, config.num_heads, config.head_dim
         std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.num_layers)
-        self.wq = _normal(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
-        self.wk = _normal(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
-        self.wv = _normal(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
-        self.wo = _normal(rngs, config, (h, k, d), out_std, ("heads", "head_dim", "embed"))
+        self.wq = normal_param(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
+        self.wk = normal_param(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
+        self.wv = normal_param(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
+        self.wo = normal_param(rngs, config, (h, k, d), out_std, ("heads", "head_dim", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, D]`."""
@@ -105,8 +72,8 @@ class MLP(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
         std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.num_layers)
-        self.w_up = _normal(rngs, config, (config.d_model, config.d_ff), std, ("embed", "mlp"))
-        self.w_down = _normal(rngs, config, (config.d_ff, config.d_model), out_std, ("mlp", "embed"))
+        self.w_up = normal_param(rngs, config, (config.d_model, config.d_ff), std, ("embed", "mlp"))
+        self.w_down = normal_param(rngs, config, (config.d_ff, config.d_model), out_std, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, D]`."""
@@ -115,28 +82,12 @@ class MLP(nnx.Module):
         return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype))
 
 
-class Block(nnx.Module):
-    """Pre-norm transformer block: `x + attention(norm(x))`, then `+ mlp(norm(.))`.
+@register_block("gpt")
+class Block(PreNormBlock):
+    """The GPT block: causal multi-head attention and a GELU MLP, pre-RMSNorm."""
 
-    A family's block subclasses it and names its own `attention_class` and `mlp_class`.
-    """
-
-    attention_class: type[nnx.Module] = Attention
-    mlp_class: type[nnx.Module] = MLP
-
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        self.attention_norm = RMSNorm(config)
-        self.attention = self.attention_class(config, rngs=rngs)
-        self.mlp_norm = RMSNorm(config)
-        self.mlp = self.mlp_class(config, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, T, D] -> [B, T, D]` in x's dtype (the residual dtype); branches in the compute dtype."""
-        dtype = self.attention.config.dtype
-        with jax.named_scope("attention"):
-            x = x + self.attention(self.attention_norm(x).astype(dtype)).astype(x.dtype)
-        with jax.named_scope("mlp"):
-            return x + self.mlp(self.mlp_norm(x).astype(dtype)).astype(x.dtype)
+    attention_class = Attention
+    mlp_class = MLP
 
 
 class Embed(nnx.Module):
@@ -145,9 +96,9 @@ class Embed(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
         std = config.init_std
-        self.tokens = _normal(rngs, config, (config.vocab_size, config.d_model), std, ("vocab", "embed"))
+        self.tokens = normal_param(rngs, config, (config.vocab_size, config.d_model), std, ("vocab", "embed"))
         if config.learned_positions:
-            self.positions = _normal(rngs, config, (config.seq_len, config.d_model), std, ("position", "embed"))
+            self.positions = normal_param(rngs, config, (config.seq_len, config.d_model), std, ("position", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Token ids `[B, T]` -> activations `[B, T, D]` in the residual dtype."""
@@ -169,14 +120,14 @@ class Head(nnx.Module):
         if not config.tie_embeddings:
             # Stored [V, D], as the embedding table is; drawn [D, V] and transposed so that a seed
             # gives the same model as when the head was stored [D, V].
-            drawn = _normal(rngs, config, (config.d_model, config.vocab_size), config.init_std, ("embed", "vocab"))
+            drawn = normal_param(rngs, config, (config.d_model, config.vocab_size), config.init_std, ("embed", "vocab"))
             self.out = nnx.Param(drawn[...].T, logical_axes=("vocab", "embed"))
 
     def __call__(self, x: jax.Array, table: jax.Array | None = None) -> jax.Array:
         """`[B, T, D]` -> float32 logits `[B, T, V]`; `table` `[V, D]` is the tied embedding."""
         dtype = self.config.dtype
         h = self.norm(x).astype(dtype)
-        out_dtype = _wide(dtype)
+        out_dtype = wide(dtype)
         if self.config.tie_embeddings:
             if table is None:
                 raise ValueError("Head: tie_embeddings=True needs the embedding table")
@@ -195,35 +146,10 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean(log_z - picked)
 
 
-def block_class(config: GPTConfig) -> type[nnx.Module]:
-    """The block of `config.family`: `Block` (gpt) or `jpipe.models.llama.LlamaBlock` (llama)."""
-    if config.family == "llama":
-        from jpipe.models.llama import LlamaBlock  # llama builds on this module's pieces
-
-        return LlamaBlock
-    return Block
-
-
-def stacked_blocks(config: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """`config.num_layers` blocks of the config's family as one block whose parameters have a leading `[L]` axis."""
-    block = block_class(config)
-
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs: nnx.Rngs) -> nnx.Module:
-        return block(config, rngs=rngs)
-
-    blocks = create(rngs)
-    for _, variable in nnx.iter_graph(blocks):
-        if isinstance(variable, nnx.Param):
-            variable.set_metadata("logical_axes", ("layer", *variable.get_metadata("logical_axes")))
-    return blocks
-
-
 class GPT(nnx.Module):
     """The whole model, unpipelined: `GPT(config, rngs=nnx.Rngs(0))(tokens) -> logits`.
 
-    Its blocks are those of `config.family` (`block_class`): GPT blocks, or llama blocks.
+    Its blocks are those of `config.family` (`jpipe.models.layers.block_class`): GPT blocks, or llama blocks.
 
     Parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`):
     `{"embed": {"tokens": [V, D], "positions": [T, D]?}, "blocks": {...: [L, ...]},

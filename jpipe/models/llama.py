@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import Block, _normal, attention_dtype, rope
+from jpipe.models.layers import PreNormBlock, attention_dtype, normal_param, register_block, rope
 
 
 def llama_config(**changes) -> GPTConfig:
@@ -38,10 +38,10 @@ class GroupedQueryAttention(nnx.Module):
         self.config = config
         d, h, n, k = config.d_model, config.num_heads, config.kv_heads, config.head_dim
         std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.num_layers)
-        self.wq = _normal(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
-        self.wk = _normal(rngs, config, (d, n, k), std, ("embed", "heads", "head_dim"))
-        self.wv = _normal(rngs, config, (d, n, k), std, ("embed", "heads", "head_dim"))
-        self.wo = _normal(rngs, config, (h, k, d), out_std, ("heads", "head_dim", "embed"))
+        self.wq = normal_param(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
+        self.wk = normal_param(rngs, config, (d, n, k), std, ("embed", "heads", "head_dim"))
+        self.wv = normal_param(rngs, config, (d, n, k), std, ("embed", "heads", "head_dim"))
+        self.wo = normal_param(rngs, config, (h, k, d), out_std, ("heads", "head_dim", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, D]`."""
@@ -69,9 +69,9 @@ class SwiGLU(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
         std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.num_layers)
-        self.w_gate = _normal(rngs, config, (config.d_model, config.d_ff), std, ("embed", "mlp"))
-        self.w_up = _normal(rngs, config, (config.d_model, config.d_ff), std, ("embed", "mlp"))
-        self.w_down = _normal(rngs, config, (config.d_ff, config.d_model), out_std, ("mlp", "embed"))
+        self.w_gate = normal_param(rngs, config, (config.d_model, config.d_ff), std, ("embed", "mlp"))
+        self.w_up = normal_param(rngs, config, (config.d_model, config.d_ff), std, ("embed", "mlp"))
+        self.w_down = normal_param(rngs, config, (config.d_ff, config.d_model), out_std, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, D]`."""
@@ -81,7 +81,8 @@ class SwiGLU(nnx.Module):
         return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
 
 
-class LlamaBlock(Block):
+@register_block("llama")
+class LlamaBlock(PreNormBlock):
     """Pre-RMSNorm block: `x + attention(norm(x))`, then `+ swiglu(norm(.))`."""
 
     attention_class = GroupedQueryAttention

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, block_class, cross_entropy
+from jpipe.models.gpt import GPT, cross_entropy
+from jpipe.models.layers import block_class
 
 PyTree = Any
 

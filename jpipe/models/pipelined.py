@@ -56,7 +56,7 @@ from jpipe.models.layout import StageLayout
 from jpipe.models.parts import LMParts
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
-from jpipe.pipeline.layout import StagePlacement
+from jpipe.pipeline.placement import StagePlacement
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost
 

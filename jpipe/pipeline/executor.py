@@ -1,101 +1,44 @@
 """The SPMD pipeline executor: any valid schedule as one `shard_map` + `lax.scan` program.
 
-Each device walks the tick tables built by `jpipe.pipeline.program.compile_program`. In every tick
-it runs at most one action, each kind under its own `lax.cond` (idle ticks compute nothing), or the
-two ops of a braided composite in one branch (`braid`), then
-every device sends its outgoing message on every ring channel with `lax.ppermute`; receivers store
-what their table marks in inbox slots. With `overlap_sends`, the message a device produced in tick
-t is sent at the start of tick t + 1, by a `ppermute` that nothing in that tick's compute depends
-on, so the compiler can run the transfer while the tick computes (the tables then give every
-cross-device message one more tick, see `jpipe.pipeline.program`).
+The public entry points (`value_and_grad`, `forward`, `forward_loss`) check their options, lower the
+schedule to tick tables (`jpipe.pipeline.program.compile_program`), and run one `lax.scan` over the
+ticks inside a `shard_map` over the stage axis (and the data axes): each device walks the tables
+with a `jpipe.pipeline.tick.TickMachine`, whose op kernels (`jpipe.pipeline.kernels`) run under
+`lax.cond` (idle ticks compute nothing), a braided composite's two ops in one branch (`braid`).
+This module builds the `shard_map` specs, pads the batch to a multiple of the pipeline size,
+places parameters and reduces the results (losses, gradients) at the end of the step.
 
 A forward stashes the residuals of `jax.vjp` of its stage (what the `remat` policy saves, minus the
 stage parameters themselves); backward ops rebuild the vjp function from the stash (see
 `jpipe.pipeline.stage` for how B, I and W use it).
-
-Every buffer is updated only inside a `lax.cond` whose other branch returns it unchanged, so XLA
-updates it in place; a single `lax.switch` that reads and writes the same buffers in different
-branches makes XLA copy them every tick and doubles their memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jpipe.pipeline import kernels
 from jpipe.pipeline import program as prog
+from jpipe.pipeline.arrays import spec_of, take, take_first, varying, zeros_like
 from jpipe.pipeline.checks import check_call, check_mesh
-from jpipe.pipeline.layout import StagePlacement
-from jpipe.pipeline.stage import stage_ops
-from jpipe.pipeline.steps import braid_steps, run_steps
+from jpipe.pipeline.end_slots import EndSlots
+from jpipe.pipeline.placement import StagePlacement
+from jpipe.pipeline.stage import StageOps, stage_ops
+from jpipe.pipeline.state import Carry, TickRow
+from jpipe.pipeline.tick import BRAIDED_SCOPE, TickMachine
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost, best_split, simulate
 
 PyTree = Any
 
-
-BRAIDED_SCOPE = "braided_tick"
-"""The `jax.named_scope` of a braided tick's ops: in the `op_name` metadata of everything they compile to."""
-
-
-def _acc(*dtypes) -> jnp.dtype:
-    """Accumulator dtype for values of `dtypes`: float32, or float64 when any of them is float64."""
-    return jnp.dtype(jnp.float64) if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.dtype(jnp.float32)
-
-
-def _varying(tree: PyTree, axes: tuple[str, ...]) -> PyTree:
-    """Mark arrays as varying over the manual `axes` (scan carries, vjp cotangents)."""
-
-    def cast(x):
-        missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
-        return lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree)
-
-
-def _if(flag, then: Callable, otherwise: Callable, *operands):
-    """`then(*operands)` where `flag` is 1, else `otherwise(*operands)`.
-
-    A table entry (traced) becomes a `lax.cond`; a Python int (a braided tick's branch, built for
-    one combination of first/last hops) picks the function while tracing, so the branch stays
-    straight-line code that the compiler can interleave with the tick's other op.
-    """
-    if isinstance(flag, (bool, int, np.integer)):
-        return then(*operands) if flag else otherwise(*operands)
-    return lax.cond(flag == 1, then, otherwise, *operands)
-
-
-def _zeros_like(tree: PyTree) -> PyTree:
-    return jax.tree.map(jnp.zeros_like, tree)
-
-
-def _zeros(leading: tuple[int, ...], like: jax.Array, dtype=None) -> jax.Array:
-    """Zeros shaped `leading + like.shape` that keep `like`'s sharding over non-manual mesh axes.
-
-    Under explicit sharding, buffers must carry the sharding of what is written into them (e.g. a
-    batch dimension split over `data`).
-    """
-    dtype = like.dtype if dtype is None else dtype
-    spec = _spec_of(like)
-    if not any(entry is not None for entry in spec):
-        return jnp.zeros(leading + like.shape, dtype)
-    return jnp.zeros(leading + like.shape, dtype, out_sharding=P(*((None,) * len(leading) + spec)))
-
-
-def _take(tree: PyTree, index) -> PyTree:
-    """`tree[index]` on every leaf's leading axis (dynamic index)."""
-    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
-
-
-def _put(tree: PyTree, index, value: PyTree) -> PyTree:
-    """`tree.at[index].set(value)` on every leaf's leading axis (dynamic index)."""
-    return jax.tree.map(lambda a, v: lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), index, 0), tree, value)
+__all__ = ["BRAIDED_SCOPE", "forward", "forward_loss", "resolve_overlap", "resolve_split", "value_and_grad"]
 
 
 def value_and_grad(
@@ -348,380 +291,167 @@ def _axes_size(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
     return size
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Setup:
+    """What every device's program is built from (static).
+
+    Attributes:
+      program: the tick tables.
+      ops, braid_ops: the stage's ops for single-op and for braided ticks.
+      loss_fn, prologue: the model's ends (None when absent).
+      axis, data_axes: the stage mesh axis and the data-parallel ones.
+      num_data: the data-parallel degree (product of the data axes' sizes).
+    """
+
+    program: prog.Program
+    ops: StageOps
+    braid_ops: StageOps
+    loss_fn: Callable | None
+    prologue: Callable | None
+    axis: str
+    data_axes: tuple[str, ...]
+    num_data: int
+
+    @property
+    def evaluating(self) -> bool:
+        """`forward_loss`: the mean loss of forwards only, no gradients."""
+        return self.program.forward_only and self.loss_fn is not None
+
+    @property
+    def manual_axes(self) -> tuple[str, ...]:
+        return (self.axis, *self.data_axes)
+
+    def kernels(self) -> tuple[kernels.Kernel, ...]:
+        if not self.program.forward_only:
+            return kernels.TRAINING
+        return kernels.EVALUATION if self.evaluating else kernels.FORWARD_ONLY
+
+    def data_mean(self, tree: PyTree) -> PyTree:
+        return jax.tree.map(lambda a: lax.pmean(a, self.data_axes), tree) if self.data_axes else tree
+
+
 def _build_runner(
     program: prog.Program, ops, loss_fn, mesh, axis: str, data_axes: tuple[str, ...], prologue=None, braid_ops=None
 ) -> Callable:
-    """The shard_map'ed scan over ticks.
+    """The shard_map'ed scan over ticks, on the batch padded to a multiple of the pipeline size.
 
     `ops`: a `jpipe.pipeline.stage` op implementation; `braid_ops`: the one braided ticks run (its
     layers unrolled, `stage_ops(..., unroll=True)`), default `ops`.
     """
-    braid_ops = ops if braid_ops is None else braid_ops
-    num_data = _axes_size(mesh, data_axes)
-    manual_axes = (axis, *data_axes)
-    schedule = program.schedule
-    p, m = schedule.num_devices, schedule.num_microbatches
-    k = program.microbatches_per_device
-    forward_only, deliver, overlap = program.forward_only, program.deliver, program.send_latency > 0
-    evaluating = forward_only and loss_fn is not None  # `forward_loss`: the mean loss, no gradients
-    tables = {name: jnp.asarray(a) for name, a in program.per_tick_arrays().items()}
-    channels, input_channels = program.channels, program.input_channels
-    # [T, C]: whether any device receives on channel c in tick t (identical on every device).
-    channel_used = jnp.asarray(
-        (program.recv_slot < program.num_inbox_slots).any(axis=1) | (program.result_index < k).any(axis=1)
-    )
-    input_channel_used = jnp.asarray((program.input_recv_slot < program.num_inbox_slots).any(axis=1))
-    # Braided ticks: a device runs two ops (a kept composite) in one branch. `pair[t, d]` is 0 for a
-    # tick with one op, else 1 + the index of its (first op, second op) kind in `pair_kinds`.
-    braided, second_channels = program.braided, program.second_channels
-    pair_kinds: list[tuple[int, int]] = []
-    if braided:
-        # A kind: (op, is_first, is_last) of the first and of the second op; each gets its own branch,
-        # in which the first/last-hop work (prologue, loss) is static, not a nested conditional.
-        kind_tables = [
-            getattr(program, f"{prefix}{name}") for prefix in ("", "second_") for name in ("op", "is_first", "is_last")
-        ]
-        kind_of = np.stack(kind_tables, axis=-1)  # [T, p, 6]
-        paired = program.second_op != prog.IDLE
-        pair_kinds = sorted({tuple(int(v) for v in kind) for kind in kind_of[paired]})
-        pair = np.zeros(program.op.shape, np.int32)
-        for index, kind in enumerate(pair_kinds, start=1):
-            pair[paired & (kind_of == np.asarray(kind)).all(axis=-1)] = index
-        tables["pair"] = jnp.asarray(pair)
-        second_channel_used = jnp.asarray(
-            (program.second_recv_slot < program.num_inbox_slots).any(axis=1)
-            | (program.second_result_index < k).any(axis=1)
-        )
-    scale = 1.0 / m
+    setup = _Setup(program, ops, braid_ops or ops, loss_fn, prologue, axis, data_axes, _axes_size(mesh, data_axes))
+    in_specs, out_specs = _specs(setup)
+    manual = {axis, *data_axes}
 
-    def send(message, offset, used):
-        """`message` from every device to device `+offset`, skipped (on all devices) when unused.
+    def body(*args):
+        return _per_device(setup, *_full_arguments(setup, args))
 
-        With `overlap` the send is unconditional: a `ppermute` inside a `lax.cond` branch is a
-        start immediately followed by its done, with nothing the compiler could run in between.
-        """
-        if offset == 0:
-            return message
-        if overlap:
-            perm = [(d, (d + offset) % p) for d in range(p)]
-            return jax.tree.map(lambda a: lax.ppermute(a, axis, perm), message)
-        # The predicate is the same on every device, so all take the same branch.
-        perm = [(d, (d + offset) % p) for d in range(p)]
-        return lax.cond(
-            used, lambda msg: jax.tree.map(lambda a: lax.ppermute(a, axis, perm), msg), lambda msg: msg, message
-        )
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual)
+    return _padded(setup, mapped, mesh, in_specs)
 
-    def per_device(local_params, loss_params, inputs, targets, prologue_params):
-        # local_params leaves: [1, v, ...]; inputs: [k, ...] (this device's microbatches) with
-        # `deliver`, else [m, ...] replicated; targets: [m, ...] replicated.
-        local_params = jax.tree.map(lambda a: a[0], local_params)
-        # Differentiating w.r.t. an invariant (replicated) value inside a branch would transpose its
-        # implicit pcast into a psum that only some devices reach: make it varying up front.
-        loss_params = _varying(loss_params, manual_axes)
-        local_params = _varying(local_params, manual_axes)
-        prologue_params = _varying(prologue_params, manual_axes)
-        device = lax.axis_index(axis)
-        end_slots = _EndSlots.of(program, loss_params, prologue_params)
-        rows = {name: lax.dynamic_index_in_dim(a, device, axis=1, keepdims=False) for name, a in tables.items()}
-        rows["channel_used"] = channel_used
-        rows["input_channel_used"] = input_channel_used
-        if braided:
-            rows["second_channel_used"] = second_channel_used
-        if prologue is None:
-            x_like = _varying(_zeros_like(_take(inputs, 0)), manual_axes)
-        else:
-            # Only the shapes matter: this prologue call is dead code, removed by XLA.
-            x_like = _varying(_zeros_like(prologue(prologue_params, _take(inputs, 0))), manual_axes)
 
-        def slots(n, example):
-            return jax.tree.map(lambda a: _zeros((n,), a), example)
+def _specs(setup: _Setup) -> tuple[tuple, Any]:
+    """`(in_specs, out_specs)` of the `shard_map` for the program's mode.
 
-        carry = {"inbox": slots(program.num_inbox_slots + 1, x_like)}  # + a scratch slot
-        if overlap:
-            carry["outbox"] = x_like  # the message of the previous tick, sent during this one
-            if braided:
-                carry["second_outbox"] = x_like
-        if deliver:
-            # Input gradients (or outputs, forward only) of this device's microbatches; + a scratch slot.
-            carry["results"] = slots(k + 1, x_like)
-        if not forward_only:
-            # Traced here only for their shapes and varying types (dead code, removed by XLA).
-            some_params = _take(local_params, rows["chunk"][0])
-            residuals = ops.forward(some_params, x_like)[1]
-            weight_residuals = ops.input_grad(some_params, residuals, x_like, x_like)[1]
-            carry["stash"] = slots(program.num_stash_slots, residuals)
-            carry["weight_stash"] = slots(program.num_weight_slots, weight_residuals)
-            carry["grads"] = jax.tree.map(lambda a: _zeros((), a, _acc(a.dtype)), local_params)
-            carry["loss"] = jnp.zeros((), _acc(*(a.dtype for a in jax.tree.leaves(loss_params))))
-            carry["end_grads"] = [_zeros((), like, _acc(like.dtype)) for like in end_slots.buffers]
-        if evaluating:
-            carry["loss"] = jnp.zeros((), _acc(*(a.dtype for a in jax.tree.leaves(loss_params))))
-        carry = _varying(carry, manual_axes)
-
-        def stage_input(row, view):
-            arrived = _take(view["inbox"], row["inbox_slot"])
-            if prologue is None:
-                return arrived  # stage 0's input was delivered to the inbox like any message
-
-            def start(arrived):
-                x = prologue(prologue_params, _take(inputs, row["microbatch"]))
-                return jax.tree.map(lambda a, b: a.astype(b.dtype), _varying(x, manual_axes), arrived)
-
-            return _if(row["is_first"], start, lambda a: a, arrived)
-
-        # Each op is a step generator (`jpipe.pipeline.steps`): it reads the tick's views and its
-        # inputs, yields before each layer and after the last, and returns `finish(state) -> (state,
-        # message)`, which writes what it produced into the buffers. The one buffer an op reads from
-        # the state before finishing is the gradient accumulator (B and W add into it layer by layer).
-
-        def run_forward(state, row, view, ops=ops):
-            params = _take(local_params, row["chunk"])
-            x = _varying(stage_input(row, view), manual_axes)
-            if forward_only:
-                y = ops.fn(params, x)
-                if not evaluating:
-                    return lambda state: (state, y)
-
-                def add_loss(state):
-                    loss = loss_fn(loss_params, y, _take(targets, row["microbatch"]))
-                    return {**state, "loss": state["loss"] + loss.astype(state["loss"].dtype) * scale}
-
-                return lambda state: (_if(row["is_last"], add_loss, lambda s: s, state), y)
-            y, residuals = yield from ops.forward_steps(params, x)
-
-            def with_loss(state):
-                target = _take(targets, row["microbatch"])
-                loss, loss_vjp = jax.vjp(lambda lp, out: loss_fn(lp, out, target), loss_params, y)
-                d_loss_params, d_y = loss_vjp(_varying(jnp.asarray(scale, loss.dtype), manual_axes))
-                state = {
-                    **state,
-                    "loss": state["loss"] + loss.astype(state["loss"].dtype) * scale,
-                    "end_grads": end_slots.add(state["end_grads"], end_slots.loss, d_loss_params),
-                }
-                return state, d_y
-
-            def finish(state):
-                state = {**state, "stash": _put(state["stash"], row["stash_slot"], residuals)}
-                return _if(row["is_last"], with_loss, lambda s: (s, y), state)
-
-            return finish
-
-        def op_inputs(row, view):
-            return _take(local_params, row["chunk"]), _take(view["stash"], row["stash_slot"])
-
-        def prologue_backward(state, row, d_x):
-            """Stage 0's input gradient -> the prologue's parameter gradients (prologue only)."""
-            if prologue is None:
-                return state  # d_x is this op's message: it travels to the microbatch's owner
-
-            def accumulate(acc):
-                # The prologue's forward is recomputed here (an embedding lookup: cheap) rather than stashed.
-                tokens = _take(inputs, row["microbatch"])
-                _, prologue_vjp = jax.vjp(lambda pp: prologue(pp, tokens), prologue_params)
-                (d_prologue,) = prologue_vjp(jax.tree.map(lambda g, a: g.astype(a.dtype), d_x, x_like))
-                return end_slots.add(acc, end_slots.prologue, d_prologue)
-
-            grads = _if(row["is_first"], accumulate, lambda g: g, state["end_grads"])
-            return {**state, "end_grads": grads}
-
-        def run_backward(state, row, view, ops=ops):
-            params, residuals = op_inputs(row, view)
-            grad = _take(view["inbox"], row["inbox_slot"])
-            grads, d_x = yield from ops.backward_into_steps(
-                params, residuals, x_like, grad, state["grads"], row["chunk"]
-            )
-            return lambda state: (prologue_backward({**state, "grads": grads}, row, d_x), d_x)
-
-        def run_input_grad(state, row, view, ops=ops):
-            params, residuals = op_inputs(row, view)
-            grad = _take(view["inbox"], row["inbox_slot"])
-            d_x, weight_residuals = yield from ops.input_grad_steps(params, residuals, x_like, grad)
-
-            def finish(state):
-                state = {**state, "weight_stash": _put(state["weight_stash"], row["weight_slot"], weight_residuals)}
-                return prologue_backward(state, row, d_x), d_x
-
-            return finish
-
-        def run_weight_grad(state, row, view, ops=ops):
-            params, residuals = op_inputs(row, view)
-            weight_residuals = _take(view["weight_stash"], row["weight_slot"])
-            grads = yield from ops.weight_grad_into_steps(
-                params, residuals, x_like, weight_residuals, state["grads"], row["chunk"]
-            )
-            return lambda state: ({**state, "grads": grads}, x_like)
-
-        def single_op(run):
-            """A step-generator op as one function `(state, row, view) -> (state, message)`."""
-
-            def run_alone(state, row, view):
-                return run_steps(run(state, row, view))(state)
-
-            return run_alone
-
-        def skip(state, row, view):
-            return state, x_like
-
-        # (op code, what it runs, the buffers it may update); views are read-only.
-        backward_keys = ("grads", "end_grads") if prologue is not None else ("grads",)
-        input_grad_keys = ("weight_stash", "end_grads") if prologue is not None else ("weight_stash",)
-        forward_keys = ("stash", "loss", "end_grads") if not forward_only else ("loss",) if evaluating else ()
-        kinds = [(prog.FORWARD, run_forward, forward_keys)]
-        if not forward_only:
-            kinds += [
-                (prog.BACKWARD, run_backward, backward_keys),
-                (prog.INPUT_GRAD, run_input_grad, input_grad_keys),
-                (prog.WEIGHT_GRAD, run_weight_grad, ("grads",)),
-            ]
-        if program.num_weight_slots == 0:
-            kinds = [k for k in kinds if k[0] not in (prog.INPUT_GRAD, prog.WEIGHT_GRAD)]
-        runs = {code: (run, keys) for code, run, keys in kinds}  # the pairs' ops, too
-        # The single-op branches only for ops some tick runs alone.
-        alone = program.op[program.second_op == prog.IDLE] if braided else program.op
-        kinds = [k for k in kinds if (alone == k[0]).any()]
-
-        def braided_run(kind):
-            """Both ops of a braided tick in one branch, layer by layer in lockstep (`braid_steps`).
-
-            Neither reads what the other writes: both read the tick's views, and each writes its own
-            slots. Two ops that both add into the gradient accumulator run one after the other.
-            """
-            first, first_is_first, first_is_last, second, second_is_first, second_is_last = kind
-            (run_first, first_keys), (run_second, second_keys) = runs[first], runs[second]
-            in_lockstep = not ({first, second} <= {prog.BACKWARD, prog.WEIGHT_GRAD})
-
-            def run(state, row, view):
-                first_row = {**row, "is_first": first_is_first, "is_last": first_is_last}
-                second_row = {name: row[f"second_{name}"] for name in prog.SECOND_TABLES}
-                second_row.update(is_first=second_is_first, is_last=second_is_last)
-                with jax.named_scope(BRAIDED_SCOPE):
-                    if in_lockstep:
-                        finish_first, finish_second = braid_steps(
-                            run_first(state, first_row, view, ops=braid_ops),
-                            run_second(state, second_row, view, ops=braid_ops),
-                        )
-                        state, first_message = finish_first(state)
-                    else:
-                        state, first_message = run_steps(run_first(state, first_row, view, ops=braid_ops))(state)
-                        finish_second = run_steps(run_second(state, second_row, view, ops=braid_ops))
-                    state, second_message = finish_second(state)
-                return state, (first_message, second_message)
-
-            return run, tuple(dict.fromkeys(first_keys + second_keys))
-
-        def skip_pair(state, row, view):
-            return state, (x_like, x_like)
-
-        def deliver_messages(row, inbox, results, message, lane_channels, prefix, in_flight):
-            for c, offset in enumerate(lane_channels):
-                if overlap and offset != 0:
-                    arrived = in_flight[c]
-                else:
-                    arrived = send(message, offset, row[f"{prefix}channel_used"][c])
-                inbox = _put(inbox, row[f"{prefix}recv_slot"][c], arrived)
-                if deliver:
-                    index = row[f"{prefix}result_index"][c]
-                    results = lax.cond(index < k, lambda r, a=arrived, i=index: _put(r, i, a), lambda r: r, results)
-            return inbox, results
-
-        def tick(state, row):
-            if overlap:
-                # Sent first: nothing this tick computes depends on it, so it travels meanwhile.
-                in_flight = [send(state["outbox"], offset, True) for offset in channels]
-                second_in_flight = [send(state["second_outbox"], offset, True) for offset in second_channels]
-            else:
-                in_flight = second_in_flight = None
-            message = second_message = x_like
-            single = row["pair"] == 0 if braided else True
-            for code, run, keys in kinds:
-                view = {k: state[k] for k in ("inbox", "stash", "weight_stash") if k in state}
-                part = {k: state[k] for k in keys}
-                runs_here = (row["op"] == code) & single
-                part, produced = lax.cond(runs_here, single_op(run), skip, part, row, view)
-                state = {**state, **part}
-                message = jax.tree.map(lambda a, b, r=runs_here: jnp.where(r, a, b), produced, message)
-            for index, kind in enumerate(pair_kinds, start=1):
-                run, keys = braided_run(kind)
-                view = {k: state[k] for k in ("inbox", "stash", "weight_stash") if k in state}
-                part = {k: state[k] for k in keys}
-                runs_here = row["pair"] == index
-                part, (produced, second_produced) = lax.cond(runs_here, run, skip_pair, part, row, view)
-                state = {**state, **part}
-                message = jax.tree.map(lambda a, b, r=runs_here: jnp.where(r, a, b), produced, message)
-                second_message = jax.tree.map(
-                    lambda a, b, r=runs_here: jnp.where(r, a, b), second_produced, second_message
-                )
-            inbox, results = deliver_messages(
-                row, state["inbox"], state.get("results"), message, channels, "", in_flight
-            )
-            if braided:
-                inbox, results = deliver_messages(
-                    row, inbox, results, second_message, second_channels, "second_", second_in_flight
-                )
-            if input_channels:
-                outgoing = _take(inputs, row["input_send_index"])
-                for c, offset in enumerate(input_channels):
-                    arrived = send(outgoing, offset, row["input_channel_used"][c])
-                    inbox = _put(inbox, row["input_recv_slot"][c], arrived)
-            state = {**state, "inbox": inbox}
-            if deliver:
-                state["results"] = results
-            if overlap:
-                state["outbox"] = message
-                if braided:
-                    state["second_outbox"] = second_message
-            return state, None
-
-        state, _ = lax.scan(tick, carry, rows)
-        results = _take_first(state["results"], k) if deliver else None
-
-        def data_mean(tree):
-            return jax.tree.map(lambda a: lax.pmean(a, data_axes), tree) if data_axes else tree
-
-        if evaluating:
-            return data_mean(lax.psum(state["loss"], axis))
-        if forward_only:
-            return results
-
-        grads = jax.tree.map(lambda g, a: g.astype(a.dtype)[None], data_mean(state["grads"]), local_params)
-        # Parameter-sized, once per step (only the devices running first / last hops hold non-zero values).
-        holds_first, holds_last = end_slots.holders(device)
-        loss_grads = end_slots.reduce(state["end_grads"], end_slots.loss, holds_last, loss_params, axis, data_mean)
-        if prologue is None:
-            # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
-            first_grads = jax.tree.map(lambda g: g / num_data, results)
-        else:
-            first_grads = end_slots.reduce(
-                state["end_grads"], end_slots.prologue, holds_first, prologue_params, axis, data_mean
-            )
-        return data_mean(lax.psum(state["loss"], axis)), grads, loss_grads, first_grads
-
+    Arguments are `(stage_params, loss_params, inputs, targets[, prologue_params])`, forward only
+    `(stage_params, inputs)`; outputs `(loss, stage_grads, loss_grads, input or prologue grads)`,
+    the loss alone when evaluating, the outputs forward only.
+    """
+    axis, data_axes = setup.axis, setup.data_axes
     stage_spec = P(axis)
     batch_spec = P(None, data_axes) if data_axes else P()
     owned_spec = P(axis, data_axes) if data_axes else P(axis)  # [m, B, ...]: microbatches over stage
-    if evaluating and prologue is None:
-        in_specs = (stage_spec, P(), owned_spec, batch_spec)
-        out_specs = P()
-        body = lambda lp, loss_p, x, t: per_device(lp, loss_p, x, t, None)  # noqa: E731
-    elif evaluating:
-        in_specs = (stage_spec, P(), batch_spec, batch_spec, P())
-        out_specs = P()
-        body = per_device
-    elif forward_only:
-        in_specs = (stage_spec, owned_spec)
-        out_specs = owned_spec
-        body = lambda lp, x: per_device(lp, None, x, None, None)  # noqa: E731
-    elif prologue is None:
-        in_specs = (stage_spec, P(), owned_spec, batch_spec)
-        out_specs = (P(), stage_spec, P(), owned_spec)
-        body = lambda lp, loss_p, x, t: per_device(lp, loss_p, x, t, None)  # noqa: E731
+    inputs_spec = owned_spec if setup.prologue is None else batch_spec
+    ends = (P(),) if setup.prologue is not None else ()
+    if setup.program.forward_only and not setup.evaluating:
+        return (stage_spec, owned_spec), owned_spec
+    in_specs = (stage_spec, P(), inputs_spec, batch_spec, *ends)
+    if setup.evaluating:
+        return in_specs, P()
+    return in_specs, (P(), stage_spec, P(), owned_spec if setup.prologue is None else P())
+
+
+def _full_arguments(setup: _Setup, args: tuple) -> tuple:
+    """`(local_params, loss_params, inputs, targets, prologue_params)` from the mode's arguments."""
+    if setup.program.forward_only and not setup.evaluating:
+        local_params, inputs = args
+        return local_params, None, inputs, None, None
+    return (*args, None) if setup.prologue is None else args
+
+
+def _per_device(setup: _Setup, local_params, loss_params, inputs, targets, prologue_params):
+    """One device's step: the tick loop, then its results reduced over the pipeline (and data).
+
+    local_params leaves: `[1, v, ...]`; inputs: `[k, ...]` (this device's microbatches) with
+    `deliver`, else `[m, ...]` replicated; targets: `[m, ...]` replicated.
+    """
+    # Differentiating w.r.t. an invariant (replicated) value inside a branch would transpose its
+    # implicit pcast into a psum that only some devices reach: make it varying up front.
+    manual_axes = setup.manual_axes
+    local_params = varying(jax.tree.map(lambda a: a[0], local_params), manual_axes)
+    loss_params = varying(loss_params, manual_axes)
+    prologue_params = varying(prologue_params, manual_axes)
+    training = not setup.program.forward_only
+    context = kernels.TickContext(
+        local_params=local_params,
+        loss_params=loss_params,
+        prologue_params=prologue_params,
+        inputs=inputs,
+        targets=targets,
+        loss_fn=setup.loss_fn,
+        prologue=setup.prologue,
+        x_like=_message_like(setup, inputs, prologue_params),
+        scale=1.0 / setup.program.schedule.num_microbatches,
+        end_slots=EndSlots.of(setup.program, loss_params, prologue_params) if training else None,
+        manual_axes=manual_axes,
+    )
+    machine = TickMachine(setup.program, context, setup.kernels(), setup.ops, setup.braid_ops, setup.axis)
+    device = lax.axis_index(setup.axis)
+    rows = TickRow.of(setup.program, device)
+    state = machine.run(machine.initial_carry(rows), rows)
+    return _device_outputs(setup, context, state, device)
+
+
+def _message_like(setup: _Setup, inputs, prologue_params) -> PyTree:
+    """Zeros shaped like one stage input, varying over the manual axes."""
+    if setup.prologue is None:
+        return varying(zeros_like(take(inputs, 0)), setup.manual_axes)
+    # Only the shapes matter: this prologue call is dead code, removed by XLA.
+    return varying(zeros_like(setup.prologue(prologue_params, take(inputs, 0))), setup.manual_axes)
+
+
+def _device_outputs(setup: _Setup, context: kernels.TickContext, state: Carry, device):
+    """The step's outputs from the final state (see `_specs`)."""
+    program, axis = setup.program, setup.axis
+    results = take_first(state.results, program.microbatches_per_device) if program.deliver else None
+    if setup.evaluating:
+        return setup.data_mean(lax.psum(state.loss, axis))
+    if program.forward_only:
+        return results
+    grads = jax.tree.map(lambda g, a: g.astype(a.dtype)[None], setup.data_mean(state.grads), context.local_params)
+    # Parameter-sized, once per step (only the devices running first / last hops hold non-zero values).
+    end_slots = context.end_slots
+    holds_first, holds_last = end_slots.holders(device)
+    loss_grads = end_slots.reduce(
+        state.end_grads, end_slots.loss, holds_last, context.loss_params, axis, setup.data_mean
+    )
+    if setup.prologue is None:
+        # Each data shard's loss is the mean over its part of the batch: d(mean)/dx carries 1/num_data.
+        first_grads = jax.tree.map(lambda g: g / setup.num_data, results)
     else:
-        in_specs = (stage_spec, P(), batch_spec, batch_spec, P())
-        out_specs = (P(), stage_spec, P(), P())
-        body = per_device
-    manual = {axis, *data_axes}
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual)
-    padding = k * p - m if deliver else 0
+        first_grads = end_slots.reduce(
+            state.end_grads, end_slots.prologue, holds_first, context.prologue_params, axis, setup.data_mean
+        )
+    return setup.data_mean(lax.psum(state.loss, axis)), grads, loss_grads, first_grads
+
+
+def _padded(setup: _Setup, mapped: Callable, mesh, in_specs: tuple) -> Callable:
+    """`mapped` on inputs padded to `k * p` microbatches (with `deliver`), results cut back to m."""
+    program = setup.program
+    manual = {setup.axis, *setup.data_axes}
+    m, p = program.schedule.num_microbatches, program.schedule.num_devices
+    padding = program.microbatches_per_device * p - m if program.deliver else 0
+    batch_spec = P(None, setup.data_axes) if setup.data_axes else P()
+    forward_only = program.forward_only and not setup.evaluating
 
     def pad(tree):
         return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((padding,) + a.shape[1:], a.dtype)]), tree)
@@ -729,16 +459,15 @@ def _build_runner(
     def unpad(tree):
         # An explicit-sharding array cannot be split unevenly over `stage`: gather it first. Only when
         # m is not a multiple of p; the input gradients are then replicated over the pipeline.
-        return _take_first(_place(mesh, manual, batch_spec, tree), m)
+        return take_first(_place(mesh, manual, batch_spec, tree), m)
 
     def run(*args):
         args = list(args[: len(in_specs)])  # a trailing None (no prologue params) is not an argument
-        inputs_at = 1 if forward_only and not evaluating else 2
+        inputs_at = 1 if forward_only else 2
         if padding:
             args[inputs_at] = pad(args[inputs_at])
-        args = tuple(_place(mesh, manual, spec, arg) for spec, arg in zip(in_specs, args))
-        out = mapped(*args)
-        if not padding or evaluating:
+        out = mapped(*(_place(mesh, manual, spec, arg) for spec, arg in zip(in_specs, args)))
+        if not padding or setup.evaluating:
             return out
         if forward_only:
             return unpad(out)
@@ -746,92 +475,6 @@ def _build_runner(
         return loss, grads, loss_grads, unpad(input_grads)
 
     return run
-
-
-class _EndSlots:
-    """Float32 accumulators for the gradients of the model's ends: the loss's and the prologue's parameters.
-
-    A device accumulates the loss's parameter gradients only where it runs a microbatch's last hop,
-    and the prologue's only where it runs a first hop. When no device does both, a prologue
-    parameter and a loss parameter of the same shape, dtype and sharding (an untied embedding table
-    `[V, D]` and a head stored `[V, D]`) share one buffer: each device holds one of the two sums in
-    it, and the end of the step separates them with a mask before the reduction over the pipeline.
-
-    Attributes:
-      buffers: one example array per accumulator (its shape, dtype and sharding).
-      loss, prologue: per leaf of `loss_params` / `prologue_params` (flattened), its buffer index.
-      shared: whether any buffer is shared.
-      first_devices, last_devices: the devices running first / last hops (`[p]` 0/1 tables).
-    """
-
-    def __init__(self, buffers, loss, prologue, shared, first_devices, last_devices):
-        self.buffers, self.loss, self.prologue, self.shared = buffers, loss, prologue, shared
-        self.first_devices, self.last_devices = first_devices, last_devices
-
-    @classmethod
-    def of(cls, program: prog.Program, loss_params: PyTree, prologue_params: PyTree) -> _EndSlots:
-        loss_leaves = jax.tree.leaves(loss_params)
-        prologue_leaves = jax.tree.leaves(prologue_params)
-        first_devices = (program.is_first == 1).any(axis=0)
-        last_devices = (program.is_last == 1).any(axis=0)
-        can_share = not (first_devices & last_devices).any()
-        buffers = list(loss_leaves)
-        loss = list(range(len(loss_leaves)))
-        prologue, taken = [], set()
-        for leaf in prologue_leaves:
-            match = next(
-                (
-                    j
-                    for j, other in enumerate(loss_leaves)
-                    if can_share and j not in taken and _same_buffer(leaf, other)
-                ),
-                None,
-            )
-            if match is None:
-                prologue.append(len(buffers))
-                buffers.append(leaf)
-            else:
-                taken.add(match)
-                prologue.append(match)
-        return cls(
-            buffers,
-            tuple(loss),
-            tuple(prologue),
-            bool(taken),
-            jnp.asarray(first_devices),
-            jnp.asarray(last_devices),
-        )
-
-    def add(self, buffers: list, indices: tuple[int, ...], grads: PyTree) -> list:
-        """`buffers` with the flattened `grads` added into the buffers at `indices`."""
-        buffers = list(buffers)
-        for index, g in zip(indices, jax.tree.leaves(grads)):
-            buffers[index] = buffers[index] + g.astype(buffers[index].dtype)
-        return buffers
-
-    def holders(self, device) -> tuple[jax.Array, jax.Array]:
-        """Whether `device` runs first hops, and whether it runs last hops (traced booleans)."""
-        return self.first_devices[device], self.last_devices[device]
-
-    def reduce(self, buffers, indices, holds, like: PyTree, axis: str, data_mean) -> PyTree:
-        """The sums at `indices`, psum'd over the pipeline, in `like`'s structure and dtypes."""
-        leaves = []
-        for index, example in zip(indices, jax.tree.leaves(like)):
-            value = buffers[index]
-            if self.shared:
-                value = jnp.where(holds, value, jnp.zeros_like(value))
-            leaves.append(data_mean(lax.psum(value, axis)).astype(example.dtype))
-        return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-
-def _same_buffer(a: jax.Array, b: jax.Array) -> bool:
-    """Whether one accumulator can hold the gradients of `a` and of `b` (same shape, dtype and sharding)."""
-    return a.shape == b.shape and _acc(a.dtype) == _acc(b.dtype) and _spec_of(a) == _spec_of(b)
-
-
-def _take_first(tree: PyTree, n: int) -> PyTree:
-    """The first `n` rows of every leaf (drops a scratch slot)."""
-    return jax.tree.map(lambda a: a[:n], tree)
 
 
 def _place(mesh: jax.sharding.Mesh, manual: set[str], spec: P, tree: PyTree) -> PyTree:
@@ -842,7 +485,7 @@ def _place(mesh: jax.sharding.Mesh, manual: set[str], spec: P, tree: PyTree) -> 
     """
 
     def fix(a):
-        current = _spec_of(a)
+        current = spec_of(a)
         entries = []
         for dim in range(a.ndim):
             entry = current[dim] if dim < len(current) else None
@@ -858,10 +501,3 @@ def _place(mesh: jax.sharding.Mesh, manual: set[str], spec: P, tree: PyTree) -> 
         # erase what the compiler shards over the other axes (e.g. tensor).
         return tree
     return jax.tree.map(fix, tree)
-
-
-def _spec_of(a: jax.Array) -> tuple:
-    """The array's current PartitionSpec entries (empty when unknown, e.g. under auto sharding)."""
-    sharding = getattr(jax.typeof(a), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    return tuple(spec) if spec is not None else ()

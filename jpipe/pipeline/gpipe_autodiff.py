@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jpipe.pipeline.layout import StagePlacement
+from jpipe.pipeline.placement import StagePlacement
 from jpipe.pipeline.remat import apply_remat
 
 PyTree = Any

@@ -32,13 +32,14 @@ need more). What the pipeline returns per microbatch (the input gradient from it
 backward, or its last hop's output when running forward only) travels back to the owner on the
 ordinary channels and lands in the owner's result buffer.
 
-Composites (`jpipe.schedules.ir.Composite`, two ops of different microbatches that a device runs
-together) are kept with `braid=True` (the default): the composite gets one tick, its first member is
-the tick's op as usual and its second member the tick's *second op* (the `second_*` tables, IDLE
-where the tick holds one op). The second op's message travels on its own channels
-(`second_channels`, `second_recv_slot`, `second_result_index`), so a device can send two messages in
-one tick even to the same neighbour. With `braid=False` each composite runs as its two members in
-consecutive ticks, one op per tick (the unbraided baseline).
+The tables come in *lanes* (`Lane`): a lane holds, for every tick and device, at most one op and
+the channels its messages travel on. Ops a device runs alone are in lane 0. Composites
+(`jpipe.schedules.ir.Composite`, two ops of different microbatches that a device runs together) are
+kept with `braid=True` (the default): the composite gets one tick, its first member in lane 0 and
+its second member in lane 1 (IDLE where the tick holds one op). Each lane's messages travel on the
+lane's own channels, so a device can send two messages in one tick even to the same neighbour. With
+`braid=False` each composite runs as its two members in consecutive ticks, one op per tick (the
+unbraided baseline). Inputs delivered from their owners have a table of their own (`Delivery`).
 
 With `send_latency=1` (the executor's hidden sends) a message produced in tick t on one device
 travels while tick t + 1 computes and arrives at the end of tick t + 1: the packing gives every
@@ -51,68 +52,52 @@ compute is added when the last messages would otherwise arrive after the last ti
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import numpy as np
 
-from jpipe.pipeline.layout import StagePlacement
+from jpipe.pipeline.placement import StagePlacement
 from jpipe.schedules.ir import Action, Composite, Op, Schedule
 from jpipe.schedules.ticks import TickTable, pack
 from jpipe.schedules.validate import validate
 
-IDLE, FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2, 3, 4
+
+class OpCode(enum.IntEnum):
+    """What a lane's `op` table holds: the op a device runs in a tick (IDLE: none)."""
+
+    IDLE = 0
+    FORWARD = 1
+    BACKWARD = 2
+    INPUT_GRAD = 3
+    WEIGHT_GRAD = 4
+
+
+IDLE, FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD = (int(code) for code in OpCode)
 OP_CODES = {Op.F: FORWARD, Op.B: BACKWARD, Op.I: INPUT_GRAD, Op.W: WEIGHT_GRAD}
-# The per-op tables a braided tick's second op has too (`Program.second_<name>`).
-SECOND_TABLES = (
-    "op",
-    "chunk",
-    "microbatch",
-    "is_first",
-    "is_last",
-    "inbox_slot",
-    "stash_slot",
-    "weight_slot",
-    "recv_slot",
-    "result_index",
-)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Program:
-    """Static tables for the SPMD executor.
+class Lane:
+    """One lane's tables: per tick and device, the op it runs and where its data lives.
 
     Attributes:
-      tick_table: the packed schedule the tables were built from.
-      op, chunk, microbatch, is_first, is_last, inbox_slot, stash_slot, weight_slot: int32 `[T, p]`.
-        `inbox_slot` is where the op's input (activation for F, output gradient for B/I) waits;
-        `stash_slot` is where an F writes its residuals and B/I/W read them; `weight_slot` is where
-        an I leaves what its W needs (the weight residuals).
+      op: int32 `[T, p]`, an `OpCode`.
+      chunk, microbatch: int32 `[T, p]`, the op's local chunk (`Schedule.local_index`) and microbatch.
+      is_first, is_last: int32 `[T, p]`, 1 where the op is at its microbatch's first / last hop.
+      inbox_slot: int32 `[T, p]`, where the op's input (activation for F, output gradient for B/I)
+        waits.
+      stash_slot: int32 `[T, p]`, where an F writes its residuals and B/I/W read them.
+      weight_slot: int32 `[T, p]`, where an I leaves what its W needs (the weight residuals).
       recv_slot: int32 `[T, p, C]`, the inbox slot for the message arriving on channel c at the end
         of the tick, or `num_inbox_slots` (a scratch slot) when nothing real arrives. A message
         arrives in the tick that produced it, or `send_latency` ticks later on a channel with a
         non-zero offset.
       result_index: int32 `[T, p, C]`, where a message arriving on channel c is a result (input
         gradient, or output when forward only) of one of the device's own microbatches: its local
-        index `i % k`, or `microbatches_per_device` (nothing) otherwise. Used only with `deliver`.
-      input_send_index: int32 `[T, p]`, the local microbatch a device sends on the input channels.
-      input_recv_slot: int32 `[T, p, Ci]`, the inbox slot for an input arriving on input channel c.
-      channels: ring offsets, one per channel.
-      input_channels: ring offsets of the input channels (empty without `deliver`).
-      num_inbox_slots, num_stash_slots, num_weight_slots: buffer sizes per device.
-      microbatches_per_device: k, the microbatches each device owns (with `deliver`; else 0).
-      placement: where the logical stages live (and the device-major row order).
-      forward_only: whether the program runs only forwards (inference).
-      deliver: whether inputs are delivered from their owners (see the module docstring).
-      send_latency: 0 (a message arrives at the end of the tick that produced it) or 1 (at the end
-        of the next tick: the send overlaps that tick's compute) for messages between devices.
-      second_op, second_chunk, second_microbatch, second_is_first, second_is_last,
-      second_inbox_slot, second_stash_slot, second_weight_slot: int32 `[T, p]`, the same for the
-        second member of a braided composite (`second_op` is IDLE in ticks without one).
-      second_recv_slot, second_result_index: int32 `[T, p, C2]`, as `recv_slot` and `result_index`
-        for the messages of second ops, which travel on `second_channels` (ring offsets; empty
-        when the program braids nothing).
+        index `i % k`, or `k` (nothing) otherwise. Used only with `deliver`.
+      channels: the ring offsets of the lane's messages, one per channel.
     """
 
-    tick_table: TickTable
     op: np.ndarray
     chunk: np.ndarray
     microbatch: np.ndarray
@@ -123,10 +108,73 @@ class Program:
     weight_slot: np.ndarray
     recv_slot: np.ndarray
     result_index: np.ndarray
-    input_send_index: np.ndarray
-    input_recv_slot: np.ndarray
     channels: tuple[int, ...]
-    input_channels: tuple[int, ...]
+
+    @classmethod
+    def empty(cls, num_ticks: int, num_devices: int, channels: tuple[int, ...], num_inbox: int, k: int) -> Lane:
+        """A lane in which every device idles: inputs and messages go to the scratch slot."""
+        shape = (num_ticks, num_devices)
+        zeros = lambda: np.zeros(shape, np.int32)  # noqa: E731
+        return cls(
+            op=zeros(),
+            chunk=zeros(),
+            microbatch=zeros(),
+            is_first=zeros(),
+            is_last=zeros(),
+            inbox_slot=np.full(shape, num_inbox, np.int32),
+            stash_slot=zeros(),
+            weight_slot=zeros(),
+            recv_slot=np.full(shape + (len(channels),), num_inbox, np.int32),
+            result_index=np.full(shape + (len(channels),), k, np.int32),
+            channels=channels,
+        )
+
+    def channel_used(self, num_inbox: int, k: int) -> np.ndarray:
+        """bool `[T, C]`: whether any device receives on channel c in tick t (the same on every device)."""
+        return (self.recv_slot < num_inbox).any(axis=1) | (self.result_index < k).any(axis=1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Delivery:
+    """Inputs sent from their owner devices to the device of their first hop (`deliver`).
+
+    Attributes:
+      send_index: int32 `[T, p]`, the local microbatch a device sends on the input channels.
+      recv_slot: int32 `[T, p, Ci]`, the inbox slot for an input arriving on input channel c, or
+        `num_inbox_slots` (scratch) when none does.
+      channels: ring offsets of the input channels (empty without `deliver`).
+    """
+
+    send_index: np.ndarray
+    recv_slot: np.ndarray
+    channels: tuple[int, ...]
+
+    def channel_used(self, num_inbox: int) -> np.ndarray:
+        """bool `[T, Ci]`: whether any device receives an input on channel c in tick t."""
+        return (self.recv_slot < num_inbox).any(axis=1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Program:
+    """Static tables for the SPMD executor.
+
+    Attributes:
+      tick_table: the packed schedule the tables were built from.
+      lanes: one `Lane` per op a device may run in a tick: lane 0 for ops run alone and the first
+        member of a kept composite, lane 1 (only when composites are kept) for second members.
+      delivery: the input deliveries (`Delivery`).
+      num_inbox_slots, num_stash_slots, num_weight_slots: buffer sizes per device.
+      microbatches_per_device: k, the microbatches each device owns (with `deliver`; else 0).
+      placement: where the logical stages live (and the device-major row order).
+      forward_only: whether the program runs only forwards (inference).
+      deliver: whether inputs are delivered from their owners (see the module docstring).
+      send_latency: 0 (a message arrives at the end of the tick that produced it) or 1 (at the end
+        of the next tick: the send overlaps that tick's compute) for messages between devices.
+    """
+
+    tick_table: TickTable
+    lanes: tuple[Lane, ...]
+    delivery: Delivery
     num_inbox_slots: int
     num_stash_slots: int
     num_weight_slots: int
@@ -135,22 +183,11 @@ class Program:
     forward_only: bool
     deliver: bool
     send_latency: int = 0
-    second_op: np.ndarray | None = None
-    second_chunk: np.ndarray | None = None
-    second_microbatch: np.ndarray | None = None
-    second_is_first: np.ndarray | None = None
-    second_is_last: np.ndarray | None = None
-    second_inbox_slot: np.ndarray | None = None
-    second_stash_slot: np.ndarray | None = None
-    second_weight_slot: np.ndarray | None = None
-    second_recv_slot: np.ndarray | None = None
-    second_result_index: np.ndarray | None = None
-    second_channels: tuple[int, ...] = ()
 
     @property
     def braided(self) -> bool:
         """Whether some tick runs two ops on one device (a kept composite)."""
-        return self.second_op is not None and bool((self.second_op != IDLE).any())
+        return len(self.lanes) > 1
 
     @property
     def schedule(self) -> Schedule:
@@ -159,25 +196,42 @@ class Program:
     @property
     def num_ticks(self) -> int:
         """Rows of the tables: the packed schedule's ticks, plus the delivery-only ticks with `deliver`."""
-        return self.op.shape[0]
+        return self.lanes[0].op.shape[0]
 
-    def per_tick_arrays(self) -> dict[str, np.ndarray]:
-        """The `[T, p, ...]` tables by name, for the scan."""
-        return {
-            "op": self.op,
-            "chunk": self.chunk,
-            "microbatch": self.microbatch,
-            "is_first": self.is_first,
-            "is_last": self.is_last,
-            "inbox_slot": self.inbox_slot,
-            "stash_slot": self.stash_slot,
-            "weight_slot": self.weight_slot,
-            "recv_slot": self.recv_slot,
-            "result_index": self.result_index,
-            "input_send_index": self.input_send_index,
-            "input_recv_slot": self.input_recv_slot,
-            **{f"second_{name}": getattr(self, f"second_{name}") for name in SECOND_TABLES if self.braided},
-        }
+    def first_hop_devices(self) -> np.ndarray:
+        """bool `[p]`: the devices that run some microbatch's first hop (in any lane)."""
+        return np.logical_or.reduce([(lane.is_first == 1).any(axis=0) for lane in self.lanes])
+
+    def last_hop_devices(self) -> np.ndarray:
+        """bool `[p]`: the devices that run some microbatch's last hop (in any lane)."""
+        return np.logical_or.reduce([(lane.is_last == 1).any(axis=0) for lane in self.lanes])
+
+    def pair_kinds(self) -> tuple[list[tuple[int, ...]], np.ndarray]:
+        """The kinds of braided ticks and where each runs: `(kinds, pair)`.
+
+        A kind is `(op, is_first, is_last)` of the first op followed by the same of the second; each
+        gets its own branch in the executor, in which the first/last-hop work (prologue, loss) is
+        static, not a nested conditional. `pair[t, d]` (int32 `[T, p]`) is 0 where the tick holds at
+        most one op, else 1 + the index of its kind. No kinds without a second lane.
+        """
+        pair = np.zeros((self.num_ticks, self.schedule.num_devices), np.int32)
+        if not self.braided:
+            return [], pair
+        first, second = self.lanes[0], self.lanes[1]
+        kind_of = np.stack(
+            [lane_table for lane in (first, second) for lane_table in (lane.op, lane.is_first, lane.is_last)], axis=-1
+        )  # [T, p, 6]
+        paired = second.op != IDLE
+        kinds = sorted({tuple(int(v) for v in kind) for kind in kind_of[paired]})
+        for index, kind in enumerate(kinds, start=1):
+            pair[paired & (kind_of == np.asarray(kind)).all(axis=-1)] = index
+        return kinds, pair
+
+    def ops_run_alone(self) -> np.ndarray:
+        """The op codes of lane 0 in ticks that run one op (`[N]`, with repeats)."""
+        if not self.braided:
+            return self.lanes[0].op
+        return self.lanes[0].op[self.lanes[1].op == IDLE]
 
 
 def _colour_intervals(intervals: list[tuple[int, int, object]], strict: bool) -> tuple[dict, int]:
@@ -215,6 +269,226 @@ def forward_only_schedule(schedule: Schedule) -> Schedule:
     return dataclasses.replace(schedule, actions=rows, name=f"{schedule.name}[forward]")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Timed:
+    """A packed schedule's actions in time, inputs and messages included (what the tables encode).
+
+    Attributes:
+      schedule: the packed schedule.
+      tick_of: each action's tick, delivery-only ticks included.
+      second: the second members of kept composites (lane 1).
+      per_device: k, the microbatches each device owns (0 without `deliver`).
+      deliveries: (send tick, the forward that reads the input), sorted.
+      messages: (producer, its readers) along each microbatch's route.
+      results: ops whose message is a result for the microbatch's owner (with `deliver`).
+      send_latency: as `Program.send_latency`.
+      lead: the delivery-only ticks before the packed schedule's first tick.
+    """
+
+    schedule: Schedule
+    tick_of: dict[Action, int]
+    second: frozenset[Action]
+    per_device: int
+    deliveries: list[tuple[int, Action]]
+    messages: list[tuple[Action, list[Action]]]
+    results: list[Action]
+    send_latency: int
+    lead: int
+
+    def device_of(self, action: Action) -> int:
+        return self.schedule.placement[action.stage]
+
+    def owner(self, microbatch: int) -> int:
+        return microbatch // self.per_device
+
+    def arrival(self, producer: Action, destination: int) -> int:
+        """The tick at whose end `producer`'s message is in `destination`'s inbox."""
+        moves = self.device_of(producer) != destination
+        return self.tick_of[producer] + (self.send_latency if moves else 0)
+
+    def lane_of(self, action: Action) -> int:
+        return int(action in self.second)
+
+    def offset(self, source: int, destination: int) -> int:
+        return (destination - source) % self.schedule.num_devices
+
+
+def _delivery_ticks(sched: Schedule, packed: dict[Action, int], per_device: int) -> dict[Action, int]:
+    """When each input leaves its owner: the forward that reads it -> its send tick (unshifted).
+
+    Microbatch i leaves its owner in a tick before the forward of its first hop reads it, on the
+    device of that hop. An owner sends one input per tick: its deliveries are given the latest free
+    ticks before their reads, scheduled backwards; ticks before the packed schedule's first one
+    (negative here) become leading delivery-only ticks.
+    """
+    readers_by_owner: dict[int, list[Action]] = {}
+    for action in packed:
+        if action.op is Op.F and sched.is_first_hop(action.stage, action.microbatch):
+            readers_by_owner.setdefault(action.microbatch // per_device, []).append(action)
+    send_of: dict[Action, int] = {}
+    for readers in readers_by_owner.values():
+        latest = None
+        for reader in sorted(readers, key=lambda a: (packed[a], a.microbatch), reverse=True):
+            sent = packed[reader] - 1 if latest is None else min(packed[reader] - 1, latest - 1)
+            send_of[reader] = latest = sent
+    return send_of
+
+
+def _route_messages(
+    sched: Schedule, tick_of: dict[Action, int], forward_only: bool, deliver: bool
+) -> tuple[list[tuple[Action, list[Action]]], list[Action]]:
+    """`(messages, results)` along each microbatch's route.
+
+    F(s) -> F of the next stage; F at the last hop -> its own B/I (the loss gradient, local);
+    B/I(s) -> B/I of the previous stage (and W(s-1) reads the same slot). At the first hop a B/I's
+    input gradient, and forward only a last hop's output, is a result for the microbatch's owner
+    (with `deliver`).
+    """
+    grad_op = {(a.stage, a.microbatch): a for a in tick_of if a.op in (Op.B, Op.I)}
+    messages: list[tuple[Action, list[Action]]] = []
+    results: list[Action] = []
+    for action in tick_of:
+        s, i = action.stage, action.microbatch
+        if action.op is Op.F:
+            following = sched.next_stage(s, i)
+            if following is not None:
+                messages.append((action, [Action(following, Op.F, i)]))
+            elif not forward_only:
+                messages.append((action, [grad_op[(s, i)]]))
+            elif deliver:
+                results.append(action)
+        elif action.op in (Op.B, Op.I):
+            previous = sched.prev_stage(s, i)
+            if previous is not None:
+                messages.append((action, [grad_op[(previous, i)]]))
+            elif deliver:
+                results.append(action)
+    return messages, results
+
+
+def _timed(table: TickTable, forward_only: bool, deliver: bool, send_latency: int) -> _Timed:
+    """The packed schedule in time: delivery-only ticks prepended, inputs and messages found."""
+    sched = table.schedule
+    packed = table.tick_of()
+    per_device = -(-sched.num_microbatches // sched.num_devices) if deliver else 0
+    send_of = _delivery_ticks(sched, packed, per_device) if deliver else {}
+    lead = max(0, -min(send_of.values(), default=0))  # the delivery-only ticks
+    tick_of = {action: t + lead for action, t in packed.items()}
+    messages, results = _route_messages(sched, tick_of, forward_only, deliver)
+    return _Timed(
+        schedule=sched,
+        tick_of=tick_of,
+        second=frozenset(step.second for row in table.ticks for step in row if isinstance(step, Composite)),
+        per_device=per_device,
+        deliveries=sorted((t + lead, reader) for reader, t in send_of.items()),
+        messages=messages,
+        results=results,
+        send_latency=send_latency,
+        lead=lead,
+    )
+
+
+def _lane_channels(timed: _Timed, lane: int) -> tuple[int, ...]:
+    """The ring offsets lane `lane`'s messages and results travel on."""
+    found = {
+        timed.offset(timed.device_of(a), timed.device_of(readers[0]))
+        for a, readers in timed.messages
+        if timed.lane_of(a) == lane
+    }
+    found |= {
+        timed.offset(timed.device_of(a), timed.owner(a.microbatch)) for a in timed.results if timed.lane_of(a) == lane
+    }
+    return tuple(sorted(found))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+    """Each buffer's slot per key, and the most slots any device needs."""
+
+    inbox: dict
+    stash: dict
+    weight: dict
+    num_inbox: int
+    num_stash: int
+    num_weight: int
+
+
+def _slots(timed: _Timed, forward_only: bool) -> _Slots:
+    """Inbox slots (messages, delivered inputs), stash slots (F to its last reader), weight slots (I to W)."""
+    p = timed.schedule.num_devices
+    inbox: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
+    for producer, readers in timed.messages:
+        destination = timed.device_of(readers[0])
+        last_read = max(timed.tick_of[r] for r in readers)
+        inbox[destination].append((timed.arrival(producer, destination), last_read, producer))
+    for sent, reader in timed.deliveries:
+        inbox[timed.device_of(reader)].append((sent, timed.tick_of[reader], ("input", reader.microbatch)))
+    stash: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
+    if not forward_only:
+        readers_of: dict[tuple[int, int], list[int]] = {}
+        for action, t in timed.tick_of.items():
+            if action.op is not Op.F:
+                readers_of.setdefault((action.stage, action.microbatch), []).append(t)
+        for action, t in timed.tick_of.items():
+            if action.op is Op.F:
+                key = (action.stage, action.microbatch)
+                stash[timed.device_of(action)].append((t, max(readers_of[key]), key))
+    weight: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
+    for action, t in timed.tick_of.items():
+        if action.op is Op.I:
+            weight_tick = timed.tick_of[Action(action.stage, Op.W, action.microbatch)]
+            weight[timed.device_of(action)].append((t, weight_tick, (action.stage, action.microbatch)))
+    inbox_slot_of, num_inbox = _assign_slots(inbox, strict=False)
+    stash_slot_of, num_stash = _assign_slots(stash, strict=True)
+    weight_slot_of, num_weight = _assign_slots(weight, strict=True)
+    return _Slots(inbox_slot_of, stash_slot_of, weight_slot_of, num_inbox, num_stash, num_weight)
+
+
+def _fill_ops(timed: _Timed, slots: _Slots, lanes: tuple[Lane, ...]) -> None:
+    """Write each action's op, chunk, microbatch, hops and slots into its lane (in place)."""
+    sched = timed.schedule
+    input_message: dict[Action, object] = {}
+    for producer, readers in timed.messages:
+        for reader in readers:
+            input_message[reader] = producer
+    for _, reader in timed.deliveries:
+        input_message[reader] = ("input", reader.microbatch)
+    for action, t in timed.tick_of.items():
+        d = timed.device_of(action)
+        lane = lanes[timed.lane_of(action)]
+        lane.op[t, d] = OP_CODES[action.op]
+        lane.chunk[t, d] = sched.local_index(action.stage)
+        lane.microbatch[t, d] = action.microbatch
+        lane.is_first[t, d] = sched.is_first_hop(action.stage, action.microbatch)
+        lane.is_last[t, d] = sched.is_last_hop(action.stage, action.microbatch)
+        if action in input_message:
+            lane.inbox_slot[t, d] = slots.inbox[input_message[action]]
+        key = (action.stage, action.microbatch)
+        if key in slots.stash:
+            lane.stash_slot[t, d] = slots.stash[key]
+        if key in slots.weight and action.op in (Op.I, Op.W):
+            lane.weight_slot[t, d] = slots.weight[key]
+
+
+def _fill_arrivals(timed: _Timed, slots: _Slots, lanes: tuple[Lane, ...], delivery: Delivery) -> None:
+    """Write where each message, result and delivered input lands (in place)."""
+    for producer, readers in timed.messages:
+        src, dst = timed.device_of(producer), timed.device_of(readers[0])
+        lane = lanes[timed.lane_of(producer)]
+        channel = lane.channels.index(timed.offset(src, dst))
+        lane.recv_slot[timed.arrival(producer, dst), dst, channel] = slots.inbox[producer]
+    for action in timed.results:
+        src, dst = timed.device_of(action), timed.owner(action.microbatch)
+        lane = lanes[timed.lane_of(action)]
+        channel = lane.channels.index(timed.offset(src, dst))
+        lane.result_index[timed.arrival(action, dst), dst, channel] = action.microbatch % timed.per_device
+    for sent, reader in timed.deliveries:
+        src, dst = timed.owner(reader.microbatch), timed.device_of(reader)
+        delivery.send_index[sent, src] = reader.microbatch % timed.per_device
+        channel = delivery.channels.index(timed.offset(src, dst))
+        delivery.recv_slot[sent, dst, channel] = slots.inbox[("input", reader.microbatch)]
+
+
 def compile_program(
     schedule: Schedule,
     *,
@@ -243,187 +517,36 @@ def compile_program(
     if forward_only:
         schedule = forward_only_schedule(schedule)
     table = pack(schedule, split=split, send_latency=send_latency, keep_composites=braid)
-    sched = table.schedule
-    p, num_stages, m = sched.num_devices, sched.num_stages, sched.num_microbatches
-    packed = table.tick_of()
-    # Lane 1: the second member of a kept composite; every other action is lane 0.
-    second = {step.second for row in table.ticks for step in row if isinstance(step, Composite)}
-    local_index = {s: sched.local_index(s) for s in range(num_stages)}
-    per_device = -(-m // p) if deliver else 0
-
-    def device_of(action: Action) -> int:
-        return sched.placement[action.stage]
-
-    def owner(i: int) -> int:
-        return i // per_device
-
-    # Inputs: microbatch i leaves its owner in a tick before the forward of its first hop reads it,
-    # on the device of that hop. An owner sends one input per tick: its deliveries are given the
-    # latest free ticks before their reads, scheduled backwards; ticks before the packed schedule's
-    # first one (negative here) become leading delivery-only ticks.
-    send_of: dict[Action, int] = {}  # the forward that reads an input -> its send tick (unshifted)
-    if deliver:
-        readers_by_owner: dict[int, list[Action]] = {}
-        for action in packed:
-            if action.op is Op.F and sched.is_first_hop(action.stage, action.microbatch):
-                readers_by_owner.setdefault(owner(action.microbatch), []).append(action)
-        for readers in readers_by_owner.values():
-            latest = None
-            for reader in sorted(readers, key=lambda a: (packed[a], a.microbatch), reverse=True):
-                sent = packed[reader] - 1 if latest is None else min(packed[reader] - 1, latest - 1)
-                send_of[reader] = latest = sent
-    lead = max(0, -min(send_of.values(), default=0))  # the delivery-only ticks
-    tick_of = {action: t + lead for action, t in packed.items()}
-    deliveries = sorted((t + lead, reader) for reader, t in send_of.items())  # (send tick, reader)
-
-    # Messages: (producer action, consumer actions), along each microbatch's route: F(s) -> F of the
-    # next stage; F at the last hop -> its own B/I (the loss gradient, local); B/I(s) -> B/I of the
-    # previous stage (and W(s-1) reads the same slot). At the first hop a B/I's input gradient, and
-    # forward only a last hop's output, is a result for the microbatch's owner (with `deliver`).
-    grad_op: dict[tuple[int, int], Action] = {}
-    for action in tick_of:
-        if action.op in (Op.B, Op.I):
-            grad_op[(action.stage, action.microbatch)] = action
-    messages: list[tuple[Action, list[Action]]] = []
-    results: list[Action] = []  # ops whose message is a result for the microbatch's owner
-    for action in tick_of:
-        s, i = action.stage, action.microbatch
-        if action.op is Op.F:
-            following = sched.next_stage(s, i)
-            if following is not None:
-                messages.append((action, [Action(following, Op.F, i)]))
-            elif not forward_only:
-                messages.append((action, [grad_op[(s, i)]]))
-            elif deliver:
-                results.append(action)
-        elif action.op in (Op.B, Op.I):
-            previous = sched.prev_stage(s, i)
-            if previous is not None:
-                messages.append((action, [grad_op[(previous, i)]]))
-            elif deliver:
-                results.append(action)
-
-    def arrival(producer: Action, destination: int) -> int:
-        """The tick at whose end `producer`'s message is in `destination`'s inbox."""
-        return tick_of[producer] + (send_latency if device_of(producer) != destination else 0)
-
+    timed = _timed(table, forward_only, deliver, send_latency)
+    slots = _slots(timed, forward_only)
+    # + a tick without compute when results are still in flight after the last one
     num_ticks = max(
-        [table.num_ticks + lead] + [arrival(a, owner(a.microbatch)) + 1 for a in results]
-    )  # + a tick without compute when results are still in flight after the last one
-
-    def offsets_of(lane: int) -> set[int]:
-        found = {(device_of(c[0]) - device_of(a)) % p for a, c in messages if (a in second) == lane}
-        return found | {(owner(a.microbatch) - device_of(a)) % p for a in results if (a in second) == lane}
-
-    channels = tuple(sorted(offsets_of(0))) or (0,)
-    second_channels = tuple(sorted(offsets_of(1)))
-    input_channels = tuple(sorted({(device_of(a) - owner(a.microbatch)) % p for _, a in deliveries}))
-
-    # Inbox slots per receiving device: pipeline messages and delivered inputs.
-    inbox_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
-    for producer, readers in messages:
-        destination = device_of(readers[0])
-        inbox_intervals[destination].append(
-            (arrival(producer, destination), max(tick_of[r] for r in readers), producer)
-        )
-    for sent, reader in deliveries:
-        inbox_intervals[device_of(reader)].append((sent, tick_of[reader], ("input", reader.microbatch)))
-    inbox_slot_of, num_inbox = _assign_slots(inbox_intervals, strict=False)
-
-    # Stash slots: from the F until the last backward op that reads its residuals.
-    stash_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
-    if not forward_only:
-        readers_of: dict[tuple[int, int], list[int]] = {}
-        for action, t in tick_of.items():
-            if action.op is not Op.F:
-                readers_of.setdefault((action.stage, action.microbatch), []).append(t)
-        for action, t in tick_of.items():
-            if action.op is Op.F:
-                key = (action.stage, action.microbatch)
-                stash_intervals[device_of(action)].append((t, max(readers_of[key]), key))
-    stash_slot_of, num_stash = _assign_slots(stash_intervals, strict=True)
-
-    # Weight slots: from an I until its W.
-    weight_intervals: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
-    for action, t in tick_of.items():
-        if action.op is Op.I:
-            weight_tick = tick_of[Action(action.stage, Op.W, action.microbatch)]
-            weight_intervals[device_of(action)].append((t, weight_tick, (action.stage, action.microbatch)))
-    weight_slot_of, num_weight = _assign_slots(weight_intervals, strict=True)
-
-    shape = (num_ticks, p)
-
-    def lane_tables(lane_channels: tuple[int, ...]) -> dict[str, np.ndarray]:
-        return {
-            "op": np.zeros(shape, np.int32),
-            "chunk": np.zeros(shape, np.int32),
-            "microbatch": np.zeros(shape, np.int32),
-            "is_first": np.zeros(shape, np.int32),
-            "is_last": np.zeros(shape, np.int32),
-            "inbox_slot": np.full(shape, num_inbox, np.int32),
-            "stash_slot": np.zeros(shape, np.int32),
-            "weight_slot": np.zeros(shape, np.int32),
-            "recv_slot": np.full(shape + (len(lane_channels),), num_inbox, np.int32),
-            "result_index": np.full(shape + (len(lane_channels),), per_device, np.int32),
-        }
-
-    lanes = (lane_tables(channels), lane_tables(second_channels))
-    lane_channels = (channels, second_channels)
-    input_send_index = np.zeros(shape, np.int32)
-    input_recv_slot = np.full(shape + (len(input_channels),), num_inbox, np.int32)
-
-    input_message: dict[Action, object] = {}
-    for producer, readers in messages:
-        for reader in readers:
-            input_message[reader] = producer
-    for _, reader in deliveries:
-        input_message[reader] = ("input", reader.microbatch)
-    for action, t in tick_of.items():
-        d = device_of(action)
-        lane = lanes[action in second]
-        lane["op"][t, d] = OP_CODES[action.op]
-        lane["chunk"][t, d] = local_index[action.stage]
-        lane["microbatch"][t, d] = action.microbatch
-        lane["is_first"][t, d] = sched.is_first_hop(action.stage, action.microbatch)
-        lane["is_last"][t, d] = sched.is_last_hop(action.stage, action.microbatch)
-        if action in input_message:
-            lane["inbox_slot"][t, d] = inbox_slot_of[input_message[action]]
-        key = (action.stage, action.microbatch)
-        if key in stash_slot_of:
-            lane["stash_slot"][t, d] = stash_slot_of[key]
-        if key in weight_slot_of and action.op in (Op.I, Op.W):
-            lane["weight_slot"][t, d] = weight_slot_of[key]
-    for producer, readers in messages:
-        src, dst = device_of(producer), device_of(readers[0])
-        lane = producer in second
-        channel = lane_channels[lane].index((dst - src) % p)
-        lanes[lane]["recv_slot"][arrival(producer, dst), dst, channel] = inbox_slot_of[producer]
-    for action in results:
-        src, dst = device_of(action), owner(action.microbatch)
-        lane = action in second
-        channel = lane_channels[lane].index((dst - src) % p)
-        lanes[lane]["result_index"][arrival(action, dst), dst, channel] = action.microbatch % per_device
-    for sent, reader in deliveries:
-        src, dst = owner(reader.microbatch), device_of(reader)
-        input_send_index[sent, src] = reader.microbatch % per_device
-        channel = input_channels.index((dst - src) % p)
-        input_recv_slot[sent, dst, channel] = inbox_slot_of[("input", reader.microbatch)]
-
+        [table.num_ticks + timed.lead] + [timed.arrival(a, timed.owner(a.microbatch)) + 1 for a in timed.results]
+    )
+    p, k = timed.schedule.num_devices, timed.per_device
+    channels = [_lane_channels(timed, lane) for lane in (0, 1) if lane == 0 or timed.second]
+    channels[0] = channels[0] or (0,)
+    lanes = tuple(Lane.empty(num_ticks, p, c, slots.num_inbox, k) for c in channels)
+    input_channels = tuple(
+        sorted({timed.offset(timed.owner(a.microbatch), timed.device_of(a)) for _, a in timed.deliveries})
+    )
+    delivery = Delivery(
+        send_index=np.zeros((num_ticks, p), np.int32),
+        recv_slot=np.full((num_ticks, p, len(input_channels)), slots.num_inbox, np.int32),
+        channels=input_channels,
+    )
+    _fill_ops(timed, slots, lanes)
+    _fill_arrivals(timed, slots, lanes, delivery)
     return Program(
         tick_table=table,
-        **lanes[0],
-        input_send_index=input_send_index,
-        input_recv_slot=input_recv_slot,
-        channels=channels,
-        input_channels=input_channels,
-        num_inbox_slots=num_inbox,
-        num_stash_slots=num_stash,
-        num_weight_slots=num_weight,
-        microbatches_per_device=per_device,
-        placement=StagePlacement.of(sched),
+        lanes=lanes,
+        delivery=delivery,
+        num_inbox_slots=slots.num_inbox,
+        num_stash_slots=slots.num_stash,
+        num_weight_slots=slots.num_weight,
+        microbatches_per_device=k,
+        placement=StagePlacement.of(timed.schedule),
         forward_only=forward_only,
         deliver=deliver,
         send_latency=send_latency,
-        **{f"second_{name}": a for name, a in lanes[1].items()},
-        second_channels=second_channels,
     )

@@ -49,12 +49,13 @@ SCHEDULES: dict[str, Generator] = {}
 """Schedules without replicas or routes: what the executor, training and the search run."""
 
 ROUTED_SCHEDULES: dict[str, Generator] = {}
-"""Schedules with replicas or per-microbatch routes (the schedule side runs them: validation,
-simulation, rendering; the executor does not yet)."""
+"""Schedules with replicas or per-microbatch routes: validation, simulation, rendering, the
+executor and training run them (replicas hold copies of one model stage's parameters)."""
 
 COMPOSITE_SCHEDULES: dict[str, Generator] = {}
 """Schedules whose rows hold composites (two actions run together): validation, simulation,
-rendering and CSV read them; the executor runs them flattened, one action per tick."""
+rendering and CSV read them; the executor runs each composite's two ops braided in one tick
+(`jpipe.value_and_grad(..., braid=True)`, the default), or flattened, one per tick, with `braid=False`."""
 
 
 def register(name: str, *, routed: bool = False, composite: bool = False) -> Callable[[Generator], Generator]:

@@ -93,7 +93,8 @@ class Composite:
     microbatches; since every data dependency links two actions of one microbatch, neither member
     then needs the other's result (`jpipe.schedules.validate`). The step starts when the inputs of
     both members are there and both results are ready when it ends. `first` and `second` give
-    the order in which code that runs one action at a time (`flatten`, today's executor) runs them.
+    the order in which code that runs one action at a time (`flatten`; the executor with
+    `braid=False`) runs them; braided, the executor runs both in one tick, layer by layer.
 
     Printed as torch.pipelining prints its overlapped pairs, without the type: `(0F7;7B3)`.
     """

@@ -10,11 +10,11 @@ leaves the critical path). Without the split, ticks mixing F and B cost a B: 1f1
 72 instead of 57.
 
 Composites (`jpipe.schedules.ir.Composite`, two actions a device runs together): `pack` flattens
-each into its two actions in consecutive ticks (first, then second) unless asked to keep them.
-That is what the executor does today (`jpipe.pipeline.compile_program` packs with the default), so
-a schedule with composites runs there one op after the other, as torch's `OVERLAP_F_B` cells do
-when read with `from_csv`. `pack(..., keep_composites=True)` gives each composite one tick, the
-braided step the lockstep simulator times (`jpipe.schedules.simulate`).
+each into its two actions in consecutive ticks (first, then second) unless asked to keep them:
+that is how the executor runs them with `braid=False`, one op after the other.
+`pack(..., keep_composites=True)` gives each composite one tick: the braided step the lockstep
+simulator times (`jpipe.schedules.simulate`) and the executor runs by default
+(`jpipe.pipeline.compile_program(..., braid=True)`).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0, keep_
     """Assign every action the earliest tick its device order and data dependencies allow.
 
     The dependencies follow each microbatch's route (`jpipe.schedules.deps.dependencies`).
-    Composites are flattened first (first member, then second, in consecutive ticks): the executor's
-    current behaviour, one op per device per tick.
+    Composites are flattened first (first member, then second, in consecutive ticks, one op per
+    device per tick: the executor's `braid=False`) unless `keep_composites` gives each one tick (the
+    executor's default, braided).
 
     Args:
       schedule: a schedule that passes `validate`.

@@ -65,7 +65,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe import schedules
-from jpipe.models.gpt import GPT, block_class, params_of
+from jpipe.models.gpt import GPT, params_of
+from jpipe.models.layers import block_class
 from jpipe.models.layout import StageLayout
 from jpipe.models.parts import LMParts
 from jpipe.pipeline.costs import StageCosts, measure_costs, xla_flops
