@@ -10,12 +10,12 @@ Process 0's output is shown; the others' goes to `<out>/process-<i>.log` (the ru
 process fails, the launcher stops the rest and exits with that process's return code.
 
 The processes run in a session of their own, so a signal for the launcher's process group (Ctrl-C
-in a terminal) reaches them once, through the launcher: it forwards each of the run's
-`--preemption-signals` it receives (default SIGTERM, SIGINT) to every process, which then all save
-the same step and exit with 128 + the signal's number (`jpipe.train.preemption`). A process that
-exits that way is not a failure: the launcher waits for the others to finish saving, however long
-that takes, and exits with the same status. A second signal is forwarded too: every process exits
-at once. (In their own session, the processes outlive a launcher killed with SIGKILL.)
+in a terminal) reaches them once, through the launcher: it forwards SIGTERM, SIGINT and the run's
+other `--preemption-signals` to every process. On a preemption signal they all save the same step
+and exit with 128 + the signal's number (`jpipe.train.preemption`). A process that exits that way
+is not a failure: the launcher waits for the others to finish saving, however long that takes, and
+exits with the same status. A second signal is forwarded too: every process exits at once. (In
+their own session, the processes outlive a launcher killed with SIGKILL.)
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     children: list[subprocess.Popen] = []
     logs = []
     signals = parse_signals(config.run.preemption_signals)
-    previous = {signum: signal.signal(signum, _forward(children)) for signum in signals}
+    # SIGTERM and SIGINT always: with --preemption-signals none they end the processes, as they end the launcher.
+    forwarded = dict.fromkeys([*signals, signal.SIGTERM, signal.SIGINT])
+    previous = {signum: signal.signal(signum, _forward(children)) for signum in forwarded}
     for index in range(args.processes):
         command = [
             sys.executable, "-m", "jpipe.train", *train_args,

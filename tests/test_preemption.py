@@ -108,7 +108,7 @@ def test_signals_mid_save_and_mid_run_save_the_reached_step_and_resume_exactly(t
     last = _run(*common, "--resume", "--checkpoint-every-minutes", "1e-9")
     assert last.returncode == 0, last.stderr[-3000:]
     assert "resume: continuing from step " in last.stdout
-    assert "7.orbax-checkpoint-tmp-123 (a save that never finished; deleted)" in last.stdout
+    assert "7.orbax-checkpoint-tmp-123 (a save that never finished; discarded)" in last.stdout
     assert _checkpoints(out) == ["6", "7", "8"]  # keep 3: step 7 was saved by the clock alone
     _assert_same_losses(_losses(out / "metrics.jsonl"), reference)
 
@@ -128,9 +128,12 @@ def test_a_signal_to_the_launcher_stops_both_processes_at_the_same_saved_step(tm
     assert f"preempted at step {reached}; saved" in stopped.stdout
     assert str(reached) in _checkpoints(out) and reached < 8
 
-    resumed = _run(*common, "--resume", module="jpipe.launch")
+    # Resumed with a save after every step by process 0's clock: both processes save each one.
+    resumed = _run(*common, "--resume", "--checkpoint-every-minutes", "1e-9", module="jpipe.launch")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {reached}" in resumed.stdout
+    saved = {step for step in (4, reached) if step <= reached} | set(range(reached + 1, 9))
+    assert _checkpoints(out) == [str(step) for step in sorted(saved)[-3:]]  # keep 3
     _assert_same_losses(_losses(out / "metrics.jsonl"), reference)
 
 

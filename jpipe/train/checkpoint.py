@@ -10,7 +10,7 @@ Guarantees, each covered by `tests/test_checkpoint.py`:
 - **Atomic steps.** Orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames it to
   `<step>` only after every file (and `commit_success.txt`) is written. A process killed mid-save
   (even with SIGKILL) leaves only a temporary folder, which `latest_step()`/`all_steps()` ignore and
-  the next `Checkpointer` on the directory deletes (naming it in `discarded_unfinished`). A step
+  the next `Checkpointer` on the directory deletes (it names it in `discarded_unfinished`). A step
   whose asynchronous save is still in flight is not reported either.
 - **Keep-last-N.** `keep` newest steps are retained; older ones are deleted only after the newer
   save has committed.
@@ -216,7 +216,10 @@ class Checkpointer:
 
     @property
     def discarded_unfinished(self) -> tuple[str, ...]:
-        """Folders of unfinished saves (`<step>.orbax-checkpoint-tmp*`) found, and deleted, on opening."""
+        """Folders of unfinished saves (`<step>.orbax-checkpoint-tmp*`) found on opening.
+
+        Orbax deletes them in the background; the first `save` waits for that.
+        """
         return self._discarded
 
     @property

@@ -523,7 +523,7 @@ def _evaluate(
 def _report_skipped(checkpointer: Checkpointer, step: int, stream: IO[str]) -> None:
     """Say which newer checkpoints a resume from `step` passed over, and why (one line; nothing when none)."""
     skipped = [f"step {s} (unreadable, see the warning above)" for s in checkpointer.unreadable_steps if s > step]
-    skipped += [f"{name} (a save that never finished; deleted)" for name in checkpointer.discarded_unfinished]
+    skipped += [f"{name} (a save that never finished; discarded)" for name in checkpointer.discarded_unfinished]
     if skipped:
         where = f"continuing from step {step}, the newest complete checkpoint" if step else "starting from step 0"
         stream.write(f"resume: {where}; skipped {', '.join(skipped)}\n")
