@@ -7,17 +7,20 @@ action of those signals by a handler that only records the first one; the traini
 (`jpipe.train.loop.train`) finishes the step in flight, saves it, waits for the save to commit,
 closes its writers and returns, and the command line exits with `exit_status` (128 + the signal's
 number, what a shell or Kubernetes reports for a process ended by that signal). The first signal
-also restores the signal's default action, so a second one ends the process at once: orbax commits
-a checkpoint by renaming its folder, so the last committed checkpoint is never damaged, and an
-unfinished save is left as `<step>.orbax-checkpoint-tmp-*`, which the next run discards.
+also gives every watched signal its default action back, so a second one ends the process at once:
+orbax commits a checkpoint by renaming its folder, so the last committed checkpoint is never
+damaged, and an unfinished save is left as `<step>.orbax-checkpoint-tmp*`, which the next run
+discards.
 
 One mechanism only: the command line turns JAX's own preemption service off
 (`jax_enable_preemption_service`, whose SIGTERM handler `jax.distributed.initialize` would install),
 and it installs these handlers before the JAX backend starts. libtpu (installed with the `tpu`
 extra, and loaded by a CPU run too) installs its failure signal handler, which prints a native crash
-report, only on signals that still have their default action, so it leaves these alone. (Its
-`--install_signal_handlers=false` flag, in `LIBTPU_INIT_ARGS`, would remove them all, SIGSEGV's
-crash report included, and an unknown flag there aborts an older or newer libtpu: not used.)
+report, only on signals that still have their default action (seen with libtpu 0.0.42.1), so it
+leaves these alone; a handler it had installed earlier would be replaced. Its
+`--install_signal_handlers=false` flag (in `LIBTPU_INIT_ARGS`) is not used: it removes every one of
+its handlers, SIGSEGV's crash report included, and a flag libtpu does not know makes it exit at
+start-up.
 
 Several processes decide together (`StepDecider`): after every step each process contributes the
 signal it received (if any) and, on process 0 only, whether `checkpoint_every_minutes` have passed
