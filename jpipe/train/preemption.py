@@ -101,13 +101,20 @@ class SignalWatch:
         # possibly in the middle of a write to stdout.
         if self.received is None:
             self.received = signal.Signals(signum)
-        for watched in self.signals:  # the next one, of any of them, ends the process at once
-            signal.signal(watched, signal.SIG_DFL)
+        # The next one, of any of them, ends the process at once. As PID 1 (a container's first
+        # process) the kernel ignores a signal left to its default action: exit from Python then.
+        second = _exit_at_once if os.getpid() == 1 else signal.SIG_DFL
+        for watched in self.signals:
+            signal.signal(watched, second)
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+def _exit_at_once(signum: int, frame: types.FrameType | None) -> None:
+    os._exit(exit_status(signum))
 
 
 @dataclasses.dataclass(frozen=True)
