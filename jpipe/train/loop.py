@@ -482,6 +482,7 @@ def train(
             saved = step % config.run.checkpoint_every == 0 or step == total_steps or stopping
             if saved:
                 save(step)
+            # After the last step (or --stop-at-step's) the run saves and ends anyway: nothing to decide.
             if step < total_steps and not stopping and decider.active:
                 decision = decider.decide()  # the same on every process
                 if (decision.stop_signal or decision.save_due) and not saved:
