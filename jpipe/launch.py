@@ -8,6 +8,14 @@ real multi-host run, where each host starts its process itself (see tpu_scripts/
 flags are checked once, before any process starts (a bad one is a one-line error, exit status 2).
 Process 0's output is shown; the others' goes to `<out>/process-<i>.log` (the run's `--out`). If a
 process fails, the launcher stops the rest and exits with that process's return code.
+
+The processes run in a session of their own, so a signal for the launcher's process group (Ctrl-C
+in a terminal) reaches them once, through the launcher: it forwards SIGTERM, SIGINT and the run's
+other `--preemption-signals` to every process. On a preemption signal they all save the same step
+and exit with 128 + the signal's number (`jpipe.train.preemption`). A process that exits that way
+is not a failure: the launcher waits for the others to finish saving, however long that takes, and
+exits with the same status. A second signal is forwarded too: every process exits at once. (In
+their own session, the processes outlive a launcher killed with SIGKILL.)
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import time
 
 from jpipe.train.cli import build_config, parse
 from jpipe.train.config import ConfigError
+from jpipe.train.preemption import exit_status, parse_signals
 
 
 def free_port() -> int:
@@ -51,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     children: list[subprocess.Popen] = []
     logs = []
+    signals = parse_signals(config.run.preemption_signals)
+    # SIGTERM and SIGINT always: with --preemption-signals none they end the processes, as they end the launcher.
+    forwarded = dict.fromkeys([*signals, signal.SIGTERM, signal.SIGINT])
+    previous = {signum: signal.signal(signum, _forward(children)) for signum in forwarded}
     for index in range(args.processes):
         command = [
             sys.executable, "-m", "jpipe.train", *train_args,
@@ -63,19 +76,48 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stdout = open(out / f"process-{index}.log", "w")  # noqa: SIM115 - closed below
             logs.append(stdout)
-        children.append(subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT if index else None))
+        children.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                stdout=stdout,
+                stderr=subprocess.STDOUT if index else None,
+                start_new_session=True,  # signals reach them through `_forward` only, once each
+            )
+        )
     try:
-        return _watch(children)
+        return _watch(children, {exit_status(signum) for signum in signals})
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         for log in logs:
             log.close()
 
 
-def _watch(children: list[subprocess.Popen]) -> int:
-    """Wait for all; when one fails, stop the others and return its code."""
+def _forward(children: list[subprocess.Popen]):
+    """A signal handler that sends the signal it gets to every child still running."""
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            if child.returncode is None:
+                child.send_signal(signum)
+
+    return forward
+
+
+def _watch(children: list[subprocess.Popen], preempted: set[int]) -> int:
+    """Wait for all; when one fails, stop the others and return its code.
+
+    An exit status in `preempted` (a process stopped by a preemption signal, its step saved, or ended
+    at once by a second one) is not a failure: the others are saving the same step, and are waited
+    for. When every process has exited 0 or with such a status, that status is returned (0 when all
+    finished).
+    """
     while True:
-        codes = [child.poll() for child in children]
-        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+        codes = [_status(child.poll()) for child in children]
+        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0, *preempted)]
+        if all(code is not None for code in codes) and not failed:
+            return max(codes)
         if failed:
             index, code = failed[0]
             print(f"jpipe.launch: process {index} exited with code {code}; stopping the others", file=sys.stderr)
@@ -89,9 +131,12 @@ def _watch(children: list[subprocess.Popen]) -> int:
                 except subprocess.TimeoutExpired:
                     child.kill()
             return code if code > 0 else 1
-        if all(code == 0 for code in codes):
-            return 0
         time.sleep(0.1)
+
+
+def _status(code: int | None) -> int | None:
+    """A return code as a shell shows it: 128 + N for a process ended by signal N."""
+    return 128 - code if code is not None and code < 0 else code
 
 
 if __name__ == "__main__":

@@ -290,8 +290,11 @@ def test_stale_temporary_folder_is_ignored(tmp_path):
     (stale / "state" / "junk").write_bytes(b"\0" * 100)
     ckpt = Checkpointer(tmp_path)
     assert ckpt.all_steps() == [3] and ckpt.latest_step() == 3
+    assert ckpt.discarded_unfinished == (stale.name,)
     assert ckpt.restore(abstract(make_state(0)))[0] == 3
+    ckpt.save(4, make_state(4), {})  # orbax deletes the folder in the background, done before a save
     ckpt.close()
+    assert not stale.exists() and Checkpointer(tmp_path).discarded_unfinished == ()
 
 
 # ------------------------------------------------------------------------ (3) corruption, fallback

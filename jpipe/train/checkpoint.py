@@ -10,8 +10,8 @@ Guarantees, each covered by `tests/test_checkpoint.py`:
 - **Atomic steps.** Orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames it to
   `<step>` only after every file (and `commit_success.txt`) is written. A process killed mid-save
   (even with SIGKILL) leaves only a temporary folder, which `latest_step()`/`all_steps()` ignore and
-  the next `Checkpointer` on the directory deletes. A step whose asynchronous save is still in flight
-  is not reported either.
+  the next `Checkpointer` on the directory deletes (it names it in `discarded_unfinished`). A step
+  whose asynchronous save is still in flight is not reported either.
 - **Keep-last-N.** `keep` newest steps are retained; older ones are deleted only after the newer
   save has committed.
 - **Fallback on corruption.** `restore()` (no explicit step) tries the newest step first; if it
@@ -50,6 +50,7 @@ import gc
 import inspect
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -75,6 +76,7 @@ __all__ = [
 _STATE = "state"
 _META = "meta"
 _MAX_LISTED_DIFFERENCES = 12
+_UNFINISHED = re.compile(r"\d+\.orbax-checkpoint-tmp.*")  # orbax's folder for a step being written
 
 
 class CheckpointError(RuntimeError):
@@ -187,6 +189,8 @@ class Checkpointer:
         text = os.fspath(directory)
         self._directory = epath.Path(text if "://" in text else os.path.abspath(text))
         self._keep = keep
+        # Read before orbax deletes them (cleanup_tmp_directories below), so a resume can say so.
+        self._discarded = _unfinished_saves(self._directory)
         self._async = bool(async_save)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -209,6 +213,19 @@ class Checkpointer:
     def directory(self) -> epath.Path:
         """The checkpoint folder."""
         return self._directory
+
+    @property
+    def discarded_unfinished(self) -> tuple[str, ...]:
+        """Folders of unfinished saves (`<step>.orbax-checkpoint-tmp*`) found on opening.
+
+        Orbax deletes them in the background; the first `save` waits for that.
+        """
+        return self._discarded
+
+    @property
+    def unreadable_steps(self) -> tuple[int, ...]:
+        """Steps this object's `restore()` found unreadable (and skipped), ascending."""
+        return tuple(sorted(self._unreadable))
 
     def _step_path(self, step: int) -> epath.Path:
         return self._directory / str(step)
@@ -405,6 +422,13 @@ class Checkpointer:
         if tree is None:
             raise FileNotFoundError(f"state metadata of step {step} is missing")
         return tree
+
+
+def _unfinished_saves(directory: epath.Path) -> tuple[str, ...]:
+    """Names of the half-written step folders orbax left in `directory` (a killed save), sorted."""
+    if not directory.is_dir():
+        return ()
+    return tuple(sorted(path.name for path in directory.iterdir() if _UNFINISHED.fullmatch(path.name)))
 
 
 def _reason(err: BaseException) -> str:

@@ -8,6 +8,12 @@
 Every configuration field has a flag (`jpipe.train.flags`); `--help` shows each one's documentation
 and the value the run would use. Every value, and every multi-host flag, is checked before JAX
 starts: a user error is one line naming the flag, exit status 2.
+
+Exit status: 0 done, 2 a user error, 3 the loss diverged, 128 + the signal's number when one of
+`--preemption-signals` stopped the run with the reached step saved (143 for SIGTERM, 130 for SIGINT,
+138 for SIGUSR1): what a shell or Kubernetes reports for a process ended by that signal, so a
+requeue rule written for the signal keeps working, and not 0, which would end a Kubernetes Job as
+succeeded.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from jpipe.train.flags import (
     given_overrides,
     name_flags,
 )
+from jpipe.train.preemption import SignalWatch, exit_status, parse_signals
 from jpipe.train.presets import TrainConfig, preset
 from jpipe.train.resume import resume_config
 
@@ -38,7 +45,9 @@ def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.tra
         usage="%(prog)s [options]",
         formatter_class=HelpFormatter,
         description="Train a byte-level GPT with pipeline (x data x tensor) parallelism. Each option's default "
-        "is the preset's value (with --config's applied; with --resume, the saved run's).",
+        "is the preset's value (with --config's applied; with --resume, the saved run's). On SIGTERM or SIGINT "
+        "(--preemption-signals) the step in flight finishes and is saved, and the run exits with status 128 + the "
+        "signal's number (143 for SIGTERM); a second signal exits at once, keeping the last committed checkpoint.",
     )
     add_config_arguments(result, defaults)
     result.add_argument(
@@ -208,7 +217,7 @@ def check_processes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 done, 2 a user error, 3 the loss diverged)."""
+    """Run the command line; returns the exit status (see the module's documentation)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "jpipe" if os.path.basename(sys.argv[0] if sys.argv else "") == "jpipe" else "python -m jpipe.train"
     try:
@@ -230,7 +239,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
-    """Start JAX (fake CPU devices, jax.distributed when asked) and train."""
+    """Watch the preemption signals, start JAX (fake CPU devices, jax.distributed when asked) and train."""
+    # Before the JAX backend starts: libtpu then leaves these signals' handlers alone.
+    signals = parse_signals(config.run.preemption_signals)
+    watch = SignalWatch.install(signals) if signals else None
+    try:
+        return _start_and_train(args, config, processes, watch)
+    finally:
+        if watch is not None:
+            watch.uninstall()
+
+
+def _start_and_train(args: argparse.Namespace, config: TrainConfig, processes: int, watch: SignalWatch | None) -> int:
     parallel = config.parallel
     devices = args.cpu_devices or parallel.num_devices // processes
     # Fake CPU devices must be requested before JAX starts its backend.
@@ -240,6 +260,8 @@ def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
     jax.config.update("jax_num_cpu_devices", devices)  # only the CPU backend reads it
     if args.coordinator or args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        # One signal mechanism: ours (`jpipe.train.preemption`), not also JAX's SIGTERM handler.
+        jax.config.update("jax_enable_preemption_service", False)
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
@@ -256,11 +278,11 @@ def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
     from jpipe.train.loop import TrainingDivergedError, train
 
     try:
-        train(config, resume=args.resume)
+        summary = train(config, resume=args.resume, signals=watch)
     except TrainingDivergedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     except (FileExistsError, ConfigError) as error:  # ConfigError: e.g. no schedule fits --memory-limit
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if summary.stopped_by is None else exit_status(summary.stopped_by)

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES
+from jpipe.train.preemption import SignalNameError, parse_signals
 
 REMAT_CHOICES = ("none", "full", "dots")
 AUTO = "auto"  # `parallel.schedule`: search a schedule for the measured model (`jpipe.train.auto`)
@@ -279,6 +280,8 @@ class RunConfig:
       out: folder for everything the run writes (config.json, metrics.jsonl, checkpoints/, charts).
       steps: optimizer steps; the learning-rate schedule spans them.
       checkpoint_every: save a checkpoint every this many steps (and at the last).
+      checkpoint_every_minutes: also save after a step that ends this many minutes after the last
+        save (process 0's clock decides, every process saves the same step); unset: by steps only.
       keep_checkpoints: keep the newest this many checkpoints.
       eval_every: evaluate on held-out data every this many steps (and at the last).
       eval_batches: held-out batches per evaluation.
@@ -288,11 +291,16 @@ class RunConfig:
         unset: run to the end.
       profile_steps: write a `jax.profiler` trace of steps N to M (both included), given as "N..M"
         or "N" for one step, to <out>/profile (TensorBoard's and xprof's format); unset: no trace.
+      preemption_signals: signals that stop the run cleanly, comma-separated (TERM, INT, USR1, ...;
+        "none": none): the step in flight finishes and is saved, then the run exits with status
+        128 + the signal's number (143 for TERM); a second signal exits at once, keeping the last
+        committed checkpoint. For SLURM's --signal=USR1@SECONDS add USR1.
     """
 
     out: str = "runs/default"
     steps: int = 200
     checkpoint_every: int = 50
+    checkpoint_every_minutes: float | None = None
     keep_checkpoints: int = 3
     eval_every: int = 50
     eval_batches: int = 4
@@ -300,10 +308,15 @@ class RunConfig:
     seed: int = 0
     stop_at_step: int | None = None
     profile_steps: str | None = None
+    preemption_signals: str = "TERM,INT"
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps: must be >= 1, got {self.steps}")
         _require(self.checkpoint_every >= 1, f"run.checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+        _require(
+            self.checkpoint_every_minutes is None or self.checkpoint_every_minutes > 0,
+            f"run.checkpoint_every_minutes: must be > 0, got {self.checkpoint_every_minutes}",
+        )
         _require(self.keep_checkpoints >= 1, f"run.keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
         _require(self.eval_every >= 1, f"run.eval_every: must be >= 1, got {self.eval_every}")
         _require(self.eval_batches >= 1, f"run.eval_batches: must be >= 1, got {self.eval_batches}")
@@ -314,6 +327,10 @@ class RunConfig:
         )
         if self.profile_steps is not None:
             parse_step_range(self.profile_steps, self.steps, "run.profile_steps")
+        try:
+            parse_signals(self.preemption_signals)
+        except SignalNameError as error:
+            raise ConfigError(f"run.preemption_signals: {error}") from None
 
     @property
     def profile_range(self) -> tuple[int, int] | None:

@@ -37,12 +37,14 @@ SHORT_NAMES = {
     "parallel.skip_ratio": "skip_ratio",
     "run.steps": "steps",
     "run.checkpoint_every": "checkpoint_every",
+    "run.checkpoint_every_minutes": "checkpoint_every_minutes",
     "run.keep_checkpoints": "keep_checkpoints",
     "run.eval_every": "eval_every",
     "run.out": "out",
     "run.seed": "seed",
     "run.stop_at_step": "stop_at_step",
     "run.profile_steps": "profile_steps",
+    "run.preemption_signals": "preemption_signals",
     "optimizer.learning_rate": "learning_rate",
     "optimizer.warmup_steps": "warmup_steps",
     "data.batch_size": "batch_size",
@@ -57,7 +59,11 @@ SHORT_NAMES = {
 }
 
 # Placeholders in `--help` for fields whose type alone says too little (default: INT, FLOAT, STR).
-METAVARS = {"run.profile_steps": "N..M"}
+METAVARS = {
+    "run.profile_steps": "N..M",
+    "run.checkpoint_every_minutes": "MINUTES",
+    "run.preemption_signals": "SIGNALS",
+}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -20,7 +20,8 @@ Everything a run writes goes under `config.run.out`:
 
 Batches are a function of (data seed, step), so a resumed run sees exactly the batches the killed
 run would have seen. A non-finite loss stops the run before anything is saved: the last good
-checkpoint stays the newest.
+checkpoint stays the newest. A watched signal (`jpipe.train.preemption`) stops it after the step in
+flight, with that step saved.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +55,7 @@ from jpipe.train.config import AUTO, as_dict
 from jpipe.train.data import ByteDataset, build_corpus
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
+from jpipe.train.preemption import SignalWatch, StepDecider, exit_status, fire_test_signal
 from jpipe.train.presets import TrainConfig
 from jpipe.train.step import jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
 
@@ -65,13 +68,14 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
-    """What a finished run reports."""
+    """What a finished run reports; `stopped_by` is the signal that stopped it early (None: it was not)."""
 
     out: pathlib.Path
     first_step: int
     last_step: int
     losses: tuple[float, ...]
     final_eval_loss: float | None
+    stopped_by: signal.Signals | None = None
 
 
 def cache_dir() -> pathlib.Path:
@@ -333,10 +337,15 @@ def _times(value: float | tuple[float, ...]) -> str:
     return f"{value:.2f}"
 
 
-def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None = None) -> RunSummary:
+def train(
+    config: TrainConfig, *, resume: bool = False, stream: IO[str] | None = None, signals: SignalWatch | None = None
+) -> RunSummary:
     """Run (or resume) training as configured, printing on `stream` (default the current `sys.stdout`).
 
-    Returns the losses of the steps it ran.
+    Returns the losses of the steps it ran. With `signals` (installed by the caller), a signal it
+    records stops the run after the step in flight: that step is saved, pending saves commit, the
+    writers close, and the summary's `stopped_by` names the signal. All processes stop after the same
+    step (`jpipe.train.preemption.StepDecider`), which also saves every `run.checkpoint_every_minutes`.
     """
     stream = sys.stdout if stream is None else stream
     out = pathlib.Path(config.run.out)
@@ -379,6 +388,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
     start = 0
     if resume and checkpointer.latest_step() is not None:
         start, params, opt_state = _restore(checkpointer, built, stream)
+        _report_skipped(checkpointer, start, stream)
     elif checkpointer.latest_step() is not None:
         checkpointer.close()
         raise FileExistsError(
@@ -388,6 +398,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
     else:
         if resume:
             stream.write("resume: no checkpoint yet; starting from step 0\n")
+            _report_skipped(checkpointer, 0, stream)
         params, opt_state = built.init_state(config.run.seed)
 
     metrics_path = out / "metrics.jsonl" if lead else out / f".metrics.process{jax.process_index()}.jsonl"
@@ -404,6 +415,8 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
     tokens_per_step = config.data.batch_size * config.data.seq_len
     losses: list[float] = []
     final_eval: float | None = None
+    decider = StepDecider(signals, config.run.checkpoint_every_minutes, processes=jax.process_count(), lead=lead)
+    stopped_by: signal.Signals | None = None
 
     # One compiled program for the layout change: with several processes, a string of eager ops on
     # arrays spanning them can deadlock between the processes' collectives.
@@ -426,6 +439,8 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
             "head_layout": HEAD_LAYOUT,
         }
         checkpointer.save(step, state, json.loads(json.dumps(metadata, default=str)))
+        decider.saved()
+        fire_test_signal("in-save", step, signals, jax.process_index())
 
     try:
         for step in range(start + 1, total_steps + 1):
@@ -462,16 +477,32 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
             if step % config.run.log_every == 0 or step == total_steps:
                 progress.update(step, loss, record["tokens_per_second"], seconds, extra)
             profiler.after(step, (params, opt_state))
+            fire_test_signal("after-step", step, signals, jax.process_index())
             stopping = step == config.run.stop_at_step
-            if step % config.run.checkpoint_every == 0 or step == total_steps or stopping:
+            saved = step % config.run.checkpoint_every == 0 or step == total_steps or stopping
+            if saved:
                 save(step)
+            # After the last step (or --stop-at-step's) the run saves and ends anyway: nothing to decide.
+            if step < total_steps and not stopping and decider.active:
+                decision = decider.decide()  # the same on every process
+                if (decision.stop_signal or decision.save_due) and not saved:
+                    save(step)
+                if decision.stop_signal:
+                    stopped_by = decision.stop_signal
+                    break
             if stopping:
                 progress.message(f"stopping at step {step} as asked (--stop-at-step); resume with --resume")
                 break
     finally:
         profiler.close()
         metrics.close()
-        checkpointer.close()
+        checkpointer.close()  # waits for the last save to commit
+    if stopped_by is not None:
+        progress.message(
+            f"preempted at step {start + len(losses)}; saved; resume with --resume "
+            f"({stopped_by.name}: exit status {exit_status(stopped_by)})"
+        )
+        return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval, stopped_by)
     if lead:
         plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{schedule.name}, {out.name}")
     progress.message(f"done: {len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.4f}; wrote {out}")
@@ -488,6 +519,15 @@ def _evaluate(
         tokens, targets = _microbatches(batch, config.parallel.microbatches, sharding)
         values.append(float(eval_loss(params, tokens, targets)))
     return float(np.mean(values))
+
+
+def _report_skipped(checkpointer: Checkpointer, step: int, stream: IO[str]) -> None:
+    """Say which newer checkpoints a resume from `step` passed over, and why (one line; nothing when none)."""
+    skipped = [f"step {s} (unreadable, see the warning above)" for s in checkpointer.unreadable_steps if s > step]
+    skipped += [f"{name} (a save that never finished; discarded)" for name in checkpointer.discarded_unfinished]
+    if skipped:
+        where = f"continuing from step {step}, the newest complete checkpoint" if step else "starting from step 0"
+        stream.write(f"resume: {where}; skipped {', '.join(skipped)}\n")
 
 
 def _restore(checkpointer: Checkpointer, built: TrainStep, stream: IO[str]) -> tuple[int, PyTree, PyTree]:

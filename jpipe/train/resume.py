@@ -5,9 +5,10 @@ Resuming starts from that file, not from a preset, so a run started with `--laye
 with `--resume --out <out>` alone. Checkpoints are stored by layer, independent of how the model
 is laid out over devices, so the layout may change on resume: every `parallel` field (schedule,
 stages, virtual, microbatches, data, tensor, remat, fsdp, split_backward, ...), plus where the run
-now lives (`run.out`), when to leave early (`run.stop_at_step`) and which steps to profile
-(`run.profile_steps`). Any other change would make a different run (another model, data,
-optimizer or length); it is refused, naming the flags.
+now lives (`run.out`), when to leave early (`run.stop_at_step`), which steps to profile
+(`run.profile_steps`), when to save by the clock (`run.checkpoint_every_minutes`) and which signals
+stop it cleanly (`run.preemption_signals`): none of these changes a loss. Any other change would
+make a different run (another model, data, optimizer or length); it is refused, naming the flags.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from jpipe.train.fields import flatten
 from jpipe.train.flags import flag_name
 from jpipe.train.presets import TrainConfig
 
-RESUMABLE_KEYS = ("run.out", "run.stop_at_step", "run.profile_steps")  # besides every parallel.* field
+RESUMABLE_KEYS = (
+    "run.out",
+    "run.stop_at_step",
+    "run.profile_steps",
+    "run.checkpoint_every_minutes",
+    "run.preemption_signals",
+)  # besides every parallel.* field
 
 
 def may_change_on_resume(key: str) -> bool:
@@ -46,7 +53,7 @@ def resume_config(saved: TrainConfig, overrides: Overrides, sources: dict[str, s
         allowed = ", ".join(flag_name(key) for key in before if may_change_on_resume(key))
         raise ConfigError(
             f"--resume: {', '.join(refused)} would change the run saved in {path}; only the layout, "
-            f"where to stop and what to profile may change on resume ({allowed})"
+            f"where to stop, what to profile and when to save may change on resume ({allowed})"
         )
     return apply_overrides(saved, overrides)
 
