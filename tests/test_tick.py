@@ -13,6 +13,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from pipeline_cases import assert_trees_close, loss_fn, make_problem, sequential_loss, stage_fn
 
+import jpipe
 from jpipe import schedules
 from jpipe.pipeline import kernels
 from jpipe.pipeline.arrays import take, varying, zeros_like
@@ -121,3 +122,34 @@ def test_a_kernel_writes_only_the_buffers_it_declares(kernel):
     declared = set(kernel.buffers(kernels.TickContext(*([None] * 11))))
     assert {b for b, changed in written.items() if changed} <= declared
     assert {b for b, changed in written.items() if changed}, "the kernel wrote nothing"
+
+
+def _mlp_stage(params, x):
+    """`[R, D] -> [R, D]`: a residual MLP whose residuals (activations) outweigh its parameters."""
+    return x + jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+
+def _mlp_loss(head, y, target):
+    return jnp.mean((y @ head - target) ** 2)
+
+
+def test_the_stash_is_updated_in_place_not_copied_every_tick():
+    """Compiled temporary memory holds the stash once: a tick whose conditionals copied a buffer they
+    read and write (one `lax.switch` over the op kinds does) would need a second stash."""
+    schedule = schedules.build("gpipe", 4, 8)  # 8 stash slots per device: the stash dominates
+    mesh = make_mesh_or_skip((4,), AXES)
+    rows, width, hidden, m = 256, 64, 128, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "w1": jax.random.normal(keys[0], (4, width, hidden)) / width**0.5,
+        "w2": jax.random.normal(keys[1], (4, hidden, width)) / hidden**0.5,
+    }
+    head = jax.random.normal(keys[2], (width, 1))
+    inputs = jax.random.normal(keys[3], (m, rows, width))
+    targets = jnp.zeros((m, rows, 1))
+    step = jpipe.value_and_grad(_mlp_stage, _mlp_loss, schedule=schedule, mesh=mesh)
+    temp = jax.jit(step).lower(params, head, inputs, targets).compile().memory_analysis().temp_size_in_bytes
+    one_stage = jax.tree.map(lambda a: a[0], params)
+    residuals = jax.eval_shape(lambda: stage_ops(_mlp_stage, "none").forward(one_stage, inputs[0])[1])
+    stash = step.program.num_stash_slots * sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(residuals))
+    assert stash < temp < 2 * stash, (temp, stash)

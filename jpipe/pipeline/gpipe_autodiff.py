@@ -24,6 +24,17 @@ from jpipe.pipeline.remat import apply_remat
 PyTree = Any
 
 
+def _check_arguments(mesh: jax.sharding.Mesh, stage_axis: str, m: int, virtual: int) -> None:
+    if stage_axis not in mesh.shape:
+        raise ValueError(f"mesh: no axis named {stage_axis!r} (axes: {dict(mesh.shape)})")
+    if m < 1:
+        raise ValueError(f"num_microbatches: must be >= 1, got {m}")
+    if virtual < 1:
+        raise ValueError(f"virtual: must be >= 1, got {virtual}")
+    if virtual > 1 and m < mesh.shape[stage_axis]:
+        raise ValueError(f"num_microbatches: circular AD-GPipe needs m >= p, got m={m}, p={mesh.shape[stage_axis]}")
+
+
 def gpipe_autodiff(
     stage_fn: Callable[[PyTree, PyTree], PyTree],
     loss_fn: Callable[[PyTree, PyTree, PyTree], jax.Array],
@@ -47,16 +58,8 @@ def gpipe_autodiff(
       `step(stage_params, loss_params, inputs, targets) -> (loss, (stage_grads, loss_grads,
       input_grads))`, stage_params leaves `[p * virtual, ...]` in logical stage order.
     """
-    if stage_axis not in mesh.shape:
-        raise ValueError(f"mesh: no axis named {stage_axis!r} (axes: {dict(mesh.shape)})")
-    p = mesh.shape[stage_axis]
-    m = num_microbatches
-    if m < 1:
-        raise ValueError(f"num_microbatches: must be >= 1, got {m}")
-    if virtual < 1:
-        raise ValueError(f"virtual: must be >= 1, got {virtual}")
-    if virtual > 1 and m < p:
-        raise ValueError(f"num_microbatches: circular AD-GPipe needs m >= p, got m={m}, p={p}")
+    _check_arguments(mesh, stage_axis, num_microbatches, virtual)
+    p, m = mesh.shape[stage_axis], num_microbatches
     fn = apply_remat(stage_fn, remat)
     num_ticks = virtual * m + p - 1
     axis = stage_axis

@@ -199,6 +199,25 @@ def _scan_taint(eqn: jcore.JaxprEqn, tainted_in: Sequence[bool]) -> list[bool]:
         carry = merged
 
 
+def _var_sides(jaxpr: jcore.Jaxpr, invar_side: Sequence[str], side: dict[int, str], scans: dict) -> dict:
+    """Each var's side: its invar side, BOTH for constvars, else the side of the equation defining it
+    (for a split scan, per output: I for the carries and outputs its I loop produces)."""
+    var_side: dict = {v: s for v, s in zip(jaxpr.invars, invar_side)}
+    var_side.update((v, BOTH) for v in jaxpr.constvars)
+    for index, eqn in enumerate(jaxpr.eqns):
+        if index not in side:
+            continue
+        if side[index] == "split":
+            plan = scans[index]
+            nk = _scan_counts(eqn.params)[1]
+            for k, v in enumerate(eqn.outvars):
+                owner = I_SIDE if (k in plan.i_carries if k < nk else k - nk in plan.i_ys) else W_SIDE
+                var_side[v] = owner
+        else:
+            var_side.update((v, side[index]) for v in eqn.outvars)
+    return var_side
+
+
 def _partition(
     jaxpr: jcore.Jaxpr,
     tainted_in: Sequence[bool],
@@ -255,19 +274,7 @@ def _partition(
         want_i.update(v for v in i_inputs.get(index, ()) if isinstance(v, jcore.Var))
         want_w.update(v for v in w_inputs.get(index, ()) if isinstance(v, jcore.Var))
 
-    var_side: dict = {v: s for v, s in zip(jaxpr.invars, invar_side)}
-    var_side.update((v, BOTH) for v in jaxpr.constvars)
-    for index, eqn in enumerate(jaxpr.eqns):
-        if index not in side:
-            continue
-        if side[index] == "split":
-            plan = scans[index]
-            nk = _scan_counts(eqn.params)[1]
-            for k, v in enumerate(eqn.outvars):
-                owner = I_SIDE if (k in plan.i_carries if k < nk else k - nk in plan.i_ys) else W_SIDE
-                var_side[v] = owner
-        else:
-            var_side.update((v, side[index]) for v in eqn.outvars)
+    var_side = _var_sides(jaxpr, invar_side, side, scans)
 
     # Boundary: I-side values that a W-side reader (a W equation, a split scan's W loop, or a
     # W-needed outvar not produced by I) reads.
