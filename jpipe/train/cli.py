@@ -19,6 +19,7 @@ import sys
 
 from jpipe.train.config import ConfigError
 from jpipe.train.configfile import ConfigFile, apply_overrides, read_saved_config, read_toml
+from jpipe.train.data import resolve_data
 from jpipe.train.flags import (
     HelpFormatter,
     OneLineErrorParser,
@@ -142,8 +143,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             out = overrides.get("run.out", base.run.out)
             saved = read_saved_config(out, base)
             if saved is not None:
-                return resume_config(saved, overrides, sources, os.path.join(out, "config.json"))
-        return apply_overrides(base, overrides)
+                # The saved run's vocabulary is the data's it trained on: it must still be.
+                return resolve_data(resume_config(saved, overrides, sources, os.path.join(out, "config.json")), True)
+        return resolve_data(apply_overrides(base, overrides), vocab_given="model.vocab_size" in overrides)
     except ConfigError as error:
         message = str(error)
         if message.startswith("--"):

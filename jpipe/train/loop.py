@@ -29,7 +29,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -50,7 +49,7 @@ from jpipe.pipeline.executor import resolve_overlap, resolve_split
 from jpipe.train import auto
 from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import AUTO, as_dict
-from jpipe.train.data import ByteDataset, build_corpus
+from jpipe.train.data import TokenDataset, cache_dir, open_datasets
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.presets import TrainConfig
@@ -72,11 +71,6 @@ class RunSummary:
     last_step: int
     losses: tuple[float, ...]
     final_eval_loss: float | None
-
-
-def cache_dir() -> pathlib.Path:
-    """Where the byte corpus is cached (`JPIPE_CACHE`, default `~/.cache/jpipe`)."""
-    return pathlib.Path(os.environ.get("JPIPE_CACHE", pathlib.Path.home() / ".cache" / "jpipe"))
 
 
 # How checkpoints store an untied head: `[vocab, d_model]`, as the embedding table (and torch's
@@ -367,9 +361,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
         )
         schedules.plot(simulation, out / "schedule.png")
 
-    corpus = build_corpus(config.data.path, cache_dir(), config.data.max_corpus_bytes)
-    train_data = ByteDataset.open(corpus, config.data.seq_len, "train", config.data.eval_fraction)
-    eval_data = ByteDataset.open(corpus, config.data.seq_len, "eval", config.data.eval_fraction)
+    train_data, eval_data = open_datasets(config.data, config.model.vocab_size, cache_dir())
 
     total_steps = config.run.steps
     learning_rate, train_step, eval_loss = built.learning_rate, built.step, built.eval_loss
@@ -479,7 +471,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
 
 
 def _evaluate(
-    eval_loss, params, dataset: ByteDataset, config: TrainConfig, sharding: jax.sharding.NamedSharding
+    eval_loss, params, dataset: TokenDataset, config: TrainConfig, sharding: jax.sharding.NamedSharding
 ) -> float:
     """Mean loss over `eval_batches` fixed held-out batches."""
     values = []

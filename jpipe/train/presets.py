@@ -53,8 +53,6 @@ class TrainConfig:
                 )
             except ScheduleError as error:
                 raise ConfigError(f"parallel (schedule/stages/microbatches/virtual): {error}") from error
-        if self.model.vocab_size < 256:
-            raise ConfigError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
         tensor = self.parallel.tensor
         split = {"model.num_heads": self.model.num_heads, "model.vocab_size": self.model.vocab_size}
         if self.model.num_kv_heads is not None:
