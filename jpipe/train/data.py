@@ -243,10 +243,11 @@ def _check_size(source: DataSource, data: DataConfig) -> None:
     for split in ("train", "eval"):
         windows = count_windows(source.num_tokens, data.seq_len, split, data.eval_fraction)
         if windows < data.batch_size:
+            larger = " a larger data.eval_fraction," if split == "eval" else ""
             raise ConfigError(
                 f"data.path: the {split} split of {source.describe()} ({source.num_tokens} tokens, eval fraction "
                 f"{data.eval_fraction}) holds {windows} examples of {data.seq_len + 1} tokens; a batch needs "
-                f"{data.batch_size} (data.batch_size): give more data, or a larger data.eval_fraction"
+                f"{data.batch_size} (data.batch_size): give more data,{larger} or a smaller data.batch_size"
             )
 
 
