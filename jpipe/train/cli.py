@@ -240,6 +240,9 @@ def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
     import jax
 
     jax.config.update("jax_num_cpu_devices", devices)  # only the CPU backend reads it
+    from jpipe.parallel.platform import cpu_only_without_accelerators
+
+    cpu_only_without_accelerators()  # an installed libtpu stays silent on a machine without TPUs
     if args.coordinator or args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         jax.distributed.initialize(
