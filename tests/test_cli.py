@@ -160,9 +160,21 @@ class TestResume:
         err = _error(capsys, "--resume", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "exp.toml"))
         assert "exp.toml (8 -> 16) would change the run" in err
 
-    def test_without_a_saved_config_resume_starts_as_configured(self, tmp_path):
-        config = _config("--preset", "tiny", "--resume", "--out", str(tmp_path / "new"), "--layers", "2")
-        assert config.model.num_layers == 2
+    def test_resume_of_a_missing_run_is_refused(self, capsys, tmp_path):
+        err = _error(capsys, "--preset", "tiny", "--resume", "--out", str(tmp_path / "typo"))
+        assert err.startswith(f"error: --resume: no run to resume in {tmp_path / 'typo'} (no config.json there)")
+        assert "--resume auto" in err and not (tmp_path / "typo").exists()
+        assert "--resume: expected no value or 'auto', got 'always'" in _error(capsys, "--resume", "always")
+
+    def test_resume_auto_starts_a_missing_run_as_configured_and_resumes_an_existing_one(self, tmp_path):
+        from jpipe.train.resume import resumes
+
+        new = str(tmp_path / "new")
+        config = _config("--preset", "tiny", "--resume", "auto", "--out", new, "--layers", "2")
+        assert config.model.num_layers == 2 and not resumes("auto", new) and resumes(True, new)
+        _save_run(tmp_path / "run", preset("tiny"))
+        config = _config("--preset", "quickstart", "--resume", "auto", "--out", str(tmp_path / "run"))
+        assert config.model == preset("tiny").model and resumes("auto", str(tmp_path / "run"))
 
     def test_a_run_resumes_from_its_config_json_alone_with_another_schedule(self, tmp_path):
         """A tiny run with a non-preset model stops at step 2; `--resume --out` with a new layout and

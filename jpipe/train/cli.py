@@ -4,6 +4,7 @@
         --microbatches 16 --data 2 --tensor 1 --steps 200 --checkpoint-every 10 --out runs/x
     jpipe --config exp.toml --steps 500       # flags override the file, the file the preset
     jpipe --out runs/x --resume --stages 2     # the run's config.json, with a new layout
+    jpipe --out runs/x --resume auto           # resume the run, or start it where there is none
 
 Every configuration field has a flag (`jpipe.train.flags`); `--help` shows each one's documentation
 and the value the run would use. Every value, and every multi-host flag, is checked before JAX
@@ -29,7 +30,7 @@ from jpipe.train.flags import (
     name_flags,
 )
 from jpipe.train.presets import TrainConfig, preset
-from jpipe.train.resume import resume_config
+from jpipe.train.resume import check_missing_run, resume_config, resume_mode, resumes
 
 
 def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.train") -> argparse.ArgumentParser:
@@ -44,9 +45,14 @@ def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.tra
     add_config_arguments(result, defaults)
     result.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the run in --out from its newest checkpoint and its config.json; only layout flags "
-        "(parallel section) may change",
+        nargs="?",
+        const=True,
+        default=False,
+        type=resume_mode,
+        metavar="auto",
+        help="continue the run in --out from its newest checkpoint and its config.json (an error when "
+        "there is none); --resume auto starts the run when it does not exist yet (a requeued job's "
+        "command); only layout flags (parallel section) may change",
     )
     result.add_argument(
         "--cpu-devices",
@@ -145,6 +151,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             if saved is not None:
                 # The saved run's vocabulary is the data's it trained on: it must still be.
                 return resolve_data(resume_config(saved, overrides, sources, os.path.join(out, "config.json")), True)
+            check_missing_run(args.resume, out)
         return resolve_data(apply_overrides(base, overrides), vocab_given="model.vocab_size" in overrides)
     except ConfigError as error:
         message = str(error)
@@ -162,7 +169,7 @@ def parse(argv: list[str], prog: str = "python -m jpipe.train") -> argparse.Name
     first = argparse.ArgumentParser(add_help=False)
     for option in ("--preset", "--config", "--out"):
         first.add_argument(option, default=None)
-    first.add_argument("--resume", action="store_true")
+    first.add_argument("--resume", nargs="?", const=True, default=False)
     known, _ = first.parse_known_args(argv)
     defaults = preset("quickstart")
     if "-h" in argv or "--help" in argv:
@@ -261,7 +268,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
     from jpipe.train.loop import TrainingDivergedError, train
 
     try:
-        train(config, resume=args.resume)
+        train(config, resume=resumes(args.resume, config.run.out))
     except TrainingDivergedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
