@@ -255,3 +255,38 @@ def test_the_readme_config_file_example_builds(tmp_path):
 def test_a_schedule_without_virtual_gets_its_own_chunks_per_device(args, virtual):
     config = cli.build_config(cli.parse(args))
     assert config.parallel.virtual == virtual
+
+
+class TestScheduleFlag:
+    """`--schedule` takes torch's class names, torch CSV files and every registered schedule."""
+
+    def test_torch_class_names_are_jpipes_generators_with_their_virtual(self):
+        for name, (jpipe_name, virtual) in {
+            "ZBVZeroBubble": ("zbv", 2),
+            "ScheduleInterleaved1F1B": ("interleaved_1f1b", 2),
+            "schedule1f1b": ("1f1b", 1),
+            "GPipe": ("gpipe", 1),
+        }.items():
+            config = _config("--preset", "tiny", "--schedule", name)
+            assert (config.parallel.schedule, config.parallel.virtual) == (jpipe_name, virtual), name
+
+    def test_stp_is_a_training_schedule(self):
+        config = _config(
+            "--preset", "tiny", "--schedule", "stp", "--microbatches", "6", "--data", "1", "--batch-size", "12"
+        )  # fmt: skip
+        assert (config.parallel.schedule, config.parallel.virtual) == ("stp", 2)
+
+    def test_a_torch_csv_file_gives_the_layout_and_is_checked_against_it(self, capsys):
+        csv = ROOT / "tests" / "fixtures" / "torch-schedules" / "torch-ZBVZeroBubble-4rank-8mb-2v.csv"
+        args = ["--preset", "tiny", "--schedule", str(csv), "--stages", "4", "--data", "1", "--layers", "8"]
+        config = _config(*args, "--microbatches", "8")
+        assert (config.parallel.schedule, config.parallel.virtual) == (str(csv), 2)
+        err = _error(capsys, *args, "--microbatches", "4")
+        assert (
+            err.startswith("error: ") and "--schedule" in err.split(": ")[1] and "--microbatches" in err.split(": ")[1]
+        )
+        assert f"parallel.schedule: {csv} is a schedule for 4 stages, 8 microbatches and virtual 2;" in err
+        assert "the run asks for parallel.stage 4, parallel.microbatches 4 and parallel.virtual 2" in err
+        assert "--schedule: parallel.schedule: cannot read the CSV schedule" in _error(capsys, "--schedule", "no.csv")
+        err = _error(capsys, "--schedule", "InterleavedZeroBubble")
+        assert "unknown schedule 'InterleavedZeroBubble'" in err and "a CSV file's path" in err

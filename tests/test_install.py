@@ -11,6 +11,8 @@ import sys
 
 import tomllib
 
+from jpipe import schedules
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LIBTPU_NOISE = ("libtpu", "TPU_WORKER_HOSTNAMES", "E0000", "Source Location Trace", "InitGoogle")
 
@@ -47,8 +49,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_prepare_then_train_llama_on_the_tokens_without_libtpu_noise(tmp_path):
     """As a user would: `python -m jpipe.data.prepare` on a folder of .txt and .jsonl, then
-    `python -m jpipe.train --data-path <tokens> --model llama` with JAX_PLATFORMS unset (the test
-    extra installs libtpu; without TPU chips nothing of it may be printed)."""
+    `python -m jpipe.train --data-path <tokens> --model llama --schedule <a CSV file>` with
+    JAX_PLATFORMS unset (the test extra installs libtpu; without TPU chips nothing of it may be
+    printed)."""
     source = tmp_path / "text"
     source.mkdir()
     (source / "intro.txt").write_text("Pipelines overlap the stages of a model. " * 40)
@@ -64,10 +67,24 @@ def test_prepare_then_train_llama_on_the_tokens_without_libtpu_noise(tmp_path):
     vocab_size = json.loads((tokens / "tokens.json").read_text())["vocab_size"]
     assert 257 < vocab_size <= 400  # the BPE stops merging where no pair repeats
 
-    args = ["--preset", "tiny", "--model", "llama", "--steps", "2", "--data.eval-fraction", "0.2"]
+    # The schedule from a CSV file in torch.pipelining's format (zb_h1's, for the tiny preset's 2 stages).
+    csv = tmp_path / "zb_h1.csv"
+    csv.write_text(schedules.to_csv(schedules.build("zb_h1", 2, 2)))
+    args = [
+        "--preset",
+        "tiny",
+        "--model",
+        "llama",
+        "--steps",
+        "2",
+        "--data.eval-fraction",
+        "0.2",
+        "--schedule",
+        str(csv),
+    ]
     trained = _run("jpipe.train", "--data-path", str(tokens), *args, "--out", str(tmp_path / "run"))
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "step 2/2" in trained.stdout
+    assert "step 2/2" in trained.stdout and "zb_h1: p=2 m=2 v=1" in trained.stdout
     assert not [line for line in trained.stderr.splitlines() if any(noise in line for noise in LIBTPU_NOISE)], (
         trained.stderr[-3000:]
     )

@@ -31,6 +31,7 @@ from jpipe.train.flags import (
 )
 from jpipe.train.presets import TrainConfig, preset
 from jpipe.train.resume import check_missing_run, resume_config, resume_mode, resumes
+from jpipe.train.schedule_arg import resolve_schedule_flag
 
 
 def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.train") -> argparse.ArgumentParser:
@@ -124,7 +125,7 @@ def _default_virtual(overrides: dict, sources: dict) -> None:
         return
     from jpipe import schedules
 
-    if name in schedules.SCHEDULES or name in schedules.ROUTED_SCHEDULES:
+    if name in schedules.SCHEDULES or name in schedules.ROUTED_SCHEDULES or name in schedules.COMPOSITE_SCHEDULES:
         overrides["parallel.virtual"] = schedules.default_virtual(name)
         sources["parallel.virtual"] = sources.get("parallel.schedule", "--schedule")
 
@@ -142,6 +143,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     sources = {key: file.path for key in file.overrides} if file else {}
     sources.update({key: flag_name(key) for key in flags})
     overrides = {**(file.overrides if file else {}), **flags}
+    resolve_schedule_flag(overrides, sources)  # torch class names, CSV files
     _default_virtual(overrides, sources)
     base = preset(args.preset or (file.preset if file else None) or "quickstart")
     try:

@@ -13,7 +13,7 @@ import pathlib
 import re
 from typing import Any
 
-from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES
+from jpipe.schedules.generators import COMPOSITE_SCHEDULES, ROUTED_SCHEDULES, SCHEDULES
 
 REMAT_CHOICES = ("none", "full", "dots")
 AUTO = "auto"  # `parallel.schedule`: search a schedule for the measured model (`jpipe.train.auto`)
@@ -160,9 +160,14 @@ class ParallelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"parallel.{name}: must be an integer >= 1, got {value!r}")
         _require(
-            self.schedule in SCHEDULES or self.schedule in ROUTED_SCHEDULES or self.schedule == AUTO,
+            self.schedule in SCHEDULES
+            or self.schedule in ROUTED_SCHEDULES
+            or self.schedule in COMPOSITE_SCHEDULES
+            or self.schedule == AUTO
+            or str(self.schedule).lower().endswith(".csv"),  # a CSV file's schedule (`jpipe.train.schedule_arg`)
             f"parallel.schedule: unknown schedule {self.schedule!r}; known: "
-            f"{', '.join(sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES))}, or {AUTO!r} (searched)",
+            f"{', '.join(sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES) + sorted(COMPOSITE_SCHEDULES))}, "
+            f"{AUTO!r} (searched), a torch class name (ZBVZeroBubble, ...) or a CSV file's path",
         )
         _require(
             self.skip_ratio is None or self.schedule == "skippipe",

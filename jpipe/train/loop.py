@@ -53,6 +53,7 @@ from jpipe.train.data import TokenDataset, cache_dir, open_datasets
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.presets import TrainConfig
+from jpipe.train.schedule_arg import csv_schedule
 from jpipe.train.step import jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
 
 PyTree = Any
@@ -227,6 +228,8 @@ def build_train_step(
             schedule = search.result.schedule
         costs, cost = measure.stage_costs(schedule.virtual), measure.cost(schedule.virtual)
     elif schedule is None:
+        schedule = csv_schedule(parallel)  # None unless --schedule names a CSV file
+    if schedule is None:
         # Sends hidden on request: an order built for the extra tick they take (two half-batch streams).
         schedule = schedules.build(
             parallel.schedule,

@@ -6,6 +6,7 @@ import dataclasses
 
 from jpipe.models.config import GPTConfig
 from jpipe.train.config import AUTO, ConfigError, DataConfig, OptimizerConfig, ParallelConfig, RunConfig
+from jpipe.train.schedule_arg import csv_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class TrainConfig:
                     f"{parallel.stage} stages and {parallel.microbatches} microbatches with virtual 1 to "
                     f"{parallel.virtual}, so schedule 'auto' has nothing to start its search from"
                 )
-        else:
+        elif csv_schedule(parallel) is None:  # a CSV file's schedule is checked against the layout there
             try:
                 build(
                     parallel.schedule,
