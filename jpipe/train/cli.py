@@ -29,6 +29,7 @@ from jpipe.train.flags import (
     given_overrides,
     name_flags,
 )
+from jpipe.train.init_from import InitSource, check_model, parse_init_from
 from jpipe.train.presets import TrainConfig, preset
 from jpipe.train.resume import check_missing_run, resume_config, resume_mode, resumes
 from jpipe.train.schedule_arg import resolve_schedule_flag
@@ -54,6 +55,13 @@ def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.tra
         help="continue the run in --out from its newest checkpoint and its config.json (an error when "
         "there is none); --resume auto starts the run when it does not exist yet (a requeued job's "
         "command); only layout flags (parallel section) may change",
+    )
+    result.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN",
+        help="start a new run from the weights of a run folder's newest checkpoint, or of RUN/checkpoints/STEP "
+        "(same model, any layout); the optimizer state starts afresh. Ignored when --resume continues a run",
     )
     result.add_argument(
         "--cpu-devices",
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv, prog)
         config = build_config(args)
         processes = check_processes(args)
+        init_from = initial_weights(args, config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -237,10 +246,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return _run(args, config, processes)
+    return _run(args, config, processes, init_from)
 
 
-def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
+def initial_weights(args: argparse.Namespace, config: TrainConfig) -> InitSource | None:
+    """`--init-from`'s source, checked against `config`'s model; None without it or when the run resumes."""
+    if args.init_from is None or resumes(args.resume, config.run.out):
+        return None
+    source = parse_init_from(args.init_from)
+    check_model(source, config)
+    return source
+
+
+def _run(args: argparse.Namespace, config: TrainConfig, processes: int, init_from: InitSource | None = None) -> int:
     """Start JAX (fake CPU devices, jax.distributed when asked) and train."""
     parallel = config.parallel
     devices = args.cpu_devices or parallel.num_devices // processes
@@ -270,7 +288,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
     from jpipe.train.loop import TrainingDivergedError, train
 
     try:
-        train(config, resume=resumes(args.resume, config.run.out))
+        train(config, resume=resumes(args.resume, config.run.out), init_from=init_from)
     except TrainingDivergedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

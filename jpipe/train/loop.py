@@ -50,6 +50,7 @@ from jpipe.train import auto
 from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import AUTO, as_dict
 from jpipe.train.data import TokenDataset, cache_dir, open_datasets
+from jpipe.train.init_from import InitSource
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.presets import TrainConfig
@@ -330,10 +331,13 @@ def _times(value: float | tuple[float, ...]) -> str:
     return f"{value:.2f}"
 
 
-def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None = None) -> RunSummary:
+def train(
+    config: TrainConfig, *, resume: bool = False, stream: IO[str] | None = None, init_from: InitSource | None = None
+) -> RunSummary:
     """Run (or resume) training as configured, printing on `stream` (default the current `sys.stdout`).
 
-    Returns the losses of the steps it ran.
+    A new run (not resumed) starts from the weights of `init_from` when given (`jpipe.train.init_from`),
+    with a new optimizer state. Returns the losses of the steps it ran.
     """
     stream = sys.stdout if stream is None else stream
     out = pathlib.Path(config.run.out)
@@ -384,6 +388,8 @@ def train(config: TrainConfig, *, resume: bool = False, stream: IO[str] | None =
         if resume:
             stream.write("resume: no checkpoint yet; starting from step 0\n")
         params, opt_state = built.init_state(config.run.seed)
+        if init_from is not None:
+            params = _weights_from(init_from, built, stream)
 
     metrics_path = out / "metrics.jsonl" if lead else out / f".metrics.process{jax.process_index()}.jsonl"
     metrics = MetricsWriter(metrics_path, resume_from_step=start + 1 if resume else None, events=out if lead else None)
@@ -485,7 +491,20 @@ def _evaluate(
     return float(np.mean(values))
 
 
-def _restore(checkpointer: Checkpointer, built: TrainStep, stream: IO[str]) -> tuple[int, PyTree, PyTree]:
+def _weights_from(source: InitSource, built: TrainStep, stream: IO[str]) -> PyTree:
+    """The parameters of `source`'s checkpoint in this run's layout (its optimizer state is dropped)."""
+    other = Checkpointer(source.checkpoints, keep=None, async_save=False)
+    try:
+        step, params, _ = _restore(other, built, io.StringIO(), step=source.step)
+    finally:
+        other.close()
+    stream.write(f"initialized the weights from {source.run} step {step}; the optimizer starts afresh\n")
+    return params
+
+
+def _restore(
+    checkpointer: Checkpointer, built: TrainStep, stream: IO[str], step: int | None = None
+) -> tuple[int, PyTree, PyTree]:
     """Newest readable checkpoint (model layout) -> `(step, params, opt_state)` in this run's layout.
 
     Arrays are read straight into sharded device arrays (`model_shardings`: each device reads its
@@ -507,7 +526,7 @@ def _restore(checkpointer: Checkpointer, built: TrainStep, stream: IO[str]) -> t
         "opt_state": _with_shardings(opt_state, optimizer_shardings(optimizer, model_params, shardings, pipe.mesh)),
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     }
-    step, state, metadata = checkpointer.restore(template)
+    step, state, metadata = checkpointer.restore(template, step)
 
     def to_pipeline(params, opt_state):
         if legacy_head:
