@@ -41,8 +41,8 @@ def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.tra
         prog=prog,
         usage="%(prog)s [options]",
         formatter_class=HelpFormatter,
-        description="Train a byte-level GPT with pipeline (x data x tensor) parallelism. Each option's default "
-        "is the preset's value (with --config's applied; with --resume, the saved run's).",
+        description="Train a GPT or Llama on text or token files with pipeline (x data x tensor) parallelism. "
+        "Each option's default is the preset's value (with --config's applied; with --resume, the saved run's).",
     )
     add_config_arguments(result, defaults)
     result.add_argument(

@@ -249,16 +249,18 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Byte-level text, memory-mapped; batches are a function of (seed, step).
+    """Text (as bytes) or token files, memory-mapped; batches are a function of (seed, step).
 
     Attributes:
-      path: a text file or folder (.py, .txt, .md, .rst files); unset means the Python standard
-        library's sources (no download).
-      seq_len: tokens (bytes) per example; at most the model's seq_len.
+      path: a text file or folder (.py, .txt, .md, .rst files, read as bytes), or a token folder
+        written by `python -m jpipe.data.prepare` (its vocabulary is the model's); unset means the
+        Python standard library's sources (no download).
+      seq_len: tokens (bytes of text) per example; at most the model's seq_len.
       batch_size: global examples per step, split into microbatches and over data replicas.
       seed: seed of the batch order (batches depend only on it and the step).
       eval_fraction: the last fraction of the corpus, held out for evaluation.
-      max_corpus_bytes: read at most this many bytes of text (unset: all of it).
+      max_corpus_bytes: read at most this many bytes of text (unset: all of it); a token folder is
+        read whole.
     """
 
     path: str | None = None
