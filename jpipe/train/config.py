@@ -167,7 +167,7 @@ class ParallelConfig:
             or str(self.schedule).lower().endswith(".csv"),  # a CSV file's schedule (`jpipe.train.schedule_arg`)
             f"parallel.schedule: unknown schedule {self.schedule!r}; known: "
             f"{', '.join(sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES) + sorted(COMPOSITE_SCHEDULES))}, "
-            f"{AUTO!r} (searched), a torch class name (ZBVZeroBubble, ...) or a CSV file's path",
+            f"a torch class name (ZBVZeroBubble, ...), a CSV file's path, or {AUTO!r} (searched)",
         )
         _require(
             self.skip_ratio is None or self.schedule == "skippipe",
