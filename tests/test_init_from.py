@@ -37,7 +37,10 @@ def test_weights_come_from_the_source_checkpoint_and_the_optimizer_starts_afresh
     evaluation at step 1 is A's final one, on the same held-out batches."""
     from jpipe.train.loop import train
 
-    base = cli.build_config(cli.parse(["--preset", "tiny", "--steps", "2", "--checkpoint-every", "2"]))
+    text = tmp_path / "text.txt"  # a small corpus: nothing to scan or cache but this file
+    text.write_text("".join(f"Stage {i % 4} sends microbatch {i} to stage {(i + 1) % 4}.\n" for i in range(150)))
+    args = ["--preset", "tiny", "--steps", "2", "--checkpoint-every", "2", "--data-path", str(text)]
+    base = cli.build_config(cli.parse([*args, "--data.eval-fraction", "0.1"]))
     first = dataclasses.replace(base, run=dataclasses.replace(base.run, out=str(tmp_path / "a"), eval_every=2))
     source = train(first, stream=io.StringIO())
 
