@@ -20,7 +20,7 @@ import sys
 
 from jpipe.train.config import ConfigError
 from jpipe.train.configfile import ConfigFile, apply_overrides, read_saved_config, read_toml
-from jpipe.train.data import resolve_data
+from jpipe.train.data import check_data_size, resolve_data
 from jpipe.train.flags import (
     HelpFormatter,
     OneLineErrorParser,
@@ -61,7 +61,8 @@ def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.tra
         default=None,
         metavar="RUN",
         help="start a new run from the weights of a run folder's newest checkpoint, or of RUN/checkpoints/STEP "
-        "(same model, any layout); the optimizer state starts afresh. Ignored when --resume continues a run",
+        "(same model, any layout); the optimizer state starts afresh. Ignored when --resume continues a run "
+        "(default: unset, random initial weights)",
     )
     result.add_argument(
         "--cpu-devices",
@@ -138,13 +139,14 @@ def _default_virtual(overrides: dict, sources: dict) -> None:
         sources["parallel.virtual"] = sources.get("parallel.schedule", "--schedule")
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def build_config(args: argparse.Namespace, *, training: bool = False) -> TrainConfig:
     """The configuration `args` ask for (raises ConfigError naming the flag or file at fault).
 
     The preset (`--preset`, else the file's `preset`, else quickstart), then the config file's
     values (`--config`), then the flags given. With `--resume` and a `config.json` in the run's
     folder, that file replaces preset and config file as the start, and only layout fields may
-    change (`jpipe.train.resume`).
+    change (`jpipe.train.resume`). The model's vocabulary is the data's (`jpipe.train.data`);
+    `training` also checks that the data holds a batch (compiling a step reads none).
     """
     file = _config_file(args)
     flags = given_overrides(args)
@@ -155,19 +157,30 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     _default_virtual(overrides, sources)
     base = preset(args.preset or (file.preset if file else None) or "quickstart")
     try:
-        if getattr(args, "resume", False):
-            out = overrides.get("run.out", base.run.out)
-            saved = read_saved_config(out, base)
-            if saved is not None:
-                # The saved run's vocabulary is the data's it trained on: it must still be.
-                return resolve_data(resume_config(saved, overrides, sources, os.path.join(out, "config.json")), True)
-            check_missing_run(args.resume, out)
-        return resolve_data(apply_overrides(base, overrides), vocab_given="model.vocab_size" in overrides)
+        config = _configured(args, base, overrides, sources, training)
+        if training:
+            check_data_size(config.data)
+        return config
     except ConfigError as error:
         message = str(error)
         if message.startswith("--"):
             raise
         raise ConfigError(name_flags(message, sources)) from error
+
+
+def _configured(
+    args: argparse.Namespace, base: TrainConfig, overrides: dict, sources: dict, training: bool
+) -> TrainConfig:
+    """`base` (or, with `--resume`, the saved run) with `overrides`; the model's vocabulary the data's."""
+    if getattr(args, "resume", False):
+        out = overrides.get("run.out", base.run.out)
+        saved = read_saved_config(out, base)
+        if saved is not None:
+            # The saved run's vocabulary is the data's it trained on: it must still be.
+            config = resume_config(saved, overrides, sources, os.path.join(out, "config.json"))
+            return resolve_data(config, True, training)
+        check_missing_run(args.resume, out)
+    return resolve_data(apply_overrides(base, overrides), "model.vocab_size" in overrides, training)
 
 
 def parse(argv: list[str], prog: str = "python -m jpipe.train") -> argparse.Namespace:
@@ -232,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = "jpipe" if os.path.basename(sys.argv[0] if sys.argv else "") == "jpipe" else "python -m jpipe.train"
     try:
         args = parse(argv, prog)
-        config = build_config(args)
+        config = build_config(args, training=True)
         processes = check_processes(args)
         init_from = initial_weights(args, config)
     except ConfigError as error:

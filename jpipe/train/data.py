@@ -260,21 +260,32 @@ def check_vocab(source: DataSource, vocab_size: int) -> None:
         )
 
 
-def resolve_data(config: TrainConfig, vocab_given: bool) -> TrainConfig:
+def _inspect(data: DataConfig) -> DataSource:
+    try:
+        return inspect_data(data.path, data.max_corpus_bytes)
+    except DataError as error:
+        raise ConfigError(f"data.path: {error}") from None
+
+
+def resolve_data(config: TrainConfig, vocab_given: bool, training: bool = True) -> TrainConfig:
     """`config` with the model's vocabulary taken from its data, checked before JAX starts.
 
     Raises ConfigError, one line naming `data.path` or `model.vocab_size`, when the data is unusable
-    or when `vocab_given` (by a flag, a config file or a saved run) and it is not the data's."""
-    try:
-        source = inspect_data(config.data.path, config.data.max_corpus_bytes)
-    except DataError as error:
-        raise ConfigError(f"data.path: {error}") from None
-    _check_size(source, config.data)
+    or when the vocabulary is `vocab_given` (by a flag, a config file or a saved run), not the
+    data's, and `training` (compiling a step alone reads no data: any given vocabulary goes). Whether
+    the data holds a batch is `check_data_size`'s."""
+    source = _inspect(config.data)
     if vocab_given:
-        check_vocab(source, config.model.vocab_size)
+        if training:
+            check_vocab(source, config.model.vocab_size)
         return config
     model = dataclasses.replace(config.model, vocab_size=source.vocab_size)
     return dataclasses.replace(config, model=model)
+
+
+def check_data_size(data: DataConfig) -> None:
+    """ConfigError naming `data.path` when the train or eval split holds fewer windows than one batch."""
+    _check_size(_inspect(data), data)
 
 
 def open_datasets(data: DataConfig, vocab_size: int, cache: pathlib.Path) -> tuple[TokenDataset, TokenDataset]:
@@ -282,10 +293,7 @@ def open_datasets(data: DataConfig, vocab_size: int, cache: pathlib.Path) -> tup
 
     ConfigError when the data is unusable or its vocabulary is not `vocab_size`; `max_corpus_bytes`
     cuts text only (a token folder is used whole)."""
-    try:
-        source = inspect_data(data.path, data.max_corpus_bytes)
-    except DataError as error:
-        raise ConfigError(f"data.path: {error}") from None
+    source = _inspect(data)
     _check_size(source, data)
     check_vocab(source, vocab_size)
     stream = source.path if source.meta is not None else build_corpus(data.path, cache, data.max_corpus_bytes)
