@@ -162,6 +162,13 @@ def test_data_problems_stop_training_in_one_line(tmp_path, capsys):
     assert f"expected {meta.num_tokens} uint16 token ids ({2 * meta.num_tokens} bytes), found" in err
 
 
+def test_compiling_alone_takes_any_vocabulary_and_reads_no_data():
+    """`python -m jpipe.compile` builds its config without `training`: a given vocabulary stays."""
+    args = cli.parse(["--preset", "tiny", "--model.vocab-size", "512", "--batch-size", "4096", "--microbatches", "2"])
+    config = cli.build_config(args)
+    assert (config.model.vocab_size, config.data.batch_size) == (512, 4096)
+
+
 def test_training_on_token_files_resumes_mid_epoch_with_the_same_losses(tmp_path):
     """Llama on a prepared folder, its vocabulary the data's: 4 steps straight, and 2 + 2 resumed (the
     epoch ends after step 3, so the stop at step 2 is mid-epoch)."""
