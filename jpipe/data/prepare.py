@@ -172,7 +172,8 @@ def prepare(
     eod_id = tokenizer.token_to_id(eod_token)
     if eod_id is None:
         raise DataError(f"--eod-token: the tokenizer {tokenizer_path} has no token {eod_token!r}; name one it has")
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    # Ids run to the largest one the tokenizer knows (added tokens may leave gaps below it).
+    vocab = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for(vocab)
