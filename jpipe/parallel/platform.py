@@ -5,12 +5,13 @@ not. Without chips, libtpu 0.0.42 prints start-up errors that are harmless but r
 (`E0000 ... common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected worker hostname ...`,
 `=== Source Location Trace: ===`). libtpu is installed beside CPU runs by the `tpu` and `test`
 extras (`python -m jpipe.compile` uses its compiler, no chip needed), so the training command asks
-JAX for the CPU alone when the machine shows no accelerator at all.
+JAX for the CPU alone when libtpu is installed and the machine shows no accelerator at all.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pathlib
 
@@ -36,11 +37,12 @@ def _has_gpu() -> bool:
 def cpu_only_without_accelerators() -> bool:
     """Before JAX starts its backends: ask it for the CPU alone when the machine has no TPU or GPU.
 
-    Sets `jax_platforms` (and `JAX_PLATFORMS`, for processes started from this one) to "cpu" unless
-    `JAX_PLATFORMS` is already set or a TPU or GPU device is visible. Returns whether it did. Call it
-    after `import jax` and before the first `jax.devices()`; importing jax starts no backend.
+    Sets `jax_platforms` (and `JAX_PLATFORMS`, for processes started from this one) to "cpu" when
+    libtpu is installed, `JAX_PLATFORMS` is not set and no TPU or GPU device is visible. Returns
+    whether it did. Call it after `import jax` and before the first `jax.devices()`; importing jax
+    starts no backend.
     """
-    if os.environ.get("JAX_PLATFORMS") or _has_tpu() or _has_gpu():
+    if importlib.util.find_spec("libtpu") is None or os.environ.get("JAX_PLATFORMS") or _has_tpu() or _has_gpu():
         return False
     import jax
 
