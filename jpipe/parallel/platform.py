@@ -1,7 +1,7 @@
 """Which JAX platforms to start: keep an installed libtpu from starting on a machine without TPUs.
 
-jax (0.10 to 0.12) loads an installed libtpu's plugin whenever it starts its backends, TPU chips or
-not. Without chips, libtpu 0.0.42 prints start-up errors that are harmless but read like failures
+jax loads an installed libtpu's plugin whenever it starts its backends, TPU chips or not (seen with
+jax 0.10.2). Without chips, libtpu 0.0.42.1 prints start-up errors that are harmless but read like failures
 (`E0000 ... common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected worker hostname ...`,
 `=== Source Location Trace: ===`). libtpu is installed beside CPU runs by the `tpu` and `test`
 extras (`python -m jpipe.compile` uses its compiler, no chip needed), so the training command asks
