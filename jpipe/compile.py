@@ -10,7 +10,7 @@
 The step compiled is the one `python -m jpipe.train` runs (`jpipe.train.loop.build_train_step`: the
 pipelined loss and gradients, the optimizer update, the same shardings and donation), lowered with
 abstract arguments (`jax.ShapeDtypeStruct`s with shardings on a mesh of the topology's devices) and
-compiled by XLA's TPU compiler from libtpu (`pip install 'jpipe[tpu]'`). Nothing is allocated and
+compiled by XLA's TPU compiler from libtpu (`pip install 'jpipe-pp[tpu]'`). Nothing is allocated and
 no TPU is needed: `jax.experimental.topologies` describes the slice. The result holds XLA's
 per-device memory analysis and the scheduled HLO text.
 
@@ -234,7 +234,7 @@ def _tpu_topology_devices(topology: str) -> tuple:
     if not _libtpu_installed():
         raise CompileSetupError(
             f"compiling for the TPU topology {topology} needs libtpu (XLA's TPU compiler): "
-            f"pip install 'jpipe[tpu]' (or pip install 'jax[tpu]=={_jax_version()}')"
+            f"pip install 'jpipe-pp[tpu]' (or pip install 'jax[tpu]=={_jax_version()}')"
         )
     import jax
     from jax.experimental import topologies

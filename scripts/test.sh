@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 venv="${JPIPE_VENV:-.venv}"
 python="${JPIPE_PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ] || [ ! -x "$venv/bin/jpipe" ] \
-  || ! "$venv/bin/python" -c "import jpipe, pytest, hypothesis, nbclient, libtpu" 2>/dev/null; then
+  || ! "$venv/bin/python" -c "import jpipe, pytest, hypothesis, nbclient, libtpu, tokenizers" 2>/dev/null; then
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" uninstall --quiet --yes jpipe 2>/dev/null || true  # the distribution's old name (now jpipe-pp)
   "$venv/bin/pip" install --quiet -e '.[test]'
 fi
 exec "$venv/bin/python" -m pytest -q "$@"

@@ -160,9 +160,21 @@ class TestResume:
         err = _error(capsys, "--resume", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "exp.toml"))
         assert "exp.toml (8 -> 16) would change the run" in err
 
-    def test_without_a_saved_config_resume_starts_as_configured(self, tmp_path):
-        config = _config("--preset", "tiny", "--resume", "--out", str(tmp_path / "new"), "--layers", "2")
-        assert config.model.num_layers == 2
+    def test_resume_of_a_missing_run_is_refused(self, capsys, tmp_path):
+        err = _error(capsys, "--preset", "tiny", "--resume", "--out", str(tmp_path / "typo"))
+        assert err.startswith(f"error: --resume: no run to resume in {tmp_path / 'typo'} (no config.json there)")
+        assert "--resume auto" in err and not (tmp_path / "typo").exists()
+        assert "--resume: expected no value or 'auto', got 'always'" in _error(capsys, "--resume", "always")
+
+    def test_resume_auto_starts_a_missing_run_as_configured_and_resumes_an_existing_one(self, tmp_path):
+        from jpipe.train.resume import resumes
+
+        new = str(tmp_path / "new")
+        config = _config("--preset", "tiny", "--resume", "auto", "--out", new, "--layers", "2")
+        assert config.model.num_layers == 2 and not resumes("auto", new) and resumes(True, new)
+        _save_run(tmp_path / "run", preset("tiny"))
+        config = _config("--preset", "quickstart", "--resume", "auto", "--out", str(tmp_path / "run"))
+        assert config.model == preset("tiny").model and resumes("auto", str(tmp_path / "run"))
 
     def test_a_run_resumes_from_its_config_json_alone_with_another_schedule(self, tmp_path):
         """A tiny run with a non-preset model stops at step 2; `--resume --out` with a new layout and
@@ -243,3 +255,38 @@ def test_the_readme_config_file_example_builds(tmp_path):
 def test_a_schedule_without_virtual_gets_its_own_chunks_per_device(args, virtual):
     config = cli.build_config(cli.parse(args))
     assert config.parallel.virtual == virtual
+
+
+class TestScheduleFlag:
+    """`--schedule` takes torch's class names, torch CSV files and every registered schedule."""
+
+    def test_torch_class_names_are_jpipes_generators_with_their_virtual(self):
+        for name, (jpipe_name, virtual) in {
+            "ZBVZeroBubble": ("zbv", 2),
+            "ScheduleInterleaved1F1B": ("interleaved_1f1b", 2),
+            "schedule1f1b": ("1f1b", 1),
+            "GPipe": ("gpipe", 1),
+        }.items():
+            config = _config("--preset", "tiny", "--schedule", name)
+            assert (config.parallel.schedule, config.parallel.virtual) == (jpipe_name, virtual), name
+
+    def test_stp_is_a_training_schedule(self):
+        config = _config(
+            "--preset", "tiny", "--schedule", "stp", "--microbatches", "6", "--data", "1", "--batch-size", "12"
+        )  # fmt: skip
+        assert (config.parallel.schedule, config.parallel.virtual) == ("stp", 2)
+
+    def test_a_torch_csv_file_gives_the_layout_and_is_checked_against_it(self, capsys):
+        csv = ROOT / "tests" / "fixtures" / "torch-schedules" / "torch-ZBVZeroBubble-4rank-8mb-2v.csv"
+        args = ["--preset", "tiny", "--schedule", str(csv), "--stages", "4", "--data", "1", "--layers", "8"]
+        config = _config(*args, "--microbatches", "8")
+        assert (config.parallel.schedule, config.parallel.virtual) == (str(csv), 2)
+        err = _error(capsys, *args, "--microbatches", "4")
+        assert (
+            err.startswith("error: ") and "--schedule" in err.split(": ")[1] and "--microbatches" in err.split(": ")[1]
+        )
+        assert f"parallel.schedule: {csv} is a schedule for 4 stages, 8 microbatches and virtual 2;" in err
+        assert "the run asks for parallel.stage 4, parallel.microbatches 4 and parallel.virtual 2" in err
+        assert "--schedule: parallel.schedule: cannot read the CSV schedule" in _error(capsys, "--schedule", "no.csv")
+        err = _error(capsys, "--schedule", "InterleavedZeroBubble")
+        assert "unknown schedule 'InterleavedZeroBubble'" in err and "a CSV file's path" in err

@@ -1,6 +1,6 @@
 """`jpipe.compile`: the training step compiled ahead of time for TPU topologies (libtpu), and its CLI.
 
-The TPU tests need libtpu (`pip install 'jpipe[tpu]'`, part of the test extra) and skip without it.
+The TPU tests need libtpu (`pip install 'jpipe-pp[tpu]'`, part of the test extra) and skip without it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jpipe.train.presets import TrainConfig, preset
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
-    reason="libtpu (XLA's TPU compiler) is not installed: pip install 'jpipe[tpu]'",
+    reason="libtpu (XLA's TPU compiler) is not installed: pip install 'jpipe-pp[tpu]'",
 )
 MAX_UNALIASED_OUTPUT = 4096  # the loss and the gradient norm: two scalars, padded to TPU tiles
 
@@ -178,7 +178,7 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
     monkeypatch.setattr(jcompile, "_libtpu_installed", lambda: False)
     with pytest.raises(CompileSetupError) as error:
         topology_devices("v5e:8x8")
-    assert "pip install 'jpipe[tpu]'" in str(error.value)
+    assert "pip install 'jpipe-pp[tpu]'" in str(error.value)
     assert f"pip install 'jax[tpu]=={jax.__version__}'" in str(error.value)
 
 

@@ -4,6 +4,7 @@
         --microbatches 16 --data 2 --tensor 1 --steps 200 --checkpoint-every 10 --out runs/x
     jpipe --config exp.toml --steps 500       # flags override the file, the file the preset
     jpipe --out runs/x --resume --stages 2     # the run's config.json, with a new layout
+    jpipe --out runs/x --resume auto           # resume the run, or start it where there is none
 
 Every configuration field has a flag (`jpipe.train.flags`); `--help` shows each one's documentation
 and the value the run would use. Every value, and every multi-host flag, is checked before JAX
@@ -25,6 +26,7 @@ import sys
 
 from jpipe.train.config import ConfigError
 from jpipe.train.configfile import ConfigFile, apply_overrides, read_saved_config, read_toml
+from jpipe.train.data import check_data_size, resolve_data
 from jpipe.train.flags import (
     HelpFormatter,
     OneLineErrorParser,
@@ -33,9 +35,11 @@ from jpipe.train.flags import (
     given_overrides,
     name_flags,
 )
+from jpipe.train.init_from import InitSource, check_model, parse_init_from
 from jpipe.train.preemption import SignalWatch, exit_status, parse_signals
 from jpipe.train.presets import TrainConfig, preset
-from jpipe.train.resume import resume_config
+from jpipe.train.resume import check_missing_run, resume_config, resume_mode, resumes
+from jpipe.train.schedule_arg import resolve_schedule_flag
 
 
 def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.train") -> argparse.ArgumentParser:
@@ -44,17 +48,31 @@ def parser(defaults: TrainConfig | None = None, prog: str = "python -m jpipe.tra
         prog=prog,
         usage="%(prog)s [options]",
         formatter_class=HelpFormatter,
-        description="Train a byte-level GPT with pipeline (x data x tensor) parallelism. Each option's default "
-        "is the preset's value (with --config's applied; with --resume, the saved run's). On SIGTERM or SIGINT "
-        "(--preemption-signals) the step in flight finishes and is saved, and the run exits with status 128 + the "
-        "signal's number (143 for SIGTERM); a second signal exits at once, keeping the last committed checkpoint.",
+        description="Train a GPT or Llama on text or token files with pipeline (x data x tensor) parallelism. "
+        "Each option's default is the preset's value (with --config's applied; with --resume, the saved run's). "
+        "On SIGTERM or SIGINT (--preemption-signals) the step in flight finishes and is saved, and the run exits "
+        "with status 128 + the signal's number (143 for SIGTERM); a second signal exits at once, keeping the last "
+        "committed checkpoint.",
     )
     add_config_arguments(result, defaults)
     result.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the run in --out from its newest checkpoint and its config.json; only layout flags "
-        "(parallel section) may change",
+        nargs="?",
+        const=True,
+        default=False,
+        type=resume_mode,
+        metavar="auto",
+        help="continue the run in --out from its newest checkpoint and its config.json (an error when "
+        "there is none); --resume auto starts the run when it does not exist yet (a requeued job's "
+        "command); only layout flags (parallel section) may change",
+    )
+    result.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN",
+        help="start a new run from the weights of a run folder's newest checkpoint, or of RUN/checkpoints/STEP "
+        "(same model, any layout); the optimizer state starts afresh. Ignored when --resume continues a run "
+        "(default: unset, random initial weights)",
     )
     result.add_argument(
         "--cpu-devices",
@@ -126,38 +144,53 @@ def _default_virtual(overrides: dict, sources: dict) -> None:
         return
     from jpipe import schedules
 
-    if name in schedules.SCHEDULES or name in schedules.ROUTED_SCHEDULES:
+    if name in schedules.SCHEDULES or name in schedules.ROUTED_SCHEDULES or name in schedules.COMPOSITE_SCHEDULES:
         overrides["parallel.virtual"] = schedules.default_virtual(name)
         sources["parallel.virtual"] = sources.get("parallel.schedule", "--schedule")
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def build_config(args: argparse.Namespace, *, training: bool = False) -> TrainConfig:
     """The configuration `args` ask for (raises ConfigError naming the flag or file at fault).
 
     The preset (`--preset`, else the file's `preset`, else quickstart), then the config file's
     values (`--config`), then the flags given. With `--resume` and a `config.json` in the run's
     folder, that file replaces preset and config file as the start, and only layout fields may
-    change (`jpipe.train.resume`).
+    change (`jpipe.train.resume`). The model's vocabulary is the data's (`jpipe.train.data`);
+    `training` also checks that the data holds a batch (compiling a step reads none).
     """
     file = _config_file(args)
     flags = given_overrides(args)
     sources = {key: file.path for key in file.overrides} if file else {}
     sources.update({key: flag_name(key) for key in flags})
     overrides = {**(file.overrides if file else {}), **flags}
+    resolve_schedule_flag(overrides, sources)  # torch class names, CSV files
     _default_virtual(overrides, sources)
     base = preset(args.preset or (file.preset if file else None) or "quickstart")
     try:
-        if getattr(args, "resume", False):
-            out = overrides.get("run.out", base.run.out)
-            saved = read_saved_config(out, base)
-            if saved is not None:
-                return resume_config(saved, overrides, sources, os.path.join(out, "config.json"))
-        return apply_overrides(base, overrides)
+        config = _configured(args, base, overrides, sources, training)
+        if training:
+            check_data_size(config.data)
+        return config
     except ConfigError as error:
         message = str(error)
         if message.startswith("--"):
             raise
         raise ConfigError(name_flags(message, sources)) from error
+
+
+def _configured(
+    args: argparse.Namespace, base: TrainConfig, overrides: dict, sources: dict, training: bool
+) -> TrainConfig:
+    """`base` (or, with `--resume`, the saved run) with `overrides`; the model's vocabulary the data's."""
+    if getattr(args, "resume", False):
+        out = overrides.get("run.out", base.run.out)
+        saved = read_saved_config(out, base)
+        if saved is not None:
+            # The saved run's vocabulary is the data's it trained on: it must still be.
+            config = resume_config(saved, overrides, sources, os.path.join(out, "config.json"))
+            return resolve_data(config, True, training)
+        check_missing_run(args.resume, out)
+    return resolve_data(apply_overrides(base, overrides), "model.vocab_size" in overrides, training)
 
 
 def parse(argv: list[str], prog: str = "python -m jpipe.train") -> argparse.Namespace:
@@ -169,7 +202,7 @@ def parse(argv: list[str], prog: str = "python -m jpipe.train") -> argparse.Name
     first = argparse.ArgumentParser(add_help=False)
     for option in ("--preset", "--config", "--out"):
         first.add_argument(option, default=None)
-    first.add_argument("--resume", action="store_true")
+    first.add_argument("--resume", nargs="?", const=True, default=False)
     known, _ = first.parse_known_args(argv)
     defaults = preset("quickstart")
     if "-h" in argv or "--help" in argv:
@@ -222,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     prog = "jpipe" if os.path.basename(sys.argv[0] if sys.argv else "") == "jpipe" else "python -m jpipe.train"
     try:
         args = parse(argv, prog)
-        config = build_config(args)
+        config = build_config(args, training=True)
         processes = check_processes(args)
+        init_from = initial_weights(args, config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -235,22 +269,37 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return _run(args, config, processes)
+    return _run(args, config, processes, init_from)
 
 
-def _run(args: argparse.Namespace, config: TrainConfig, processes: int) -> int:
+def initial_weights(args: argparse.Namespace, config: TrainConfig) -> InitSource | None:
+    """`--init-from`'s source, checked against `config`'s model; None without it or when the run resumes."""
+    if args.init_from is None or resumes(args.resume, config.run.out):
+        return None
+    source = parse_init_from(args.init_from)
+    check_model(source, config)
+    return source
+
+
+def _run(args: argparse.Namespace, config: TrainConfig, processes: int, init_from: InitSource | None = None) -> int:
     """Watch the preemption signals, start JAX (fake CPU devices, jax.distributed when asked) and train."""
     # Before the JAX backend starts: libtpu then leaves these signals' handlers alone.
     signals = parse_signals(config.run.preemption_signals)
     watch = SignalWatch.install(signals) if signals else None
     try:
-        return _start_and_train(args, config, processes, watch)
+        return _start_and_train(args, config, processes, watch, init_from)
     finally:
         if watch is not None:
             watch.uninstall()
 
 
-def _start_and_train(args: argparse.Namespace, config: TrainConfig, processes: int, watch: SignalWatch | None) -> int:
+def _start_and_train(
+    args: argparse.Namespace,
+    config: TrainConfig,
+    processes: int,
+    watch: SignalWatch | None,
+    init_from: InitSource | None,
+) -> int:
     parallel = config.parallel
     devices = args.cpu_devices or parallel.num_devices // processes
     # Fake CPU devices must be requested before JAX starts its backend.
@@ -258,6 +307,9 @@ def _start_and_train(args: argparse.Namespace, config: TrainConfig, processes: i
     import jax
 
     jax.config.update("jax_num_cpu_devices", devices)  # only the CPU backend reads it
+    from jpipe.parallel.platform import cpu_only_without_accelerators
+
+    cpu_only_without_accelerators()  # an installed libtpu stays silent on a machine without TPUs
     if args.coordinator or args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         # One signal mechanism: ours (`jpipe.train.preemption`), not also JAX's SIGTERM handler.
@@ -278,7 +330,7 @@ def _start_and_train(args: argparse.Namespace, config: TrainConfig, processes: i
     from jpipe.train.loop import TrainingDivergedError, train
 
     try:
-        summary = train(config, resume=args.resume, signals=watch)
+        summary = train(config, resume=resumes(args.resume, config.run.out), signals=watch, init_from=init_from)
     except TrainingDivergedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

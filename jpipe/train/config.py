@@ -13,7 +13,7 @@ import pathlib
 import re
 from typing import Any
 
-from jpipe.schedules.generators import ROUTED_SCHEDULES, SCHEDULES
+from jpipe.schedules.generators import COMPOSITE_SCHEDULES, ROUTED_SCHEDULES, SCHEDULES
 from jpipe.train.preemption import SignalNameError, parse_signals
 
 REMAT_CHOICES = ("none", "full", "dots")
@@ -161,9 +161,14 @@ class ParallelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"parallel.{name}: must be an integer >= 1, got {value!r}")
         _require(
-            self.schedule in SCHEDULES or self.schedule in ROUTED_SCHEDULES or self.schedule == AUTO,
+            self.schedule in SCHEDULES
+            or self.schedule in ROUTED_SCHEDULES
+            or self.schedule in COMPOSITE_SCHEDULES
+            or self.schedule == AUTO
+            or str(self.schedule).lower().endswith(".csv"),  # a CSV file's schedule (`jpipe.train.schedule_arg`)
             f"parallel.schedule: unknown schedule {self.schedule!r}; known: "
-            f"{', '.join(sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES))}, or {AUTO!r} (searched)",
+            f"{', '.join(sorted(SCHEDULES) + sorted(ROUTED_SCHEDULES) + sorted(COMPOSITE_SCHEDULES))}, "
+            f"a torch class name (ZBVZeroBubble, ...), a CSV file's path, or {AUTO!r} (searched)",
         )
         _require(
             self.skip_ratio is None or self.schedule == "skippipe",
@@ -245,16 +250,18 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Byte-level text, memory-mapped; batches are a function of (seed, step).
+    """Text (as bytes) or token files, memory-mapped; batches are a function of (seed, step).
 
     Attributes:
-      path: a text file or folder (.py, .txt, .md, .rst files); unset means the Python standard
-        library's sources (no download).
-      seq_len: tokens (bytes) per example; at most the model's seq_len.
+      path: a text file or folder (.py, .txt, .md, .rst files, read as bytes), or a token folder
+        written by `python -m jpipe.data.prepare` (its vocabulary is the model's); unset means the
+        Python standard library's sources (no download).
+      seq_len: tokens (bytes of text) per example; at most the model's seq_len.
       batch_size: global examples per step, split into microbatches and over data replicas.
       seed: seed of the batch order (batches depend only on it and the step).
       eval_fraction: the last fraction of the corpus, held out for evaluation.
-      max_corpus_bytes: read at most this many bytes of text (unset: all of it).
+      max_corpus_bytes: read at most this many bytes of text (unset: all of it); a token folder is
+        read whole.
     """
 
     path: str | None = None

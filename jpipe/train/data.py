@@ -1,10 +1,22 @@
-"""Byte-level language-model data: any text file or folder, memory-mapped, deterministic, sharded.
+"""Language-model data, memory-mapped, deterministic, sharded: byte-level text or a token folder.
 
-The embedded default corpus needs no download: the `.py` sources of the running Python's standard
-library (real text every Python install has). Text is concatenated in sorted-path order into one
-byte stream, cached as a flat `uint8` file and memory-mapped; the last `eval_fraction` of it is held
-out for evaluation. Batches are windows of `seq_len + 1` bytes at offsets drawn from a seeded
-permutation, so the order depends only on (seed, step) and a resumed run sees the same batches.
+`--data-path` names one of two kinds of data (`inspect_data` tells which, before JAX starts):
+
+- **Text** (a file, or a folder of .py/.txt/.md/.rst files, all of them in sorted-path order), read
+  as bytes: a vocabulary of 256. Unset, the embedded default needs no download: the `.py` sources of
+  the running Python's standard library (real text every Python install has; its test suites and
+  installed packages left out). The text is concatenated into one byte stream, cached as a flat
+  `uint8` file in the cache folder (`cache_dir`: `$JPIPE_CACHE`, default `~/.cache/jpipe`) named
+  by a digest of its content, and memory-mapped.
+- **A token folder** written by `python -m jpipe.data.prepare` (`jpipe.data`): `tokens.bin`
+  memory-mapped as it is (`uint16` or `uint32` ids, documents separated by an end-of-document
+  token); the model's vocabulary is the folder's.
+
+Either way the last `eval_fraction` of the stream is held out for evaluation, and batches are
+windows of `seq_len + 1` tokens at offsets drawn from a seeded permutation per epoch, so the order
+depends only on (seed, step): the step is the whole iterator state, and a resumed run sees the same
+batches as an uninterrupted one, mid-epoch included. Windows pack documents: one may start in a
+document and end in the next, across its end-of-document token.
 """
 
 from __future__ import annotations
@@ -14,10 +26,25 @@ import hashlib
 import os
 import pathlib
 import sysconfig
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jpipe.data.tokens import DataError, TokenMeta, is_token_folder, open_tokens, read_meta
+from jpipe.train.config import ConfigError, DataConfig
+
+if TYPE_CHECKING:
+    from jpipe.train.presets import TrainConfig
+
 VOCAB_SIZE = 256  # bytes
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+# Left out of the standard library's sources (the default corpus) only: a user's folder is read whole.
+STDLIB_SKIP = frozenset({"test", "tests", "site-packages", "dist-packages", "__pycache__"})
+
+
+def cache_dir() -> pathlib.Path:
+    """Where byte corpora are cached: `$JPIPE_CACHE`, default `~/.cache/jpipe` (safe to delete)."""
+    return pathlib.Path(os.environ.get("JPIPE_CACHE", pathlib.Path.home() / ".cache" / "jpipe"))
 
 
 def stdlib_path() -> pathlib.Path:
@@ -25,18 +52,23 @@ def stdlib_path() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
-def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
+def _text_files(path: pathlib.Path, skip: frozenset[str] = frozenset()) -> list[pathlib.Path]:
+    """The text files of `path` (itself, or the folder's in sorted order, none under a `skip` folder).
+
+    DataError naming the path when there are none, saying what it holds instead."""
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"data path {str(path)!r} is neither a file nor a folder")
-    suffixes = {".py", ".txt", ".md", ".rst"}
-    skip = {"test", "tests", "site-packages", "dist-packages", "__pycache__"}
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and not skip & set(p.relative_to(path).parts)
-    )
+        raise DataError(f"{str(path)!r} is neither a file nor a folder")
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not skip & set(p.relative_to(path).parts))
+    files = [p for p in found if p.suffix in TEXT_SUFFIXES]
     if not files:
-        raise FileNotFoundError(f"data path {str(path)!r} holds no .py/.txt/.md/.rst files")
+        others = sorted({p.suffix or p.name for p in found})
+        hint = ""
+        if ".jsonl" in others or ".json" in others:
+            hint = f"; to train on .jsonl, tokenize it first: python -m jpipe.data.prepare {path} --out <token folder>"
+        holds = f"it holds {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}" if others else "it is empty"
+        raise DataError(f"{str(path)!r} holds no {'/'.join(TEXT_SUFFIXES)} files ({holds}){hint}")
     return files
 
 
@@ -76,8 +108,7 @@ def build_corpus(
 
     The cache file `corpus-<key>.bin` in `cache_dir` is named by a digest of its content
     (`corpus_key`), so the cache is reused only while every file reads the same."""
-    source = stdlib_path() if path is None else pathlib.Path(path)
-    files = _text_files(source)
+    files = _text_files(stdlib_path(), STDLIB_SKIP) if path is None else _text_files(pathlib.Path(path))
     cache = pathlib.Path(cache_dir) / f"corpus-{corpus_key(files, max_bytes)}.bin"
     if cache.exists():
         return cache
@@ -95,13 +126,25 @@ def build_corpus(
     return cache
 
 
+def split_bounds(num_tokens: int, split: str, eval_fraction: float) -> tuple[int, int]:
+    """`(start, stop)` of `split` ("train" or "eval", the last `eval_fraction`) in a stream of `num_tokens`."""
+    cut = int(num_tokens * (1.0 - eval_fraction))
+    return (0, cut) if split == "train" else (cut, num_tokens)
+
+
+def count_windows(num_tokens: int, seq_len: int, split: str, eval_fraction: float) -> int:
+    """Examples of `seq_len + 1` tokens (windows at stride `seq_len`) in `split` of a stream of `num_tokens`."""
+    start, stop = split_bounds(num_tokens, split, eval_fraction)
+    return max(0, (stop - start - 1) // seq_len)
+
+
 @dataclasses.dataclass(frozen=True)
-class ByteDataset:
-    """Windows of a memory-mapped byte corpus.
+class TokenDataset:
+    """Windows of a memory-mapped token stream (bytes of the text corpus, or a token folder's ids).
 
     Attributes:
-      tokens: the `uint8` corpus (memory-mapped).
-      seq_len: tokens per example; examples are `seq_len + 1` bytes (inputs and shifted targets).
+      tokens: the `[num_tokens]` stream (`uint8` bytes, `uint16` or `uint32` ids; memory-mapped).
+      seq_len: tokens per example; examples are `seq_len + 1` tokens (inputs and shifted targets).
       split: "train" or "eval"; eval is the last `eval_fraction` of the corpus.
     """
 
@@ -111,19 +154,23 @@ class ByteDataset:
     eval_fraction: float = 0.01
 
     @classmethod
-    def open(cls, corpus: pathlib.Path, seq_len: int, split: str = "train", eval_fraction: float = 0.01) -> ByteDataset:
-        tokens = np.memmap(corpus, dtype=np.uint8, mode="r")
+    def open(
+        cls, corpus: pathlib.Path, seq_len: int, split: str = "train", eval_fraction: float = 0.01
+    ) -> TokenDataset:
+        """A byte corpus file (`build_corpus`) or a token folder (`jpipe.data`), memory-mapped."""
+        if is_token_folder(corpus):
+            tokens, _ = open_tokens(corpus)
+        else:
+            tokens = np.memmap(corpus, dtype=np.uint8, mode="r")
         return cls(tokens, seq_len, split, eval_fraction)
 
     @property
     def _bounds(self) -> tuple[int, int]:
-        cut = int(len(self.tokens) * (1.0 - self.eval_fraction))
-        return (0, cut) if self.split == "train" else (cut, len(self.tokens))
+        return split_bounds(len(self.tokens), self.split, self.eval_fraction)
 
     @property
     def num_windows(self) -> int:
-        start, stop = self._bounds
-        return max(0, (stop - start - 1) // self.seq_len)
+        return count_windows(len(self.tokens), self.seq_len, self.split, self.eval_fraction)
 
     def batch(
         self, seed: int, step: int, batch_size: int, shard: int = 0, num_shards: int = 1
@@ -138,7 +185,7 @@ class ByteDataset:
         windows = self.num_windows
         if windows < batch_size:
             raise ValueError(
-                f"{self.split} split holds {windows} windows of {self.seq_len + 1} bytes; need {batch_size}"
+                f"{self.split} split holds {windows} windows of {self.seq_len + 1} tokens; need {batch_size}"
             )
         epoch, index = divmod(step * batch_size, windows)
         order = np.random.default_rng([seed, epoch]).permutation(windows)
@@ -149,3 +196,108 @@ class ByteDataset:
         )
         examples = examples.astype(np.int32)
         return {"inputs": examples[:, :-1], "targets": examples[:, 1:]}
+
+
+ByteDataset = TokenDataset  # the byte corpus is a token stream with a vocabulary of 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """What `--data-path` names: text read as bytes (`meta` None) or a token folder (its `meta`).
+
+    Attributes:
+      path: the path given, or None for the default corpus (the standard library's sources).
+      num_tokens: tokens in the stream (bytes of text, at most `max_corpus_bytes`).
+      meta: the token folder's metadata, or None for text.
+    """
+
+    path: pathlib.Path | None
+    num_tokens: int
+    meta: TokenMeta | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE if self.meta is None else self.meta.vocab_size
+
+    def describe(self) -> str:
+        if self.meta is None:
+            return f"byte-level text ({'the standard library' if self.path is None else self.path})"
+        return f"the token folder {self.path}"
+
+
+def inspect_data(path: pathlib.Path | str | None, max_corpus_bytes: int | None = None) -> DataSource:
+    """Which data `path` is, checked without reading it; DataError (one line) when it is unusable.
+
+    A token folder's metadata must match its `tokens.bin`; text must hold text files (their sizes,
+    cut at `max_corpus_bytes`, are its token count)."""
+    if path is not None and is_token_folder(path):
+        meta = read_meta(path)
+        return DataSource(pathlib.Path(path), meta.num_tokens, meta)
+    files = _text_files(stdlib_path(), STDLIB_SKIP) if path is None else _text_files(pathlib.Path(path))
+    size = sum(file.stat().st_size for file in files)
+    return DataSource(None if path is None else pathlib.Path(path), min(size, max_corpus_bytes or size))
+
+
+def _check_size(source: DataSource, data: DataConfig) -> None:
+    """ConfigError naming `data.path` when a split holds fewer windows than one batch."""
+    for split in ("train", "eval"):
+        windows = count_windows(source.num_tokens, data.seq_len, split, data.eval_fraction)
+        if windows < data.batch_size:
+            larger = " a larger data.eval_fraction," if split == "eval" else ""
+            raise ConfigError(
+                f"data.path: the {split} split of {source.describe()} ({source.num_tokens} tokens, eval fraction "
+                f"{data.eval_fraction}) holds {windows} examples of {data.seq_len + 1} tokens; a batch needs "
+                f"{data.batch_size} (data.batch_size): give more data,{larger} or a smaller data.batch_size"
+            )
+
+
+def check_vocab(source: DataSource, vocab_size: int) -> None:
+    """ConfigError (naming `model.vocab_size`) unless the model's `vocab_size` is the data's."""
+    if vocab_size != source.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: the model's vocabulary must be the data's: {source.describe()} has "
+            f"{source.vocab_size} tokens, got {vocab_size}"
+        )
+
+
+def _inspect(data: DataConfig) -> DataSource:
+    try:
+        return inspect_data(data.path, data.max_corpus_bytes)
+    except DataError as error:
+        raise ConfigError(f"data.path: {error}") from None
+
+
+def resolve_data(config: TrainConfig, vocab_given: bool, training: bool = True) -> TrainConfig:
+    """`config` with the model's vocabulary taken from its data, checked before JAX starts.
+
+    Raises ConfigError, one line naming `data.path` or `model.vocab_size`, when the data is unusable
+    or when the vocabulary is `vocab_given` (by a flag, a config file or a saved run), not the
+    data's, and `training` (compiling a step alone reads no data: any given vocabulary goes). Whether
+    the data holds a batch is `check_data_size`'s."""
+    source = _inspect(config.data)
+    if vocab_given:
+        if training:
+            check_vocab(source, config.model.vocab_size)
+        return config
+    model = dataclasses.replace(config.model, vocab_size=source.vocab_size)
+    return dataclasses.replace(config, model=model)
+
+
+def check_data_size(data: DataConfig) -> None:
+    """ConfigError naming `data.path` when the train or eval split holds fewer windows than one batch."""
+    _check_size(_inspect(data), data)
+
+
+def open_datasets(data: DataConfig, vocab_size: int, cache: pathlib.Path) -> tuple[TokenDataset, TokenDataset]:
+    """The train and eval splits of `data.path` (`inspect_data`) for a model of `vocab_size` tokens.
+
+    ConfigError when the data is unusable or its vocabulary is not `vocab_size`; `max_corpus_bytes`
+    cuts text only (a token folder is used whole)."""
+    source = _inspect(data)
+    _check_size(source, data)
+    check_vocab(source, vocab_size)
+    stream = source.path if source.meta is not None else build_corpus(data.path, cache, data.max_corpus_bytes)
+    return (
+        TokenDataset.open(stream, data.seq_len, "train", data.eval_fraction),
+        TokenDataset.open(stream, data.seq_len, "eval", data.eval_fraction),
+    )

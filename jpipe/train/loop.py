@@ -30,7 +30,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -52,11 +51,13 @@ from jpipe.pipeline.executor import resolve_overlap, resolve_split
 from jpipe.train import auto
 from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import AUTO, as_dict
-from jpipe.train.data import ByteDataset, build_corpus
+from jpipe.train.data import TokenDataset, cache_dir, open_datasets
+from jpipe.train.init_from import InitSource
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.preemption import SignalWatch, StepDecider, exit_status, fire_test_signal
 from jpipe.train.presets import TrainConfig
+from jpipe.train.schedule_arg import csv_schedule
 from jpipe.train.step import jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
 
 PyTree = Any
@@ -76,11 +77,6 @@ class RunSummary:
     losses: tuple[float, ...]
     final_eval_loss: float | None
     stopped_by: signal.Signals | None = None
-
-
-def cache_dir() -> pathlib.Path:
-    """Where the byte corpus is cached (`JPIPE_CACHE`, default `~/.cache/jpipe`)."""
-    return pathlib.Path(os.environ.get("JPIPE_CACHE", pathlib.Path.home() / ".cache" / "jpipe"))
 
 
 # How checkpoints store an untied head: `[vocab, d_model]`, as the embedding table (and torch's
@@ -237,6 +233,8 @@ def build_train_step(
             schedule = search.result.schedule
         costs, cost = measure.stage_costs(schedule.virtual), measure.cost(schedule.virtual)
     elif schedule is None:
+        schedule = csv_schedule(parallel)  # None unless --schedule names a CSV file
+    if schedule is None:
         # Sends hidden on request: an order built for the extra tick they take (two half-batch streams).
         schedule = schedules.build(
             parallel.schedule,
@@ -338,14 +336,21 @@ def _times(value: float | tuple[float, ...]) -> str:
 
 
 def train(
-    config: TrainConfig, *, resume: bool = False, stream: IO[str] | None = None, signals: SignalWatch | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    stream: IO[str] | None = None,
+    signals: SignalWatch | None = None,
+    init_from: InitSource | None = None,
 ) -> RunSummary:
     """Run (or resume) training as configured, printing on `stream` (default the current `sys.stdout`).
 
-    Returns the losses of the steps it ran. With `signals` (installed by the caller), a signal it
-    records stops the run after the step in flight: that step is saved, pending saves commit, the
-    writers close, and the summary's `stopped_by` names the signal. All processes stop after the same
-    step (`jpipe.train.preemption.StepDecider`), which also saves every `run.checkpoint_every_minutes`.
+    Returns the losses of the steps it ran. A new run (not resumed) starts from the weights of
+    `init_from` when given (`jpipe.train.init_from`), with a new optimizer state. With `signals`
+    (installed by the caller), a signal it records stops the run after the step in flight: that step
+    is saved, pending saves commit, the writers close, and the summary's `stopped_by` names the
+    signal. All processes stop after the same step (`jpipe.train.preemption.StepDecider`), which also
+    saves every `run.checkpoint_every_minutes`.
     """
     stream = sys.stdout if stream is None else stream
     out = pathlib.Path(config.run.out)
@@ -376,9 +381,7 @@ def train(
         )
         schedules.plot(simulation, out / "schedule.png")
 
-    corpus = build_corpus(config.data.path, cache_dir(), config.data.max_corpus_bytes)
-    train_data = ByteDataset.open(corpus, config.data.seq_len, "train", config.data.eval_fraction)
-    eval_data = ByteDataset.open(corpus, config.data.seq_len, "eval", config.data.eval_fraction)
+    train_data, eval_data = open_datasets(config.data, config.model.vocab_size, cache_dir())
 
     total_steps = config.run.steps
     learning_rate, train_step, eval_loss = built.learning_rate, built.step, built.eval_loss
@@ -400,6 +403,8 @@ def train(
             stream.write("resume: no checkpoint yet; starting from step 0\n")
             _report_skipped(checkpointer, 0, stream)
         params, opt_state = built.init_state(config.run.seed)
+        if init_from is not None:
+            params = _weights_from(init_from, built, stream)
 
     metrics_path = out / "metrics.jsonl" if lead else out / f".metrics.process{jax.process_index()}.jsonl"
     metrics = MetricsWriter(metrics_path, resume_from_step=start + 1 if resume else None, events=out if lead else None)
@@ -510,7 +515,7 @@ def train(
 
 
 def _evaluate(
-    eval_loss, params, dataset: ByteDataset, config: TrainConfig, sharding: jax.sharding.NamedSharding
+    eval_loss, params, dataset: TokenDataset, config: TrainConfig, sharding: jax.sharding.NamedSharding
 ) -> float:
     """Mean loss over `eval_batches` fixed held-out batches."""
     values = []
@@ -530,7 +535,20 @@ def _report_skipped(checkpointer: Checkpointer, step: int, stream: IO[str]) -> N
         stream.write(f"resume: {where}; skipped {', '.join(skipped)}\n")
 
 
-def _restore(checkpointer: Checkpointer, built: TrainStep, stream: IO[str]) -> tuple[int, PyTree, PyTree]:
+def _weights_from(source: InitSource, built: TrainStep, stream: IO[str]) -> PyTree:
+    """The parameters of `source`'s checkpoint in this run's layout (its optimizer state is dropped)."""
+    other = Checkpointer(source.checkpoints, keep=None, async_save=False)
+    try:
+        step, params, _ = _restore(other, built, io.StringIO(), step=source.step)
+    finally:
+        other.close()
+    stream.write(f"initialized the weights from {source.run} step {step}; the optimizer starts afresh\n")
+    return params
+
+
+def _restore(
+    checkpointer: Checkpointer, built: TrainStep, stream: IO[str], step: int | None = None
+) -> tuple[int, PyTree, PyTree]:
     """Newest readable checkpoint (model layout) -> `(step, params, opt_state)` in this run's layout.
 
     Arrays are read straight into sharded device arrays (`model_shardings`: each device reads its
@@ -552,7 +570,7 @@ def _restore(checkpointer: Checkpointer, built: TrainStep, stream: IO[str]) -> t
         "opt_state": _with_shardings(opt_state, optimizer_shardings(optimizer, model_params, shardings, pipe.mesh)),
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     }
-    step, state, metadata = checkpointer.restore(template)
+    step, state, metadata = checkpointer.restore(template, step)
 
     def to_pipeline(params, opt_state):
         if legacy_head:

@@ -6,6 +6,7 @@ import dataclasses
 
 from jpipe.models.config import GPTConfig
 from jpipe.train.config import AUTO, ConfigError, DataConfig, OptimizerConfig, ParallelConfig, RunConfig
+from jpipe.train.schedule_arg import csv_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class TrainConfig:
                     f"{parallel.stage} stages and {parallel.microbatches} microbatches with virtual 1 to "
                     f"{parallel.virtual}, so schedule 'auto' has nothing to start its search from"
                 )
-        else:
+        elif csv_schedule(parallel) is None:  # a CSV file's schedule is checked against the layout there
             try:
                 build(
                     parallel.schedule,
@@ -53,8 +54,6 @@ class TrainConfig:
                 )
             except ScheduleError as error:
                 raise ConfigError(f"parallel (schedule/stages/microbatches/virtual): {error}") from error
-        if self.model.vocab_size < 256:
-            raise ConfigError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
         tensor = self.parallel.tensor
         split = {"model.num_heads": self.model.num_heads, "model.vocab_size": self.model.vocab_size}
         if self.model.num_kv_heads is not None:

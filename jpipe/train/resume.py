@@ -9,10 +9,16 @@ now lives (`run.out`), when to leave early (`run.stop_at_step`), which steps to 
 (`run.profile_steps`), when to save by the clock (`run.checkpoint_every_minutes`) and which signals
 stop it cleanly (`run.preemption_signals`): none of these changes a loss. Any other change would
 make a different run (another model, data, optimizer or length); it is refused, naming the flags.
+
+`--resume` of a run that does not exist is an error (a mistyped `--out` must not train a new run
+from step 0); `--resume auto` resumes the run when it exists and starts it otherwise, so a
+requeued cluster job can run the same command every time.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
 
 from jpipe.train.config import ConfigError
@@ -28,6 +34,33 @@ RESUMABLE_KEYS = (
     "run.checkpoint_every_minutes",
     "run.preemption_signals",
 )  # besides every parallel.* field
+RESUME_AUTO = "auto"  # `--resume auto`: resume when the run exists, else start it
+
+
+def resume_mode(value: str) -> str:
+    """argparse type of `--resume`'s optional value: only "auto" (plain `--resume` is True)."""
+    if value != RESUME_AUTO:
+        raise argparse.ArgumentTypeError(f"expected no value or {RESUME_AUTO!r}, got {value!r}")
+    return value
+
+
+def run_exists(out: str) -> bool:
+    """Whether `out` holds a run to resume (its `config.json`, written when a run starts)."""
+    return os.path.isfile(os.path.join(out, "config.json"))
+
+
+def check_missing_run(mode: bool | str, out: str) -> None:
+    """ConfigError for plain `--resume` (`mode` True) of a run that does not exist; `auto` passes."""
+    if mode is True and not run_exists(out):
+        raise ConfigError(
+            f"--resume: no run to resume in {out} (no config.json there); check --out, or pass --resume "
+            f"{RESUME_AUTO} to start the run where it does not exist yet"
+        )
+
+
+def resumes(mode: bool | str, out: str) -> bool:
+    """Whether training resumes: `--resume`, or `--resume auto` where the run exists."""
+    return bool(mode) and (mode is True or run_exists(out))
 
 
 def may_change_on_resume(key: str) -> bool:
