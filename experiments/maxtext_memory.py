@@ -330,13 +330,14 @@ def compile_jpipe(schedule_name: str, virtual: int, mesh, compiler_options: dict
 
     from jpipe import schedules
     from jpipe.models import PipelinedLM
+    from jpipe.pipeline import PipelineOptions
     from jpipe.train.config import OptimizerConfig
     from jpipe.train.optimizer import make_optimizer
 
     schedule = schedules.build(schedule_name, STAGES, MICROBATCHES, virtual)
-    pipe = PipelinedLM(jpipe_model_config(), schedule=schedule, mesh=mesh, remat="full")
+    pipe = PipelinedLM(jpipe_model_config(), schedule=schedule, mesh=mesh, options=PipelineOptions(remat="full"))
     costs = pipe.stage_costs(batch=GLOBAL_BATCH // MICROBATCHES)
-    pipe = dataclasses.replace(pipe, cost=costs.cost())
+    pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=costs.cost()))
 
     param_shardings = pipe.shardings()
     params = jax.tree.map(

@@ -72,6 +72,7 @@ import jpipe  # noqa: E402
 from jpipe import schedules  # noqa: E402
 from jpipe.models import GPTConfig, PipelinedLM  # noqa: E402
 from jpipe.parallel import make_mesh  # noqa: E402
+from jpipe.pipeline import PipelineOptions  # noqa: E402
 from jpipe.pipeline.costs import StageCosts  # noqa: E402
 from jpipe.pipeline.executor import resolve_split  # noqa: E402
 from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff  # noqa: E402
@@ -144,7 +145,7 @@ def measure(step, problem, time_it: bool, repeats: int = 10) -> dict:
 
 def lm_step_memory(schedule, mesh) -> dict:
     """Per-device temp and total bytes of the `PipelinedLM` training step, compiled abstractly."""
-    pipe = PipelinedLM(LM_CONFIG, schedule=schedule, mesh=mesh, remat=LM_REMAT)
+    pipe = PipelinedLM(LM_CONFIG, schedule=schedule, mesh=mesh, options=PipelineOptions(remat=LM_REMAT))
     params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pipe.abstract_params(), pipe.shardings()
     )

@@ -196,6 +196,7 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
     from jpipe import schedules
     from jpipe.models import GPTConfig, PipelinedLM
     from jpipe.parallel import DATA, ShardingRules, make_mesh
+    from jpipe.pipeline import PipelineOptions
     from jpipe.train.config import OptimizerConfig
     from jpipe.train.optimizer import make_optimizer
     from jpipe.train.step import jit_train_step, optimizer_shardings
@@ -217,10 +218,11 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
         schedule=schedule,
         mesh=mesh,
         rules=ShardingRules(fsdp=args.fsdp),
-        remat=args.remat,
-        split_backward={"auto": "auto", "on": True, "off": False}[args.split_backward],
+        options=PipelineOptions(
+            remat=args.remat, split_backward={"auto": "auto", "on": True, "off": False}[args.split_backward]
+        ),
     )
-    pipe = dataclasses.replace(pipe, cost=pipe.stage_costs().cost())
+    pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=pipe.stage_costs().cost()))
     flops_per_token, matmul_params = model_flops_per_token(config, pipe.abstract_params())
     optimizer = make_optimizer(OptimizerConfig(), args.warmup + args.steps)
     param_shardings = pipe.shardings()

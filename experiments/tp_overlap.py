@@ -53,6 +53,7 @@ def compile_step(schedule, mesh, remat: str = "full", layers: int = 8):
 
     from jpipe.models.config import GPTConfig
     from jpipe.models.pipelined import PipelinedLM
+    from jpipe.pipeline import PipelineOptions
 
     config = GPTConfig(
         vocab_size=1024,
@@ -63,7 +64,7 @@ def compile_step(schedule, mesh, remat: str = "full", layers: int = 8):
         mlp_ratio=4,
         compute_dtype="bfloat16",
     )
-    pipe = PipelinedLM(config, schedule=schedule, mesh=mesh, remat=remat)
+    pipe = PipelinedLM(config, schedule=schedule, mesh=mesh, options=PipelineOptions(remat=remat))
     params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pipe.abstract_params(), pipe.shardings()
     )

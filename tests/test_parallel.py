@@ -15,6 +15,7 @@ from jpipe import schedules
 from jpipe.models import GPTConfig, PipelinedLM
 from jpipe.parallel import DATA, STAGE, TENSOR, ShardingRules, make_mesh, per_device_bytes, total_bytes
 from jpipe.parallel.hlo import collectives
+from jpipe.pipeline import PipelineOptions
 
 FSDP_CASES = [case for case in CASES if case.fsdp]
 
@@ -159,7 +160,7 @@ def _lm_step_memory(num_microbatches: int, remat: str = "full"):
     config = GPTConfig(vocab_size=128, seq_len=32, d_model=64, num_heads=4, num_layers=8)
     mesh = make_mesh(data=1, stage=4, tensor=1)
     schedule = schedules.build("1f1b", 4, num_microbatches)
-    pipe = PipelinedLM(config, schedule=schedule, mesh=mesh, remat=remat)
+    pipe = PipelinedLM(config, schedule=schedule, mesh=mesh, options=PipelineOptions(remat=remat))
     params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pipe.abstract_params(), pipe.shardings()
     )

@@ -54,10 +54,10 @@ from jpipe.parallel.mesh import DATA, STAGE
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline import executor
 from jpipe.pipeline.costs import StageCosts, measure_costs
+from jpipe.pipeline.options import PipelineOptions
 from jpipe.pipeline.placement import StagePlacement
 from jpipe.pipeline.stage import layered
 from jpipe.schedules.ir import Schedule
-from jpipe.schedules.simulate import Cost
 
 PyTree = Any
 Path = tuple[str | int, ...]
@@ -174,7 +174,8 @@ class PipelinedModel:
       layer: `(block, x) -> x` with `block` one layer's module (default: `block(x)`).
       rules: logical -> mesh axes and FSDP on/off (`ShardingRules`).
       layout: layers per logical stage: a `StageLayout`, explicit counts, or None (balanced).
-      remat, split_backward, cost, overlap_sends: passed to `jpipe.value_and_grad`.
+      options: the executor's options (`jpipe.pipeline.PipelineOptions`: remat, split_backward,
+        overlap_sends, braid, and the cost that decides the "auto" ones).
     """
 
     model: ModelSource
@@ -186,12 +187,11 @@ class PipelinedModel:
     layer: Callable[[nnx.Module, PyTree], PyTree] | None = None
     rules: ShardingRules = dataclasses.field(default_factory=ShardingRules)
     layout: StageLayout | Sequence[int] | None = None
-    remat: str | Callable | None = "none"
-    split_backward: bool | str = "auto"
-    cost: Cost | None = None
-    overlap_sends: bool | str = "auto"
+    options: PipelineOptions = PipelineOptions()
 
     def __post_init__(self):
+        if not isinstance(self.options, PipelineOptions):
+            raise ValueError(f"options: expected a jpipe.pipeline.PipelineOptions, got {self.options!r}")
         for name in ("prologue", "loss") + (("layer",) if self.layer is not None else ()):
             if not callable(getattr(self, name)):
                 raise ValueError(f"{name}: expected a function, got {type(getattr(self, name)).__name__}")
@@ -351,7 +351,7 @@ class PipelinedModel:
         layers = max(self.layout.layer_counts)
         blocks = _get(self._structure.params, self.blocks)
         stage_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape[1:]), a.dtype), blocks)
-        return measure_costs(layered(self.layer_fn), stage_params, _abstract(x), remat=self.remat)
+        return measure_costs(layered(self.layer_fn), stage_params, _abstract(x), remat=self.options.remat)
 
     # The step.
 
@@ -410,13 +410,10 @@ class PipelinedModel:
             loss_fn,
             schedule=self.schedule,
             mesh=self.mesh,
-            remat=self.remat,
             data_axes=self.data_axes,
-            split_backward=self.split_backward,
-            cost=self.cost,
             stage_order="device",
             prologue=prologue,
-            overlap_sends=self.overlap_sends,
+            **self.options.keywords(),
         )
         shardings = self.shardings()
 
@@ -433,7 +430,7 @@ class PipelinedModel:
             block_grads = stage_grads["layer"] if self.layout.padded else stage_grads
             return loss, jax.lax.with_sharding_constraint(self._merge(block_grads, grads, treedef), shardings)
 
-        step.program = pipelined.program
+        step.program, step.plan = pipelined.program, pipelined.plan
         return step
 
     def evaluate(self, schedule: Schedule | None = None) -> Callable:

@@ -56,9 +56,9 @@ from jpipe.models.layout import StageLayout
 from jpipe.models.parts import LMParts
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
+from jpipe.pipeline.options import PipelineOptions
 from jpipe.pipeline.placement import StagePlacement
 from jpipe.schedules.ir import Schedule
-from jpipe.schedules.simulate import Cost
 
 PyTree = Any
 
@@ -86,8 +86,8 @@ class PipelinedLM:
         `jpipe.parallel.make_mesh`); a `data` axis, if present, splits each microbatch's batch.
       rules: logical -> mesh axes and FSDP on/off.
       layout: layers per logical stage: a `StageLayout`, explicit counts, or None (balanced).
-      remat, split_backward, cost, overlap_sends: passed to `jpipe.value_and_grad` (`cost` decides
-        the "auto" split and overlap; `stage_costs()` measures it for this model).
+      options: the executor's options (`jpipe.pipeline.PipelineOptions`; its `cost` decides the
+        "auto" split and overlap, and `stage_costs()` measures it for this model).
     """
 
     config: GPTConfig
@@ -95,10 +95,7 @@ class PipelinedLM:
     mesh: jax.sharding.Mesh
     rules: ShardingRules = dataclasses.field(default_factory=ShardingRules)
     layout: StageLayout | Sequence[int] | None = None
-    remat: str | Callable | None = "none"
-    split_backward: bool | str = "auto"
-    cost: Cost | None = None
-    overlap_sends: bool | str = "auto"
+    options: PipelineOptions = PipelineOptions()
 
     def __post_init__(self):
         # The adapter checks the mesh and resolves the layout; built here so that bad input fails now.
@@ -117,10 +114,7 @@ class PipelinedLM:
             mesh=self.mesh,
             rules=self.rules,
             layout=self.layout,
-            remat=self.remat,
-            split_backward=self.split_backward,
-            cost=self.cost,
-            overlap_sends=self.overlap_sends,
+            options=self.options,
         )
 
     @property

@@ -29,12 +29,13 @@ from jpipe.pipeline import program as prog
 from jpipe.pipeline.arrays import spec_of, take, take_first, varying, zeros_like
 from jpipe.pipeline.checks import check_call, check_mesh
 from jpipe.pipeline.end_slots import EndSlots
+from jpipe.pipeline.options import PipelineOptions, resolve_overlap, resolve_split
 from jpipe.pipeline.placement import StagePlacement
 from jpipe.pipeline.stage import StageOps, stage_ops
 from jpipe.pipeline.state import Carry, TickRow
 from jpipe.pipeline.tick import BRAIDED_SCOPE, TickMachine
 from jpipe.schedules.ir import Schedule
-from jpipe.schedules.simulate import Cost, best_split, simulate
+from jpipe.schedules.simulate import Cost
 
 PyTree = Any
 
@@ -103,7 +104,7 @@ def value_and_grad(
         with `send_latency=1`, which adds ticks). Without it, each tick's sends run after its
         compute, exposed. "auto" (default) turns it on when the lockstep simulation under `cost`
         (whose `comm` is the time of one tick's send) is not slower with it
-        (`resolve_overlap`); with `comm=0` that is never, as sends then cost nothing.
+        (`jpipe.pipeline.options.resolve_overlap`); with `comm=0` that is never, as sends then cost nothing.
       braid: run the two ops of each composite (`jpipe.schedules.Composite`: STP's and DualPipe's
         overlapped F&B pairs, torch's `OVERLAP_F_B` cells) in one tick, as one computation with no
         data dependence between them, so the compiler can run one op's tensor-parallel collectives
@@ -127,18 +128,17 @@ def value_and_grad(
       input_grads))` where stage_params leaves are `[K, ...]` in model-stage order (see `stage_order`),
       inputs/targets leaves are `[num_microbatches, ...]`; gradients match their arguments. With a
       `prologue`: `step(stage_params, loss_params, inputs, targets, prologue_params) -> (loss,
-      (stage_grads, loss_grads, prologue_grads))`.
+      (stage_grads, loss_grads, prologue_grads))`. `step.plan` is the `PipelineOptions.plan` it runs
+      (`split_backward` and `overlap_sends` resolved), `step.program` its tick tables.
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     check_mesh(schedule, mesh, stage_axis, data_axes)
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
-    split = resolve_split(schedule, split_backward, cost)
-    overlap = resolve_overlap(schedule, overlap_sends, cost, split=split)
-    if not isinstance(braid, bool):
-        raise ValueError(f"braid: expected True or False, got {braid!r}")
+    options = PipelineOptions(remat, split_backward, overlap_sends, braid, cost)
+    plan = options.plan(schedule)
     program = prog.compile_program(
-        schedule, split=split, deliver=prologue is None, send_latency=int(overlap), braid=braid
+        schedule, split=plan.split, deliver=prologue is None, send_latency=int(plan.overlap), braid=braid
     )
     braid_ops = stage_ops(stage_fn, remat, unroll=True) if program.braided else None
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops)
@@ -157,32 +157,8 @@ def value_and_grad(
         return loss, (stage_grads, loss_grads, first_grads)
 
     step.program = program  # for inspection: tick tables, slot counts
+    step.plan = plan  # the options with "auto" resolved
     return step
-
-
-def resolve_split(schedule: Schedule, split_backward: bool | str, cost: Cost | None = None) -> bool:
-    """The executor's `split_backward` option as a bool ("auto": the faster one in simulation)."""
-    if split_backward == "auto":
-        return best_split(schedule, cost)
-    if not isinstance(split_backward, bool):
-        raise ValueError(f"split_backward: expected True, False or 'auto', got {split_backward!r}")
-    return split_backward
-
-
-def resolve_overlap(schedule: Schedule, overlap_sends: bool | str, cost: Cost | None = None, *, split: bool) -> bool:
-    """The executor's `overlap_sends` option as a bool ("auto": on unless the simulation says slower).
-
-    Compares the lockstep makespan with hidden sends (`send_latency=1`: each tick lasts
-    `max(compute, cost.comm)`, cross-device results take one more tick) against exposed sends (each
-    sending tick lasts `compute + cost.comm`).
-    """
-    if overlap_sends == "auto":
-        hidden = simulate(schedule, cost, "lockstep", split_backward=split, send_latency=1).makespan
-        exposed = simulate(schedule, cost, "lockstep", split_backward=split).makespan
-        return hidden <= exposed
-    if not isinstance(overlap_sends, bool):
-        raise ValueError(f"overlap_sends: expected True, False or 'auto', got {overlap_sends!r}")
-    return overlap_sends
 
 
 def forward(

@@ -11,8 +11,10 @@ import dataclasses
 import math
 import pathlib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from jpipe.pipeline.options import PipelineOptions
 from jpipe.schedules.generators import COMPOSITE_SCHEDULES, ROUTED_SCHEDULES, SCHEDULES
 from jpipe.train.preemption import SignalNameError, parse_signals
 
@@ -213,6 +215,12 @@ class ParallelConfig:
     @property
     def num_stages(self) -> int:
         return self.stage * self.virtual
+
+    def pipeline_options(self) -> PipelineOptions:
+        """The executor's options these fields set (`remat`, `split_backward`, `overlap_sends`)."""
+        from jpipe.pipeline.options import PipelineOptions  # here: importing jpipe.pipeline starts JAX
+
+        return PipelineOptions(remat=self.remat, split_backward=self.split_backward, overlap_sends=self.overlap_sends)
 
 
 @dataclasses.dataclass(frozen=True)

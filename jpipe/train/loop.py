@@ -27,6 +27,7 @@ flight, with that step saved.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -47,7 +48,7 @@ from jpipe.models.pipelined import PipelinedLM
 from jpipe.parallel.mesh import DATA, STAGE, TENSOR, make_mesh
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
-from jpipe.pipeline.executor import resolve_overlap, resolve_split
+from jpipe.pipeline.options import PipelinePlan
 from jpipe.train import auto
 from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import AUTO, as_dict
@@ -165,8 +166,8 @@ class TrainStep:
     """A run's training step and what it is built from: what `train` runs and `jpipe.compile` compiles.
 
     Attributes:
-      pipe: the pipelined GPT on the run's mesh, its `cost` set from `costs` (with schedule "auto":
-        the per-stage cost the search used, the embedding and head included).
+      pipe: the pipelined GPT on the run's mesh, its `options.cost` set from `costs` (with schedule
+        "auto": the per-stage cost the search used, the embedding and head included).
       costs: the largest stage's measured F/B/I/W costs (XLA FLOPs on the default backend); they
         decide `split_backward="auto"`.
       optimizer: AdamW with warmup and cosine decay over `config.run.steps` (`jpipe.train.optimizer`).
@@ -182,6 +183,8 @@ class TrainStep:
       batch_shape: `(m, B / m, T)`: microbatches, global examples per microbatch, sequence length.
       search: with schedule "auto", the search that chose `pipe.schedule` (None when the schedule
         was given, e.g. read back on resume).
+      plan: what the step runs: `pipe.options` with its "auto" choices resolved, once
+        (`jpipe.pipeline.PipelinePlan`).
     """
 
     pipe: PipelinedLM
@@ -195,6 +198,19 @@ class TrainStep:
     batch_sharding: jax.sharding.NamedSharding
     batch_shape: tuple[int, int, int]
     search: auto.AutoSchedule | None = None
+    plan: PipelinePlan | None = None
+
+    @functools.cached_property
+    def lockstep(self) -> schedules.Simulation:
+        """The lockstep simulation of what the step runs (its plan's split and sends, the pipe's cost)."""
+        plan = self.plan
+        return schedules.simulate(
+            self.pipe.schedule,
+            self.pipe.options.cost,
+            mode="lockstep",
+            split_backward=plan.split,
+            send_latency=int(plan.overlap),
+        )
 
     def init_state(self, seed: int) -> tuple[PyTree, PyTree]:
         """Fresh parameters (`pipe.init(seed)`) and optimizer state, created with their shardings."""
@@ -249,15 +265,13 @@ def build_train_step(
         schedule=schedule,
         mesh=mesh,
         rules=ShardingRules(fsdp=parallel.fsdp),
-        remat=parallel.remat,
-        split_backward=parallel.split_backward,
-        overlap_sends=parallel.overlap_sends,
+        options=parallel.pipeline_options(),
     )
     microbatch = config.data.batch_size // parallel.microbatches
     if parallel.schedule != AUTO:
         costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
         cost = costs.cost()
-    pipe = dataclasses.replace(pipe, cost=cost)
+    pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=cost))
     optimizer = make_optimizer(config.optimizer, config.run.steps)
     loss_and_grads = pipe.value_and_grad()
     param_shardings = pipe.shardings()
@@ -276,6 +290,7 @@ def build_train_step(
         batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA)),
         batch_shape=(parallel.microbatches, microbatch, config.data.seq_len),
         search=search,
+        plan=loss_and_grads.plan,
     )
 
 
@@ -292,21 +307,18 @@ def _evaluation_schedule(schedule: schedules.Schedule) -> schedules.Schedule:
     return schedule
 
 
-def describe(
-    config: TrainConfig, pipe: PipelinedLM, costs: StageCosts, stream: IO[str], *, show_chart: bool = True
-) -> str:
+def describe(config: TrainConfig, built: TrainStep, stream: IO[str], *, show_chart: bool = True) -> str:
     """Print the mesh, the schedule chart, the stage's measured costs and the simulated bubble and memory.
 
-    The simulation uses `pipe.cost` when set (per stage for a searched schedule), else `costs.cost()`.
+    The simulation uses the pipe's cost (per stage for a searched schedule) and the step's plan.
     `show_chart=False` leaves the chart out (the search printed it already). Returns the chart.
     """
-    schedule = pipe.schedule
+    pipe, costs, plan = built.pipe, built.costs, built.plan
+    schedule, cost = pipe.schedule, pipe.options.cost
     mesh_text = " x ".join(f"{name}={size}" for name, size in pipe.mesh.shape.items())
-    cost = pipe.cost if pipe.cost is not None else costs.cost()
-    split = resolve_split(schedule, pipe.split_backward, cost)
-    hidden = resolve_overlap(schedule, pipe.overlap_sends, cost, split=split)
     asynchronous = schedules.simulate(schedule, cost, mode="async")
-    lockstep = schedules.simulate(schedule, cost, mode="lockstep", split_backward=split, send_latency=int(hidden))
+    lockstep = built.lockstep
+    split, hidden = plan.split, plan.overlap
     chart = schedules.render(schedule, width=160)
     lines = [
         f"mesh: {mesh_text} ({len(pipe.mesh.devices.flat)} {jax.default_backend()} devices)",
@@ -367,19 +379,14 @@ def train(
     # A resumed "auto" run trains with the schedule it searched before.
     searched = auto.saved_schedule(out, config, stream) if resume else None
     built = build_train_step(config, mesh, schedule=searched, stream=stream)
-    pipe, costs, schedule = built.pipe, built.costs, built.pipe.schedule
-    chart = describe(config, pipe, costs, stream, show_chart=built.search is None)
+    pipe = built.pipe
+    chart = describe(config, built, stream, show_chart=built.search is None)
     if lead:
         if built.search is not None:
             auto.save(out, built.search)
             stream.write(f"wrote the searched schedule to {out / auto.SCHEDULE_CSV}\n")
         (out / "schedule.txt").write_text(chart + "\n")
-        split = resolve_split(schedule, pipe.split_backward, pipe.cost)
-        hidden = resolve_overlap(schedule, pipe.overlap_sends, pipe.cost, split=split)
-        simulation = schedules.simulate(
-            schedule, pipe.cost, mode="lockstep", split_backward=split, send_latency=int(hidden)
-        )
-        schedules.plot(simulation, out / "schedule.png")
+        schedules.plot(built.lockstep, out / "schedule.png")
 
     train_data, eval_data = open_datasets(config.data, config.model.vocab_size, cache_dir())
 
@@ -509,7 +516,9 @@ def train(
         )
         return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval, stopped_by)
     if lead:
-        plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{schedule.name}, {out.name}")
+        plot_loss_curve(
+            read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{pipe.schedule.name}, {out.name}"
+        )
     progress.message(f"done: {len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.4f}; wrote {out}")
     return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval)
 

@@ -1,0 +1,110 @@
+"""How the executor runs a schedule, declared once, and the plan its "auto" choices resolve to.
+
+`PipelineOptions` holds the executor's options (`remat`, `split_backward`, `overlap_sends`, `braid`
+and the `cost` that decides the "auto" ones). `jpipe.value_and_grad` takes them as keywords (its
+defaults are these); the model adapters (`jpipe.models.PipelinedModel`, `PipelinedLM`) carry one
+as `options`; the training config builds one (`ParallelConfig.pipeline_options`). Bad values are
+refused here, when the options are made.
+
+`PipelineOptions.plan(schedule)` resolves the "auto" choices once, with the lockstep simulator
+(several simulations each), into a `PipelinePlan`: the executor builds its program from it, the
+step carries it (`step.plan`), and the training loop reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from jpipe.schedules.ir import Schedule
+from jpipe.schedules.simulate import Cost, best_split, simulate
+
+AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """The executor's options (see `jpipe.value_and_grad` for what each does).
+
+    Attributes:
+      remat: what a forward saves for its backward (`jpipe.pipeline.remat.apply_remat`).
+      split_backward: run each B as I then W: True, False or "auto" (the faster in simulation).
+      overlap_sends: send each tick's messages during the next tick: True, False or "auto" (on
+        unless the simulation says slower).
+      braid: run a composite's two ops in one tick, layer by layer (False: one after the other).
+      cost: per-op costs for the "auto" choices (default `Cost()`: F=1, B=2, I=W=1).
+    """
+
+    remat: str | Callable | None = "none"
+    split_backward: bool | str = AUTO
+    overlap_sends: bool | str = AUTO
+    braid: bool = True
+    cost: Cost | None = None
+
+    def __post_init__(self):
+        for name in ("split_backward", "overlap_sends"):
+            value = getattr(self, name)
+            if value != AUTO and not isinstance(value, bool):
+                raise ValueError(f"{name}: expected True, False or 'auto', got {value!r}")
+        if not isinstance(self.braid, bool):
+            raise ValueError(f"braid: expected True or False, got {self.braid!r}")
+
+    def keywords(self) -> dict:
+        """The options as `jpipe.value_and_grad` keywords."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def plan(self, schedule: Schedule) -> PipelinePlan:
+        """The options with their "auto" choices resolved for `schedule` (simulations: once, here)."""
+        split = resolve_split(schedule, self.split_backward, self.cost)
+        overlap = resolve_overlap(schedule, self.overlap_sends, self.cost, split=split)
+        return PipelinePlan(self, split=split, overlap=overlap)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePlan:
+    """What the executor runs: the options, with "auto" resolved.
+
+    Attributes:
+      options: as given.
+      split: whether each B runs as I then W (schedules written with I and W always run them split).
+      overlap: whether sends are hidden behind the next tick's compute (`send_latency=1`).
+    """
+
+    options: PipelineOptions
+    split: bool
+    overlap: bool
+
+    def describe(self) -> str:
+        """One line, e.g. "backward split into I and W (auto), sends overlapped (auto)"."""
+
+        def how(value, option) -> str:
+            return f"{value} (auto)" if option == AUTO else value
+
+        split = how("split into I and W" if self.split else "whole", self.options.split_backward)
+        sends = how("overlapped" if self.overlap else "exposed", self.options.overlap_sends)
+        return f"backward {split}, sends {sends}"
+
+
+def resolve_split(schedule: Schedule, split_backward: bool | str, cost: Cost | None = None) -> bool:
+    """The executor's `split_backward` option as a bool ("auto": the faster one in simulation)."""
+    if split_backward == AUTO:
+        return best_split(schedule, cost)
+    if not isinstance(split_backward, bool):
+        raise ValueError(f"split_backward: expected True, False or 'auto', got {split_backward!r}")
+    return split_backward
+
+
+def resolve_overlap(schedule: Schedule, overlap_sends: bool | str, cost: Cost | None = None, *, split: bool) -> bool:
+    """The executor's `overlap_sends` option as a bool ("auto": on unless the simulation says slower).
+
+    Compares the lockstep makespan with hidden sends (`send_latency=1`: each tick lasts
+    `max(compute, cost.comm)`, cross-device results take one more tick) against exposed sends (each
+    sending tick lasts `compute + cost.comm`).
+    """
+    if overlap_sends == AUTO:
+        hidden = simulate(schedule, cost, "lockstep", split_backward=split, send_latency=1).makespan
+        exposed = simulate(schedule, cost, "lockstep", split_backward=split).makespan
+        return hidden <= exposed
+    if not isinstance(overlap_sends, bool):
+        raise ValueError(f"overlap_sends: expected True, False or 'auto', got {overlap_sends!r}")
+    return overlap_sends
