@@ -14,7 +14,7 @@ For each schedule it counts the all-reduces inside the tick loop (`jpipe.paralle
 collective_overlaps`): "async" ones have a start and a done, "hidden" ones a matmul scheduled
 between the two. Braided ticks (`Composite`: STP's and DualPipe's overlapped F&B pairs) run both
 ops in one computation (`jpipe.value_and_grad(..., braid=True)`, the default), layer by layer in
-lockstep (`jpipe.pipeline.steps`); their all-reduces
+lockstep (`jpipe.pipeline.lockstep`); their all-reduces
 are those traced under `jpipe.pipeline.executor.BRAIDED_SCOPE`. Each composite schedule is also
 compiled flattened (`Schedule.flattened()`: the same order, one op per tick, as `braid=False`
 runs it), the unbraided baseline.

@@ -18,10 +18,10 @@ from jpipe import schedules
 from jpipe.pipeline import kernels
 from jpipe.pipeline.arrays import take, varying, zeros_like
 from jpipe.pipeline.end_slots import EndSlots
+from jpipe.pipeline.lockstep import run_alone
 from jpipe.pipeline.program import FORWARD, compile_program
 from jpipe.pipeline.stage import stage_ops
 from jpipe.pipeline.state import Buffer, Carry, TickRow
-from jpipe.pipeline.steps import run_steps
 from jpipe.pipeline.tick import TickMachine
 
 AXES = ("stage",)
@@ -113,7 +113,7 @@ def test_a_kernel_writes_only_the_buffers_it_declares(kernel):
         lane_row = dataclasses.replace(rows.lanes[0], op=jnp.int32(kernel.code))
         part = state.select(kernel.buffers(machine.context))
         generator = kernel.run(machine.context, machine.ops, part, lane_row, state.view())
-        new_part, _ = run_steps(generator)(part)
+        new_part, _ = run_alone(generator)(part)
         written.update({b: getattr(new_part, b.value) is not getattr(part, b.value) for b in Buffer})
         return jnp.zeros((1,))
 

@@ -109,7 +109,7 @@ def value_and_grad(
         overlapped F&B pairs, torch's `OVERLAP_F_B` cells) in one tick, as one computation with no
         data dependence between them, so the compiler can run one op's tensor-parallel collectives
         under the other's compute; a `jpipe.layered` stage's two ops then run layer by layer in
-        lockstep (`jpipe.pipeline.steps`: unrolled, a barrier between layers), so every layer has
+        lockstep (`jpipe.pipeline.lockstep`: unrolled, a barrier between layers), so every layer has
         the other op's layer beside it. The unrolled layers of both ops cost temporary memory:
         compiled for TPU, 1.8x the flattened step's for `stp` at 16 layers, 1.9x at 8
         (`experiments/tp_overlap.py`).

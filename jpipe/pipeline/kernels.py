@@ -1,15 +1,15 @@
 """Op kernels: what each op code does to one device's state in a tick, and which buffers it writes.
 
-A kernel is a step generator (`jpipe.pipeline.steps`): it reads the tick's `View` and its inputs,
+A kernel is a layerwise op (`jpipe.pipeline.lockstep`): it reads the tick's `View` and its inputs,
 yields before each layer and after the last (a `jpipe.layered` stage run unrolled, in a braided
 tick), and returns `finish(state) -> (state, message)`, which writes what the op produced into the
 buffers it declares (`Kernel.writes`). The one buffer a kernel reads from the state before
 finishing is the gradient accumulator (B and W add into it layer by layer: `Kernel.accumulates`).
 
-The executor runs each kernel under a `lax.cond` that takes and returns only the declared buffers,
-so XLA updates them in place; a branch that returned a buffer it does not write, or a single
-`lax.switch` reading and writing the same buffers in different branches, would make XLA copy them
-every tick (doubling their memory). Declaring the writes keeps that invariant in one place.
+The executor runs each kernel under its own `lax.cond` that takes and returns only the declared
+buffers, so XLA updates them in place. One `lax.switch` over the op kinds, each branch taking and
+returning every buffer, makes XLA copy them every tick instead (measured on CPU, jax 0.10.2: the
+temporary memory of a gpipe step held 2.6 stashes instead of under 2; `tests/test_tick.py` guards it).
 
 The mode picks the kernel set: `TRAINING` (F, B, I, W), `FORWARD_ONLY` (F returning its output)
 or `EVALUATION` (F adding the loss at the last hop). A new op kind is one `OpCode`, one kernel
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 
 from jpipe.pipeline.arrays import if_, put, take, varying
 from jpipe.pipeline.end_slots import EndSlots
+from jpipe.pipeline.lockstep import Layerwise, no_layers
 from jpipe.pipeline.program import OpCode
 from jpipe.pipeline.stage import StageOps
 from jpipe.pipeline.state import Buffer, Carry, LaneRow, View
-from jpipe.pipeline.steps import StepGenerator, returns
 
 PyTree = Any
 Finish = Callable[[Carry], tuple[Carry, PyTree]]
@@ -101,16 +101,16 @@ class TickContext:
         return dataclasses.replace(state, end_grads=if_(row.is_first, accumulate, lambda g: g, state.end_grads))
 
 
-KernelFn = Callable[[TickContext, StageOps, Carry, LaneRow, View], StepGenerator[Finish]]
+KernelFn = Callable[[TickContext, StageOps, Carry, LaneRow, View], Layerwise[Finish]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """One op kind: its code, its step generator and the buffers it writes.
+    """One op kind: its code, its layerwise op and the buffers it writes.
 
     Attributes:
       code: the `OpCode` in the lane tables.
-      run: `(context, ops, state, row, view) -> step generator of finish(state) -> (state, message)`.
+      run: `(context, ops, state, row, view) -> layerwise op of finish(state) -> (state, message)`.
       writes: the buffers its finish writes.
       writes_with_prologue: buffers it writes only when the model has a prologue.
       accumulates: it adds into `Buffer.GRADS` while it runs (two such ops in one braided tick run
@@ -128,10 +128,10 @@ class Kernel:
         return self.writes + (self.writes_with_prologue if context.prologue is not None else ())
 
 
-def forward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> StepGenerator[Finish]:
+def forward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """F: stash the residuals; at the last hop, the loss, its parameter gradients and the output gradient."""
     x = varying(context.stage_input(row, view), context.manual_axes)
-    y, residuals = yield from ops.forward_steps(context.stage_params(row), x)
+    y, residuals = yield from ops.forward_layerwise(context.stage_params(row), x)
 
     def with_loss(state):
         target = take(context.targets, row.microbatch)
@@ -147,19 +147,19 @@ def forward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, vie
     return finish
 
 
-def backward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> StepGenerator[Finish]:
+def backward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """B: the input gradient (the message) and the parameter gradients, added into the accumulator."""
     grad = take(view.inbox, row.inbox_slot)
-    grads, d_x = yield from ops.backward_into_steps(
+    grads, d_x = yield from ops.backward_into_layerwise(
         context.stage_params(row), context.residuals(row, view), context.x_like, grad, state.grads, row.chunk
     )
     return lambda state: (context.prologue_backward(dataclasses.replace(state, grads=grads), row, d_x), d_x)
 
 
-def input_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> StepGenerator[Finish]:
+def input_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """I: the input gradient (the message); what its W needs goes to the weight stash."""
     grad = take(view.inbox, row.inbox_slot)
-    d_x, weight_residuals = yield from ops.input_grad_steps(
+    d_x, weight_residuals = yield from ops.input_grad_layerwise(
         context.stage_params(row), context.residuals(row, view), context.x_like, grad
     )
 
@@ -170,10 +170,10 @@ def input_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, 
     return finish
 
 
-def weight_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> StepGenerator[Finish]:
+def weight_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """W: the parameter gradients from the weight stash, added into the accumulator (no message)."""
     weight_residuals = take(view.weight_stash, row.weight_slot)
-    grads = yield from ops.weight_grad_into_steps(
+    grads = yield from ops.weight_grad_into_layerwise(
         context.stage_params(row),
         context.residuals(row, view),
         context.x_like,
@@ -184,20 +184,20 @@ def weight_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow,
     return lambda state: (dataclasses.replace(state, grads=grads), context.x_like)
 
 
-def forward_only(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> StepGenerator[Finish]:
+def forward_only(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """F, inference: the stage's output is the message (no residuals, no loss)."""
     y = ops.fn(context.stage_params(row), varying(context.stage_input(row, view), context.manual_axes))
-    return returns(lambda state: (state, y))
+    return no_layers(lambda state: (state, y))
 
 
-def forward_loss(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> StepGenerator[Finish]:
+def forward_loss(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """F, evaluation: the output is the message; at the last hop the loss is added (no gradients)."""
     y = ops.fn(context.stage_params(row), varying(context.stage_input(row, view), context.manual_axes))
 
     def add_loss(state):
         return context.add_loss(state, context.loss_fn(context.loss_params, y, take(context.targets, row.microbatch)))
 
-    return returns(lambda state: (if_(row.is_last, add_loss, lambda s: s, state), y))
+    return no_layers(lambda state: (if_(row.is_last, add_loss, lambda s: s, state), y))
 
 
 TRAINING = (

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jpipe.pipeline.lockstep import Layerwise, no_layers, run_alone
 from jpipe.pipeline.remat import apply_remat
 from jpipe.pipeline.split import SplitBackward
-from jpipe.pipeline.steps import StepGenerator, returns, run_steps
 
 PyTree = Any
 
@@ -111,24 +111,24 @@ class StageOps:
         """W, adding `d_params` into `grads[chunk]` (float32 accumulators `[v, ...]`): the new `grads`."""
         return add_at(grads, chunk, self.weight_grad(params, residuals, x_like, weight_residuals))
 
-    # The ops the executor runs, as step generators (`jpipe.pipeline.steps`): a plain stage has no
+    # The ops the executor runs, as layerwise ops (`jpipe.pipeline.lockstep`): a plain stage has no
     # layers to step through, so each returns its result at once.
 
-    def forward_steps(self, params, x) -> StepGenerator:
-        """`forward` as a step generator."""
-        return returns(self.forward(params, x))
+    def forward_layerwise(self, params, x) -> Layerwise:
+        """`forward` as a layerwise op."""
+        return no_layers(self.forward(params, x))
 
-    def backward_into_steps(self, params, residuals, x_like, grad, grads, chunk) -> StepGenerator:
-        """`backward_into` as a step generator."""
-        return returns(self.backward_into(params, residuals, x_like, grad, grads, chunk))
+    def backward_into_layerwise(self, params, residuals, x_like, grad, grads, chunk) -> Layerwise:
+        """`backward_into` as a layerwise op."""
+        return no_layers(self.backward_into(params, residuals, x_like, grad, grads, chunk))
 
-    def input_grad_steps(self, params, residuals, x_like, grad) -> StepGenerator:
-        """`input_grad` as a step generator."""
-        return returns(self.input_grad(params, residuals, x_like, grad))
+    def input_grad_layerwise(self, params, residuals, x_like, grad) -> Layerwise:
+        """`input_grad` as a layerwise op."""
+        return no_layers(self.input_grad(params, residuals, x_like, grad))
 
-    def weight_grad_into_steps(self, params, residuals, x_like, weight_residuals, grads, chunk) -> StepGenerator:
-        """`weight_grad_into` as a step generator."""
-        return returns(self.weight_grad_into(params, residuals, x_like, weight_residuals, grads, chunk))
+    def weight_grad_into_layerwise(self, params, residuals, x_like, weight_residuals, grads, chunk) -> Layerwise:
+        """`weight_grad_into` as a layerwise op."""
+        return no_layers(self.weight_grad_into(params, residuals, x_like, weight_residuals, grads, chunk))
 
 
 class LayeredOps(StageOps):
@@ -142,8 +142,8 @@ class LayeredOps(StageOps):
         self._layer_fn = apply_remat(stage_fn.layer_fn, remat)
         self._unroll = unroll
 
-    def _layers(self, body, carry, params, xs=(), accumulator=None, reverse: bool = False) -> StepGenerator:
-        """`lax.scan` of `body` over the layers as a step generator: `(carry, accumulator, outputs)`.
+    def _layers(self, body, carry, params, xs=(), accumulator=None, reverse: bool = False) -> Layerwise:
+        """`lax.scan` of `body` over the layers as a layerwise op: `(carry, accumulator, outputs)`.
 
         `body(carry, accumulator, layer_params, layer_xs) -> (carry, accumulator, out)`; `params`
         and `xs` (a layer's residuals, its index) have leaves `[L, ...]`; the outputs are stacked
@@ -151,7 +151,7 @@ class LayeredOps(StageOps):
         or output gradient); the accumulator is a buffer layers add into (the float32 parameter
         gradients).
 
-        Unrolled (braided ticks), a Python loop over the layers with a step (`jpipe.pipeline.steps`)
+        Unrolled (braided ticks), a Python loop over the layers with a step (`jpipe.pipeline.lockstep`)
         before each layer and one after the last. Before layer `l` it yields `(carry, (params,
         layer_xs))` and continues with what it is sent back, and takes the layer's parameters from
         the `params` sent back: every matmul of the layer, its recomputation included, then waits
@@ -180,9 +180,9 @@ class LayeredOps(StageOps):
         return carry, accumulator, jax.tree.map(lambda *layers: jnp.stack(layers), *outputs)
 
     def forward(self, params: PyTree, x: PyTree) -> tuple[PyTree, list[jax.Array]]:
-        return run_steps(self.forward_steps(params, x))
+        return run_alone(self.forward_layerwise(params, x))
 
-    def forward_steps(self, params: PyTree, x: PyTree) -> StepGenerator:
+    def forward_layerwise(self, params: PyTree, x: PyTree) -> Layerwise:
         def layer(h, _, layer_params, __):
             y, vjp_fn = jax.vjp(self._layer_fn, layer_params, h)
             return y, None, _residual_leaves(vjp_fn, layer_params)
@@ -200,7 +200,7 @@ class LayeredOps(StageOps):
                 d_params, d_x = self._layer_vjp(layer_params, x_like, layer_residuals)(g)
                 return d_x, None, d_params
 
-            d_x, _, d_params = run_steps(self._layers(layer, grad, params, residuals, reverse=True))
+            d_x, _, d_params = run_alone(self._layers(layer, grad, params, residuals, reverse=True))
             return d_params, d_x
 
         return vjp
@@ -211,9 +211,9 @@ class LayeredOps(StageOps):
 
     def input_grad(self, params, residuals, x_like, grad) -> tuple[PyTree, list[jax.Array]]:
         """I, layer by layer (reverse scan): `(d_x, weight_residuals)`, each weight residual `[L, ...]`."""
-        return run_steps(self.input_grad_steps(params, residuals, x_like, grad))
+        return run_alone(self.input_grad_layerwise(params, residuals, x_like, grad))
 
-    def input_grad_steps(self, params, residuals, x_like, grad) -> StepGenerator:
+    def input_grad_layerwise(self, params, residuals, x_like, grad) -> Layerwise:
         split = self._layer_split(x_like)
 
         def layer(g, _, layer_params, layer_residuals):
@@ -231,13 +231,13 @@ class LayeredOps(StageOps):
             layer_residuals, layer_weight_residuals = xs
             return None, None, split.weight_grad(layer_params, layer_residuals, x_like, layer_weight_residuals)
 
-        return run_steps(self._layers(layer, None, params, (residuals, weight_residuals)))[2]
+        return run_alone(self._layers(layer, None, params, (residuals, weight_residuals)))[2]
 
     def weight_grad_into(self, params, residuals, x_like, weight_residuals, grads, chunk) -> PyTree:
         """W, adding each layer's `d_params` straight into `grads[chunk, layer]`: no stacked gradient."""
-        return run_steps(self.weight_grad_into_steps(params, residuals, x_like, weight_residuals, grads, chunk))
+        return run_alone(self.weight_grad_into_layerwise(params, residuals, x_like, weight_residuals, grads, chunk))
 
-    def weight_grad_into_steps(self, params, residuals, x_like, weight_residuals, grads, chunk) -> StepGenerator:
+    def weight_grad_into_layerwise(self, params, residuals, x_like, weight_residuals, grads, chunk) -> Layerwise:
         split = self._layer_split(x_like)
         num_layers = jax.tree.leaves(params)[0].shape[0]
 
@@ -251,9 +251,9 @@ class LayeredOps(StageOps):
         return grads
 
     def backward_into(self, params, residuals, x_like, grad, grads, chunk) -> tuple[PyTree, PyTree]:
-        return run_steps(self.backward_into_steps(params, residuals, x_like, grad, grads, chunk))
+        return run_alone(self.backward_into_layerwise(params, residuals, x_like, grad, grads, chunk))
 
-    def backward_into_steps(self, params, residuals, x_like, grad, grads, chunk) -> StepGenerator:
+    def backward_into_layerwise(self, params, residuals, x_like, grad, grads, chunk) -> Layerwise:
         num_layers = jax.tree.leaves(params)[0].shape[0]
 
         def layer(g, grads, layer_params, xs):
@@ -309,7 +309,7 @@ def stage_ops(stage_fn: Callable, remat, *, unroll: bool = False) -> StageOps:
     """The F/B/I/W implementation of `stage_fn` under `remat`.
 
     `unroll`: run a `Layered` stage's layers as straight-line code instead of a loop, with a step
-    before each layer (`jpipe.pipeline.steps`), so that the two ops of a braided tick are not two
+    before each layer (`jpipe.pipeline.lockstep`), so that the two ops of a braided tick are not two
     loops the compiler runs one after the other but two layer sequences run in lockstep.
     """
     if isinstance(stage_fn, Layered):

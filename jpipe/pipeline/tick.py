@@ -4,7 +4,7 @@
 one device's `Carry` and `TickRow` (inside `shard_map`, where the ring sends are `ppermute`s over
 the stage axis). In a tick, each op a device runs alone is one `lax.cond` per op kind, on the
 buffers its kernel declares (`jpipe.pipeline.kernels`); a braided tick's two ops run in one branch
-per kind of pair, layer by layer in lockstep (`jpipe.pipeline.steps.braid_steps`), neither reading
+per kind of pair, layer by layer in lockstep (`jpipe.pipeline.lockstep.run_in_lockstep`), neither reading
 what the other writes. Then every device sends each lane's message on each of the lane's channels,
 and receivers store what their rows mark in inbox slots (or, for a result of one of their own
 microbatches, in the results buffer); delivered inputs follow on the input channels.
@@ -25,10 +25,10 @@ from jax import lax
 
 from jpipe.pipeline.arrays import accumulator_dtype, put, slots, take, varying, zeros
 from jpipe.pipeline.kernels import Kernel, TickContext
+from jpipe.pipeline.lockstep import run_alone, run_in_lockstep
 from jpipe.pipeline.program import Program
 from jpipe.pipeline.stage import StageOps
 from jpipe.pipeline.state import Buffer, Carry, LaneRow, TickRow, View
-from jpipe.pipeline.steps import braid_steps, run_steps
 
 PyTree = Any
 
@@ -139,7 +139,7 @@ class TickMachine:
         """A kernel as one branch `(state, row, view) -> (state, message)` of a tick with one op."""
 
         def run(state: Carry, row: TickRow, view: View):
-            return run_steps(kernel.run(self.context, self.ops, state, row.lanes[0], view))(state)
+            return run_alone(kernel.run(self.context, self.ops, state, row.lanes[0], view))(state)
 
         return run
 
@@ -166,14 +166,14 @@ class TickMachine:
             second_row = dataclasses.replace(row.lanes[1], is_first=second_is_first, is_last=second_is_last)
             with jax.named_scope(BRAIDED_SCOPE):
                 if in_lockstep:
-                    finish_first, finish_second = braid_steps(
+                    finish_first, finish_second = run_in_lockstep(
                         first.run(self.context, ops, state, first_row, view),
                         second.run(self.context, ops, state, second_row, view),
                     )
                     state, first_message = finish_first(state)
                 else:
-                    state, first_message = run_steps(first.run(self.context, ops, state, first_row, view))(state)
-                    finish_second = run_steps(second.run(self.context, ops, state, second_row, view))
+                    state, first_message = run_alone(first.run(self.context, ops, state, first_row, view))(state)
+                    finish_second = run_alone(second.run(self.context, ops, state, second_row, view))
                 state, second_message = finish_second(state)
             return state, (first_message, second_message)
 

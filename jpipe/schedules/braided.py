@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from jpipe.schedules.generators import _require_virtual, _schedule, register
-from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, v_placement
+from jpipe.schedules.ir import Action, Cell, Composite, Op, Schedule, ScheduleError, v_placement
 
 
 @register("stp", composite=True)
@@ -63,12 +63,12 @@ def stp(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
     return _schedule("stp", p, m, v_placement(p), rows)
 
 
-def _stp_order(p: int, m: int, r: int, c0: int, c1: int) -> list[Step]:
+def _stp_order(p: int, m: int, r: int, c0: int, c1: int) -> list[Cell]:
     """Device r's steps (see `stp`)."""
     next_forward = {c0: 0, c1: 0}
     next_backward = {c0: 0, c1: 0}
     deferred: deque[Action] = deque()
-    row: list[Step] = []
+    row: list[Cell] = []
 
     def forward(stage: int) -> Action:
         action = Action(stage, Op.F, next_forward[stage])

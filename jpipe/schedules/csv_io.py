@@ -44,7 +44,7 @@ import csv
 import io
 import re
 
-from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, members
+from jpipe.schedules.ir import Action, Cell, Composite, Op, Schedule, ScheduleError, members
 from jpipe.schedules.ticks import pack
 
 # torch's computation types that are not computations: sends, receives, FSDP bookkeeping.
@@ -122,11 +122,11 @@ def from_csv(text: str, name: str = "csv", *, composites: bool = False) -> Sched
     rows = _rows_of(text)
     if not rows:
         raise ScheduleError(f"CSV schedule {name!r} has no rows")
-    actions: list[list[Step]] = []
+    actions: list[list[Cell]] = []
     device_of_stage: dict[int, int] = {}
     where_named: dict[int, tuple[int, str]] = {}  # stage -> (column, cell) of its first mention
     for rank, row in enumerate(rows):
-        row_actions: list[Step] = []
+        row_actions: list[Cell] = []
         for column, cell in enumerate(row, start=1):
             try:
                 parsed = _parse_cell(cell)
@@ -216,6 +216,6 @@ def to_csv(schedule: Schedule, *, lockstep: bool = False) -> str:
     return buffer.getvalue()
 
 
-def _cell(step: Step) -> str:
+def _cell(step: Cell) -> str:
     """A CSV cell: `0F3` for an action, torch's `(0F7;7B3)OVERLAP_F_B` for a composite."""
     return f"{step}{_COMPOSITE_TYPES[0]}" if isinstance(step, Composite) else str(step)

@@ -14,7 +14,7 @@ Code that needs the stage after or before another one on a microbatch's way asks
 (`next_stage`, `prev_stage`), never `stage + 1`.
 
 A device's row holds actions and, optionally, *composites* (`Composite`): two actions of different
-microbatches that the device runs together in one step, braided so that each one's tensor-parallel
+microbatches that the device runs together (one cell of its row), braided so that each one's tensor-parallel
 all-reduce runs under the other's compute (STP's braided blocks, DualPipe's overlapped F&B pairs,
 torch.pipelining's `(0F7;7B3)OVERLAP_F_B` cells). Code that wants one action at a time reads
 `Schedule.flat_actions(device)` or `Schedule.flattened()`; schedules without composites are unchanged.
@@ -85,13 +85,13 @@ class Action:
 
 @dataclasses.dataclass(frozen=True)
 class Composite:
-    """Two actions of different microbatches that one device runs together, in one step.
+    """Two actions of different microbatches that one device runs together, in one cell of its row.
 
     The two computations are braided: the device computes one while the tensor-parallel all-reduce
     of the other is in flight (`jpipe.schedules.simulate.Cost.duration` states the time model).
     Both members must live on the device whose row holds the composite and belong to different
     microbatches; since every data dependency links two actions of one microbatch, neither member
-    then needs the other's result (`jpipe.schedules.validate`). The step starts when the inputs of
+    then needs the other's result (`jpipe.schedules.validate`). The cell starts when the inputs of
     both members are there and both results are ready when it ends. `first` and `second` give
     the order in which code that runs one action at a time (`flatten`; the executor with
     `braid=False`) runs them; braided, the executor runs both in one tick, layer by layer.
@@ -114,16 +114,16 @@ class Composite:
         return f"Composite{self}"
 
 
-Step = Action | Composite
+Cell = Action | Composite
 """One element of a device's row: an action, or a composite of two actions run together."""
 
 
-def members(step: Step) -> tuple[Action, ...]:
+def members(step: Cell) -> tuple[Action, ...]:
     """The actions of one row element: `(action,)` for an action, `(first, second)` for a composite."""
     return step.actions if isinstance(step, Composite) else (step,)
 
 
-def flatten(row: tuple[Step, ...] | list[Step]) -> tuple[Action, ...]:
+def flatten(row: tuple[Cell, ...] | list[Cell]) -> tuple[Action, ...]:
     """A row with every composite replaced by its two actions, first then second."""
     return tuple(action for step in row for action in members(step))
 
@@ -196,7 +196,7 @@ class Schedule:
     num_devices: int
     num_microbatches: int
     placement: tuple[int, ...]
-    actions: tuple[tuple[Step, ...], ...]
+    actions: tuple[tuple[Cell, ...], ...]
     name: str = "custom"
     model_stage: tuple[int, ...] | None = None
     routes: tuple[tuple[int, ...], ...] | None = None

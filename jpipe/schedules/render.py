@@ -22,7 +22,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, members
+from jpipe.schedules.ir import Action, Cell, Composite, Op, Schedule, ScheduleError, members
 from jpipe.schedules.simulate import Cost, simulate
 from jpipe.schedules.ticks import pack
 
@@ -160,7 +160,7 @@ def render(
 _COMPOSITE_NOTE = " ((a;b) = a and b run together)"
 
 
-def _event_label(step: Step, schedule: Schedule) -> str:
+def _event_label(step: Cell, schedule: Schedule) -> str:
     plain = schedule.virtual == 1 and not schedule.has_routes
     labels = [f"{a.microbatch}" if plain else f"{a.microbatch}/s{a.stage}" for a in members(step)]
     return "&".join(labels)

@@ -45,7 +45,7 @@ import dataclasses
 import math
 
 from jpipe.schedules.deps import dependencies
-from jpipe.schedules.ir import Action, Composite, Op, Schedule, Step, flatten, members
+from jpipe.schedules.ir import Action, Cell, Composite, Op, Schedule, flatten, members
 from jpipe.schedules.ticks import pack
 from jpipe.schedules.validate import validated_dependencies
 
@@ -140,7 +140,7 @@ class Cost:
             raise ValueError("Cost.all_reduce_of: the all-reduce time is given per stage; pass the stage")
         return self.all_reduce[stage]
 
-    def compute(self, step: Step) -> float:
+    def compute(self, step: Cell) -> float:
         """Compute time of an action or a composite (both members'), all-reduces excluded."""
         return sum(self.of(action.op, action.stage) for action in members(step))
 
@@ -153,7 +153,7 @@ class Cost:
             return self.of(Op.B, action.stage) + max(0.0, reduce - self.of(Op.W, action.stage))
         return self.of(action.op, action.stage) + reduce
 
-    def duration(self, step: Step) -> float:
+    def duration(self, step: Cell) -> float:
         """Time of an action, or of a composite run as one braided step.
 
         An action alone: F and I last compute + `all_reduce`; B lasts `b + max(0, all_reduce - w)`
@@ -196,7 +196,7 @@ class Event:
     """
 
     device: int
-    action: Step
+    action: Cell
     start: float
     end: float
 

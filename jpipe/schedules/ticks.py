@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from jpipe.schedules.deps import dependencies
-from jpipe.schedules.ir import Action, Composite, Op, Schedule, ScheduleError, Step, members
+from jpipe.schedules.ir import Action, Cell, Composite, Op, Schedule, ScheduleError, members
 
 
 def split_backward(schedule: Schedule) -> Schedule:
@@ -33,7 +33,7 @@ def split_backward(schedule: Schedule) -> Schedule:
     """
     rows = []
     for row in schedule.actions:
-        new_row: list[Step] = []
+        new_row: list[Cell] = []
         for step in row:
             weights = [Action(a.stage, Op.W, a.microbatch) for a in members(step) if a.op is Op.B]
             if isinstance(step, Composite):
@@ -60,7 +60,7 @@ class TickTable:
     """
 
     schedule: Schedule
-    ticks: tuple[tuple[Step | None, ...], ...]
+    ticks: tuple[tuple[Cell | None, ...], ...]
 
     @property
     def num_ticks(self) -> int:
@@ -127,7 +127,7 @@ def pack(schedule: Schedule, *, split: bool = True, send_latency: int = 0, keep_
             blocked = [str(row[cursor[d]]) for d, row in enumerate(schedule.actions) if cursor[d] < len(row)]
             raise ScheduleError(f"schedule {schedule.name!r} deadlocks: blocked actions {blocked}")
     num_ticks = max(tick.values(), default=-1) + 1
-    grid: list[list[Step | None]] = [[None] * schedule.num_devices for _ in range(num_ticks)]
+    grid: list[list[Cell | None]] = [[None] * schedule.num_devices for _ in range(num_ticks)]
     for device, row in enumerate(schedule.actions):
         for step in row:
             at = tick[members(step)[0]]
