@@ -27,6 +27,7 @@ from jpipe.train.checkpoint import (
     CheckpointMismatchError,
     NoRestorableCheckpointError,
 )
+from jpipe.train.orbax_shim import ReadLoop, orbax_read_scope
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -372,8 +373,10 @@ def test_failed_reads_leave_no_stray_exceptions_behind(tmp_path, monkeypatch, ca
     for trial in range(6):
         shutil.rmtree(tmp_path / "2", ignore_errors=True)
         shutil.copytree(tmp_path / "1", tmp_path / "2")
+        # Array data files only: the small `d/` files hold B-tree nodes, some superseded and never read.
         data = sorted(
-            (f for f in (tmp_path / "2" / "state").rglob("d/*") if f.is_file()), key=lambda f: f.stat().st_size
+            (f for f in (tmp_path / "2" / "state").rglob("d/*") if f.is_file() and f.stat().st_size > 4096),
+            key=lambda f: f.stat().st_size,
         )
         victim = data[-1 - trial % min(3, len(data))]
         if trial % 2:
@@ -386,6 +389,77 @@ def test_failed_reads_leave_no_stray_exceptions_behind(tmp_path, monkeypatch, ca
     gc.collect()
     assert leaked == []
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+# Each assumption of jpipe/train/orbax_shim.py, one test each: a failure names the assumption that broke.
+SHIM = "jpipe/train/orbax_shim.py relies on this; re-check the shim against the new versions"
+
+
+def test_orbax_shim_assumption_new_event_loops_come_from_the_policy():
+    before = asyncio.get_event_loop_policy()
+    with orbax_read_scope():
+        loop = asyncio.new_event_loop()
+        with orbax_read_scope():  # nested (another read in another thread)
+            pass
+        assert type(loop) is ReadLoop, f"asyncio.new_event_loop() no longer asks the event loop policy; {SHIM}"
+        loop.close()
+    assert asyncio.get_event_loop_policy() is before
+    other = asyncio.new_event_loop()
+    assert type(other) is not ReadLoop
+    other.close()
+
+
+def test_orbax_shim_assumption_orbax_reads_on_a_new_loop_it_closes(tmp_path, monkeypatch):
+    closed = []
+    original_close = ReadLoop.close
+    monkeypatch.setattr(ReadLoop, "close", lambda self: (closed.append(self), original_close(self))[-1])
+    with Checkpointer(tmp_path, keep=None, async_save=False) as ckpt:
+        ckpt.save(1, make_state(1), {})
+        assert ckpt.restore(abstract(make_state(0)))[0] == 1
+    assert closed and all(loop.is_closed() for loop in closed), (
+        f"orbax's restore no longer runs on a loop from asyncio.new_event_loop() that it then closes; {SHIM}"
+    )
+
+
+def test_orbax_shim_assumption_tensorstore_cancels_a_read_whose_awaiter_is_cancelled():
+    ts = pytest.importorskip("tensorstore")
+    promise, future = ts.Promise.new()
+
+    async def read():
+        return await future
+
+    loop = ReadLoop()
+    task = loop.create_task(read())
+    loop.run_until_complete(asyncio.sleep(0))  # the task is now awaiting the tensorstore future
+    loop.close()  # what orbax does after a failed read: the ReadLoop cancels the task and lets it finish
+    assert task.cancelled()
+    assert future.cancelled(), f"cancelling an asyncio await of a tensorstore.Future no longer cancels it; {SHIM}"
+    del promise
+
+
+def test_orbax_shim_assumption_tensorstore_delivers_late_results_through_call_soon_threadsafe(monkeypatch):
+    ts = pytest.importorskip("tensorstore")
+    leaked = []
+    monkeypatch.setattr(sys, "unraisablehook", leaked.append)
+    calls = []
+
+    class Recording(ReadLoop):
+        def call_soon_threadsafe(self, callback, *args, context=None):
+            calls.append(self.is_closed())
+            return super().call_soon_threadsafe(callback, *args, context=context)
+
+    promise, future = ts.Promise.new()
+
+    async def start_awaiting():
+        return future.__await__()
+
+    loop = Recording()
+    awaiting = loop.run_until_complete(start_awaiting())
+    asyncio.SelectorEventLoop.close(loop)  # closed under a pending read (no cancelling), as orbax does
+    promise.set_result(1)  # the read completes after the close
+    assert calls == [True], f"tensorstore no longer delivers an awaited result via loop.call_soon_threadsafe; {SHIM}"
+    assert leaked == []  # the ReadLoop dropped it: no "Event loop is closed"
+    del awaiting
 
 
 def test_explicit_step_never_falls_back(tmp_path):

@@ -44,18 +44,12 @@ as `json.loads` would give it (tuples become lists, dict keys become strings).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import gc
-import inspect
 import json
 import os
 import re
-import sys
 import time
-import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +57,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_manager import StepAlreadyExistsError
+
+from jpipe.train.orbax_shim import orbax_read_scope
 
 __all__ = [
     "CheckpointError",
@@ -366,14 +362,14 @@ class Checkpointer:
         failures: list[tuple[int, str]] = []
         for index, candidate in enumerate(candidates):
             try:
-                with _orbax_read_scope():
+                with orbax_read_scope():
                     saved = self._saved_tree(candidate)
             except Exception as err:  # noqa: BLE001 - any read failure means this step is unusable
                 reason = _reason(err)
             else:
                 _check_compatible(target, saved, candidate)  # caller error: raise, no fallback
                 try:
-                    with _orbax_read_scope():
+                    with orbax_read_scope():
                         restored = self._manager.restore(
                             candidate,
                             args=ocp.args.Composite(
@@ -410,7 +406,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else int(step)
         if step is None or step not in self.all_steps():
             raise NoRestorableCheckpointError(f"no checkpoint for step {step} in {self._directory}")
-        with _orbax_read_scope():
+        with orbax_read_scope():
             restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
         metadata = restored[_META]
         return metadata if isinstance(metadata, dict) else {}
@@ -442,110 +438,6 @@ def _reason(err: BaseException) -> str:
     while root.__cause__ is not None and root.__cause__ is not root:
         root = root.__cause__
     return short(err, 200) if root is err else f"{short(err, 120)}; caused by {short(root, 240)}"
-
-
-# ------------------------------------------------------------------- orbax failed-read teardown
-# Workaround for orbax 0.12.8 (`orbax/checkpoint/_src/asyncio_utils.py`, `serialization.py`): when one
-# array read fails, `asyncio.gather` raises while sibling reads are still pending, and orbax closes
-# its private event loop without cancelling them. Two kinds of noise follow, at unpredictable times:
-# tensorstore completing a pending read calls `loop.call_soon_threadsafe` on the closed loop
-# (RuntimeError "Event loop is closed", reported as an unraisable exception), and the orphaned read
-# coroutines, when garbage-collected, turn `GeneratorExit` into a new exception ("Exception ignored
-# in: <coroutine ...>"). Under pytest with `filterwarnings = error` either one fails whichever test
-# happens to be running. So a read attempt runs inside `_orbax_read_scope`: it swallows exactly
-# those two kinds while active, and on failure cancels the orphaned reads and closes their
-# coroutines so nothing is left to fire later. Only tasks on closed loops running orbax code are
-# touched; every other unraisable exception goes to the previous hook.
-#
-# Orbax offers no public way around this (checked for 0.12.8: no option cancels the sibling reads
-# or hands orbax a loop of ours; its `asyncio_utils.run_sync` always runs on a fresh loop it closes
-# itself), so the workaround stays. It uses only public interfaces: `gc` to find the stranded
-# tasks, coroutine introspection (`cr_await`, `cr_frame`) to reach the futures they wait on, the dead
-# loop's `call_soon_threadsafe` replaced by one that drops the callback (a read finishing after the
-# scope ended, whatever the timing), and its `set_exception_handler` to drop what asyncio would log
-# about that loop's leftovers when
-# they are garbage-collected ("Task was destroyed but it is pending!" for a stranded read, "... exception
-# was never retrieved" for the sibling reads that failed too): the caller already got the read's error.
-
-
-def _is_orbax_coroutine(obj: Any) -> bool:
-    code = getattr(obj, "cr_code", None)
-    return inspect.iscoroutine(obj) and code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-
-
-def _is_orbax_teardown_noise(unraisable: Any) -> bool:
-    if _is_orbax_coroutine(unraisable.object):
-        return True
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-        return any(frame.name == "call_soon_threadsafe" for frame in frames)
-    return False
-
-
-_LEFTOVER_REPORTS = ("Task was destroyed but it is pending!", "exception was never retrieved")
-
-
-def _ignore_failed_read_leftovers(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Exception handler of a closed orbax loop whose read failed: its leftovers' reports are noise."""
-    if not str(context.get("message", "")).endswith(_LEFTOVER_REPORTS):
-        loop.default_exception_handler(context)
-
-
-def _drop_callback(callback: Any, *args: Any, context: Any = None) -> None:
-    """`call_soon_threadsafe` of a closed orbax loop: nothing can run there any more."""
-
-
-def _cancel_orphaned_orbax_reads() -> None:
-    """Cancel the tensorstore reads of orbax tasks stranded on a closed loop, then close their coroutines."""
-    for task in [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task)]:
-        coro = task.get_coro()
-        if not task.get_loop().is_closed() or not _is_orbax_coroutine(coro):
-            continue
-        loop = task.get_loop()
-        loop.set_exception_handler(_ignore_failed_read_leftovers)  # the loop can never run again
-        # A read tensorstore completes after this (cancelling does not stop one already finishing)
-        # would schedule its result on the closed loop, and raise "Event loop is closed" in
-        # tensorstore's thread, after the read scope has ended: this loop drops such callbacks.
-        loop.call_soon_threadsafe = _drop_callback
-        if task.done():
-            continue
-        awaited: Any = coro
-        while inspect.iscoroutine(awaited):  # down the await chain to the future it is blocked on
-            awaited = awaited.cr_await
-        futures = [awaited] if isinstance(awaited, asyncio.Future) else []
-        if awaited is not None and type(awaited).__name__ == "FutureIter":
-            futures = [ref for ref in gc.get_referents(awaited) if isinstance(ref, asyncio.Future)]
-        for future in futures:  # tensorstore registers `ts.Future.cancel` as the asyncio future's callback
-            for ref in gc.get_referents(future):
-                owner = getattr(ref, "__self__", None)
-                if inspect.ismethod(ref) and type(owner).__module__.startswith("tensorstore"):
-                    owner.cancel()
-        if coro.cr_frame is not None and not coro.cr_running:
-            try:
-                coro.close()
-            except Exception:  # noqa: BLE001 - orbax re-raises GeneratorExit as Exception; that is expected
-                pass
-
-
-@contextlib.contextmanager
-def _orbax_read_scope() -> Iterator[None]:
-    """Run an orbax read; swallow its failed-read teardown noise and leave nothing behind on failure."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        if not _is_orbax_teardown_noise(unraisable):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    try:
-        yield
-    except Exception:
-        _cancel_orphaned_orbax_reads()
-        raise
-    finally:
-        if sys.unraisablehook is hook:
-            sys.unraisablehook = previous
 
 
 def _check_compatible(target: Any, saved_tree: Any, step: int) -> None:
