@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 
 import numpy as np
 
@@ -206,8 +207,9 @@ class Program:
         """bool `[p]`: the devices that run some microbatch's last hop (in any lane)."""
         return np.logical_or.reduce([(lane.is_last == 1).any(axis=0) for lane in self.lanes])
 
+    @functools.cached_property
     def pair_kinds(self) -> tuple[list[tuple[int, ...]], np.ndarray]:
-        """The kinds of braided ticks and where each runs: `(kinds, pair)`.
+        """The kinds of braided ticks and where each runs: `(kinds, pair)`, computed once per program.
 
         A kind is `(op, is_first, is_last)` of the first op followed by the same of the second; each
         gets its own branch in the executor, in which the first/last-hop work (prologue, loss) is

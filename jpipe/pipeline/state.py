@@ -150,7 +150,7 @@ class TickRow:
         """Device `device`'s rows of `program`'s tables, `[T, ...]` (the scan's `xs`)."""
         num_inbox, k = program.num_inbox_slots, program.microbatches_per_device
         lanes = tuple(LaneRow.of(lane, device, num_inbox, k) for lane in program.lanes)
-        pair = _device_row(program.pair_kinds()[1], device) if program.braided else None
+        pair = _device_row(program.pair_kinds[1], device) if program.braided else None
         return cls(lanes=lanes, delivery=DeliveryRow.of(program.delivery, device, num_inbox), pair=pair)
 
 

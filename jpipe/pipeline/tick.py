@@ -126,7 +126,7 @@ class TickMachine:
             )
             state = state.update(part, buffers)
             messages[0] = _where(runs_here, produced, messages[0])
-        kinds, _ = self.program.pair_kinds()
+        kinds, _ = self.program.pair_kinds
         for index, kind in enumerate(kinds, start=1):
             run, buffers = self._braided(kind)
             runs_here = row.pair == index
