@@ -57,6 +57,7 @@ def value_and_grad(
     prologue: Callable[[PyTree, PyTree], PyTree] | None = None,
     overlap_sends: bool | str = "auto",
     braid: bool = True,
+    balance_ticks: bool | str = False,
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -115,6 +116,13 @@ def value_and_grad(
         (`experiments/tp_overlap.py`).
         False runs them one after the other in consecutive ticks. Schedules without composites are
         unaffected.
+      balance_ticks: cost-balanced ticks (`jpipe.schedules.fused_ticks`): the schedule is repacked
+        so that a device runs two ops of different microbatches in one tick (braided, as a
+        composite) where both fit in the tick's length under `cost`, e.g. a forward beside the
+        weight gradient of another microbatch while another device runs a rematerialising I.
+        "auto" repacks when the lockstep simulation under `cost` is faster (never with the default
+        `Cost()`, whose ops are alike); True always repacks (B split); False (default) never: the
+        braided ticks of a `jpipe.layered` stage unroll its layers (compile time, temp memory).
 
     Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
     over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
@@ -135,10 +143,10 @@ def value_and_grad(
     check_mesh(schedule, mesh, stage_axis, data_axes)
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
-    options = PipelineOptions(remat, split_backward, overlap_sends, braid, cost)
+    options = PipelineOptions(remat, split_backward, overlap_sends, braid, cost, balance_ticks)
     plan = options.plan(schedule)
     program = prog.compile_program(
-        schedule, split=plan.split, deliver=prologue is None, send_latency=int(plan.overlap), braid=braid
+        plan.schedule, split=plan.split, deliver=prologue is None, send_latency=int(plan.overlap), braid=braid
     )
     braid_ops = stage_ops(stage_fn, remat, unroll=True) if program.braided else None
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops)

@@ -1,7 +1,7 @@
 """How the executor runs a schedule, declared once, and the plan its "auto" choices resolve to.
 
-`PipelineOptions` holds the executor's options (`remat`, `split_backward`, `overlap_sends`, `braid`
-and the `cost` that decides the "auto" ones). `jpipe.value_and_grad` takes them as keywords (its
+`PipelineOptions` holds the executor's options (`remat`, `split_backward`, `overlap_sends`, `braid`,
+`balance_ticks` and the `cost` that decides the "auto" ones). `jpipe.value_and_grad` takes them as keywords (its
 defaults are these); the model adapters (`jpipe.models.PipelinedModel`, `PipelinedLM`) carry one
 as `options`; the training config builds one (`ParallelConfig.pipeline_options`). Bad values are
 refused here, when the options are made.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from jpipe.schedules.fused_ticks import balance_ticks
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.simulate import Cost, best_split, simulate
 
@@ -32,6 +33,11 @@ class PipelineOptions:
       overlap_sends: send each tick's messages during the next tick: True, False or "auto" (on
         unless the simulation says slower).
       braid: run a composite's two ops in one tick, layer by layer (False: one after the other).
+      balance_ticks: let a device run two ops of different microbatches in one tick where they fit
+        in the tick's length (`jpipe.schedules.fused_ticks`): True, False (default) or "auto" (when
+        the lockstep simulation under `cost` is faster). Needs `braid`. Off by default: a braided
+        tick of a `jpipe.layered` stage unrolls its layers, which costs compile time and temporary
+        memory; with the default `Cost()` (F = I = W) no packing is faster anyway.
       cost: per-op costs for the "auto" choices (default `Cost()`: F=1, B=2, I=W=1).
     """
 
@@ -40,14 +46,17 @@ class PipelineOptions:
     overlap_sends: bool | str = AUTO
     braid: bool = True
     cost: Cost | None = None
+    balance_ticks: bool | str = False
 
     def __post_init__(self):
-        for name in ("split_backward", "overlap_sends"):
+        for name in ("split_backward", "overlap_sends", "balance_ticks"):
             value = getattr(self, name)
             if value != AUTO and not isinstance(value, bool):
                 raise ValueError(f"{name}: expected True, False or 'auto', got {value!r}")
         if not isinstance(self.braid, bool):
             raise ValueError(f"braid: expected True or False, got {self.braid!r}")
+        if self.balance_ticks is True and not self.braid:
+            raise ValueError("balance_ticks=True runs two ops in one tick: it needs braid=True, got braid=False")
 
     def keywords(self) -> dict:
         """The options as `jpipe.value_and_grad` keywords."""
@@ -57,7 +66,13 @@ class PipelineOptions:
         """The options with their "auto" choices resolved for `schedule` (simulations: once, here)."""
         split = resolve_split(schedule, self.split_backward, self.cost)
         overlap = resolve_overlap(schedule, self.overlap_sends, self.cost, split=split)
-        return PipelinePlan(self, split=split, overlap=overlap)
+        if self.balance_ticks is False or not self.braid:
+            return PipelinePlan(self, split=split, overlap=overlap, schedule=schedule)
+        balanced = balance_ticks(schedule, self.cost, send_latency=int(overlap))
+        if balanced.fused or self.balance_ticks is True:
+            fused = balanced.schedule if balanced.fused else schedule
+            return PipelinePlan(self, split=True, overlap=overlap, schedule=fused, balanced=balanced.fused)
+        return PipelinePlan(self, split=split, overlap=overlap, schedule=schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +83,15 @@ class PipelinePlan:
       options: as given.
       split: whether each B runs as I then W (schedules written with I and W always run them split).
       overlap: whether sends are hidden behind the next tick's compute (`send_latency=1`).
+      schedule: the schedule the executor runs: the one given, or its cost-balanced packing.
+      balanced: whether `schedule` is a cost-balanced packing (`jpipe.schedules.fused_ticks`).
     """
 
     options: PipelineOptions
     split: bool
     overlap: bool
+    schedule: Schedule | None = None
+    balanced: bool = False
 
     def describe(self) -> str:
         """One line, e.g. "backward split into I and W (auto), sends overlapped (auto)"."""
@@ -82,7 +101,10 @@ class PipelinePlan:
 
         split = how("split into I and W" if self.split else "whole", self.options.split_backward)
         sends = how("overlapped" if self.overlap else "exposed", self.options.overlap_sends)
-        return f"backward {split}, sends {sends}"
+        text = f"backward {split}, sends {sends}"
+        if self.balanced:
+            text += f", ticks {how('cost-balanced', self.options.balance_ticks)}"
+        return text
 
 
 def resolve_split(schedule: Schedule, split_backward: bool | str, cost: Cost | None = None) -> bool:

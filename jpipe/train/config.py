@@ -135,6 +135,9 @@ class ParallelConfig:
         behind it, one more tick of latency): true, false, or "auto" (on when the lockstep
         simulator finds it no slower under the measured stage costs, whose send time is 0 unless
         measured, so "auto" is off).
+      balance_ticks: cost-balanced ticks (`jpipe.schedules.fused_ticks`): a device runs two ops of
+        different microbatches in one tick where they fit in its length under the measured costs:
+        true, false (default), or "auto" (when the lockstep simulator finds it faster).
       memory_limit: schedule "auto" only: the most stash per device, as microbatch x stage stashes
         (a number, e.g. 4 or 6.5; one stash is one microbatch's forward residuals of a device's
         whole share of the layers) or bytes with a unit (e.g. 512MiB, 2GB: converted with the
@@ -154,6 +157,7 @@ class ParallelConfig:
     remat: str = "none"
     split_backward: bool | str = "auto"
     overlap_sends: bool | str = "auto"
+    balance_ticks: bool | str = False
     memory_limit: float | str | None = None
     search_time: float = 30.0
     skip_ratio: float | None = None
@@ -184,6 +188,10 @@ class ParallelConfig:
         _require(
             self.overlap_sends in (True, False, "auto"),
             f"parallel.overlap_sends: expected true, false or 'auto', got {self.overlap_sends!r}",
+        )
+        _require(
+            self.balance_ticks in (True, False, "auto"),
+            f"parallel.balance_ticks: expected true, false or 'auto', got {self.balance_ticks!r}",
         )
         if self.memory_limit is not None:
             try:
@@ -217,10 +225,15 @@ class ParallelConfig:
         return self.stage * self.virtual
 
     def pipeline_options(self) -> PipelineOptions:
-        """The executor's options these fields set (`remat`, `split_backward`, `overlap_sends`)."""
+        """The executor's options these fields set (`remat`, `split_backward`, `overlap_sends`, `balance_ticks`)."""
         from jpipe.pipeline.options import PipelineOptions  # here: importing jpipe.pipeline starts JAX
 
-        return PipelineOptions(remat=self.remat, split_backward=self.split_backward, overlap_sends=self.overlap_sends)
+        return PipelineOptions(
+            remat=self.remat,
+            split_backward=self.split_backward,
+            overlap_sends=self.overlap_sends,
+            balance_ticks=self.balance_ticks,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -205,7 +205,7 @@ class TrainStep:
         """The lockstep simulation of what the step runs (its plan's split and sends, the pipe's cost)."""
         plan = self.plan
         return schedules.simulate(
-            self.pipe.schedule,
+            plan.schedule or self.pipe.schedule,
             self.pipe.options.cost,
             mode="lockstep",
             split_backward=plan.split,
@@ -331,7 +331,8 @@ def describe(config: TrainConfig, built: TrainStep, stream: IO[str], *, show_cha
         f"B={_times(cost.b)}, I={_times(cost.i)}, W={_times(cost.w)}): bubble "
         f"{asynchronous.bubble_fraction:.1%} async, {lockstep.bubble_fraction:.1%} lockstep (this executor, "
         f"backward {'split into I and W' if split or schedule.split_backward else 'whole'}, sends "
-        f"{'hidden behind the next tick' if hidden else 'after each tick'}); peak memory "
+        f"{'hidden behind the next tick' if hidden else 'after each tick'}"
+        f"{', cost-balanced ticks' if plan.balanced else ''}); peak memory "
         f"{max(lockstep.peak_memory):.3g} microbatch x stage stashes (device max)",
     ]
     text = "\n".join(line for line in lines if line)
