@@ -188,3 +188,18 @@ def test_skippipe(tmp_path, cache):
     # The full pipeline's own eval and the unpipelined full model on the same batches agree.
     full = [float(cell) for cell in runs[0].split("|")[4:6]]
     assert abs(full[0] - full[1]) < 1e-3
+
+
+def test_lockstep_tax(tmp_path, cache):
+    result = run_experiment("lockstep_tax.py", "--quick", "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "lockstep_tax.md").read_text()
+    assert table in result.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| d64 seq")]
+    taxed = [row for row in rows if row.count("|") == 9]
+    assert len(taxed) == 2 * 2 * 4  # 2 shapes x 2 remat modes x 4 schedules
+    for row in taxed:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        one_op, balanced = float(cells[2]), float(cells[3])
+        assert balanced <= one_op, row  # balance_ticks never keeps a slower packing
+        if ", full" in cells[0]:
+            assert balanced < one_op, row  # remat's heavy I leaves room beside F and W
