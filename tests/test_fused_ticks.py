@@ -123,3 +123,15 @@ def test_fused_ticks_match_sequential(case):
     ref_loss, ref_grads = reference_value_and_grad(stage_params, loss_params, inputs, targets_, stage)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, ref_grads)
+
+
+def test_auto_balances_only_within_the_memory_limit():
+    # Remat full at 4096 tokens: a weight residual is 24 stashes. 1f1b runs B whole (4 stashes);
+    # balancing splits it and holds one microbatch's residuals: 7x the memory, so "auto" keeps B
+    # whole. zb_h1 already splits; balancing pulls its W's forward, which lowers its memory.
+    cost = Cost(f=1.0, b=2.80, i=2.20, w=0.59, weight_residuals=24.0)
+    whole = PipelineOptions(cost=cost, balance_ticks="auto").plan(_build("1f1b", 4, 16))
+    assert not whole.balanced and whole.schedule.name == "1f1b"
+    assert PipelineOptions(cost=cost, balance_ticks=True).plan(_build("1f1b", 4, 16)).balanced
+    zero_bubble = PipelineOptions(cost=cost, balance_ticks="auto").plan(_build("zb_h1", 4, 16))
+    assert zero_bubble.balanced and "cost-balanced (auto)" in zero_bubble.describe()

@@ -35,7 +35,8 @@ class PipelineOptions:
       braid: run a composite's two ops in one tick, layer by layer (False: one after the other).
       balance_ticks: let a device run two ops of different microbatches in one tick where they fit
         in the tick's length (`jpipe.schedules.fused_ticks`): True, False (default) or "auto" (when
-        the lockstep simulation under `cost` is faster). Needs `braid`. Off by default: a braided
+        the lockstep simulation under `cost` is faster and its simulated peak memory is at most
+        `BALANCE_MEMORY_LIMIT` x that of the plan it replaces). Needs `braid`. Off by default: a braided
         tick of a `jpipe.layered` stage unrolls its layers, which costs compile time and temporary
         memory; with the default `Cost()` (F = I = W) no packing is faster anyway.
       cost: per-op costs for the "auto" choices (default `Cost()`: F=1, B=2, I=W=1).
@@ -69,6 +70,8 @@ class PipelineOptions:
         if self.balance_ticks is False or not self.braid:
             return PipelinePlan(self, split=split, overlap=overlap, schedule=schedule)
         balanced = balance_ticks(schedule, self.cost, send_latency=int(overlap))
+        if self.balance_ticks == AUTO and not _fits(balanced.schedule, schedule, self.cost, split, overlap):
+            return PipelinePlan(self, split=split, overlap=overlap, schedule=schedule)
         if balanced.fused or self.balance_ticks is True:
             fused = balanced.schedule if balanced.fused else schedule
             return PipelinePlan(self, split=True, overlap=overlap, schedule=fused, balanced=balanced.fused)
@@ -105,6 +108,22 @@ class PipelinePlan:
         if self.balanced:
             text += f", ticks {how('cost-balanced', self.options.balance_ticks)}"
         return text
+
+
+BALANCE_MEMORY_LIMIT = 1.25
+"""`balance_ticks="auto"` keeps a packing only within this factor of the replaced plan's peak memory."""
+
+
+def _fits(fused: Schedule, schedule: Schedule, cost: Cost | None, split: bool, overlap: bool) -> bool:
+    """Whether `fused` needs at most `BALANCE_MEMORY_LIMIT` x the simulated peak memory of `schedule` run
+    with `split` (stash plus weight residuals, `Cost.weight_residuals`): under remat a split backward
+    holds weight residuals many times a stash, which "auto" must not add silently."""
+
+    def peak(s: Schedule, split_backward: bool) -> float:
+        sim = simulate(s, cost, "lockstep", split_backward=split_backward, send_latency=int(overlap))
+        return max(sim.peak_memory, default=0.0)
+
+    return peak(fused, True) <= BALANCE_MEMORY_LIMIT * peak(schedule, split) + 1e-12
 
 
 def resolve_split(schedule: Schedule, split_backward: bool | str, cost: Cost | None = None) -> bool:
