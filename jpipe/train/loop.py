@@ -319,7 +319,7 @@ def describe(config: TrainConfig, built: TrainStep, stream: IO[str], *, show_cha
     asynchronous = schedules.simulate(schedule, cost, mode="async")
     lockstep = built.lockstep
     split, hidden = plan.split, plan.overlap
-    chart = schedules.render(schedule, width=160)
+    chart = schedules.render(plan.schedule if plan.balanced else schedule, width=160)  # what the executor runs
     lines = [
         f"mesh: {mesh_text} ({len(pipe.mesh.devices.flat)} {jax.default_backend()} devices)",
         f"model: {config.model.num_layers} layers, d_model {config.model.d_model}, "
