@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "schedules": ("jpipe.schedules", None),
     "pipeline": ("jpipe.pipeline", None),
+    "parallel": ("jpipe.parallel", None),
     "forward": ("jpipe.pipeline", "forward"),
     "forward_loss": ("jpipe.pipeline", "forward_loss"),
     "value_and_grad": ("jpipe.pipeline", "value_and_grad"),

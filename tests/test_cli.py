@@ -233,8 +233,8 @@ class TestUserErrors:
             _config("--stages", "0")
 
 
-def test_the_readme_config_file_example_builds(tmp_path):
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_config_file_example_builds(tmp_path):
+    readme = (ROOT / "docs" / "training.md").read_text()
     example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "exp.toml").write_text(example)
     config = _config("--config", str(tmp_path / "exp.toml"), "--steps", "500")
