@@ -47,6 +47,7 @@ SHORT_NAMES = {
     "run.preemption_signals": "preemption_signals",
     "optimizer.learning_rate": "learning_rate",
     "optimizer.warmup_steps": "warmup_steps",
+    "optimizer.decay_steps": "decay_steps",
     "data.batch_size": "batch_size",
     "data.seq_len": "seq_len",
     "data.path": "data_path",

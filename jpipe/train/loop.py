@@ -51,7 +51,7 @@ from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.options import PipelinePlan
 from jpipe.train import auto
 from jpipe.train.checkpoint import Checkpointer
-from jpipe.train.config import AUTO, as_dict
+from jpipe.train.config import AUTO, ConfigError, as_dict
 from jpipe.train.data import TokenDataset, cache_dir, open_datasets
 from jpipe.train.init_from import InitSource
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
@@ -170,7 +170,8 @@ class TrainStep:
         "auto": the per-stage cost the search used, the embedding and head included).
       costs: the largest stage's measured F/B/I/W costs (XLA FLOPs on the default backend); they
         decide `split_backward="auto"`.
-      optimizer: AdamW with warmup and cosine decay over `config.run.steps` (`jpipe.train.optimizer`).
+      optimizer: AdamW with warmup and cosine decay over `config.run.steps`, or `optimizer.decay_steps`
+        when set (`jpipe.train.optimizer`).
       learning_rate: its schedule, step -> learning rate.
       step: `jpipe.train.step.train_step`, jitted: `(params, opt_state, tokens, targets) -> (params,
         opt_state, loss, grad_norm)`. The state arguments are donated (updated in place) and come
@@ -399,6 +400,12 @@ def train(
     if resume and checkpointer.latest_step() is not None:
         start, params, opt_state = _restore(checkpointer, built, stream)
         _report_skipped(checkpointer, start, stream)
+        if start > total_steps:
+            checkpointer.close()
+            raise ConfigError(
+                f"run.steps: the run in {out} resumes from its checkpoint at step {start}, after its last step "
+                f"{total_steps}; pass --steps {start} or more"
+            )
     elif checkpointer.latest_step() is not None:
         checkpointer.close()
         raise FileExistsError(
