@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +21,10 @@ from flax import nnx
 from lm_cases import TINY, Case, model_params, pipeline, reference_step
 from pipeline_cases import assert_trees_close
 
+from jpipe.data.tokens import BIN_NAME, TokenMeta
 from jpipe.models import GPT, llama_config
 from jpipe.models.layers import attention_mask, document_segments
+from jpipe.train import cli
 
 EOD = 0
 LLAMA = llama_config(vocab_size=64, seq_len=8, d_model=16, num_heads=4, num_kv_heads=2, num_layers=4, mlp_ratio=2)
@@ -89,3 +94,37 @@ def test_pipelined_masked_model_matches_unpipelined(case):
     assert_trees_close(pipe.to_model(grads), ref_grads)
     evaluated = jax.jit(pipe.evaluate())(pipe.place(params), tokens, targets)
     assert_trees_close(evaluated, ref_loss)
+
+
+def _token_folder(path: pathlib.Path, eod: int = 3, vocab_size: int = 50) -> pathlib.Path:
+    """A token folder as `python -m jpipe.data.prepare` writes it: documents of 5 to 20 ids, each ended by `eod`."""
+    rng = np.random.default_rng(0)
+    ids: list[int] = []
+    while len(ids) < 3000:
+        ids += [int(i) for i in rng.integers(eod + 1, vocab_size, rng.integers(5, 20))] + [eod]
+    path.mkdir()
+    np.asarray(ids, np.uint16).tofile(path / BIN_NAME)
+    TokenMeta(vocab_size, "uint16", eod, len(ids), ids.count(eod), tokenizer="").write(path)
+    return path
+
+
+def test_the_cli_masks_at_the_token_folders_end_of_document_and_trains(tmp_path, capsys):
+    from jpipe.train.loop import train
+
+    data = _token_folder(tmp_path / "tokens")
+    args = ["--preset", "tiny", "--model", "llama", "--data-path", str(data), "--data.eval-fraction", "0.1"]
+    args += ["--out", str(tmp_path / "run")]
+    config = cli.build_config(cli.parse([*args, "--no-cross-document-attention", "--steps", "1"]), training=True)
+    assert (config.model.document_end, config.model.vocab_size) == (3, 50)
+    assert cli.build_config(cli.parse(args)).model.document_end is None  # attention crosses documents by default
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
+        summary = train(config, stream=io.StringIO())
+    assert np.isfinite(summary.losses).all()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["document_end"] == 3
+
+    assert cli.main(["--preset", "tiny", "--no-cross-document-attention"]) == 2  # byte-level text: no documents
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cross-document-attention: data.cross_document_attention: false needs a token")
+    assert err.count("\n") == 1 and "has none" in err
+    assert cli.main([*args, "--model.document-end", "4"]) == 2
+    assert "model.document_end: set from the data by data.cross_document_attention false" in capsys.readouterr().err

@@ -300,6 +300,9 @@ class DataConfig:
       eval_fraction: the last fraction of the corpus, held out for evaluation.
       max_corpus_bytes: read at most this many bytes of text (unset: all of it); a token folder is
         read whole.
+      cross_document_attention: whether attention may cross a document boundary inside a window
+        (windows pack documents). False: a token attends only to its own document (masked at the
+        token folder's end-of-document token, which sets model.document_end); needs a token folder.
     """
 
     path: str | None = None
@@ -308,6 +311,7 @@ class DataConfig:
     seed: int = 0
     eval_fraction: float = 0.01
     max_corpus_bytes: int | None = None
+    cross_document_attention: bool = True
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"data.seq_len: must be >= 2, got {self.seq_len}")

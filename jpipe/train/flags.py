@@ -51,6 +51,7 @@ SHORT_NAMES = {
     "data.batch_size": "batch_size",
     "data.seq_len": "seq_len",
     "data.path": "data_path",
+    "data.cross_document_attention": "cross_document_attention",
     "model.family": "model",
     "model.num_kv_heads": "kv_heads",
     "model.num_layers": "layers",
