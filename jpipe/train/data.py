@@ -182,6 +182,13 @@ class TokenDataset:
         """
         if batch_size % num_shards:
             raise ValueError(f"batch_size {batch_size} must divide over {num_shards} data shards")
+        return self.rows(seed, step, batch_size, np.arange(batch_size)[shard::num_shards])
+
+    def rows(self, seed: int, step: int, batch_size: int, rows: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """Rows `rows` (indices into the global batch at `step`) of inputs and targets: `[len(rows), seq_len]`.
+
+        Reads only those rows' windows: a process reads the rows its devices hold.
+        """
         windows = self.num_windows
         if windows < batch_size:
             raise ValueError(
@@ -189,12 +196,12 @@ class TokenDataset:
             )
         epoch, index = divmod(step * batch_size, windows)
         order = np.random.default_rng([seed, epoch]).permutation(windows)
-        rows = np.take(order, np.arange(index, index + batch_size), mode="wrap")[shard::num_shards]
+        rows = np.take(order, np.arange(index, index + batch_size), mode="wrap")[np.asarray(rows, dtype=np.int64)]
         start = self._bounds[0]
-        examples = np.stack(
-            [self.tokens[start + r * self.seq_len : start + r * self.seq_len + self.seq_len + 1] for r in rows]
-        )
-        examples = examples.astype(np.int32)
+        examples = np.zeros((len(rows), self.seq_len + 1), np.int32)
+        for i, window in enumerate(rows):
+            offset = start + int(window) * self.seq_len
+            examples[i] = self.tokens[offset : offset + self.seq_len + 1]
         return {"inputs": examples[:, :-1], "targets": examples[:, 1:]}
 
 

@@ -123,20 +123,36 @@ def model_shardings(pipe: PipelinedLM) -> PyTree:
     return pipe.rules.param_shardings(axes, abstract, pipe.mesh)
 
 
-def _microbatches(
-    batch: dict[str, np.ndarray], num_microbatches: int, sharding: jax.sharding.NamedSharding
-) -> tuple[jax.Array, jax.Array]:
-    """`[B, T]` examples -> global `[m, B/m, T]` token and target arrays with `sharding` (batch over `data`).
+def local_rows(sharding: jax.sharding.Sharding, shape: tuple[int, int, int]) -> list[int]:
+    """The rows of the global batch (`m x b` of them, in microbatch-major order) that this process's
+    devices hold of an `[m, b, T]` array with `sharding`."""
+    m, b = shape[0], shape[1]
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        microbatches, examples = (range(*s.indices(n)) for s, n in zip(tuple(index)[:2], (m, b)))
+        rows.update(mb * b + row for mb in microbatches for row in examples)
+    return sorted(rows)
 
-    Every process computes the same global batch (it is a function of seed and step) and hands JAX
-    the shards its own devices hold, which also works when the data axis spans processes.
+
+def _microbatches(
+    dataset: TokenDataset, seed: int, step: int, batch_size: int, num_microbatches: int, sharding: jax.sharding.Sharding
+) -> tuple[jax.Array, jax.Array]:
+    """The global batch at `step` as `[m, B/m, T]` token and target arrays with `sharding` (batch over `data`).
+
+    The batch is a function of seed and step; each process reads only the rows its own devices hold
+    (`local_rows`) and hands JAX those shards, which also works when the data axis spans processes.
     """
+    shape = (num_microbatches, batch_size // num_microbatches, dataset.seq_len)
+    rows = local_rows(sharding, shape)
+    read = dataset.rows(seed, step, batch_size, rows)
 
     def split(a):
-        a = a.reshape((num_microbatches, a.shape[0] // num_microbatches) + a.shape[1:])
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+        full = np.zeros((batch_size, shape[2]), a.dtype)  # rows of other processes stay zero: never read
+        full[rows] = a
+        full = full.reshape(shape)
+        return jax.make_array_from_callback(shape, sharding, lambda index: full[index])
 
-    return split(batch["inputs"]), split(batch["targets"])
+    return split(read["inputs"]), split(read["targets"])
 
 
 def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
@@ -463,8 +479,14 @@ def train(
 
     try:
         for step in range(start + 1, total_steps + 1):
-            batch = train_data.batch(config.data.seed, step - 1, config.data.batch_size)
-            tokens, targets = _microbatches(batch, parallel.microbatches, built.batch_sharding)
+            tokens, targets = _microbatches(
+                train_data,
+                config.data.seed,
+                step - 1,
+                config.data.batch_size,
+                parallel.microbatches,
+                built.batch_sharding,
+            )
             profiler.before(step)
             began = time.perf_counter()
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -536,8 +558,9 @@ def _evaluate(
     """Mean loss over `eval_batches` fixed held-out batches."""
     values = []
     for index in range(config.run.eval_batches):
-        batch = dataset.batch(config.data.seed + 1, index, config.data.batch_size)
-        tokens, targets = _microbatches(batch, config.parallel.microbatches, sharding)
+        tokens, targets = _microbatches(
+            dataset, config.data.seed + 1, index, config.data.batch_size, config.parallel.microbatches, sharding
+        )
         values.append(float(eval_loss(params, tokens, targets)))
     return float(np.mean(values))
 
