@@ -10,12 +10,14 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jpipe.train import cli
 from jpipe.train.config import ConfigError, as_dict
 from jpipe.train.fields import config_fields, field_docs
 from jpipe.train.presets import preset
+from jpipe.train.resume import extension_note
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -176,9 +178,53 @@ class TestResume:
         config = _config("--preset", "quickstart", "--resume", "auto", "--out", str(tmp_path / "run"))
         assert config.model == preset("tiny").model and resumes("auto", str(tmp_path / "run"))
 
+    def test_more_steps_extend_the_run_keeping_the_schedules_horizon(self, capsys, tmp_path):
+        out = tmp_path / "run"
+        _save_run(out, preset("tiny"))  # 6 steps, warmup 2
+        (out / "checkpoints" / "6").mkdir(parents=True)
+        (out / "checkpoints" / "8.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save is no checkpoint
+        config = _config("--resume", "--out", str(out), "--steps", "10")
+        assert (config.run.steps, config.optimizer.decay_steps) == (10, 6)
+        assert config.optimizer.learning_rate_at(10, 6) == pytest.approx(1e-3)  # the final rate, 0.1 x 1e-2
+        note = extension_note(preset("tiny"), config, str(out))
+        assert note == (
+            "resume: extending the run from 6 to 10 steps; the learning-rate schedule keeps its horizon: its decay "
+            "ended at step 6, so steps 7..10 train at the final learning rate 0.001 (add --decay-steps 10 to "
+            "stretch the decay to the new end instead)"
+        )
+        stretched = _config("--resume", "--out", str(out), "--steps", "10", "--decay-steps", "10")
+        assert stretched.optimizer.decay_steps == 10
+        assert extension_note(preset("tiny"), stretched, str(out)).endswith(
+            "decays until step 10: step 7 trains at 0.0055 (step 6 trained at 0.00232), and the rate is the final "
+            "0.001 after step 10, past the run's end"
+        )
+        assert _config("--resume", "--out", str(out), "--steps", "6").optimizer.decay_steps is None  # no change
+        err = _error(capsys, "--resume", "--out", str(out), "--steps", "5")
+        assert err.endswith(
+            f"the run in {out} has a checkpoint at step 6; resuming it needs --steps 6 or more, got 5\n"
+        )
+        assert err.startswith("error: --steps: ")
+        err = _error(capsys, "--resume", "--out", str(out), "--decay-steps", "10")  # without new steps: a change
+        assert err.startswith("error: --resume: --decay-steps (unset -> 10) would change the run")
+
+    def test_learning_rate_at_is_the_optax_schedule(self):
+        from jpipe.train.optimizer import learning_rate_schedule
+
+        for optimizer, steps in [
+            (preset("tiny").optimizer, 6),
+            (dataclasses.replace(preset("tiny").optimizer, decay_steps=4), 9),
+            (dataclasses.replace(preset("quickstart").optimizer, decay_steps=50), 30),
+        ]:
+            schedule = learning_rate_schedule(optimizer, steps)
+            expected = [float(schedule(count)) for count in range(steps + 3)]
+            np.testing.assert_allclose(
+                [optimizer.learning_rate_at(steps, c) for c in range(steps + 3)], expected, rtol=1e-5
+            )
+
     def test_a_run_resumes_from_its_config_json_alone_with_another_schedule(self, tmp_path):
         """A tiny run with a non-preset model stops at step 2; `--resume --out` with a new layout and
-        no model flags continues it (restoring needs the saved 2-layer model)."""
+        no model flags continues it (restoring needs the saved 2-layer model); `--resume --steps 5`
+        extends the finished run to step 5 at the final learning rate."""
         out = tmp_path / "run"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("XLA_FLAGS", None)
@@ -197,6 +243,17 @@ class TestResume:
         assert (saved["model"]["num_layers"], saved["model"]["d_model"]) == (2, 8)
         assert (saved["parallel"]["schedule"], saved["parallel"]["data"]) == ("gpipe", 1)
         assert saved["run"]["steps"] == 3
+        third = run("--resume", "--out", str(out), "--steps", "5", "--data", "1")
+        assert third.returncode == 0, third.stderr[-3000:]
+        assert "resume: extending the run from 3 to 5 steps" in third.stdout, third.stdout
+        assert "resumed from step 3" in third.stdout and "step 5/5" in third.stdout
+        saved = json.loads((out / "config.json").read_text())
+        assert (saved["run"]["steps"], saved["optimizer"]["decay_steps"]) == (5, 3)
+        rates = {
+            r["step"]: r["learning_rate"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        }
+        assert sorted(rates) == [1, 2, 3, 4, 5]
+        np.testing.assert_allclose([rates[4], rates[5]], [1e-3, 1e-3], rtol=1e-6)  # tiny: 1e-2, ratio 0.1
 
 
 class TestUserErrors:

@@ -47,3 +47,40 @@ def test_the_test_run_uses_its_own_empty_cache():
 
     assert cache_dir() != cache_dir().home() / ".cache" / "jpipe"
     assert cache_dir().name.startswith("jpipe-test-cache-")
+
+
+class _CountingTokens(np.ndarray):
+    """A token stream recording which windows (slices) are read."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            self.read.append(index.start)
+        return super().__getitem__(index)
+
+
+def test_a_process_reads_only_the_rows_its_devices_hold():
+    """`local_rows` picks the rows of a `[m, b, T]` batch a process's devices hold; `rows` reads only
+    those windows, and gives the global batch's rows."""
+    import jax
+
+    from jpipe.parallel.mesh import DATA, make_mesh
+    from jpipe.train.loop import local_rows
+
+    stream = np.arange(4000, dtype=np.uint16).view(_CountingTokens)
+    stream.read = []
+    dataset = ByteDataset(stream, seq_len=8)
+    whole = dataset.batch(seed=3, step=5, batch_size=8)
+    stream.read.clear()
+    part = dataset.rows(seed=3, step=5, batch_size=8, rows=[1, 4, 6])
+    assert len(stream.read) == 3
+    np.testing.assert_array_equal(part["inputs"], whole["inputs"][[1, 4, 6]])
+    np.testing.assert_array_equal(part["targets"], whole["targets"][[1, 4, 6]])
+
+    class Process:  # a process holding, of a [2, 4, T] batch split over data 2, the first half of each microbatch
+        def addressable_devices_indices_map(self, shape):
+            return {0: (slice(None), slice(0, 2), slice(None)), 1: (slice(None), slice(0, 2), slice(None))}
+
+    assert local_rows(Process(), (2, 4, 8)) == [0, 1, 4, 5]
+    mesh = make_mesh(data=2, stage=4, tensor=1)
+    everything = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA))
+    assert local_rows(everything, (2, 4, 8)) == list(range(8))  # one process holds every row

@@ -42,6 +42,22 @@ def test_the_quick_start_installs_only_what_training_needs():
     assert "'.[test]'" in (ROOT / "scripts" / "test.sh").read_text()
 
 
+def test_the_first_ci_half_installs_the_locked_versions_and_the_second_the_newest():
+    """requirements/lock-py311.txt pins every package of the test environment but jpipe itself (its
+    `pip freeze`, from scripts/lock.sh); scripts/test.sh uses it on Python 3.11 unless JPIPE_LOCK=none,
+    which .ci/run's Python 3.12 half passes."""
+    lines = [line for line in (ROOT / "requirements" / "lock-py311.txt").read_text().splitlines() if line[:1] != "#"]
+    pins = dict(line.split("==") for line in lines)
+    assert len(pins) == len(lines) and pins["jax"] == pins["jaxlib"] == "0.10.2" and "jpipe-pp" not in pins
+    assert {"flax", "optax", "orbax-checkpoint", "numpy", "pytest", "libtpu", "tokenizers"} <= set(pins)
+    test_sh = (ROOT / "scripts" / "test.sh").read_text()
+    assert "requirements/lock-py$(" in test_sh and "-c \"$lock\" -e '.[test]'" in test_sh
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'JPIPE_VENV=.venv312 JPIPE_PYTHON="$python312" JPIPE_LOCK=none bash scripts/test.sh' in ci
+    assert "\nbash scripts/test.sh\n" in ci  # the first half: the README's command as written
+    assert "freeze --exclude-editable --exclude jpipe-pp" in (ROOT / "scripts" / "lock.sh").read_text()
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

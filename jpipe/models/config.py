@@ -49,6 +49,10 @@ class GPTConfig:
       float32_attention: attention scores and their softmax in float32 (float64 for float64
         values). False: in `compute_dtype`, as MaxText's `float32_logits: false` does; the
         `[B, H, T, T]` scores then take half the bytes in bfloat16. No effect in float32.
+      document_end: the end-of-document token id at which attention is masked: a token attends
+        only to earlier tokens of its own document in the window (the end-of-document token ends
+        its document). Unset: attention crosses document boundaries. The training CLI sets it
+        from a token folder with `data.cross_document_attention false`.
     """
 
     vocab_size: int = 256
@@ -68,6 +72,7 @@ class GPTConfig:
     family: str = "gpt"
     num_kv_heads: int | None = None
     float32_attention: bool = True
+    document_end: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "d_model", "num_heads", "num_layers", "mlp_ratio"):
@@ -87,6 +92,11 @@ class GPTConfig:
         for name in ("float32_attention", "fp32_residual", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        end = self.document_end
+        if end is not None and (not isinstance(end, int) or isinstance(end, bool) or not 0 <= end < self.vocab_size):
+            raise ValueError(
+                f"GPTConfig.document_end: must be a token id below vocab_size={self.vocab_size}, got {end!r}"
+            )
         if self.positions not in POSITIONS:
             raise ValueError(f"GPTConfig.positions: expected one of {POSITIONS}, got {self.positions!r}")
         if self.rope and self.head_dim % 2:

@@ -25,6 +25,8 @@ from jpipe.models.layers import (
     PreNormBlock,
     RMSNorm,
     attention_dtype,
+    attention_mask,
+    document_segments,
     normal_param,
     register_block,
     rope,
@@ -47,8 +49,8 @@ class Attention(nnx.Module):
         self.wv = normal_param(rngs, config, (d, h, k), std, ("embed", "heads", "head_dim"))
         self.wo = normal_param(rngs, config, (h, k, d), out_std, ("heads", "head_dim", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, T, D] -> [B, T, D]`."""
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+        """`[B, T, D] -> [B, T, D]`; with `segments` `[B, T]`, a token attends only within its document."""
         config, dtype = self.config, self.config.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))  # [B, T, H, K]
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
@@ -58,9 +60,8 @@ class Attention(nnx.Module):
         wide = attention_dtype(config, dtype)
         scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=wide)  # [B, H, T, T]
         scores = scores * (1.0 / math.sqrt(config.head_dim))
-        seq = x.shape[1]
-        causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None, None]  # [1, 1, T, T]
-        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        mask = attention_mask(x.shape[1], segments)[:, None]  # [1 or B, 1, T, T]
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
         attended = jnp.einsum("bhqs,bshk->bqhk", weights, v)  # [B, T, H, K]
         return jnp.einsum("bthk,hkd->btd", attended, self.wo[...].astype(dtype))
@@ -164,14 +165,23 @@ class GPT(nnx.Module):
         self.head = Head(config, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Token ids `[B, T]` -> float32 logits `[B, T, V]`."""
+        """Token ids `[B, T]` -> float32 logits `[B, T, V]`.
 
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-        def run(block: nnx.Module, x: jax.Array) -> jax.Array:
-            return block(x)
+        With `config.document_end` set, attention stays within each document of the window.
+        """
+        segments = self.segments(tokens)
 
-        x = run(self.blocks, self.embed(tokens))
+        @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+        def run(block: nnx.Module, x: jax.Array, segments: jax.Array | None) -> jax.Array:
+            return block(x, segments)
+
+        x = run(self.blocks, self.embed(tokens), segments)
         return self.head(x, self.embed.tokens[...] if self.config.tie_embeddings else None)
+
+    def segments(self, tokens: jax.Array) -> jax.Array | None:
+        """Each token's document `[B, T]` (`document_segments`), or None when attention crosses documents."""
+        end = self.config.document_end
+        return None if end is None else document_segments(tokens, end)
 
     def loss(self, tokens: jax.Array, targets: jax.Array) -> jax.Array:
         """Mean cross-entropy of next-token prediction; tokens and targets `[B, T]`."""

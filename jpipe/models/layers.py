@@ -62,6 +62,23 @@ def rope(x: jax.Array, base: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def document_segments(tokens: jax.Array, document_end: int) -> jax.Array:
+    """Int32 `[B, T]`: each token's document within its window (the end-of-document tokens before it).
+
+    An end-of-document token belongs to the document it ends; the next token starts the next one.
+    """
+    ends = (tokens == document_end).astype(jnp.int32)
+    return jnp.cumsum(ends, axis=-1) - ends
+
+
+def attention_mask(seq: int, segments: jax.Array | None = None) -> jax.Array:
+    """Bool `[1 or B, T, T]` (query, key): causal, and with `segments` `[B, T]` also within one document."""
+    causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None]
+    if segments is None:
+        return causal
+    return causal & (segments[:, :, None] == segments[:, None, :])
+
+
 class PreNormBlock(nnx.Module):
     """Pre-norm transformer block: `x + attention(norm(x))`, then `+ mlp(norm(.))`.
 
@@ -77,11 +94,14 @@ class PreNormBlock(nnx.Module):
         self.mlp_norm = RMSNorm(config)
         self.mlp = self.mlp_class(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, T, D] -> [B, T, D]` in x's dtype (the residual dtype); branches in the compute dtype."""
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+        """`[B, T, D] -> [B, T, D]` in x's dtype (the residual dtype); branches in the compute dtype.
+
+        `segments` `[B, T]` (`document_segments`): attention stays within each token's document.
+        """
         dtype = self.attention.config.dtype
         with jax.named_scope("attention"):
-            x = x + self.attention(self.attention_norm(x).astype(dtype)).astype(x.dtype)
+            x = x + self.attention(self.attention_norm(x).astype(dtype), segments).astype(x.dtype)
         with jax.named_scope("mlp"):
             return x + self.mlp(self.mlp_norm(x).astype(dtype)).astype(x.dtype)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.layers import PreNormBlock, attention_dtype, normal_param, register_block, rope
+from jpipe.models.layers import PreNormBlock, attention_dtype, attention_mask, normal_param, register_block, rope
 
 
 def llama_config(**changes) -> GPTConfig:
@@ -43,8 +43,8 @@ class GroupedQueryAttention(nnx.Module):
         self.wv = normal_param(rngs, config, (d, n, k), std, ("embed", "heads", "head_dim"))
         self.wo = normal_param(rngs, config, (h, k, d), out_std, ("heads", "head_dim", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, T, D] -> [B, T, D]`."""
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+        """`[B, T, D] -> [B, T, D]`; with `segments` `[B, T]`, a token attends only within its document."""
         config, dtype = self.config, self.config.dtype
         batch, seq = x.shape[0], x.shape[1]
         n, k = config.kv_heads, config.head_dim
@@ -55,8 +55,8 @@ class GroupedQueryAttention(nnx.Module):
         wide = attention_dtype(config, q.dtype)
         scores = jnp.einsum("bqngk,bsnk->bngqs", q, keys, preferred_element_type=wide)  # [B, N, G, T, T]
         scores = scores * (1.0 / math.sqrt(k))
-        causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None, None, None]  # [1, 1, 1, T, T]
-        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        mask = attention_mask(seq, segments)[:, None, None]  # [1 or B, 1, 1, T, T]
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
         attended = jnp.einsum("bngqs,bsnk->bqngk", weights, values)  # [B, T, N, G, K]
         attended = attended.reshape(batch, seq, config.num_heads, k)  # [B, T, H, K]

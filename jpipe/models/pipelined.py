@@ -35,6 +35,10 @@ layout (`to_model`, checkpoints) holds each model stage once. A global-norm grad
 pipeline layout counts a replicated block once per copy. Routes (SkipPipe) need nothing here: a
 microbatch runs the embedding where it enters and the head where it leaves.
 
+Document masking (`GPTConfig.document_end`): the embedding (prologue) also computes each token's
+document from the token ids, and the activation between stages is `{"x": [B, T, D], "segments":
+[B, T]}`, so every stage's attention masks at document boundaries as the unpipelined model does.
+
 All of this is `jpipe.models.PipelinedModel` (any NNX model with stacked blocks) applied to `GPT`:
 the prologue is `model.embed`, the loss `cross_entropy(model.head(x, table), targets)`.
 """
@@ -47,7 +51,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jpipe.models.adapter import PipelinedModel
 from jpipe.models.config import GPTConfig
@@ -63,15 +69,37 @@ from jpipe.schedules.ir import Schedule
 PyTree = Any
 
 
-def _embed(model: GPT, tokens: jax.Array) -> jax.Array:
-    """Token ids `[B, T]` -> activations `[B, T, D]`."""
-    return model.embed(tokens)
+def _embed(model: GPT, tokens: jax.Array) -> jax.Array | dict[str, jax.Array]:
+    """Token ids `[B, T]` -> activations `[B, T, D]`, or with document masking `{"x": ..., "segments": ...}`.
+
+    The segments (`jpipe.models.layers.document_segments`, `[B, T]`) travel with the activation
+    from stage to stage, as float32 (exact for ids up to 2^24; their gradient is zero), so every
+    stage's attention sees them.
+    """
+    x = model.embed(tokens)
+    segments = model.segments(tokens)
+    return x if segments is None else {"x": x, "segments": segments.astype(jnp.float32)}
 
 
-def _head_loss(model: GPT, x: jax.Array, targets: jax.Array) -> jax.Array:
+def _layer(block: nnx.Module, x: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """One block on a document-masked activation: the segments pass through unchanged."""
+    segments = jax.lax.stop_gradient(x["segments"])
+    return {"x": block(x["x"], segments), "segments": x["segments"]}
+
+
+def _head_loss(model: GPT, x: jax.Array | dict[str, jax.Array], targets: jax.Array) -> jax.Array:
     """Final norm, head (the embedding table when tied) and mean cross-entropy: a scalar."""
+    x = x["x"] if isinstance(x, dict) else x
     table = model.embed.tokens[...] if model.config.tie_embeddings else None
     return cross_entropy(model.head(x, table), targets)
+
+
+def activation_shape(config: GPTConfig, batch: int, seq: int) -> jax.ShapeDtypeStruct | dict[str, jax.ShapeDtypeStruct]:
+    """What passes between stages for `batch` sequences of `seq` tokens (`_embed`'s output's shapes)."""
+    x = jax.ShapeDtypeStruct((batch, seq, config.d_model), config.residual_dtype)
+    if config.document_end is None:
+        return x
+    return {"x": x, "segments": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +138,7 @@ class PipelinedLM:
             blocks="blocks",
             prologue=_embed,
             loss=_head_loss,
+            layer=None if config.document_end is None else _layer,
             schedule=self.schedule,
             mesh=self.mesh,
             rules=self.rules,
@@ -181,9 +210,7 @@ class PipelinedLM:
         batch divided by the data axis). Compiles each op alone for the default backend.
         """
         config = self.config
-        return self.adapter.stage_costs(
-            jax.ShapeDtypeStruct((batch, config.seq_len, config.d_model), config.residual_dtype)
-        )
+        return self.adapter.stage_costs(activation_shape(config, batch, config.seq_len))
 
     # The step.
 

@@ -5,6 +5,7 @@
     jpipe --config exp.toml --steps 500       # flags override the file, the file the preset
     jpipe --out runs/x --resume --stages 2     # the run's config.json, with a new layout
     jpipe --out runs/x --resume auto           # resume the run, or start it where there is none
+    jpipe --out runs/x --resume --steps 400    # extend it (the learning rate stays at its final value)
 
 Every configuration field has a flag (`jpipe.train.flags`); `--help` shows each one's documentation
 and the value the run would use. Every value, and every multi-host flag, is checked before JAX
@@ -38,7 +39,7 @@ from jpipe.train.flags import (
 from jpipe.train.init_from import InitSource, check_model, parse_init_from
 from jpipe.train.preemption import SignalWatch, exit_status, parse_signals
 from jpipe.train.presets import TrainConfig, preset
-from jpipe.train.resume import check_missing_run, resume_config, resume_mode, resumes
+from jpipe.train.resume import check_missing_run, extension_note, resume_config, resume_mode, resumes
 from jpipe.train.schedule_arg import resolve_schedule_flag
 
 
@@ -258,9 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args, training=True)
         processes = check_processes(args)
         init_from = initial_weights(args, config)
+        note = _extension_note(args, config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if note is not None and not args.process_id:  # process 0 prints
+        print(note, flush=True)
     parallel = config.parallel
     if parallel.num_devices % processes:
         print(
@@ -279,6 +283,15 @@ def initial_weights(args: argparse.Namespace, config: TrainConfig) -> InitSource
     source = parse_init_from(args.init_from)
     check_model(source, config)
     return source
+
+
+def _extension_note(args: argparse.Namespace, config: TrainConfig) -> str | None:
+    """With `--resume` of an existing run and new `--steps`: what the learning rate does (`resume.extension_note`)."""
+    out = config.run.out
+    if not resumes(args.resume, out):
+        return None
+    saved = read_saved_config(out, config)
+    return None if saved is None else extension_note(saved, config, out)
 
 
 def _run(args: argparse.Namespace, config: TrainConfig, processes: int, init_from: InitSource | None = None) -> int:

@@ -248,6 +248,10 @@ class OptimizerConfig:
       beta1: Adam's first-moment decay.
       beta2: Adam's second-moment decay.
       clip_norm: gradients are scaled down to this global norm when larger.
+      decay_steps: the step at which the cosine decay reaches its end (warmup included); the
+        learning rate stays at its final value after it. Unset: run.steps. Extending a run
+        (`--resume --steps N` above its steps) sets it to the run's old steps, so the extension
+        trains at the final learning rate; give it with the new steps to stretch the decay instead.
     """
 
     learning_rate: float = 3e-3
@@ -257,6 +261,7 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     clip_norm: float = 1.0
+    decay_steps: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"optimizer.learning_rate: must be > 0, got {self.learning_rate}")
@@ -267,6 +272,31 @@ class OptimizerConfig:
         )
         _require(self.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {self.weight_decay}")
         _require(self.clip_norm > 0, f"optimizer.clip_norm: must be > 0, got {self.clip_norm}")
+        _require(
+            self.decay_steps is None or self.decay_steps >= 1,
+            f"optimizer.decay_steps: must be >= 1 (or unset: run.steps), got {self.decay_steps}",
+        )
+
+    def schedule_shape(self, total_steps: int) -> tuple[int, int]:
+        """`(warmup, decay)` of a run of `total_steps`: the warmup steps and the schedule's length, warmup included.
+
+        The length is `decay_steps`, or `total_steps` when unset; the warmup is cut to leave one decay step.
+        """
+        horizon = total_steps if self.decay_steps is None else self.decay_steps
+        warmup = min(self.warmup_steps, max(horizon - 1, 0))
+        return warmup, max(horizon, warmup + 1)
+
+    def learning_rate_at(self, total_steps: int, count: int) -> float:
+        """The learning rate at optimizer step count `count` (step `s` of a run, from 1, trains with `s - 1`).
+
+        What `jpipe.train.optimizer.learning_rate_schedule` gives, in plain Python (usable before JAX starts).
+        """
+        warmup, decay = self.schedule_shape(total_steps)
+        peak, end = self.learning_rate, self.learning_rate * self.min_learning_rate_ratio
+        if count < warmup:
+            return peak * count / warmup
+        fraction = min(count - warmup, decay - warmup) / (decay - warmup)
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * fraction))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +313,9 @@ class DataConfig:
       eval_fraction: the last fraction of the corpus, held out for evaluation.
       max_corpus_bytes: read at most this many bytes of text (unset: all of it); a token folder is
         read whole.
+      cross_document_attention: whether attention may cross a document boundary inside a window
+        (windows pack documents). False: a token attends only to its own document (masked at the
+        token folder's end-of-document token, which sets model.document_end); needs a token folder.
     """
 
     path: str | None = None
@@ -291,6 +324,7 @@ class DataConfig:
     seed: int = 0
     eval_fraction: float = 0.01
     max_corpus_bytes: int | None = None
+    cross_document_attention: bool = True
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"data.seq_len: must be >= 2, got {self.seq_len}")
@@ -306,7 +340,9 @@ class RunConfig:
 
     Attributes:
       out: folder for everything the run writes (config.json, metrics.jsonl, checkpoints/, charts).
-      steps: optimizer steps; the learning-rate schedule spans them.
+      steps: optimizer steps; the learning-rate schedule spans them (unless optimizer.decay_steps is
+        set). On --resume, a new value extends the run (or ends it earlier, not before its newest
+        checkpoint) and keeps the schedule's horizon.
       checkpoint_every: save a checkpoint every this many steps (and at the last).
       checkpoint_every_minutes: also save after a step that ends this many minutes after the last
         save (process 0's clock decides, every process saves the same step); unset: by steps only.

@@ -182,6 +182,13 @@ class TokenDataset:
         """
         if batch_size % num_shards:
             raise ValueError(f"batch_size {batch_size} must divide over {num_shards} data shards")
+        return self.rows(seed, step, batch_size, np.arange(batch_size)[shard::num_shards])
+
+    def rows(self, seed: int, step: int, batch_size: int, rows: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """Rows `rows` (indices into the global batch at `step`) of inputs and targets: `[len(rows), seq_len]`.
+
+        Reads only those rows' windows: a process reads the rows its devices hold.
+        """
         windows = self.num_windows
         if windows < batch_size:
             raise ValueError(
@@ -189,12 +196,12 @@ class TokenDataset:
             )
         epoch, index = divmod(step * batch_size, windows)
         order = np.random.default_rng([seed, epoch]).permutation(windows)
-        rows = np.take(order, np.arange(index, index + batch_size), mode="wrap")[shard::num_shards]
+        rows = np.take(order, np.arange(index, index + batch_size), mode="wrap")[np.asarray(rows, dtype=np.int64)]
         start = self._bounds[0]
-        examples = np.stack(
-            [self.tokens[start + r * self.seq_len : start + r * self.seq_len + self.seq_len + 1] for r in rows]
-        )
-        examples = examples.astype(np.int32)
+        examples = np.zeros((len(rows), self.seq_len + 1), np.int32)
+        for i, window in enumerate(rows):
+            offset = start + int(window) * self.seq_len
+            examples[i] = self.tokens[offset : offset + self.seq_len + 1]
         return {"inputs": examples[:, :-1], "targets": examples[:, 1:]}
 
 
@@ -273,14 +280,43 @@ def resolve_data(config: TrainConfig, vocab_given: bool, training: bool = True) 
     Raises ConfigError, one line naming `data.path` or `model.vocab_size`, when the data is unusable
     or when the vocabulary is `vocab_given` (by a flag, a config file or a saved run), not the
     data's, and `training` (compiling a step alone reads no data: any given vocabulary goes). Whether
-    the data holds a batch is `check_data_size`'s."""
+    the data holds a batch is `check_data_size`'s. The model's `document_end` is the data's
+    end-of-document id with `data.cross_document_attention` false (`resolve_document_end`)."""
     source = _inspect(config.data)
     if vocab_given:
         if training:
             check_vocab(source, config.model.vocab_size)
-        return config
+        return resolve_document_end(config, source)
     model = dataclasses.replace(config.model, vocab_size=source.vocab_size)
-    return dataclasses.replace(config, model=model)
+    return resolve_document_end(dataclasses.replace(config, model=model), source)
+
+
+def resolve_document_end(config: TrainConfig, source: DataSource) -> TrainConfig:
+    """`config` with `model.document_end` set from `data.cross_document_attention` and the data.
+
+    True (attention crosses documents): it stays unset. False: the token folder's end-of-document
+    id. ConfigError when false on byte-level text (no end-of-document token) or when the model's
+    `document_end` is given otherwise (it follows the data).
+    """
+    end = config.model.document_end
+    if config.data.cross_document_attention:
+        if end is not None:
+            raise ConfigError(
+                f"model.document_end: set from the data by data.cross_document_attention false, got {end} with "
+                "data.cross_document_attention true; leave it unset"
+            )
+        return config
+    if source.meta is None:
+        raise ConfigError(
+            f"data.cross_document_attention: false needs a token folder (python -m jpipe.data.prepare), whose "
+            f"documents end with an end-of-document token; {source.describe()} has none"
+        )
+    if end is not None and end != source.meta.eod_id:
+        raise ConfigError(
+            f"model.document_end: must be the data's end-of-document id {source.meta.eod_id} ({source.describe()}), "
+            f"got {end}"
+        )
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, document_end=source.meta.eod_id))
 
 
 def check_data_size(data: DataConfig) -> None:

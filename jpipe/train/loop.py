@@ -51,7 +51,7 @@ from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.options import PipelinePlan
 from jpipe.train import auto
 from jpipe.train.checkpoint import Checkpointer
-from jpipe.train.config import AUTO, as_dict
+from jpipe.train.config import AUTO, ConfigError, as_dict
 from jpipe.train.data import TokenDataset, cache_dir, open_datasets
 from jpipe.train.init_from import InitSource
 from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
@@ -123,20 +123,36 @@ def model_shardings(pipe: PipelinedLM) -> PyTree:
     return pipe.rules.param_shardings(axes, abstract, pipe.mesh)
 
 
-def _microbatches(
-    batch: dict[str, np.ndarray], num_microbatches: int, sharding: jax.sharding.NamedSharding
-) -> tuple[jax.Array, jax.Array]:
-    """`[B, T]` examples -> global `[m, B/m, T]` token and target arrays with `sharding` (batch over `data`).
+def local_rows(sharding: jax.sharding.Sharding, shape: tuple[int, int, int]) -> list[int]:
+    """The rows of the global batch (`m x b` of them, in microbatch-major order) that this process's
+    devices hold of an `[m, b, T]` array with `sharding`."""
+    m, b = shape[0], shape[1]
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        microbatches, examples = (range(*s.indices(n)) for s, n in zip(tuple(index)[:2], (m, b)))
+        rows.update(mb * b + row for mb in microbatches for row in examples)
+    return sorted(rows)
 
-    Every process computes the same global batch (it is a function of seed and step) and hands JAX
-    the shards its own devices hold, which also works when the data axis spans processes.
+
+def _microbatches(
+    dataset: TokenDataset, seed: int, step: int, batch_size: int, num_microbatches: int, sharding: jax.sharding.Sharding
+) -> tuple[jax.Array, jax.Array]:
+    """The global batch at `step` as `[m, B/m, T]` token and target arrays with `sharding` (batch over `data`).
+
+    The batch is a function of seed and step; each process reads only the rows its own devices hold
+    (`local_rows`) and hands JAX those shards, which also works when the data axis spans processes.
     """
+    shape = (num_microbatches, batch_size // num_microbatches, dataset.seq_len)
+    rows = local_rows(sharding, shape)
+    read = dataset.rows(seed, step, batch_size, rows)
 
     def split(a):
-        a = a.reshape((num_microbatches, a.shape[0] // num_microbatches) + a.shape[1:])
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+        full = np.zeros((batch_size, shape[2]), a.dtype)  # rows of other processes stay zero: never read
+        full[rows] = a
+        full = full.reshape(shape)
+        return jax.make_array_from_callback(shape, sharding, lambda index: full[index])
 
-    return split(batch["inputs"]), split(batch["targets"])
+    return split(read["inputs"]), split(read["targets"])
 
 
 def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
@@ -170,7 +186,8 @@ class TrainStep:
         "auto": the per-stage cost the search used, the embedding and head included).
       costs: the largest stage's measured F/B/I/W costs (XLA FLOPs on the default backend); they
         decide `split_backward="auto"`.
-      optimizer: AdamW with warmup and cosine decay over `config.run.steps` (`jpipe.train.optimizer`).
+      optimizer: AdamW with warmup and cosine decay over `config.run.steps`, or `optimizer.decay_steps`
+        when set (`jpipe.train.optimizer`).
       learning_rate: its schedule, step -> learning rate.
       step: `jpipe.train.step.train_step`, jitted: `(params, opt_state, tokens, targets) -> (params,
         opt_state, loss, grad_norm)`. The state arguments are donated (updated in place) and come
@@ -400,6 +417,12 @@ def train(
     if resume and checkpointer.latest_step() is not None:
         start, params, opt_state = _restore(checkpointer, built, stream)
         _report_skipped(checkpointer, start, stream)
+        if start > total_steps:
+            checkpointer.close()
+            raise ConfigError(
+                f"run.steps: the run in {out} resumes from its checkpoint at step {start}, after its last step "
+                f"{total_steps}; pass --steps {start} or more"
+            )
     elif checkpointer.latest_step() is not None:
         checkpointer.close()
         raise FileExistsError(
@@ -457,8 +480,14 @@ def train(
 
     try:
         for step in range(start + 1, total_steps + 1):
-            batch = train_data.batch(config.data.seed, step - 1, config.data.batch_size)
-            tokens, targets = _microbatches(batch, parallel.microbatches, built.batch_sharding)
+            tokens, targets = _microbatches(
+                train_data,
+                config.data.seed,
+                step - 1,
+                config.data.batch_size,
+                parallel.microbatches,
+                built.batch_sharding,
+            )
             profiler.before(step)
             began = time.perf_counter()
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -530,8 +559,9 @@ def _evaluate(
     """Mean loss over `eval_batches` fixed held-out batches."""
     values = []
     for index in range(config.run.eval_batches):
-        batch = dataset.batch(config.data.seed + 1, index, config.data.batch_size)
-        tokens, targets = _microbatches(batch, config.parallel.microbatches, sharding)
+        tokens, targets = _microbatches(
+            dataset, config.data.seed + 1, index, config.data.batch_size, config.parallel.microbatches, sharding
+        )
         values.append(float(eval_loss(params, tokens, targets)))
     return float(np.mean(values))
 
