@@ -2,7 +2,7 @@
 
 Command (about a minute on 2 CPU cores):
 
-    .venv/bin/python experiments/v_schedules.py [--microbatches 16] [--remat none full]
+    .venv/bin/python experiments/v_schedules.py [--microbatches 16] [--remat none full] [--schedules ...]
 
 Model: 8 residual MLP layers (width D = 64, hidden 4D) on [B, T, D] = [4, 64, 64] activations, split
 over p = 4 devices x v chunks (1f1b: 2 layers per stage; zbv, v_half, v_min: 1 layer per chunk), so
@@ -95,7 +95,7 @@ def measure(name: str, m: int, remat: str, mesh) -> dict:
     }
 
 
-def table(m: int, remats: list[str]) -> str:
+def table(m: int, remats: list[str], names: list[str]) -> str:
     mesh = jax.make_mesh((P,), ("stage",))
     lines = [
         f"p = {P}, m = {m}, jax {jax.__version__} ({jax.default_backend()})",
@@ -104,7 +104,7 @@ def table(m: int, remats: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for remat in remats:
-        rows = {name: measure(name, m, remat, mesh) for name in NAMES}
+        rows = {name: measure(name, m, remat, mesh) for name in ["1f1b", *(n for n in names if n != "1f1b")]}
         base = rows["1f1b"]["temp_mib"]
         for name, r in rows.items():
             lines.append(
@@ -118,8 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--microbatches", type=int, default=16)
     parser.add_argument("--remat", nargs="+", default=["none", "full"])
+    parser.add_argument("--schedules", nargs="+", default=list(NAMES), help="1f1b is always measured")
     args = parser.parse_args()
-    print(table(args.microbatches, args.remat))
+    print(table(args.microbatches, args.remat, args.schedules))
 
 
 if __name__ == "__main__":
