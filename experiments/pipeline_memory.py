@@ -82,7 +82,7 @@ from jpipe.schedules.ir import Op  # noqa: E402
 P = 4
 TOTAL_LAYERS = 8
 BATCH, SEQ, WIDTH = 4, 32, 64
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2, "v_half": 2, "v_min": 2}
 LM_CONFIG = GPTConfig(vocab_size=256, seq_len=64, d_model=128, num_heads=4, num_layers=8)
 LM_BATCH = 4  # sequences per microbatch
 LM_REMAT = "full"
