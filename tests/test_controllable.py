@@ -104,3 +104,11 @@ def test_search_considers_them_under_a_tight_memory_limit():
     assert named["v_min"] == 2.0 and named["v_half"] == 3.0
     assert result.baseline.name == "v_min"
     assert result.makespan <= result.baseline_makespan
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_cli_runs_them_with_two_chunks(name):
+    from jpipe.train import cli
+
+    config = cli.build_config(cli.parser().parse_args(["--preset", "tiny", "--schedule", name]))
+    assert (config.parallel.schedule, config.parallel.virtual) == (name, 2)
