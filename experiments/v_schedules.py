@@ -2,12 +2,12 @@
 
 Command (about a minute on 2 CPU cores):
 
-    .venv/bin/python experiments/v_schedules.py [--microbatches 16] [--remat none full] [--schedules ...]
+    .venv/bin/python experiments/v_schedules.py [--devices 4] [--microbatches 16] [--remat none full] [--schedules ...]
 
-Model: 8 residual MLP layers (width D = 64, hidden 4D) on [B, T, D] = [4, 64, 64] activations, split
-over p = 4 devices x v chunks (1f1b: 2 layers per stage; zbv, v_half, v_min: 1 layer per chunk), so
-every schedule runs the same model and activations dominate memory. For each schedule and remat
-mode it compiles `jpipe.value_and_grad` on 4 fake CPU devices and prints, per device:
+Model: 2p residual MLP layers (width D = 64, hidden 4D) on [B, T, D] = [4, 64, 64] activations, split
+over p devices (default 4) x v chunks (1f1b: 2 layers per stage; zbv, v_half, v_min: 1 layer per
+chunk), so every schedule runs the same model and activations dominate memory. For each schedule and
+remat mode it compiles `jpipe.value_and_grad` on p fake CPU devices and prints, per device:
 
 - "stash slots" / "weight slots": the executor's buffers (`Program.num_stash_slots`: one F's
   residuals of one chunk and microbatch each; `num_weight_slots`: what an I keeps for its W);
@@ -24,21 +24,19 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_num_cpu_devices", 8)
 
 import jpipe  # noqa: E402
 from jpipe import schedules  # noqa: E402
 from jpipe.pipeline.stage import layered, stage_ops  # noqa: E402
 from jpipe.schedules.controllable import authors_peak  # noqa: E402
 
-P = 4
-LAYERS = 8
 BATCH, SEQ, WIDTH = 4, 64, 64
 NAMES = ("1f1b", "zbv", "v_half", "v_min")
 MIB = 2**20
@@ -56,9 +54,9 @@ def loss_fn(loss_params, y, target):
     return jnp.mean((y @ loss_params["head"] - target) ** 2)
 
 
-def abstract_problem(num_stages: int, m: int):
-    """Shapes only: the step is lowered and compiled, never run."""
-    layers = LAYERS // num_stages
+def abstract_problem(num_devices: int, num_stages: int, m: int):
+    """Shapes only: the step is lowered and compiled, never run. 2p layers in all."""
+    layers = 2 * num_devices // num_stages
     f32 = jnp.float32
     stage_params = {
         "w1": jax.ShapeDtypeStruct((num_stages, layers, WIDTH, 4 * WIDTH), f32),
@@ -78,9 +76,9 @@ def stash_bytes(stage_params, remat: str) -> int:
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(residuals))
 
 
-def measure(name: str, m: int, remat: str, mesh) -> dict:
-    schedule = schedules.build(name, P, m)
-    problem = abstract_problem(schedule.num_stages, m)
+def measure(name: str, p: int, m: int, remat: str, mesh) -> dict:
+    schedule = schedules.build(name, p, m)
+    problem = abstract_problem(p, schedule.num_stages, m)
     step = jpipe.value_and_grad(stage_fn, loss_fn, schedule=schedule, mesh=mesh, remat=remat)
     temp = jax.jit(step).lower(*problem).compile().memory_analysis().temp_size_in_bytes
     program = step.program
@@ -90,21 +88,21 @@ def measure(name: str, m: int, remat: str, mesh) -> dict:
         "weight": program.num_weight_slots,
         "stash_mib": program.num_stash_slots * stash_bytes(problem[0], remat) / MIB,
         "peak": peak,
-        "authors": authors_peak(name, P) if name.startswith("v_") else P,
+        "authors": authors_peak(name, p) if name.startswith("v_") else p,
         "temp_mib": temp / MIB,
     }
 
 
-def table(m: int, remats: list[str], names: list[str]) -> str:
-    mesh = jax.make_mesh((P,), ("stage",))
+def table(p: int, m: int, remats: list[str], names: list[str]) -> str:
+    mesh = jax.make_mesh((p,), ("stage",), devices=jax.devices()[:p])
     lines = [
-        f"p = {P}, m = {m}, jax {jax.__version__} ({jax.default_backend()})",
+        f"p = {p}, m = {m}, jax {jax.__version__} ({jax.default_backend()})",
         "",
         "| schedule | remat | stash slots | weight slots | stash MiB | sim peak | authors | temp MiB | temp / 1f1b |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for remat in remats:
-        rows = {name: measure(name, m, remat, mesh) for name in ["1f1b", *(n for n in names if n != "1f1b")]}
+        rows = {name: measure(name, p, m, remat, mesh) for name in ["1f1b", *(n for n in names if n != "1f1b")]}
         base = rows["1f1b"]["temp_mib"]
         for name, r in rows.items():
             lines.append(
@@ -116,11 +114,12 @@ def table(m: int, remats: list[str], names: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=4, choices=range(1, 9), metavar="P (1-8)")
     parser.add_argument("--microbatches", type=int, default=16)
     parser.add_argument("--remat", nargs="+", default=["none", "full"])
     parser.add_argument("--schedules", nargs="+", default=list(NAMES), help="1f1b is always measured")
     args = parser.parse_args()
-    print(table(args.microbatches, args.remat, args.schedules))
+    print(table(args.devices, args.microbatches, args.remat, args.schedules))
 
 
 if __name__ == "__main__":
