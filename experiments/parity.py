@@ -69,7 +69,7 @@ from jpipe.train.optimizer import make_optimizer  # noqa: E402
 from jpipe.train.presets import TrainConfig  # noqa: E402
 from jpipe.train.step import jit_train_step  # noqa: E402
 
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2, "v_half": 2, "v_min": 2}
 REFERENCE = "unpipelined"
 CONTROL = "unpipelined, accumulated"
 EARLY_STEPS = 10

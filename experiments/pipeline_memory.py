@@ -46,7 +46,8 @@ stashes: the total stays flat in m for naive, 1f1b, interleaved_1f1b, zb_h1, zb_
 dualpipev (their stash and weight-stash slots are bounded by the number of devices; interleaved_1f1b,
 zb_h2 and zbv reach that bound only at m = 8, so they step up once from m = 4 and then stay flat) and
 grows linearly for gpipe and looped_bfs (m stashes per device). With `--quick` the LM table covers
-only 1f1b and gpipe at m in {4, 16}.
+only 1f1b and gpipe at m in {4, 16}, and the executor table leaves out v_half and v_min (zbv's
+executor path in other orders; `experiments/v_schedules.py` measures them).
 
 Results: markdown tables on stdout and in `<out>/pipeline_memory.md`.
 """
@@ -82,7 +83,8 @@ from jpipe.schedules.ir import Op  # noqa: E402
 P = 4
 TOTAL_LAYERS = 8
 BATCH, SEQ, WIDTH = 4, 32, 64
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2, "v_half": 2, "v_min": 2}
+QUICK_SKIPS = ("v_half", "v_min")  # zbv's executor path in another order; measured by experiments/v_schedules.py
 LM_CONFIG = GPTConfig(vocab_size=256, seq_len=64, d_model=128, num_heads=4, num_layers=8)
 LM_BATCH = 4  # sequences per microbatch
 LM_REMAT = "full"
@@ -221,7 +223,11 @@ def split_label(schedule, split: bool) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("experiments/out/pipeline"))
-    parser.add_argument("--quick", action="store_true", help="m in {4, 16}, remat none only; LM table: 1f1b and gpipe")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="m in {4, 16}, remat none only, no v_half / v_min (see v_schedules.py); LM table: 1f1b and gpipe",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     microbatches = (4, 16) if args.quick else (4, 8, 16, 32)
@@ -248,6 +254,8 @@ def main(argv=None) -> None:
             print(f"ad_gpipe remat={remat} m={m}: temp {result['temp'] / 2**20:.2f} MiB", file=sys.stderr)
 
     for name in schedules.SCHEDULES:
+        if args.quick and name in QUICK_SKIPS:
+            continue
         virtual = VIRTUAL.get(name, 1)
         for remat in remats:
             costs = residual_bytes(P * virtual, remat)

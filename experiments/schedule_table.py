@@ -5,7 +5,7 @@ Command (from the repository root):
     .venv/bin/python experiments/schedule_table.py --out experiments/out/schedules
 
 For p in {4, 8} devices and m in {4, 8, 16, 32} microbatches it builds every schedule registered in
-`jpipe.schedules.SCHEDULES` (v=2 chunks per device for interleaved_1f1b, looped_bfs, zbv and
+`jpipe.schedules.SCHEDULES` (v=2 chunks per device for interleaved_1f1b, looped_bfs, zbv, v_half, v_min and
 dualpipev, v=1 otherwise), validates it and simulates it under the cost model (default F=1, B=2,
 I=1, W=1, comm=0, i.e. times per full stage) in both modes:
 
@@ -48,7 +48,7 @@ from jpipe.schedules import SCHEDULES, Cost, ScheduleError, build, plot, simulat
 
 DEVICE_COUNTS = (4, 8)
 MICROBATCH_COUNTS = (4, 8, 16, 32)
-VIRTUAL_BY_NAME = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+VIRTUAL_BY_NAME = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2, "v_half": 2, "v_min": 2}
 GANTT_DEVICES, GANTT_MICROBATCHES = 4, 8
 COLUMNS = (
     "schedule",

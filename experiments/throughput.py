@@ -53,7 +53,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2}
+VIRTUAL = {"interleaved_1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 2, "v_half": 2, "v_min": 2}
 
 # Dense bf16 peak TFLOP/s per JAX device, by `device_kind` substring; the first match wins, so more
 # specific names come first. TPU v2/v3 devices are single TensorCores (half a chip); from v4 on a

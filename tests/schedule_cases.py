@@ -7,6 +7,11 @@ from collections.abc import Collection
 from jpipe.schedules import Action, Cost, Op, Schedule
 from jpipe.schedules.deps import dependencies
 
+REORDERS = ("v_half", "v_min")
+"""Named schedules that are only another order of F/I/W actions on the V placement (zbv's path through
+the executor): the compiled suites that enumerate `SCHEDULES` over executor options (split or whole
+backward, remat modes, hidden sends) give each of them one plain parity case, not a case per option."""
+
 
 def makespan_with_atomic_pairs(schedule: Schedule, cost: Cost, unoverlapped_first_pair: Collection[int]) -> float:
     """Async makespan where each forward directly followed by a full backward on a device is DualPipe's

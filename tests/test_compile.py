@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from schedule_cases import REORDERS
 
 from jpipe import compile as jcompile
 from jpipe.compile import CompileSetupError, compile_training_step, fit_data_parallelism, topology_devices
@@ -236,7 +237,7 @@ def test_cli_a_step_larger_than_the_chip_is_refused_with_status_3():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("schedule", sorted(set(SCHEDULES) - set(REORDERS)))
 def test_hidden_sends_have_a_matmul_in_flight_on_tpu(schedule):
     """overlap_sends: the TPU compiler schedules compute between every pipeline permute's start and done.
 

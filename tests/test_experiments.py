@@ -203,3 +203,22 @@ def test_lockstep_tax(tmp_path, cache):
         assert balanced <= one_op, row  # balance_ticks never keeps a slower packing
         if ", full" in cells[0]:
             assert balanced < one_op, row  # remat's heavy I leaves room beside F and W
+
+
+def test_v_schedules(cache):
+    """v_min's stash is half of 1f1b's and v_half's 3/4 at p = 4 (the authors' 2 and 3 of p = 4), and
+    the compiled temp memory follows: v_min < v_half < 1f1b."""
+    result = run_experiment(
+        "v_schedules.py", "--remat", "none", "--microbatches", "8", "--schedules", "v_half", "v_min", cache=cache
+    )
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[1] == "none":
+            rows[cells[0]] = cells
+    stash = {name: float(cells[4]) for name, cells in rows.items()}
+    temp = {name: float(cells[7]) for name, cells in rows.items()}
+    assert stash["v_min"] == pytest.approx(stash["1f1b"] / 2, rel=0.02)
+    assert stash["v_half"] == pytest.approx(stash["1f1b"] * 3 / 4, rel=0.02)
+    assert [rows[name][5] for name in ("v_half", "v_min")] == ["3", "2"] == [rows[n][6] for n in ("v_half", "v_min")]
+    assert temp["v_min"] < temp["v_half"] < temp["1f1b"]

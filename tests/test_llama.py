@@ -39,6 +39,8 @@ MESHES = {
     "looped_bfs": (2, 2, 1),
     "zbv": (1, 2, 2),
     "dualpipev": (2, 2, 1),
+    "v_half": (1, 2, 1),
+    "v_min": (1, 2, 1),
 }
 CASES = [Case(MESHES[name], name, default_virtual(name), LLAMA, fsdp=name in ("gpipe", "zb_h1")) for name in SCHEDULES]
 

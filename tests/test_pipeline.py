@@ -22,6 +22,7 @@ from pipeline_cases import (
     sequential_outputs,
     stage_fn,
 )
+from schedule_cases import REORDERS
 
 import jpipe
 from jpipe import schedules
@@ -35,6 +36,8 @@ def _cases():
         virtual = schedules.default_virtual(name)
         for p in (2, 4):
             for m in sorted({1, p - 1, p, 2 * p + 1}):
+                if name in REORDERS and (p, m) != (4, 2 * p + 1):
+                    continue  # one case past the steady state: warm-up, steady and cool-down
                 if m < 1:
                     continue
                 try:
@@ -77,7 +80,7 @@ def test_remat_modes_give_the_same_numbers(name, p, m, virtual, remat):
 
 
 def _split_cases():
-    for name in sorted(schedules.SCHEDULES):
+    for name in sorted(set(schedules.SCHEDULES) - set(REORDERS)):
         schedule = schedules.build(name, 2, 4, schedules.default_virtual(name))
         has_whole_backward = any(a.op is schedules.Op.B for row in schedule.actions for a in row)
         for split in (True, False) if has_whole_backward else (True,):
@@ -438,7 +441,7 @@ def test_microbatch_counts_that_do_not_divide_over_the_pipeline(m):
 
 
 def _overlap_cases():
-    for name in sorted(schedules.SCHEDULES):
+    for name in sorted(set(schedules.SCHEDULES) - set(REORDERS)):
         virtual = schedules.default_virtual(name)
         for p, m in ((2, 3), (4, 9)):
             try:

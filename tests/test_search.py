@@ -130,7 +130,7 @@ def test_fast_evaluation_equals_simulate():
                 assert score.memory == exactly(buffer_memory(buffer_slots(split), 0.4, virtual))
                 assert score.memory >= max(sim.peak_memory) - 1e-12  # the joint count is at most the buffers
                 checked += 1
-    assert checked == 60  # 20 schedule shapes x 3 modes
+    assert checked == 72  # 24 schedule shapes x 3 modes
 
 
 def test_buffer_count_is_what_the_executor_allocates():
@@ -262,7 +262,9 @@ def test_lm_costs_beat_the_best_named_schedule(m, limit):
     (The issue asks for 0.95x; `experiments/schedule_search.py` reports what a longer search reaches.)
     """
     p = 4
-    result = search_result(p, m, lambda v: lm_cost(p, v), memory_limit=limit, virtual=2, budget=4000)
+    # The budget also pays one evaluation per fitting named schedule: at 4000, v_half and v_min (two
+    # more named schedules) left m = 8, limit 8 at 0.9804x; 5000 gives every case <= 0.973x.
+    result = search_result(p, m, lambda v: lm_cost(p, v), memory_limit=limit, virtual=2, budget=5000)
     assert result.schedule.name == "auto"
     makespan = check_found(result.schedule, result.cost, limit)
     assert makespan == exactly(result.makespan)

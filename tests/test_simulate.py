@@ -411,7 +411,7 @@ def test_simulation_is_frozen_and_consistent():
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_send_latency_delays_only_cross_device_results(name):
     """send_latency=1: a result reaches another device one tick later; on its own device it does not."""
-    virtual = 2 if name in ("interleaved_1f1b", "looped_bfs", "zbv", "dualpipev") else 1
+    virtual = default_virtual(name)
     schedule = build(name, 4, 8, virtual)
     plain, delayed = pack(schedule), pack(schedule, send_latency=1)
     tick = delayed.tick_of()

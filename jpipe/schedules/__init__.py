@@ -6,6 +6,7 @@ This package imports no jax and no flax.
 from jpipe.schedules.balance import ModelCosts, balance_layers, stage_costs
 from jpipe.schedules.bidirectional import bitpipe, dualpipe
 from jpipe.schedules.braided import stp
+from jpipe.schedules.controllable import v_half, v_min
 from jpipe.schedules.csv_io import from_csv, to_csv
 from jpipe.schedules.generators import (
     COMPOSITE_SCHEDULES,
@@ -79,6 +80,8 @@ __all__ = [
     "split_backward",
     "stage_costs",
     "to_csv",
+    "v_half",
+    "v_min",
     "v_placement",
     "validate",
 ]

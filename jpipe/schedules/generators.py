@@ -16,6 +16,7 @@ Limits on the arguments (each violation raises `ScheduleError` naming the argume
 | looped_bfs | any v >= 1 | any m >= 1 |
 | zbv | 2 | any m >= 1 (m < 2p - 1 drops the missing microbatches from the m = 2p - 1 order) |
 | dualpipev | 2 | m >= 2p (DeepSeek's DualPipeV requires it) |
+| v_half, v_min (`jpipe.schedules.controllable`) | 2 | any m >= 1 |
 | stp (`COMPOSITE_SCHEDULES`) | 2 | m >= 3p - 1 (STP's step counts) |
 
 Schedules with replicas or per-microbatch routes (`Schedule.model_stage`, `Schedule.routes`) are
