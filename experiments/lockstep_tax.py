@@ -16,7 +16,11 @@ p = 4, m = 16, the lockstep simulator's makespan (what the SPMD executor runs) i
 
 `one op` is the executor with one op per device per tick (the faster of B split and whole);
 `balanced` is `jpipe.schedules.fused_ticks.balance_ticks` (two ops of different microbatches share a
-tick where they fit; `--balance-ticks auto`). `memory` is the simulated peak stash plus weight
+tick where they fit; `--balance-ticks auto`); `balanced + R` (remat full only) balances the schedule
+with each recomputation as an R op of its own (`jpipe.schedules.recompute`, the executor's
+`recompute=True`), its ops measured with `measure_costs(..., recompute=True)`, and its tax taken
+against the same async run as the other columns (the schedule without R, whose I carries the
+recomputation: the same total work). `memory` is the simulated peak stash plus weight
 residuals of each in MiB (device max; the simulator's count in microbatch x device-stage stashes times
 the measured stash bytes, weight residuals weighted by their measured bytes): under remat full one
 microbatch's weight residuals are 24x its stash, so any split backward (balanced ticks always split)
@@ -38,6 +42,7 @@ from jpipe.models.config import GPTConfig
 from jpipe.models.gpt import Block, params_of
 from jpipe.models.parts import LMParts
 from jpipe.schedules.fused_ticks import balance_ticks
+from jpipe.schedules.recompute import with_recompute
 
 P, M = 4, 16
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zb_h1", "zbv")
@@ -52,8 +57,11 @@ def gpt_stage(d_model: int, heads: int, seq: int, layers: int = 2, batch: int = 
     return jpipe.layered(LMParts(config).layer_fn), params, x
 
 
-def rows_of(label: str, measured: schedules.Cost, stash_mib: float) -> list[str]:
-    """One table row per schedule for one measured stage (memory: simulated peak x one stash's MiB)."""
+def rows_of(label: str, measured: schedules.Cost, stash_mib: float, with_r=None) -> list[str]:
+    """One table row per schedule for one measured stage (memory: simulated peak x one stash's MiB).
+
+    `with_r`: `(cost, stash MiB)` measured with `recompute=True` (remat full only), for the R columns.
+    """
     ideal = schedules.Cost(f=measured.f, b=measured.b, i=measured.b / 2, w=measured.b / 2)
     rows = []
     for name in SCHEDULES:
@@ -63,10 +71,16 @@ def rows_of(label: str, measured: schedules.Cost, stash_mib: float) -> list[str]
         result = balance_ticks(schedule, measured)
         one_memory = _memory(schedule, measured, split=schedules.best_split(schedule, measured))
         balanced_memory = _memory(result.schedule, measured, split=True)
+        r_cells = "- | - |"
+        if with_r is not None:
+            r_cost, r_stash_mib = with_r
+            recomputing = balance_ticks(with_recompute(schedule), r_cost)
+            r_memory = _memory(recomputing.schedule, r_cost, split=True) * r_stash_mib
+            r_cells = f"{recomputing.makespan / asynchronous:.2f} | {r_memory:.1f} |"
         rows.append(
             f"| {label} | {name} | {result.baseline / asynchronous:.2f} | {result.makespan / asynchronous:.2f} | "
             f"{result.baseline / reference:.2f} | {result.makespan / reference:.2f} | "
-            f"{one_memory * stash_mib:.1f} | {balanced_memory * stash_mib:.1f} |"
+            f"{one_memory * stash_mib:.1f} | {balanced_memory * stash_mib:.1f} | {r_cells}"
         )
     return rows
 
@@ -86,8 +100,8 @@ def main(argv=None) -> None:
     op_lines = ["| stage | remat | F : B : I : W | stash MiB | weight residuals MiB |", "|---|---|---|---|---|"]
     lines = [
         "| stage, remat | schedule | tax, one op | tax, balanced | vs ideal, one op | vs ideal, balanced "
-        "| memory, one op | memory, balanced |",
-        "|---|---|---|---|---|---|---|---|",
+        "| memory, one op | memory, balanced | tax, balanced + R | memory, balanced + R |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d_model, heads, seq in shapes:
         for remat in ("none", "full"):
@@ -98,7 +112,11 @@ def main(argv=None) -> None:
                 f"| {label} | {remat} | 1 : {measured.b:.2f} : {measured.i:.2f} : {measured.w:.2f} | "
                 f"{costs.stash_bytes / 2**20:.2f} | {costs.weight_residual_bytes / 2**20:.2f} |"
             )
-            lines += rows_of(f"{label}, {remat}", measured, costs.stash_bytes / 2**20)
+            with_r = None
+            if remat == "full":
+                r_costs = jpipe.measure_costs(*gpt_stage(d_model, heads, seq), remat=remat, recompute=True)
+                with_r = (r_costs.cost(), r_costs.stash_bytes / 2**20)
+            lines += rows_of(f"{label}, {remat}", measured, costs.stash_bytes / 2**20, with_r)
             print(f"{label}, remat {remat}: {costs}", flush=True)
     text = (
         f"Measured ops (XLA cost_analysis FLOPs, CPU; jax {jax.__version__}), 2 GPT blocks, 2 sequences\n\n"

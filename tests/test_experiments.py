@@ -195,7 +195,7 @@ def test_lockstep_tax(tmp_path, cache):
     table = (tmp_path / "lockstep_tax.md").read_text()
     assert table in result.stdout
     rows = [line for line in table.splitlines() if line.startswith("| d64 seq")]
-    taxed = [row for row in rows if row.count("|") == 9]
+    taxed = [row for row in rows if row.count("|") == 11]
     assert len(taxed) == 2 * 2 * 4  # 2 shapes x 2 remat modes x 4 schedules
     for row in taxed:
         cells = [cell.strip() for cell in row.strip("|").split("|")]

@@ -38,14 +38,19 @@ class StageCosts:
     Attributes:
       flops: per op ("f", "b", "i", "w"), XLA's FLOP count of the op compiled alone.
       seconds: per op, the median measured time (only with `measure_costs(..., time=True)`).
-      stash_bytes: bytes of the residuals an F stashes for its backward.
+      stash_bytes: bytes of the residuals an F stashes for its backward (with `recompute`: its input).
       weight_residual_bytes: bytes of what an I keeps for its W.
+      recomputed_bytes: with `recompute`, bytes of the residuals an R rebuilds (0 otherwise).
+
+    With `measure_costs(..., recompute=True)` the ops are those of a schedule with R ops
+    (`jpipe.schedules.recompute`): "r" is the recomputation, and B, I and W read its residuals.
     """
 
     flops: dict[str, float]
     stash_bytes: int
     weight_residual_bytes: int
     seconds: dict[str, float] | None = None
+    recomputed_bytes: int = 0
 
     def cost(self, comm: float = 0.0, *, measure: str = "flops") -> Cost:
         """A simulator `Cost` in units of F (F = 1), from FLOPs or from measured seconds.
@@ -60,6 +65,7 @@ class StageCosts:
             raise ValueError("measure='seconds': these costs were measured without time=True")
         unit = values["f"] if values["f"] > 0 else 1.0
         ratio = self.weight_residual_bytes / self.stash_bytes if self.stash_bytes else 0.0
+        rebuilt = self.recomputed_bytes / self.stash_bytes if self.stash_bytes else 0.0
         return Cost(
             f=values["f"] / unit,
             b=values["b"] / unit,
@@ -67,6 +73,8 @@ class StageCosts:
             w=values["w"] / unit,
             comm=comm,
             weight_residuals=ratio,
+            r=values.get("r", values["f"]) / unit,
+            recomputed=rebuilt,
         )
 
     def __str__(self) -> str:
@@ -76,6 +84,8 @@ class StageCosts:
             f"F {f:.3g}  B {b:.3g}  I {i:.3g}  W {w:.3g} FLOPs; (I + W) / B = {ratio:.3f}; "
             f"stash {self.stash_bytes / 2**20:.2f} MiB, weight residuals {self.weight_residual_bytes / 2**20:.2f} MiB"
         )
+        if "r" in self.flops:
+            text += f"; R {self.flops['r']:.3g} FLOPs, recomputed {self.recomputed_bytes / 2**20:.2f} MiB"
         if self.seconds:
             text += "; ms " + " ".join(f"{k.upper()} {1e3 * self.seconds[k]:.2f}" for k in OPS)
         return text
@@ -105,6 +115,7 @@ def measure_costs(
     *,
     time: bool = False,
     repeats: int = 5,
+    recompute: bool = False,
 ) -> StageCosts:
     """F/B/I/W costs of `stage_fn` on one microbatch `x` with one stage's `stage_params`.
 
@@ -115,13 +126,16 @@ def measure_costs(
       remat: the executor's `remat` option.
       time: also run each op `repeats` times on zeros and record the median wall time (on the
         default backend; on CPU fake devices this measures the host, not an accelerator).
+      recompute: the ops of a schedule with R ops (the executor's `recompute=True`, which needs
+        remat "full"): F keeps its input, R ("r") rebuilds the residuals of remat "none", and B, I,
+        W are remat "none"'s, reading them.
 
     Returns:
       `StageCosts`; `.cost()` gives the simulator's `Cost`.
     """
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
-    ops = stage_ops(stage_fn, remat)
+    ops = stage_ops(stage_fn, "none" if recompute else remat)
     params_spec, x_spec = _abstract(stage_params), _abstract(x)
 
     def forward(params, x):
@@ -146,6 +160,13 @@ def measure_costs(
         "i": (input_grad, (params_spec, residual_spec, y_spec)),
         "w": (weight_grad, (params_spec, residual_spec, weight_spec)),
     }
+    if recompute:
+        calls["r"] = calls["f"]  # R is the forward with its residuals; F's are dead code there
+
+        def forward_only(params, x):
+            return ops.forward(params, x)[0]
+
+        calls["f"] = (forward_only, (params_spec, x_spec))
     compiled = {name: jax.jit(fn).lower(*args).compile() for name, (fn, args) in calls.items()}
     seconds = None
     if time:
@@ -161,7 +182,8 @@ def measure_costs(
             seconds[name] = float(np.median(samples))
     return StageCosts(
         flops={name: xla_flops(c) for name, c in compiled.items()},
-        stash_bytes=_nbytes(residual_spec),
+        stash_bytes=_nbytes(x_spec if recompute else residual_spec),
         weight_residual_bytes=_nbytes(weight_spec),
         seconds=seconds,
+        recomputed_bytes=_nbytes(residual_spec) if recompute else 0,
     )

@@ -58,6 +58,7 @@ def value_and_grad(
     overlap_sends: bool | str = "auto",
     braid: bool = True,
     balance_ticks: bool | str = False,
+    recompute: bool = False,
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -123,6 +124,12 @@ def value_and_grad(
         "auto" repacks when the lockstep simulation under `cost` is faster (never with the default
         `Cost()`, whose ops are alike); True always repacks (B split); False (default) never: the
         braided ticks of a `jpipe.layered` stage unroll its layers (compile time, temp memory).
+      recompute: with `remat="full"`, run each forward recomputation as an op of its own (R,
+        `jpipe.schedules.recompute`), right before its I or B (or earlier, where `balance_ticks`
+        finds room): F keeps only the stage's input, R rebuilds the whole stage's residuals (as
+        remat "none" keeps them) and I/B and W read them, so I no longer carries the recomputation.
+        The rebuilt residuals live from R to W. A schedule that already holds R actions runs them
+        whatever this says.
 
     Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
     over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
@@ -143,11 +150,12 @@ def value_and_grad(
     check_mesh(schedule, mesh, stage_axis, data_axes)
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
-    options = PipelineOptions(remat, split_backward, overlap_sends, braid, cost, balance_ticks)
+    options = PipelineOptions(remat, split_backward, overlap_sends, braid, cost, balance_ticks, recompute)
     plan = options.plan(schedule)
     program = prog.compile_program(
         plan.schedule, split=plan.split, deliver=prologue is None, send_latency=int(plan.overlap), braid=braid
     )
+    remat = "none" if program.recompute else remat  # R ops rebuild the whole forward's residuals
     braid_ops = stage_ops(stage_fn, remat, unroll=True) if program.braided else None
     run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops)
     placement = program.placement
@@ -387,6 +395,7 @@ def _per_device(setup: _Setup, local_params, loss_params, inputs, targets, prolo
         scale=1.0 / setup.program.schedule.num_microbatches,
         end_slots=EndSlots.of(setup.program, loss_params, prologue_params) if training else None,
         manual_axes=manual_axes,
+        recompute=setup.program.recompute,
     )
     machine = TickMachine(setup.program, context, setup.kernels(), setup.ops, setup.braid_ops, setup.axis)
     device = lax.axis_index(setup.axis)

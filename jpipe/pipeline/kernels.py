@@ -11,7 +11,11 @@ buffers, so XLA updates them in place. One `lax.switch` over the op kinds, each 
 returning every buffer, makes XLA copy them every tick instead (measured on CPU, jax 0.10.2: the
 temporary memory of a gpipe step held 2.6 stashes instead of under 2; `tests/test_tick.py` guards it).
 
-The mode picks the kernel set: `TRAINING` (F, B, I, W), `FORWARD_ONLY` (F returning its output)
+With R ops in the schedule (`jpipe.schedules.recompute`; the program's `recompute`), F keeps only
+its input in the stash, R rebuilds the forward's residuals from it into `Buffer.RECOMPUTED`, and
+B, I and W read them there; the stage's ops are then those of remat "none".
+
+The mode picks the kernel set: `TRAINING` (F, B, I, W, R), `FORWARD_ONLY` (F returning its output)
 or `EVALUATION` (F adding the loss at the last hop). A new op kind is one `OpCode`, one kernel
 function, one `Kernel` entry here and the `StageOps` method it calls.
 """
@@ -51,6 +55,7 @@ class TickContext:
       scale: 1 / m (the loss is the mean over microbatches).
       end_slots: the end-gradient accumulators' layout (training only).
       manual_axes: the `shard_map`'s manual axes (stage, data).
+      recompute: the schedule has R ops: F stashes its input, B/I/W read what R rebuilt.
     """
 
     local_params: PyTree
@@ -64,6 +69,7 @@ class TickContext:
     scale: float
     end_slots: EndSlots | None
     manual_axes: tuple[str, ...]
+    recompute: bool = False
 
     def stage_input(self, row: LaneRow, view: View) -> PyTree:
         """The op's input: its inbox slot, or the prologue of its microbatch at a first hop."""
@@ -81,6 +87,9 @@ class TickContext:
         return take(self.local_params, row.chunk)
 
     def residuals(self, row: LaneRow, view: View) -> PyTree:
+        """What B, I and W rebuild the vjp from: the F's stash, or with R what the R rebuilt."""
+        if self.recompute:
+            return take(view.recomputed, row.recompute_slot)
         return take(view.stash, row.stash_slot)
 
     def add_loss(self, state: Carry, loss: jax.Array) -> Carry:
@@ -140,9 +149,24 @@ def forward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, vie
         end_grads = context.end_slots.add(state.end_grads, context.end_slots.loss, d_loss_params)
         return dataclasses.replace(context.add_loss(state, loss), end_grads=end_grads), d_y
 
+    kept = x if context.recompute else residuals  # with R, the R rebuilds the residuals from x
+
     def finish(state):
-        state = dataclasses.replace(state, stash=put(state.stash, row.stash_slot, residuals))
+        state = dataclasses.replace(state, stash=put(state.stash, row.stash_slot, kept))
         return if_(row.is_last, with_loss, lambda s: (s, y), state)
+
+    return finish
+
+
+def recompute(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
+    """R: the forward again from the input its F kept, its residuals into the recompute slot (no message)."""
+    x = take(view.stash, row.stash_slot)
+    _, residuals = yield from ops.forward_layerwise(context.stage_params(row), x)
+
+    def finish(state):
+        return dataclasses.replace(
+            state, recomputed=put(state.recomputed, row.recompute_slot, residuals)
+        ), context.x_like
 
     return finish
 
@@ -205,6 +229,7 @@ TRAINING = (
     Kernel(OpCode.BACKWARD, backward, (Buffer.GRADS,), (Buffer.END_GRADS,), accumulates=True),
     Kernel(OpCode.INPUT_GRAD, input_grad, (Buffer.WEIGHT_STASH,), (Buffer.END_GRADS,)),
     Kernel(OpCode.WEIGHT_GRAD, weight_grad, (Buffer.GRADS,), accumulates=True),
+    Kernel(OpCode.RECOMPUTE, recompute, (Buffer.RECOMPUTED,)),
 )
 FORWARD_ONLY = (Kernel(OpCode.FORWARD, forward_only, ()),)
 EVALUATION = (Kernel(OpCode.FORWARD, forward_loss, (Buffer.LOSS,)),)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from jpipe.schedules.fused_ticks import balance_ticks
 from jpipe.schedules.ir import Schedule
+from jpipe.schedules.recompute import with_recompute
 from jpipe.schedules.simulate import Cost, best_split, simulate
 
 AUTO = "auto"
@@ -40,6 +41,8 @@ class PipelineOptions:
         tick of a `jpipe.layered` stage unrolls its layers, which costs compile time and temporary
         memory; with the default `Cost()` (F = I = W) no packing is faster anyway.
       cost: per-op costs for the "auto" choices (default `Cost()`: F=1, B=2, I=W=1).
+      recompute: with `remat="full"`, run each forward's recomputation as an R op of its own, right
+        before its I or B (`jpipe.schedules.recompute`); `cost.r` is its time.
     """
 
     remat: str | Callable | None = "none"
@@ -48,6 +51,7 @@ class PipelineOptions:
     braid: bool = True
     cost: Cost | None = None
     balance_ticks: bool | str = False
+    recompute: bool = False
 
     def __post_init__(self):
         for name in ("split_backward", "overlap_sends", "balance_ticks"):
@@ -56,6 +60,12 @@ class PipelineOptions:
                 raise ValueError(f"{name}: expected True, False or 'auto', got {value!r}")
         if not isinstance(self.braid, bool):
             raise ValueError(f"braid: expected True or False, got {self.braid!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute: expected True or False, got {self.recompute!r}")
+        if self.recompute and self.remat != "full":
+            raise ValueError(
+                f"recompute=True runs remat's forward recomputation as R ops: it needs remat='full', got {self.remat!r}"
+            )
         if self.balance_ticks is True and not self.braid:
             raise ValueError("balance_ticks=True runs two ops in one tick: it needs braid=True, got braid=False")
 
@@ -65,6 +75,8 @@ class PipelineOptions:
 
     def plan(self, schedule: Schedule) -> PipelinePlan:
         """The options with their "auto" choices resolved for `schedule` (simulations: once, here)."""
+        if self.recompute:
+            schedule = with_recompute(schedule)
         split = resolve_split(schedule, self.split_backward, self.cost)
         overlap = resolve_overlap(schedule, self.overlap_sends, self.cost, split=split)
         if self.balance_ticks is False or not self.braid:

@@ -71,10 +71,11 @@ class OpCode(enum.IntEnum):
     BACKWARD = 2
     INPUT_GRAD = 3
     WEIGHT_GRAD = 4
+    RECOMPUTE = 5
 
 
-IDLE, FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD = (int(code) for code in OpCode)
-OP_CODES = {Op.F: FORWARD, Op.B: BACKWARD, Op.I: INPUT_GRAD, Op.W: WEIGHT_GRAD}
+IDLE, FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD, RECOMPUTE = (int(code) for code in OpCode)
+OP_CODES = {Op.F: FORWARD, Op.B: BACKWARD, Op.I: INPUT_GRAD, Op.W: WEIGHT_GRAD, Op.R: RECOMPUTE}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -87,8 +88,10 @@ class Lane:
       is_first, is_last: int32 `[T, p]`, 1 where the op is at its microbatch's first / last hop.
       inbox_slot: int32 `[T, p]`, where the op's input (activation for F, output gradient for B/I)
         waits.
-      stash_slot: int32 `[T, p]`, where an F writes its residuals and B/I/W read them.
+      stash_slot: int32 `[T, p]`, where an F writes its residuals and B/I/W read them (with R: where
+        an F keeps its input and its R reads it).
       weight_slot: int32 `[T, p]`, where an I leaves what its W needs (the weight residuals).
+      recompute_slot: int32 `[T, p]`, where an R writes the residuals it rebuilds and B/I/W read them.
       recv_slot: int32 `[T, p, C]`, the inbox slot for the message arriving on channel c at the end
         of the tick, or `num_inbox_slots` (a scratch slot) when nothing real arrives. A message
         arrives in the tick that produced it, or `send_latency` ticks later on a channel with a
@@ -107,6 +110,7 @@ class Lane:
     inbox_slot: np.ndarray
     stash_slot: np.ndarray
     weight_slot: np.ndarray
+    recompute_slot: np.ndarray
     recv_slot: np.ndarray
     result_index: np.ndarray
     channels: tuple[int, ...]
@@ -125,6 +129,7 @@ class Lane:
             inbox_slot=np.full(shape, num_inbox, np.int32),
             stash_slot=zeros(),
             weight_slot=zeros(),
+            recompute_slot=zeros(),
             recv_slot=np.full(shape + (len(channels),), num_inbox, np.int32),
             result_index=np.full(shape + (len(channels),), k, np.int32),
             channels=channels,
@@ -164,7 +169,7 @@ class Program:
       lanes: one `Lane` per op a device may run in a tick: lane 0 for ops run alone and the first
         member of a kept composite, lane 1 (only when composites are kept) for second members.
       delivery: the input deliveries (`Delivery`).
-      num_inbox_slots, num_stash_slots, num_weight_slots: buffer sizes per device.
+      num_inbox_slots, num_stash_slots, num_weight_slots, num_recompute_slots: buffer sizes per device.
       microbatches_per_device: k, the microbatches each device owns (with `deliver`; else 0).
       placement: where the logical stages live (and the device-major row order).
       forward_only: whether the program runs only forwards (inference).
@@ -184,6 +189,12 @@ class Program:
     forward_only: bool
     deliver: bool
     send_latency: int = 0
+    num_recompute_slots: int = 0
+
+    @property
+    def recompute(self) -> bool:
+        """Whether the schedule recomputes forwards in R ops (F then keeps only its input)."""
+        return self.num_recompute_slots > 0
 
     @property
     def braided(self) -> bool:
@@ -413,10 +424,13 @@ class _Slots:
     num_inbox: int
     num_stash: int
     num_weight: int
+    recomputed: dict = dataclasses.field(default_factory=dict)
+    num_recomputed: int = 0
 
 
 def _slots(timed: _Timed, forward_only: bool) -> _Slots:
-    """Inbox slots (messages, delivered inputs), stash slots (F to its last reader), weight slots (I to W)."""
+    """Inbox slots (messages, delivered inputs), stash slots (F to its last reader), weight slots (I to W),
+    recompute slots (R to its last reader; with R the stash's only reader is the R)."""
     p = timed.schedule.num_devices
     inbox: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
     for producer, readers in timed.messages:
@@ -427,9 +441,10 @@ def _slots(timed: _Timed, forward_only: bool) -> _Slots:
         inbox[timed.device_of(reader)].append((sent, timed.tick_of[reader], ("input", reader.microbatch)))
     stash: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
     if not forward_only:
+        recomputes = any(action.op is Op.R for action in timed.tick_of)
         readers_of: dict[tuple[int, int], list[int]] = {}
         for action, t in timed.tick_of.items():
-            if action.op is not Op.F:
+            if action.op is Op.R or (action.op is not Op.F and not recomputes):
                 readers_of.setdefault((action.stage, action.microbatch), []).append(t)
         for action, t in timed.tick_of.items():
             if action.op is Op.F:
@@ -440,10 +455,23 @@ def _slots(timed: _Timed, forward_only: bool) -> _Slots:
         if action.op is Op.I:
             weight_tick = timed.tick_of[Action(action.stage, Op.W, action.microbatch)]
             weight[timed.device_of(action)].append((t, weight_tick, (action.stage, action.microbatch)))
+    rebuilt: list[list[tuple[int, int, object]]] = [[] for _ in range(p)]
+    last_read: dict[tuple[int, int], int] = {}
+    for action, t in timed.tick_of.items():
+        if action.op in (Op.B, Op.I, Op.W):
+            key = (action.stage, action.microbatch)
+            last_read[key] = max(t, last_read.get(key, t))
+    for action, t in timed.tick_of.items():
+        if action.op is Op.R:
+            key = (action.stage, action.microbatch)
+            rebuilt[timed.device_of(action)].append((t, last_read[key], key))
     inbox_slot_of, num_inbox = _assign_slots(inbox, strict=False)
     stash_slot_of, num_stash = _assign_slots(stash, strict=True)
     weight_slot_of, num_weight = _assign_slots(weight, strict=True)
-    return _Slots(inbox_slot_of, stash_slot_of, weight_slot_of, num_inbox, num_stash, num_weight)
+    rebuilt_slot_of, num_rebuilt = _assign_slots(rebuilt, strict=True)
+    return _Slots(
+        inbox_slot_of, stash_slot_of, weight_slot_of, num_inbox, num_stash, num_weight, rebuilt_slot_of, num_rebuilt
+    )
 
 
 def _fill_ops(timed: _Timed, slots: _Slots, lanes: tuple[Lane, ...]) -> None:
@@ -470,6 +498,8 @@ def _fill_ops(timed: _Timed, slots: _Slots, lanes: tuple[Lane, ...]) -> None:
             lane.stash_slot[t, d] = slots.stash[key]
         if key in slots.weight and action.op in (Op.I, Op.W):
             lane.weight_slot[t, d] = slots.weight[key]
+        if key in slots.recomputed:
+            lane.recompute_slot[t, d] = slots.recomputed[key]
 
 
 def _fill_arrivals(timed: _Timed, slots: _Slots, lanes: tuple[Lane, ...], delivery: Delivery) -> None:
@@ -546,6 +576,7 @@ def compile_program(
         num_inbox_slots=slots.num_inbox,
         num_stash_slots=slots.num_stash,
         num_weight_slots=slots.num_weight,
+        num_recompute_slots=slots.num_recomputed,
         microbatches_per_device=k,
         placement=StagePlacement.of(timed.schedule),
         forward_only=forward_only,

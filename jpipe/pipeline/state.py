@@ -24,6 +24,7 @@ class Buffer(enum.Enum):
 
     STASH = "stash"
     WEIGHT_STASH = "weight_stash"
+    RECOMPUTED = "recomputed"
     GRADS = "grads"
     LOSS = "loss"
     END_GRADS = "end_grads"
@@ -45,6 +46,7 @@ class Carry:
         leaves `[k + 1, ...]` (+ a scratch slot); with `deliver`.
       stash: the forwards' residuals, leaves `[num_stash_slots, ...]`.
       weight_stash: what an I leaves its W, leaves `[num_weight_slots, ...]`.
+      recomputed: the residuals R ops rebuilt, leaves `[num_recompute_slots, ...]` (None without R).
     """
 
     end_grads: list | None = None
@@ -55,6 +57,7 @@ class Carry:
     results: PyTree = None
     stash: PyTree = None
     weight_stash: PyTree = None
+    recomputed: PyTree = None
 
     def select(self, buffers: tuple[Buffer, ...]) -> Carry:
         """Only `buffers` (the others None): what a `lax.cond` branch that writes them takes and returns."""
@@ -66,17 +69,19 @@ class Carry:
 
     def view(self) -> View:
         """The buffers ops read (never write) in a tick."""
-        return View(inbox=self.inbox, stash=self.stash, weight_stash=self.weight_stash)
+        return View(inbox=self.inbox, stash=self.stash, weight_stash=self.weight_stash, recomputed=self.recomputed)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class View:
-    """What the ops of a tick read as it was when the tick started: inbox, stash and weight stash."""
+    """What the ops of a tick read as it was when the tick started: inbox, stash, weight stash and the
+    recomputed residuals."""
 
     inbox: PyTree
     stash: PyTree = None
     weight_stash: PyTree = None
+    recomputed: PyTree = None
 
 
 @jax.tree_util.register_dataclass
@@ -97,6 +102,7 @@ class LaneRow:
     inbox_slot: jax.Array
     stash_slot: jax.Array
     weight_slot: jax.Array
+    recompute_slot: jax.Array
     recv_slot: jax.Array
     result_index: jax.Array
     channel_used: jax.Array

@@ -81,7 +81,11 @@ class TickMachine:
         some_params = take(context.local_params, rows.lanes[0].chunk[0])
         residuals = self.ops.forward(some_params, context.x_like)[1]
         weight_residuals = self.ops.input_grad(some_params, residuals, context.x_like, context.x_like)[1]
-        return {
+        buffers = {}
+        if self.program.recompute:  # F keeps its input; R rebuilds the residuals
+            buffers["recomputed"] = slots(self.program.num_recompute_slots, residuals)
+            residuals = context.x_like
+        return buffers | {
             "stash": slots(self.program.num_stash_slots, residuals),
             "weight_stash": slots(self.program.num_weight_slots, weight_residuals),
             "grads": jax.tree.map(lambda a: zeros((), a, accumulator_dtype(a.dtype)), context.local_params),

@@ -52,7 +52,7 @@ _COMMUNICATION_TYPES = ("UNSHARD", "RESHARD", "REDUCE_GRAD", "SEND_F", "RECV_F",
 # torch's container type for composite cells `(a;b)TYPE`.
 _COMPOSITE_TYPES = ("OVERLAP_F_B",)
 
-_COMPUTE_CELL = re.compile(r"(\d+)([FBIW])(\d+)")
+_COMPUTE_CELL = re.compile(r"(\d+)([FBIWR])(\d+)")  # R (recompute) is jpipe's own
 # Longer names first so `SEND_F` is not read as something shorter.
 _COMMUNICATION_CELL = re.compile(r"(\d+)(" + "|".join(sorted(_COMMUNICATION_TYPES, key=len, reverse=True)) + r")(\d*)")
 _COMPOSITE_CELL = re.compile(r"\((.*)\)([A-Z_]+)")
@@ -70,7 +70,7 @@ def _parse_simple(text: str) -> tuple[int, Action | None]:
     if match := _COMMUNICATION_CELL.fullmatch(text):
         return int(match.group(1)), None
     raise _CellError(
-        f"{text!r} is not '<stage><F|B|I|W><microbatch>' nor a torch communication action "
+        f"{text!r} is not '<stage><F|B|I|W|R><microbatch>' nor a torch communication action "
         f"('<stage><{'|'.join(_COMMUNICATION_TYPES)}>[<microbatch>]')"
     )
 

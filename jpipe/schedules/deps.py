@@ -20,7 +20,8 @@ def dependencies(schedule: Schedule) -> dict[Action, tuple[Action, ...]]:
     Along microbatch m's route (`Schedule.route`; by default every stage in order):
     F(s, m) needs the F of the stage before s on the route. B/I(s, m) need F(s, m) and the
     input-gradient action (B or I) of the stage after s on the route; at the route's last stage the
-    B/I need only its F (the loss is computed there). W(s, m) needs I(s, m).
+    B/I need only its F (the loss is computed there). W(s, m) needs I(s, m). R(s, m) (recomputation)
+    needs F(s, m), and a B/I whose R is in the schedule also needs it.
     Dependencies that do not exist in the schedule, and actions of stages off their microbatch's
     route, get none (validation reports them).
     """
@@ -36,8 +37,11 @@ def dependencies(schedule: Schedule) -> dict[Action, tuple[Action, ...]]:
             previous = schedule.prev_stage(s, m)
             if previous is not None:
                 needed.append(Action(previous, Op.F, m))
+        elif action.op is Op.R:
+            needed.append(Action(s, Op.F, m))
         elif action.op in (Op.B, Op.I):
             needed.append(Action(s, Op.F, m))
+            needed.append(Action(s, Op.R, m))  # dropped below when the schedule has no R
             following = schedule.next_stage(s, m)
             if following is not None:
                 needed.append(input_grad_action(present, following, m))

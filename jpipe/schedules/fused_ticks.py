@@ -9,7 +9,8 @@ event-driven (MPMD) run of the same ops (`experiments/lockstep_tax.py`).
 `fuse_ticks(schedule, cost, target)` repacks the schedule tick by tick, the way the executor
 advances: in each tick every device takes its next op in row order when its inputs are there
 (otherwise a W whose I has run, pulled forward: a W has no consumer, so moving it earlier never
-delays another op and only frees its residuals sooner). The tick then lasts
+delays another op and only frees its residuals sooner; or, in a schedule with recomputation ops,
+its next R, which needs only its F: run early, its rebuilt residuals live longer). The tick then lasts
 `L = max(target, slowest first op)`, and a device whose op leaves room adds a second ready op (its
 next one in order, else a pulled W) of another microbatch when the two fit in `L`. A pair becomes a
 `jpipe.schedules.ir.Composite`: the lockstep simulator times it as one step (`Cost.duration`: both
@@ -86,11 +87,13 @@ class _Packer:
         return self.cost.duration(cell)
 
     def take(self, device: int, tick: int, fits) -> Cell | None:
-        """Remove and return the device's next ready cell accepted by `fits` (next in order, else a W)."""
+        """Remove and return the device's next ready cell accepted by `fits`: next in order, else a W,
+        else its first R (a recomputation may run any time after its F)."""
         row = self.rows[device]
+        first_r = next((i for i, c in enumerate(row) if isinstance(c, Action) and c.op is Op.R), None)
         for index, cell in enumerate(row):
-            is_w = isinstance(cell, Action) and cell.op is Op.W
-            if (index == 0 or is_w) and fits(cell) and self.ready(cell, tick):
+            movable = isinstance(cell, Action) and (cell.op is Op.W or index == first_r)
+            if (index == 0 or movable) and fits(cell) and self.ready(cell, tick):
                 return row.pop(index)
         return None
 

@@ -43,18 +43,22 @@ class Op(str, enum.Enum):
     B: full backward (input gradient and weight gradient together).
     I: input-gradient half of the backward (what the previous stage waits for).
     W: weight-gradient half of the backward (nobody waits for it; fills bubbles).
+    R: recomputation of a forward (jpipe's own; not in torch.pipelining): with rematerialisation, the
+       forward's residuals rebuilt from its stashed input in an op of their own, before its I or B
+       (`jpipe.schedules.recompute`), so that I and B no longer carry the recomputation.
     """
 
     F = "F"
     B = "B"
     I = "I"  # noqa: E741  (the letter is torch.pipelining's, kept for CSV compatibility)
     W = "W"
+    R = "R"
 
     def __str__(self) -> str:
         return self.value
 
 
-_ACTION_RE = re.compile(r"^\s*(\d+)\s*([FBIW])\s*(\d+)\s*$")
+_ACTION_RE = re.compile(r"^\s*(\d+)\s*([FBIWR])\s*(\d+)\s*$")
 
 
 @dataclasses.dataclass(frozen=True, order=True)

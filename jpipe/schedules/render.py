@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 IDLE = "."
 CONTINUATION = "-"
-OP_NAMES = {Op.F: "forward", Op.B: "backward", Op.I: "input grad", Op.W: "weight grad"}
-OP_COLORS = {Op.F: "#4c72b0", Op.B: "#dd8452", Op.I: "#55a868", Op.W: "#8172b3"}
+OP_NAMES = {Op.F: "forward", Op.B: "backward", Op.I: "input grad", Op.W: "weight grad", Op.R: "recompute"}
+OP_COLORS = {Op.F: "#4c72b0", Op.B: "#dd8452", Op.I: "#55a868", Op.W: "#8172b3", Op.R: "#937860"}
 # Above this many columns a timed layout coarsens its time quantum (keeps text charts printable).
 MAX_TIME_COLUMNS = 2000
 

@@ -55,7 +55,7 @@ MODES = ("async", "lockstep")
 Times = float | tuple[float, ...]
 """An op's time: one number for every logical stage, or a tuple with one entry per logical stage."""
 
-_TIMED = ("f", "b", "i", "w")
+_TIMED = ("f", "b", "i", "w", "r")
 _PER_STAGE = (*_TIMED, "all_reduce")
 
 
@@ -75,6 +75,11 @@ class Cost:
       all_reduce: tensor-parallel all-reduce time of one chunk's forward, and the same again for its
         input-gradient backward (STP's T_AR); `f`, `b`, `i`, `w` are then compute only. Default 0.
         See `duration` for when it is exposed.
+      r: recomputation time (R actions, `jpipe.schedules.recompute`): the forward rebuilding its
+        residuals; in a schedule with R, `b` and `i` are then the backward without it.
+      recomputed: memory, not time: what an R keeps until its I (or B) and W (the forward's full
+        residuals), relative to what an F stashes (which, with R, is the stage input). Used by
+        `Simulation.peak_memory`.
     Each of `f`, `b`, `i`, `w`, `all_reduce` is either one number (every logical stage costs the same) or a tuple
     with one number per logical stage (`f[s]` is stage s's forward; e.g. the first stage also embeds,
     the last also runs the head and loss); all tuples must have the same length, the schedule's
@@ -89,6 +94,8 @@ class Cost:
     comm: float = 0.0
     weight_residuals: float = 0.0
     all_reduce: Times = 0.0
+    r: Times = 1.0
+    recomputed: float = 0.0
 
     def __post_init__(self) -> None:
         lengths = set()
@@ -120,7 +127,7 @@ class Cost:
 
     def of(self, op: Op, stage: int | None = None) -> float:
         """The time of one `op` action of logical stage `stage` (needed when that time is per stage)."""
-        value = {Op.F: self.f, Op.B: self.b, Op.I: self.i, Op.W: self.w}[op]
+        value = {Op.F: self.f, Op.B: self.b, Op.I: self.i, Op.W: self.w, Op.R: self.r}[op]
         if not isinstance(value, tuple):
             return value
         if stage is None:
@@ -263,28 +270,31 @@ def peak_activations(schedule: Schedule) -> tuple[float, ...]:
     return tuple(peaks)
 
 
-def peak_memory(schedule: Schedule, weight_residuals: float = 0.0) -> tuple[float, ...]:
+def peak_memory(schedule: Schedule, weight_residuals: float = 0.0, recomputed: float = 0.0) -> tuple[float, ...]:
     """Per device, the most live stash plus weight residuals (microbatch x full device stage).
 
     F adds a stash of `1 / virtual`, B removes it; I adds weight residuals of `weight_residuals /
-    virtual` (relative to a stash), W removes both. A composite counts as its first member then its
-    second.
+    virtual` (relative to a stash), W removes both. An R (recomputation) adds `recomputed / virtual`,
+    which its B or W removes. A composite counts as its first member then its second.
     """
+    has_r = any(action.op is Op.R for row in schedule.actions for action in flatten(row))
     peaks = []
     for row in schedule.actions:
         row = flatten(row)
-        stash = residuals = 0
+        stash = residuals = rebuilt = 0
         peak = 0.0
         for action in row:
             if action.op is Op.F:
                 stash += 1
+            elif action.op is Op.R:
+                rebuilt += 1
             elif action.op is Op.I:
                 residuals += 1
             elif action.op is Op.B:
-                stash -= 1
+                stash, rebuilt = stash - 1, rebuilt - has_r
             else:
-                stash, residuals = stash - 1, residuals - 1
-            peak = max(peak, stash + residuals * weight_residuals)
+                stash, residuals, rebuilt = stash - 1, residuals - 1, rebuilt - has_r
+            peak = max(peak, stash + residuals * weight_residuals + rebuilt * recomputed)
         peaks.append(peak / schedule.virtual)
     return tuple(peaks)
 
@@ -428,7 +438,7 @@ def simulate(
         bubble_fraction=bubble,
         busy=tuple(busy),
         peak_activations=peak_activations(schedule),
-        peak_memory=peak_memory(ran, cost.weight_residuals),
+        peak_memory=peak_memory(ran, cost.weight_residuals, cost.recomputed),
         timeline=tuple(events),
         num_ticks=num_ticks,
         spans=spans,

@@ -16,7 +16,7 @@
      different microbatches never need each other's result, directly or through other actions:
      the rule is what makes running them together possible;
   5. completeness: every (stage, microbatch) on the microbatch's route has one F and either one B
-     or one I and one W;
+     or one I and one W; and one R (recomputation) in every pair or in none;
   6. local order: on each device an action comes after the actions it needs that live on the same
      device (F before its I/B, I before its W, F of the previous hop before F of the next one when
      both are on the device, as at the turn of a V placement, ...); a composite's members count at
@@ -220,6 +220,7 @@ def _check_composite(schedule: Schedule, device: int, position: int, step: Compo
 
 
 def _check_complete(schedule: Schedule, positions: dict[Action, tuple[int, int]]) -> None:
+    recomputes = any(action.op is Op.R for action in positions)
     for stage in range(schedule.num_stages):
         device = schedule.placement[stage]
         for mb in range(schedule.num_microbatches):
@@ -229,6 +230,12 @@ def _check_complete(schedule: Schedule, positions: dict[Action, tuple[int, int]]
             if forward not in positions:
                 raise ScheduleError(
                     f"missing action {forward} on device {device}: stage {stage} microbatch {mb} has no forward"
+                )
+            recompute = Action(stage, Op.R, mb)
+            if recomputes and recompute not in positions:
+                raise ScheduleError(
+                    f"missing action {recompute} on device {device}: the schedule recomputes forwards (R), "
+                    f"so every backward needs its R"
                 )
             has_split = grad_input in positions or grad_weight in positions
             if full in positions and has_split:
