@@ -154,3 +154,11 @@ def test_recompute_matches_sequential(case):
     ref_loss, ref_grads = reference_value_and_grad(stage_params, loss_params, inputs, targets, stage)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, ref_grads)
+
+
+def test_training_config_refuses_recompute_without_remat_full():
+    from jpipe.train.config import ConfigError, ParallelConfig
+
+    with pytest.raises(ConfigError, match="needs --remat full"):
+        ParallelConfig(recompute=True)
+    assert ParallelConfig(remat="full", recompute=True).pipeline_options().recompute

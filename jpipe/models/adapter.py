@@ -351,7 +351,13 @@ class PipelinedModel:
         layers = max(self.layout.layer_counts)
         blocks = _get(self._structure.params, self.blocks)
         stage_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape[1:]), a.dtype), blocks)
-        return measure_costs(layered(self.layer_fn), stage_params, _abstract(x), remat=self.options.remat)
+        return measure_costs(
+            layered(self.layer_fn),
+            stage_params,
+            _abstract(x),
+            remat=self.options.remat,
+            recompute=self.options.recompute,
+        )
 
     # The step.
 

@@ -135,6 +135,9 @@ class ParallelConfig:
         behind it, one more tick of latency): true, false, or "auto" (on when the lockstep
         simulator finds it no slower under the measured stage costs, whose send time is 0 unless
         measured, so "auto" is off).
+      recompute: with remat "full", run each forward's recomputation as an op of its own (R) right
+        before its backward, which then no longer carries it (`jpipe.schedules.recompute`); the
+        rebuilt residuals (remat "none"'s, for the whole stage) live from R to the weight gradient.
       balance_ticks: cost-balanced ticks (`jpipe.schedules.fused_ticks`): a device runs two ops of
         different microbatches in one tick where they fit in its length under the measured costs:
         true, false (default), or "auto" (when the lockstep simulator finds it faster).
@@ -158,6 +161,7 @@ class ParallelConfig:
     split_backward: bool | str = "auto"
     overlap_sends: bool | str = "auto"
     balance_ticks: bool | str = False
+    recompute: bool = False
     memory_limit: float | str | None = None
     search_time: float = 30.0
     skip_ratio: float | None = None
@@ -188,6 +192,14 @@ class ParallelConfig:
         _require(
             self.overlap_sends in (True, False, "auto"),
             f"parallel.overlap_sends: expected true, false or 'auto', got {self.overlap_sends!r}",
+        )
+        _require(
+            self.recompute in (True, False),
+            f"parallel.recompute: expected true or false, got {self.recompute!r}",
+        )
+        _require(
+            not self.recompute or self.remat == "full",
+            f"parallel.recompute: runs remat's recomputation as its own op: needs --remat full, got {self.remat!r}",
         )
         _require(
             self.balance_ticks in (True, False, "auto"),
@@ -233,6 +245,7 @@ class ParallelConfig:
             split_backward=self.split_backward,
             overlap_sends=self.overlap_sends,
             balance_ticks=self.balance_ticks,
+            recompute=self.recompute,
         )
 
 

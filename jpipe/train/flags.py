@@ -33,6 +33,7 @@ SHORT_NAMES = {
     "parallel.split_backward": "split_backward",
     "parallel.overlap_sends": "overlap_sends",
     "parallel.balance_ticks": "balance_ticks",
+    "parallel.recompute": "recompute",
     "parallel.memory_limit": "memory_limit",
     "parallel.search_time": "search_time",
     "parallel.skip_ratio": "skip_ratio",
