@@ -38,12 +38,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from jpipe.parallel import hlo
+from jpipe.train import step as step_module
 from jpipe.train.cli import add_config_arguments, build_config
 from jpipe.train.config import ConfigError
 from jpipe.train.flags import HelpFormatter
 from jpipe.train.presets import TrainConfig
+
+if TYPE_CHECKING:
+    from jpipe.schedules.ir import Schedule
 
 DEFAULT_TOPOLOGY = "v5e:2x2"
 EXAMPLE_TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5e:4x4", "v5p:2x2x1", "v5p:2x2x2", "v6e:2x2", "v6e:4x4", "cpu:8")
@@ -63,8 +68,9 @@ tensor-parallel all-reduces of a braided tick's two ops, combined, would wait fo
 all four, every all-reduce in the tick loop stays synchronous (libtpu 0.0.42.1 with jax 0.10.2;
 with them, libtpu 0.0.50.1 with jax 0.12 hides as many: `experiments/tp_overlap.py`)."""
 
-GPU_COMPILER_OPTIONS: dict[str, bool | int | float | str] = {}
-"""XLA options every GPU compilation gets (`compile_training_step` adds the caller's on top)."""
+GPU_COMPILER_OPTIONS = step_module.GPU_COMPILER_OPTIONS
+"""XLA options every GPU compilation gets, as the training step on GPUs does (`jpipe.train.step`);
+`compile_training_step` adds the caller's on top."""
 
 # HBM per chip by `device.device_kind`, as the Cloud TPU documentation gives it. Deviceless
 # topology devices expose no memory size (`memory_stats()` needs an attached device), hence a table.
@@ -343,7 +349,9 @@ def _tpu_topology_devices(topology: str) -> tuple:
             ) from error
 
 
-def compile_training_step(config: TrainConfig, topology: str, *, compiler_options: dict | None = None) -> CompiledStep:
+def compile_training_step(
+    config: TrainConfig, topology: str, *, compiler_options: dict | None = None, schedule: Schedule | None = None
+) -> CompiledStep:
     """Compile the training step `python -m jpipe.train` runs for `config`, for `topology`'s devices.
 
     Args:
@@ -353,6 +361,9 @@ def compile_training_step(config: TrainConfig, topology: str, *, compiler_option
       compiler_options: XLA options for this compilation, typed (bool, int, float or str), e.g.
         `{"xla_tpu_enable_latency_hiding_scheduler": False}`; on GPUs they are added to (and
         override) `GPU_COMPILER_OPTIONS`.
+      schedule: the order to run instead of the one `config` names (`build_train_step`'s `schedule`):
+        e.g. the named order with `overlap_sends=True`, where the training step would run its
+        send_latency=1 build (possibly two half-batch streams).
 
     Returns the per-device memory analysis, collective counts and scheduled HLO. Raises
     `CompileSetupError` for a missing libtpu or CUDA plugin, an unknown topology, a device count mismatch or an
@@ -371,7 +382,7 @@ def compile_training_step(config: TrainConfig, topology: str, *, compiler_option
             f"{parallel.stage} x tensor {parallel.tensor} has {parallel.num_devices}; choose --data, --stages "
             f"and --tensor whose product is {len(devices)}, or another topology"
         )
-    train_step = build_train_step(config, training_mesh(parallel, devices))
+    train_step = build_train_step(config, training_mesh(parallel, devices), schedule=schedule)
     began = time.perf_counter()
     lowered = train_step.step.lower(*train_step.abstract_arguments())
     lowered_at = time.perf_counter()

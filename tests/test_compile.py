@@ -23,7 +23,7 @@ import pytest
 from jpipe import compile as jcompile
 from jpipe.compile import CompileSetupError, compile_training_step, fit_data_parallelism, topology_devices
 from jpipe.parallel.hlo import COLLECTIVES, permute_overlaps
-from jpipe.schedules.generators import SCHEDULES, default_virtual
+from jpipe.schedules.generators import SCHEDULES, build, default_virtual
 from jpipe.train.loop import build_train_step, training_mesh
 from jpipe.train.presets import TrainConfig, preset
 
@@ -355,3 +355,36 @@ def test_cli_unknown_gpu_is_one_line_with_status_2():
     result = _cli("--preset", "quickstart", "--topology", "h200:8")
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith("error: unknown GPU topology 'h200:8'") and len(result.stderr.splitlines()) == 1
+
+
+@functools.cache
+def _compiled_for_gpu(schedule: str, overlap_sends: bool) -> jcompile.CompiledStep:
+    """The small step on 4 H100s, running the named order (not the send_latency=1 build) in both cases."""
+    config = _small(schedule)
+    parallel = dataclasses.replace(config.parallel, overlap_sends=overlap_sends)
+    order = build(schedule, parallel.stage, parallel.microbatches, parallel.virtual)
+    return compile_training_step(dataclasses.replace(config, parallel=parallel), "h100:4", schedule=order)
+
+
+@needs_gpu_compiler
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zb_h1", "zbv"])
+def test_hidden_sends_have_a_matmul_in_flight_on_gpu(schedule):
+    """With GPU_COMPILER_OPTIONS every pipeline permute of the tick loop overlaps a matmul, at <= 1.25x temp memory.
+
+    XLA's GPU scheduler keeps one collective in flight by default, so one of the tick's two permutes
+    (forward and backward ring) stayed exposed; its option for two in flight hides both.
+    """
+    hidden, exposed = _compiled_for_gpu(schedule, True), _compiled_for_gpu(schedule, False)
+    overlaps = [o for o in permute_overlaps(hidden.hlo_text) if o.in_loop]
+    assert overlaps and all(o.hidden for o in overlaps), [(o.name, o.matmuls_in_flight) for o in overlaps]
+    assert hidden.temp_bytes <= 1.25 * exposed.temp_bytes, (hidden.temp_bytes, exposed.temp_bytes)
+    assert not any(o.hidden for o in permute_overlaps(exposed.hlo_text) if o.in_loop)
+
+
+def test_the_training_step_gets_the_gpu_options_only_on_gpus():
+    from jpipe.train.step import GPU_COMPILER_OPTIONS, compiler_options_for
+
+    gpu, cpu = (type("Device", (), {"platform": platform})() for platform in ("gpu", "cpu"))
+    assert compiler_options_for([gpu, gpu]) == GPU_COMPILER_OPTIONS == jcompile.GPU_COMPILER_OPTIONS
+    assert compiler_options_for(jax.devices()) is None and compiler_options_for([cpu]) is None

@@ -59,7 +59,7 @@ from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.preemption import SignalWatch, StepDecider, exit_status, fire_test_signal
 from jpipe.train.presets import TrainConfig
 from jpipe.train.schedule_arg import csv_schedule
-from jpipe.train.step import jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
+from jpipe.train.step import compiler_options_for, jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
 
 PyTree = Any
 
@@ -283,7 +283,9 @@ def build_train_step(
         learning_rate=learning_rate_schedule(config.optimizer, config.run.steps),
         # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
         # donated, so parameters and optimizer state are updated in place.
-        step=jit_train_step(loss_and_grads, optimizer, param_shardings, opt_shardings),
+        step=jit_train_step(
+            loss_and_grads, optimizer, param_shardings, opt_shardings, compiler_options_for(mesh.devices.flat)
+        ),
         eval_loss=jit_eval_step(pipe.evaluate(_evaluation_schedule(pipe.schedule))),
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
