@@ -324,7 +324,6 @@ def test_a_small_step_compiles_for_each_shipped_gpu_target(gpu):
     assert compiled.memory_capacity_bytes == int(config.split("device_memory_size: ")[1].split()[0])
     assert compiled.fits is True and min(compiled.argument_bytes, compiled.temp_bytes) > 0
     assert compiled.collectives_in_loop["collective-permute"] >= 1 and compiled.collectives_in_loop["all-gather"] == 0
-    assert "collective-permute-start" in compiled.hlo_text
     assert "jax-cuda12-plugin" in compiled.versions or "jax-cuda13-plugin" in compiled.versions
     assert compiled.compiler_options == jcompile.GPU_COMPILER_OPTIONS
     assert compiled.device_kind in compiled.describe()
@@ -335,7 +334,10 @@ def test_a_two_host_gpu_topology_puts_eight_gpus_on_each_host():
     devices = topology_devices("h100:2x8")
     assert len(devices) == 16 and {d.platform for d in devices} == {"gpu"}
     assert [sum(d.process_index == host for d in devices) for host in (0, 1)] == [8, 8]
-    assert topology_devices("h100:8") == topology_devices("h100:1x8")
+    def ids(topology):
+        return [(d.id, d.process_index, d.device_kind) for d in topology_devices(topology)]
+
+    assert ids("h100:8") == ids("h100:1x8")
 
 
 @pytest.mark.parametrize("topology", ["h200:8", "h100:0", "h100:2x2x2", "a100:"])
