@@ -152,6 +152,8 @@ class CompiledStep:
       versions: the compiler's provenance (`"jax 0.10.2, libtpu 0.0.42.1"`).
       compiler_options: the XLA options this compilation ran with (`GPU_COMPILER_OPTIONS` on GPUs,
         then the caller's).
+      plan: the executor's resolved options (`PipelinePlan.describe()`), e.g. "backward whole,
+        sends overlapped (auto)".
       hlo_text: the compiled, scheduled HLO (`compiled.as_text()`).
     """
 
@@ -174,6 +176,7 @@ class CompiledStep:
     versions: str
     hlo_text: str = dataclasses.field(repr=False)
     compiler_options: dict = dataclasses.field(default_factory=dict)
+    plan: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -205,7 +208,7 @@ class CompiledStep:
             rows.append(("capacity", self.memory_capacity_bytes, f"HBM per device ({self.device_kind})"))
         lines = [
             f"{self.topology}: {self.num_devices} x {self.device_kind} ({self.platform}); mesh {mesh}; "
-            f"schedule {self.schedule}; {self.versions}",
+            f"schedule {self.schedule}{'; ' + self.plan if self.plan else ''}; {self.versions}",
             f"{'per device':<12}{'MiB':>12}",
         ]
         lines += [f"  {name:<10}{value / MIB:>12.2f}   {note}" for name, value, note in rows]
@@ -426,6 +429,7 @@ def compile_training_step(
         versions=_versions(device.platform),
         hlo_text=text,
         compiler_options=dict(compiler_options or {}),
+        plan=train_step.plan.describe() if train_step.plan is not None else "",
     )
 
 
