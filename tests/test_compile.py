@@ -334,6 +334,7 @@ def test_a_two_host_gpu_topology_puts_eight_gpus_on_each_host():
     devices = topology_devices("h100:2x8")
     assert len(devices) == 16 and {d.platform for d in devices} == {"gpu"}
     assert [sum(d.process_index == host for d in devices) for host in (0, 1)] == [8, 8]
+
     def ids(topology):
         return [(d.id, d.process_index, d.device_kind) for d in topology_devices(topology)]
 
