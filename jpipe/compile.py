@@ -1,6 +1,7 @@
-"""Compile the real training step ahead of time for a TPU slice, on a machine without one.
+"""Compile the real training step ahead of time for a TPU slice or NVIDIA GPUs, on a machine without them.
 
     python -m jpipe.compile --preset quickstart --topology v5e:2x2
+    python -m jpipe.compile --preset quickstart --topology h100:8
     python -m jpipe.compile --layers 24 --d-model 1024 --heads 16 --topology v5p:2x2x2 --hlo step.hlo
 
     from jpipe.compile import compile_training_step
@@ -10,13 +11,16 @@
 The step compiled is the one `python -m jpipe.train` runs (`jpipe.train.loop.build_train_step`: the
 pipelined loss and gradients, the optimizer update, the same shardings and donation), lowered with
 abstract arguments (`jax.ShapeDtypeStruct`s with shardings on a mesh of the topology's devices) and
-compiled by XLA's TPU compiler from libtpu (`pip install 'jpipe-pp[tpu]'`). Nothing is allocated and
-no TPU is needed: `jax.experimental.topologies` describes the slice. The result holds XLA's
-per-device memory analysis and the scheduled HLO text.
+compiled by XLA's TPU compiler from libtpu (`pip install 'jpipe-pp[tpu]'`) or its GPU compiler from
+jax's CUDA plugin (`pip install 'jpipe-pp[gpu]'`). Nothing is allocated and no TPU or GPU is needed:
+`jax.experimental.topologies` describes the devices. The result holds XLA's per-device memory
+analysis and the scheduled HLO text.
 
 Topologies are the names libtpu knows, `<generation>:<chips per axis>`: `v4:2x2x1`, `v5e:2x2`,
-`v5p:2x2x2`, `v6e:4x4`, ... (v2, v3 and v4 show two devices per chip, one per TensorCore), or
-`cpu:N` for N devices of the local CPU backend. The stage costs that decide `split_backward="auto"`
+`v5p:2x2x2`, `v6e:4x4`, ... (v2, v3 and v4 show two devices per chip, one per TensorCore);
+NVIDIA GPUs, `<gpu>:<GPUs per host>` or `<gpu>:<hosts>x<GPUs per host>`: `h100:8`, `a100:8`, `b200:8`,
+`h100:2x8` (GPU specs shipped in `jpipe/targets/`, see `GPU_TARGETS`); or `cpu:N` for N devices of
+the local CPU backend. The stage costs that decide `split_backward="auto"`
 are measured on the local default backend (XLA FLOPs, as `jpipe.train` does before it trains).
 """
 
@@ -34,12 +38,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from jpipe.parallel import hlo
+from jpipe.train import step as step_module
 from jpipe.train.cli import add_config_arguments, build_config
 from jpipe.train.config import ConfigError
 from jpipe.train.flags import HelpFormatter
 from jpipe.train.presets import TrainConfig
+
+if TYPE_CHECKING:
+    from jpipe.schedules.ir import Schedule
 
 DEFAULT_TOPOLOGY = "v5e:2x2"
 EXAMPLE_TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5e:4x4", "v5p:2x2x1", "v5p:2x2x2", "v6e:2x2", "v6e:4x4", "cpu:8")
@@ -59,6 +68,10 @@ tensor-parallel all-reduces of a braided tick's two ops, combined, would wait fo
 all four, every all-reduce in the tick loop stays synchronous (libtpu 0.0.42.1 with jax 0.10.2;
 with them, libtpu 0.0.50.1 with jax 0.12 hides as many: `experiments/tp_overlap.py`)."""
 
+GPU_COMPILER_OPTIONS = step_module.GPU_COMPILER_OPTIONS
+"""XLA options every GPU compilation gets, as the training step on GPUs does (`jpipe.train.step`);
+`compile_training_step` adds the caller's on top."""
+
 # HBM per chip by `device.device_kind`, as the Cloud TPU documentation gives it. Deviceless
 # topology devices expose no memory size (`memory_stats()` needs an attached device), hence a table.
 HBM_PER_CHIP = {
@@ -72,10 +85,19 @@ HBM_PER_CHIP = {
 }
 
 _CPU_TOPOLOGY = re.compile(r"^cpu:(\d+)$")
+_TPU_NAME = re.compile(r"^v\d")
+_GPU_SHAPE = re.compile(r"^(?:(\d+)x)?(\d+)$")
+
+GPU_TARGETS = {"h100": "h100.txtpb", "a100": "a100.txtpb", "b200": "b200.txtpb"}
+"""GPU names `--topology` knows, and their `GpuTargetConfigProto` text files in `jpipe/targets/`
+(reduced from XLA's `xla/backends/gpu/target_config/specs/`: H100 SXM 80 GB, A100 SXM 80 GB, B200)."""
+
+GPU_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
+"""The distributions that hold XLA's GPU compiler (jax's CUDA plugins); `jpipe-pp[gpu]` installs the first."""
 
 
 class CompileSetupError(ValueError):
-    """What was asked cannot be compiled as asked: libtpu missing, an unknown topology, too few CPU
+    """What was asked cannot be compiled as asked: libtpu or the CUDA plugin missing, an unknown topology, too few CPU
     devices, a topology whose device count is not data x stage x tensor, or an unknown compiler option.
 
     The message says what to change; the CLI prints it as one line and exits with status 2.
@@ -106,9 +128,9 @@ class CompiledStep:
     Byte counts are per device, from `compiled.memory_analysis()`:
 
     Attributes:
-      topology: the topology name compiled for (`"v5e:2x2"`, `"cpu:8"`).
-      platform: `"tpu"` or `"cpu"`.
-      device_kind: e.g. `"TPU v5 lite"`.
+      topology: the topology name compiled for (`"v5e:2x2"`, `"h100:8"`, `"cpu:8"`).
+      platform: `"tpu"`, `"gpu"` or `"cpu"`.
+      device_kind: e.g. `"TPU v5 lite"`, `"NVIDIA H100 80GB HBM3"`.
       num_devices: devices in the topology (= data x stage x tensor).
       mesh_shape: `{"data": ..., "stage": ..., "tensor": ...}`.
       schedule: the schedule's name, with its microbatches and virtual stages, e.g. `"1f1b m=8 v=1"`.
@@ -118,8 +140,9 @@ class CompiledStep:
       alias_bytes: outputs that reuse a donated input's buffer (parameters and optimizer state),
         counted in both `argument_bytes` and `output_bytes`.
       generated_code_bytes: the executable's code (not part of `total_bytes`).
-      memory_capacity_bytes: HBM per device: `HBM_PER_CHIP[device_kind]` / devices per chip; None
-        for CPU topologies and unknown TPU generations.
+      memory_capacity_bytes: HBM per device: `HBM_PER_CHIP[device_kind]` / devices per chip for
+        TPUs, the target config's `device_memory_size` for GPUs; None for CPU topologies and unknown
+        TPU generations.
       collectives: number of each collective instruction (`jpipe.parallel.hlo.COLLECTIVES`) in the
         compiled HLO, asynchronous start/done pairs counted once.
       collectives_in_loop: the same for those inside a loop body (the pipeline's tick loop): they
@@ -127,6 +150,10 @@ class CompiledStep:
       lower_seconds: tracing and lowering to StableHLO.
       compile_seconds: XLA compilation of the lowered step.
       versions: the compiler's provenance (`"jax 0.10.2, libtpu 0.0.42.1"`).
+      compiler_options: the XLA options this compilation ran with (`GPU_COMPILER_OPTIONS` on GPUs,
+        then the caller's).
+      plan: the executor's resolved options (`PipelinePlan.describe()`), e.g. "backward whole,
+        sends overlapped (auto)".
       hlo_text: the compiled, scheduled HLO (`compiled.as_text()`).
     """
 
@@ -148,6 +175,8 @@ class CompiledStep:
     compile_seconds: float
     versions: str
     hlo_text: str = dataclasses.field(repr=False)
+    compiler_options: dict = dataclasses.field(default_factory=dict)
+    plan: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -179,7 +208,7 @@ class CompiledStep:
             rows.append(("capacity", self.memory_capacity_bytes, f"HBM per device ({self.device_kind})"))
         lines = [
             f"{self.topology}: {self.num_devices} x {self.device_kind} ({self.platform}); mesh {mesh}; "
-            f"schedule {self.schedule}; {self.versions}",
+            f"schedule {self.schedule}{'; ' + self.plan if self.plan else ''}; {self.versions}",
             f"{'per device':<12}{'MiB':>12}",
         ]
         lines += [f"  {name:<10}{value / MIB:>12.2f}   {note}" for name, value, note in rows]
@@ -192,13 +221,17 @@ class CompiledStep:
             f"  {kind:<18}{count:>6}{self.collectives_in_loop[kind]:>14}" for kind, count in self.collectives.items()
         ]
         lines.append(f"compile: {self.compile_seconds:.1f} s (trace and lower {self.lower_seconds:.1f} s)")
+        if self.compiler_options:
+            options = " ".join(f"{key}={value}" for key, value in self.compiler_options.items())
+            lines.append(f"compiler options: {options}")
         return "\n".join(lines)
 
     __str__ = describe
 
 
 def topology_devices(topology: str) -> tuple:
-    """The devices of `topology`: a TPU slice's (deviceless, from libtpu) or `cpu:N`'s.
+    """The devices of `topology`: a TPU slice's (deviceless, from libtpu), GPUs' (compile-only, from
+    jax's CUDA plugin and a shipped target config) or `cpu:N`'s.
 
     `cpu:N` takes the first N devices of the local CPU backend, which JAX sizes once, when it
     starts: with fewer, set `XLA_FLAGS=--xla_force_host_platform_device_count=N` (or
@@ -216,7 +249,71 @@ def topology_devices(topology: str) -> tuple:
                 f"python -m jpipe.compile --topology {topology}, which does"
             )
         return tuple(available[:wanted])
+    if _gpu_shape(topology) is not None:
+        return _gpu_topology_devices(topology)
     return _tpu_topology_devices(topology)
+
+
+def _gpu_shape(topology: str) -> tuple[str, int, int] | None:
+    """(GPU name, hosts, GPUs per host) for a GPU topology, None for a TPU one (`v...`) or `cpu:N`.
+
+    A name that is neither TPU nor CPU is taken as a GPU; one without a shipped target config is refused.
+    """
+    name, sep, shape = topology.partition(":")
+    if not sep or name == "cpu" or _TPU_NAME.match(name):
+        return None
+    match = _GPU_SHAPE.match(shape)
+    if name not in GPU_TARGETS or match is None or int(match.group(2)) < 1 or int(match.group(1) or 1) < 1:
+        examples = ", ".join(f"{gpu}:8" for gpu in GPU_TARGETS)
+        raise CompileSetupError(
+            f"unknown GPU topology {topology!r}: expected <gpu>:<GPUs per host> or <gpu>:<hosts>x<GPUs per host> "
+            f"with <gpu> one of {', '.join(GPU_TARGETS)}, e.g. {examples}, {next(iter(GPU_TARGETS))}:2x8; or a TPU "
+            f"topology such as {', '.join(EXAMPLE_TOPOLOGIES[1:3])}"
+        )
+    return name, int(match.group(1) or 1), int(match.group(2))
+
+
+def gpu_target_config(name: str) -> str:
+    """The `GpuTargetConfigProto` text shipped for GPU `name` (a key of `GPU_TARGETS`)."""
+    import importlib.resources
+
+    return importlib.resources.files("jpipe.targets").joinpath(GPU_TARGETS[name]).read_text()
+
+
+def _gpu_plugin_version() -> str | None:
+    for plugin in GPU_PLUGINS:
+        try:
+            return f"{plugin} {importlib.metadata.version(plugin)}"
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+@functools.cache
+def _gpu_topology_devices(topology: str) -> tuple:
+    name, hosts, per_host = _gpu_shape(topology)
+    if _gpu_plugin_version() is None:
+        raise CompileSetupError(
+            f"compiling for the GPU topology {topology} needs jax's CUDA plugin (XLA's GPU compiler): install the "
+            f"gpu extra: pip install -e '.[gpu]' (or pip install 'jpipe-pp[gpu]', or pip install "
+            f"'jax[cuda12]=={_jax_version()}')"
+        )
+    import jax
+    from jax.experimental import topologies
+
+    # Without a GPU the plugin's start-up check of the CUDA libraries (cuInit) fails; compiling needs none.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        description = topologies.get_topology_desc(
+            f"{name}x{hosts * per_host}",
+            "cuda",
+            target_config=gpu_target_config(name),
+            topology=f"1x{hosts}x{per_host}",  # slices x hosts per slice x devices per host
+        )
+    except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CompileSetupError(f"XLA's GPU compiler could not describe {topology}: {reason}") from error
+    return tuple(description.devices)
 
 
 def _cpu_device_count(topology: str) -> int | None:
@@ -255,18 +352,24 @@ def _tpu_topology_devices(topology: str) -> tuple:
             ) from error
 
 
-def compile_training_step(config: TrainConfig, topology: str, *, compiler_options: dict | None = None) -> CompiledStep:
+def compile_training_step(
+    config: TrainConfig, topology: str, *, compiler_options: dict | None = None, schedule: Schedule | None = None
+) -> CompiledStep:
     """Compile the training step `python -m jpipe.train` runs for `config`, for `topology`'s devices.
 
     Args:
       config: the run; its mesh (`data x stage x tensor`) must have as many devices as `topology`.
       topology: a TPU topology name libtpu knows (`"v5e:2x2"`, `"v5p:2x2x1"`, `"v6e:2x2"`,
-        `"v4:2x2x1"`, ...) or `"cpu:N"`.
+        `"v4:2x2x1"`, ...), a GPU one (`"h100:8"`, `"a100:8"`, `"b200:8"`, `"h100:2x8"`) or `"cpu:N"`.
       compiler_options: XLA options for this compilation, typed (bool, int, float or str), e.g.
-        `{"xla_tpu_enable_latency_hiding_scheduler": False}`.
+        `{"xla_tpu_enable_latency_hiding_scheduler": False}`; on GPUs they are added to (and
+        override) `GPU_COMPILER_OPTIONS`.
+      schedule: the order to run instead of the one `config` names (`build_train_step`'s `schedule`):
+        e.g. the named order with `overlap_sends=True`, where the training step would run its
+        send_latency=1 build (possibly two half-batch streams).
 
     Returns the per-device memory analysis, collective counts and scheduled HLO. Raises
-    `CompileSetupError` for a missing libtpu, an unknown topology, a device count mismatch or an
+    `CompileSetupError` for a missing libtpu or CUDA plugin, an unknown topology, a device count mismatch or an
     unknown compiler option, and `DoesNotFitError` when the TPU compiler finds the step needs more
     memory than a device has.
     """
@@ -282,12 +385,14 @@ def compile_training_step(config: TrainConfig, topology: str, *, compiler_option
             f"{parallel.stage} x tensor {parallel.tensor} has {parallel.num_devices}; choose --data, --stages "
             f"and --tensor whose product is {len(devices)}, or another topology"
         )
-    train_step = build_train_step(config, training_mesh(parallel, devices))
+    train_step = build_train_step(config, training_mesh(parallel, devices), schedule=schedule)
     began = time.perf_counter()
     lowered = train_step.step.lower(*train_step.abstract_arguments())
     lowered_at = time.perf_counter()
+    if devices[0].platform == "gpu":
+        compiler_options = {**GPU_COMPILER_OPTIONS, **(compiler_options or {})}
     try:
-        compiled = lowered.compile(compiler_options=compiler_options)
+        compiled = lowered.compile(compiler_options=compiler_options or None)
     except jax.errors.JaxRuntimeError as error:
         reason = str(error).splitlines()[0].removeprefix("INVALID_ARGUMENT: ")
         if "No such compile option" in reason or "While setting option" in reason:
@@ -323,12 +428,21 @@ def compile_training_step(config: TrainConfig, topology: str, *, compiler_option
         compile_seconds=compiled_at - lowered_at,
         versions=_versions(device.platform),
         hlo_text=text,
+        compiler_options=dict(compiler_options or {}),
+        plan=train_step.plan.describe() if train_step.plan is not None else "",
     )
 
 
 def memory_capacity(devices: Sequence) -> int | None:
-    """HBM bytes per device: `HBM_PER_CHIP` over the devices sharing a chip; None if unknown."""
+    """HBM bytes per device: `HBM_PER_CHIP` over the devices sharing a chip, a GPU's from its target
+    config; None if unknown."""
     device = devices[0]
+    if device.platform == "gpu":
+        for name in GPU_TARGETS:
+            config = gpu_target_config(name)
+            if f'device_description_str: "{device.device_kind}"' in config:
+                return int(re.search(r"device_memory_size:\s*(\d+)", config).group(1))
+        return None
     per_chip = HBM_PER_CHIP.get(device.device_kind) if device.platform == "tpu" else None
     if per_chip is None:
         return None
@@ -375,6 +489,8 @@ def _versions(platform: str) -> str:
             return f"jax {_jax_version()}, libtpu {importlib.metadata.version('libtpu')}"
         except importlib.metadata.PackageNotFoundError:
             return f"jax {_jax_version()}, libtpu from TPU_LIBRARY_PATH"
+    if platform == "gpu":
+        return f"jax {_jax_version()}, jaxlib {importlib.metadata.version('jaxlib')}, {_gpu_plugin_version()}"
     return f"jax {_jax_version()}, jaxlib {importlib.metadata.version('jaxlib')}"
 
 
@@ -426,7 +542,8 @@ def parser() -> argparse.ArgumentParser:
     """`python -m jpipe.train`'s configuration flags plus `--topology`, `--hlo` and `--compiler-option`."""
     result = argparse.ArgumentParser(
         prog="python -m jpipe.compile",
-        description="Compile the training step of `python -m jpipe.train` for a TPU topology (no TPU needed) "
+        description="Compile the training step of `python -m jpipe.train` for a TPU topology or NVIDIA GPUs "
+        "(no TPU or GPU needed) "
         "and print its per-device memory, collectives and compile time.",
         formatter_class=HelpFormatter,
         epilog="Exit status: 0 compiled; 2 a bad request (unknown topology, device count mismatch, bad value); "
@@ -435,7 +552,9 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument(
         "--topology",
         default=DEFAULT_TOPOLOGY,
-        help=f"a TPU topology libtpu knows, e.g. {', '.join(EXAMPLE_TOPOLOGIES[:-1])}; or cpu:N. The default "
+        help=f"a TPU topology libtpu knows, e.g. {', '.join(EXAMPLE_TOPOLOGIES[:-1])}; NVIDIA GPUs "
+        f"<gpu>:<GPUs per host> or <gpu>:<hosts>x<GPUs per host>, <gpu> one of {', '.join(GPU_TARGETS)} "
+        "(e.g. h100:8, h100:2x8; needs the gpu extra); or cpu:N. The default "
         "is a one-host v5e slice: 4 chips of 16 GiB. Without --data, data parallelism is fitted to "
         "its devices, scaling the batch size so each data replica keeps its examples",
     )

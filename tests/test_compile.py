@@ -1,6 +1,9 @@
-"""`jpipe.compile`: the training step compiled ahead of time for TPU topologies (libtpu), and its CLI.
+"""`jpipe.compile`: the training step compiled ahead of time for TPU topologies (libtpu) and NVIDIA GPUs
+(jax's CUDA plugin), and its CLI.
 
-The TPU tests need libtpu (`pip install 'jpipe-pp[tpu]'`, part of the test extra) and skip without it.
+The TPU tests need libtpu (`pip install 'jpipe-pp[tpu]'`, part of the test extra) and skip without it;
+the GPU tests need XLA's GPU compiler (`pip install -e '.[gpu]'`, not part of the test extra: the
+CUDA wheels are a few GB) and skip without it. Neither needs a TPU or a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from schedule_cases import REORDERS
 from jpipe import compile as jcompile
 from jpipe.compile import CompileSetupError, compile_training_step, fit_data_parallelism, topology_devices
 from jpipe.parallel.hlo import COLLECTIVES, permute_overlaps
-from jpipe.schedules.generators import SCHEDULES, default_virtual
+from jpipe.schedules.generators import SCHEDULES, build, default_virtual
 from jpipe.train.loop import build_train_step, training_mesh
 from jpipe.train.presets import TrainConfig, preset
 
@@ -29,6 +32,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu (XLA's TPU compiler) is not installed: pip install 'jpipe-pp[tpu]'",
+)
+needs_gpu_compiler = pytest.mark.skipif(
+    jcompile._gpu_plugin_version() is None,
+    reason="jax's CUDA plugin (XLA's GPU compiler) is not installed: pip install -e '.[gpu]'",
 )
 MAX_UNALIASED_OUTPUT = 4096  # the loss and the gradient norm: two scalars, padded to TPU tiles
 
@@ -279,3 +286,109 @@ def test_collective_overlaps_finds_async_all_reduces_with_a_matmul_in_flight():
     assert collective_overlaps(_SCHEDULED_MODULE, "collective-permute") == []
     with pytest.raises(ValueError, match="kind"):
         collective_overlaps(_SCHEDULED_MODULE, "all-reduce-start")
+
+
+_CUBLAS_MODULE = """HloModule m, is_scheduled=true
+
+%body (p: f32[64,64]) -> f32[64,64] {
+  %p = f32[64,64] parameter(0)
+  %cp = (f32[64,64], f32[64,64]) collective-permute-start(%p), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %gemm = (f32[64,64], s8[4194304]) custom-call(%p, %p), custom_call_target="__cublas$gemm"
+  %out = f32[64,64] get-tuple-element(%gemm), index=0
+  %done = f32[64,64] collective-permute-done(%cp)
+  ROOT %sum = f32[64,64] add(%done, %out)
+}
+
+ENTRY %main (x: f32[64,64]) -> f32[64,64] {
+  %x = f32[64,64] parameter(0)
+  ROOT %w = f32[64,64] while(%x), condition=%cond, body=%body
+}
+"""
+
+
+def test_a_cublas_call_counts_as_a_matmul_in_flight():
+    """XLA's GPU compiler runs large matmuls as custom-calls to cuBLAS, not as dots."""
+    (found,) = permute_overlaps(_CUBLAS_MODULE)
+    assert found.hidden and found.matmuls_in_flight == ("gemm",) and found.in_loop
+
+
+# NVIDIA GPUs: XLA's GPU compiler from jax's CUDA plugin, with the target configs in jpipe/targets/.
+
+
+@needs_gpu_compiler
+@pytest.mark.parametrize("gpu", sorted(jcompile.GPU_TARGETS))
+def test_a_small_step_compiles_for_each_shipped_gpu_target(gpu):
+    compiled = compile_training_step(_small(stage=2), f"{gpu}:2")
+    config = jcompile.gpu_target_config(gpu)
+    assert (compiled.platform, compiled.num_devices) == ("gpu", 2)
+    assert f'device_description_str: "{compiled.device_kind}"' in config
+    assert compiled.memory_capacity_bytes == int(config.split("device_memory_size: ")[1].split()[0])
+    assert compiled.fits is True and min(compiled.argument_bytes, compiled.temp_bytes) > 0
+    assert compiled.collectives_in_loop["collective-permute"] >= 1 and compiled.collectives_in_loop["all-gather"] == 0
+    assert "jax-cuda12-plugin" in compiled.versions or "jax-cuda13-plugin" in compiled.versions
+    assert compiled.compiler_options == jcompile.GPU_COMPILER_OPTIONS
+    assert compiled.device_kind in compiled.describe()
+
+
+@needs_gpu_compiler
+def test_a_two_host_gpu_topology_puts_eight_gpus_on_each_host():
+    devices = topology_devices("h100:2x8")
+    assert len(devices) == 16 and {d.platform for d in devices} == {"gpu"}
+    assert [sum(d.process_index == host for d in devices) for host in (0, 1)] == [8, 8]
+
+    def ids(topology):
+        return [(d.id, d.process_index, d.device_kind) for d in topology_devices(topology)]
+
+    assert ids("h100:8") == ids("h100:1x8")
+
+
+@pytest.mark.parametrize("topology", ["h200:8", "h100:0", "h100:2x2x2", "a100:"])
+def test_unknown_gpu_topology_lists_the_shipped_targets(topology):
+    with pytest.raises(CompileSetupError, match=f"unknown GPU topology '{topology}'.*one of h100, a100, b200"):
+        topology_devices(topology)
+
+
+def test_missing_gpu_compiler_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(jcompile, "_gpu_plugin_version", lambda: None)
+    with pytest.raises(CompileSetupError) as error:
+        topology_devices("h100:4x8")
+    assert "install the gpu extra: pip install -e '.[gpu]'" in str(error.value)
+
+
+def test_cli_unknown_gpu_is_one_line_with_status_2():
+    result = _cli("--preset", "quickstart", "--topology", "h200:8")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: unknown GPU topology 'h200:8'") and len(result.stderr.splitlines()) == 1
+
+
+@functools.cache
+def _compiled_for_gpu(schedule: str, overlap_sends: bool) -> jcompile.CompiledStep:
+    """The small step on 4 H100s, running the named order (not the send_latency=1 build) in both cases."""
+    config = _small(schedule)
+    parallel = dataclasses.replace(config.parallel, overlap_sends=overlap_sends)
+    order = build(schedule, parallel.stage, parallel.microbatches, parallel.virtual)
+    return compile_training_step(dataclasses.replace(config, parallel=parallel), "h100:4", schedule=order)
+
+
+@needs_gpu_compiler
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zb_h1", "zbv"])
+def test_hidden_sends_have_a_matmul_in_flight_on_gpu(schedule):
+    """With GPU_COMPILER_OPTIONS every pipeline permute of the tick loop overlaps a matmul, at <= 1.25x temp memory.
+
+    XLA's GPU scheduler keeps one collective in flight by default, so one of the tick's two permutes
+    (forward and backward ring) stayed exposed; its option for two in flight hides both.
+    """
+    hidden, exposed = _compiled_for_gpu(schedule, True), _compiled_for_gpu(schedule, False)
+    overlaps = [o for o in permute_overlaps(hidden.hlo_text) if o.in_loop]
+    assert overlaps and all(o.hidden for o in overlaps), [(o.name, o.matmuls_in_flight) for o in overlaps]
+    assert hidden.temp_bytes <= 1.25 * exposed.temp_bytes, (hidden.temp_bytes, exposed.temp_bytes)
+    assert not any(o.hidden for o in permute_overlaps(exposed.hlo_text) if o.in_loop)
+
+
+def test_the_training_step_gets_the_gpu_options_only_on_gpus():
+    from jpipe.train.step import GPU_COMPILER_OPTIONS, compiler_options_for
+
+    gpu, cpu = (type("Device", (), {"platform": platform})() for platform in ("gpu", "cpu"))
+    assert compiler_options_for([gpu, gpu]) == GPU_COMPILER_OPTIONS == jcompile.GPU_COMPILER_OPTIONS
+    assert compiler_options_for(jax.devices()) is None and compiler_options_for([cpu]) is None

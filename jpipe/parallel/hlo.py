@@ -95,6 +95,13 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
 MATMUL_OPCODES = ("dot", "convolution")
+# XLA's GPU compiler turns large matmuls into library calls: `custom-call`s to cuBLAS (`__cublas$gemm`,
+# `__cublas$lt$matmul`, ...) or cuDNN (`__cudnn$convForward`, ...) instead of `dot`s.
+_LIBRARY_MATMUL = re.compile(r'custom_call_target="(?:__cublas\$|__cudnn\$conv|__cudnn\$fmha)')
+
+
+def _runs_library_matmul(line: str, opcode: str) -> bool:
+    return opcode == "custom-call" and _LIBRARY_MATMUL.search(line) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +174,10 @@ def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
     def computes_matmul(name: str, seen: frozenset = frozenset()) -> bool:
         if name not in has_matmul:
             lines = comps.get(name, [])
-            direct = any((parsed := _parse(line)) and parsed[1] in MATMUL_OPCODES for line in lines)
+            direct = any(
+                (parsed := _parse(line)) and (parsed[1] in MATMUL_OPCODES or _runs_library_matmul(line, parsed[1]))
+                for line in lines
+            )
             called = _callees(lines) - seen - {name}
             has_matmul[name] = direct or any(computes_matmul(c, seen | {name}) for c in called)
         return has_matmul[name]
@@ -176,7 +186,11 @@ def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
         parsed = _parse(line)
         if parsed is None:
             return False
-        return parsed[1] in MATMUL_OPCODES or any(computes_matmul(c) for c in _callees([line]))
+        return (
+            parsed[1] in MATMUL_OPCODES
+            or _runs_library_matmul(line, parsed[1])
+            or any(computes_matmul(c) for c in _callees([line]))
+        )
 
     def holds(name: str, seen: frozenset = frozenset()) -> bool:
         """Whether computation `name`, or anything it calls, holds a collective of `kind`."""

@@ -45,6 +45,7 @@ import optax
 
 from jpipe import schedules
 from jpipe.models.pipelined import PipelinedLM
+from jpipe.parallel import links
 from jpipe.parallel.mesh import DATA, STAGE, TENSOR, make_mesh
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
@@ -59,7 +60,7 @@ from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.preemption import SignalWatch, StepDecider, exit_status, fire_test_signal
 from jpipe.train.presets import TrainConfig
 from jpipe.train.schedule_arg import csv_schedule
-from jpipe.train.step import jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
+from jpipe.train.step import compiler_options_for, jit_eval_step, jit_train_step, map_params_like, optimizer_shardings
 
 PyTree = Any
 
@@ -287,7 +288,7 @@ def build_train_step(
     microbatch = config.data.batch_size // parallel.microbatches
     if parallel.schedule != AUTO:
         costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
-        cost = costs.cost()
+        cost = costs.cost(comm=_send_comm(config, costs, mesh))
     pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=cost))
     optimizer = make_optimizer(config.optimizer, config.run.steps)
     loss_and_grads = pipe.value_and_grad()
@@ -300,7 +301,9 @@ def build_train_step(
         learning_rate=learning_rate_schedule(config.optimizer, config.run.steps),
         # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
         # donated, so parameters and optimizer state are updated in place.
-        step=jit_train_step(loss_and_grads, optimizer, param_shardings, opt_shardings),
+        step=jit_train_step(
+            loss_and_grads, optimizer, param_shardings, opt_shardings, compiler_options_for(mesh.devices.flat)
+        ),
         eval_loss=jit_eval_step(pipe.evaluate(_evaluation_schedule(pipe.schedule))),
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
@@ -309,6 +312,20 @@ def build_train_step(
         search=search,
         plan=loss_and_grads.plan,
     )
+
+
+def _send_comm(config: TrainConfig, costs: StageCosts, mesh: jax.sharding.Mesh) -> float:
+    """A pipeline message's send time in units of one F, for `overlap_sends="auto"` (`jpipe.parallel.links`).
+
+    The message is one microbatch's activation on one device (batch x sequence x d_model in the
+    compute dtype); 0.0 on devices whose peak or links are unknown (CPU), where sends stay exposed.
+    """
+    batch = max(1, config.data.batch_size // config.parallel.microbatches // config.parallel.data)
+    itemsize = jnp.dtype(config.model.compute_dtype).itemsize
+    message = batch * config.data.seq_len * config.model.d_model * itemsize
+    devices = mesh.devices
+    crosses = links.stage_axis_crosses_hosts(devices, mesh.axis_names.index(STAGE))
+    return links.send_comm(message, costs.flops["f"], devices.flat[0].device_kind, crosses_hosts=crosses)
 
 
 def _evaluation_schedule(schedule: schedules.Schedule) -> schedules.Schedule:
