@@ -336,8 +336,8 @@ def peak_memory(schedule: Schedule, weight_residuals: float = 0.0) -> tuple[floa
     """Per device, the most live stash plus weight residuals (microbatch x full device stage).
 
     F adds a stash of `1 / virtual` (`num_devices / num_model_stages` with replicas), B removes it;
-    I adds weight residuals of `weight_residuals / virtual` (relative to a stash), W removes both. A composite counts as its first member then its
-    second.
+    I adds weight residuals of `weight_residuals / virtual` (relative to a stash), W removes both. A
+    composite counts as its first member then its second.
     """
     peaks = []
     for row in schedule.actions:
