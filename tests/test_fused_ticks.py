@@ -26,7 +26,19 @@ from jpipe.schedules.ticks import split_backward
 # Measured shapes of the ops (F = 1) of 2 GPT blocks: remat full at 128 tokens, none at 4096.
 REMAT_FULL = Cost(f=1.0, b=2.68, i=1.70, w=0.98, weight_residuals=0.5)
 LONG_SEQUENCE = Cost(f=1.0, b=1.99, i=1.40, w=0.59, weight_residuals=0.5)
-NAMED = ["1f1b", "gpipe", "interleaved_1f1b", "zb_h1", "zb_h2", "zbv", "v_half", "v_min", "dualpipev", "stp", "dualpipe"]
+NAMED = [
+    "1f1b",
+    "gpipe",
+    "interleaved_1f1b",
+    "zb_h1",
+    "zb_h2",
+    "zbv",
+    "v_half",
+    "v_min",
+    "dualpipev",
+    "stp",
+    "dualpipe",
+]
 
 
 def _build(name: str, p: int = 4, m: int = 12) -> schedules.Schedule:

@@ -317,7 +317,9 @@ def test_dualpipe_matches_deepseeks_bubble_with_atomic_f_and_b(p: int, m: int):
 
 
 @pytest.mark.parametrize(("p", "m"), DUALPIPE_CASES)
-@pytest.mark.parametrize("cost", [UNIT, Cost(f=1, b=2, i=1.2, w=0.8, per="chunk"), Cost(f=1, b=3, i=1, w=2, per="chunk")], ids=str)
+@pytest.mark.parametrize(
+    "cost", [UNIT, Cost(f=1, b=2, i=1.2, w=0.8, per="chunk"), Cost(f=1, b=3, i=1, w=2, per="chunk")], ids=str
+)
 def test_dualpipe_sequential_pairs_bubble_and_peak(p: int, m: int, cost: Cost):
     """Run as F then B: never above DeepSeek's formula, `m(F + B) + (p/2 - 1)F` when I <= W; every
     device holds DeepSeek's PP + 1 = p + 1 chunk activations, (p + 1) / 2 of its two chunks."""

@@ -206,7 +206,9 @@ def test_dualpipev_matches_deepseeks_formula_with_atomic_f_and_b(chunk_time: flo
             assert makespan_with_atomic_pairs(schedule, cost, {p - 1}) == exactly(dualpipev_formula(p, m, cost)), (p, m)
 
 
-@pytest.mark.parametrize("cost", [UNIT, SKEW, Cost(per="chunk", f=1, b=2, i=0.8, w=1.2), Cost(per="chunk", f=1, b=3, i=2, w=1)], ids=str)
+@pytest.mark.parametrize(
+    "cost", [UNIT, SKEW, Cost(per="chunk", f=1, b=2, i=0.8, w=1.2), Cost(per="chunk", f=1, b=3, i=2, w=1)], ids=str
+)
 def test_dualpipev_sequential_pairs_stay_within_the_formula(cost: Cost):
     for p in DEVICES:
         for m in microbatch_range(2 * p, cost):
