@@ -454,3 +454,34 @@ def test_hidden_sends_cost_max_of_compute_and_comm_per_tick():
     assert hidden.makespan == simulate(schedule, Cost(), mode="lockstep", send_latency=1).makespan
     slow_link = simulate(schedule, Cost(comm=3.0), mode="lockstep", send_latency=1)
     assert slow_link.makespan > hidden.makespan
+
+
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_a_scalar_cost_is_one_device_stage_split_over_the_chunks(mode):
+    """`Cost()` is one device stage: zbv's chunks take half of it, the same as per-chunk times halved."""
+    schedule = build("zbv", 4, 8, 2)
+    device = simulate(schedule, Cost(f=1.0, b=2.0, i=1.2, w=0.8, comm=0.25, all_reduce=0.5), mode)
+    chunk = simulate(schedule, Cost(f=0.5, b=1.0, i=0.6, w=0.4, comm=0.25, all_reduce=0.25, per="chunk"), mode)
+    assert device.makespan == exactly(chunk.makespan) and device.cost == chunk.cost
+    unhalved = simulate(schedule, Cost(f=1.0, b=2.0, i=1.2, w=0.8, comm=0.25, all_reduce=0.5, per="chunk"), mode)
+    assert unhalved.makespan > device.makespan
+    # One model, 1 or 2 chunks per device: the chunks of zbv do each device's work of 1f1b.
+    one = simulate(build("1f1b", 4, 8), Cost(), mode)
+    assert sum(simulate(schedule, Cost(), mode).busy) == exactly(sum(one.busy))
+    assert Cost().chunk_cost(2) == Cost().for_schedule(schedule) == Cost(f=0.5, b=1.0, i=0.5, w=0.5, per="chunk")
+
+
+def test_replicated_chunks_are_whole_model_stages():
+    """dualpipe's chunks are copies of whole model stages: a device `Cost` is not split for them."""
+    schedule = build("dualpipe", 4, 8)
+    assert Cost().for_schedule(schedule) == Cost(per="chunk")
+    assert sum(simulate(schedule, Cost()).busy) == exactly(sum(simulate(build("1f1b", 4, 8), Cost()).busy))
+
+
+def test_per_is_checked():
+    with pytest.raises(ValueError, match="Cost.per"):
+        Cost(per="stage")
+    with pytest.raises(ValueError, match="per='device' applies to scalar times only"):
+        Cost(f=(1.0, 1.0), per="device")
+    with pytest.raises(ValueError, match="virtual must be an int >= 1"):
+        Cost().chunk_cost(0)

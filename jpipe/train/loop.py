@@ -287,7 +287,7 @@ def build_train_step(
     microbatch = config.data.batch_size // parallel.microbatches
     if parallel.schedule != AUTO:
         costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
-        cost = costs.cost()
+        cost = costs.cost(per="chunk")  # the largest logical stage: one chunk of the schedule
     pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=cost))
     optimizer = make_optimizer(config.optimizer, config.run.steps)
     loss_and_grads = pipe.value_and_grad()
