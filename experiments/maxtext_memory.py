@@ -337,7 +337,7 @@ def compile_jpipe(schedule_name: str, virtual: int, mesh, compiler_options: dict
     schedule = schedules.build(schedule_name, STAGES, MICROBATCHES, virtual)
     pipe = PipelinedLM(jpipe_model_config(), schedule=schedule, mesh=mesh, options=PipelineOptions(remat="full"))
     costs = pipe.stage_costs(batch=GLOBAL_BATCH // MICROBATCHES)
-    pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=costs.cost()))
+    pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=costs.cost(per="chunk")))
 
     param_shardings = pipe.shardings()
     params = jax.tree.map(

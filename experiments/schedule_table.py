@@ -104,12 +104,13 @@ class Row:
 
 
 def parse_cost(text: str) -> Cost:
-    """`"1,2,1,1,0"` -> Cost(f=1, b=2, i=1, w=1, comm=0)."""
+    """`"1,2,1,1,0"` -> Cost(f=1, b=2, i=1, w=1, comm=0, per="chunk"): times per chunk (a v = 2
+    schedule runs a model twice the size of a v = 1 one; halve its makespans for the same model)."""
     values = [float(part) for part in text.split(",")]
     if len(values) != 5:
         raise argparse.ArgumentTypeError(f"--cost needs 5 comma-separated numbers f,b,i,w,comm, got {text!r}")
     f, b, i, w, comm = values
-    return Cost(f=f, b=b, i=i, w=w, comm=comm)
+    return Cost(f=f, b=b, i=i, w=w, comm=comm, per="chunk")
 
 
 def max_over_devices(per_device: object) -> float:
@@ -153,7 +154,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("experiments/out/schedules"))
-    parser.add_argument("--cost", type=parse_cost, default=Cost(f=1, b=2, i=1, w=1, comm=0))
+    parser.add_argument("--cost", type=parse_cost, default=Cost(f=1, b=2, i=1, w=1, comm=0, per="chunk"))
     args = parser.parse_args(argv)
     cost: Cost = args.cost
     out: pathlib.Path = args.out

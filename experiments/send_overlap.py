@@ -7,7 +7,7 @@ Command (about 3 minutes on 2 CPU cores; needs libtpu, `pip install -e '.[tpu]'`
 Two tables.
 
 1. Simulation (no jax): every named schedule at p = 4, m = 16, in the lockstep simulator with the
-   executor's split backward and unit costs (F = I = W = 1, B = 2). "makespan" is without send
+   executor's split backward and unit costs per chunk (F = I = W = 1, B = 2). "makespan" is without send
    latency (each tick's messages usable in the next tick), "hidden" with `send_latency=1` (the
    message of tick t travels while tick t + 1 computes and is usable from tick t + 2), and "ratio"
    their quotient: the price of hiding sends when they cost nothing. The lower bound is the last
@@ -62,7 +62,7 @@ def _searched(schedule: schedules.Schedule, p: int, m: int, virtual: int, second
 
     def cost(v: int) -> schedules.Cost:  # a device stage costs `virtual` chunk units at every v
         scale = virtual / v
-        return schedules.Cost(f=scale, b=2 * scale, i=scale, w=scale)
+        return schedules.Cost(f=scale, b=2 * scale, i=scale, w=scale, per="chunk")
 
     limit = max(schedules.peak_memory(schedules.split_backward(schedule)))
     found = schedules.search(p, m, cost, memory_limit=limit, virtual=virtual, send_latency=1, time_limit=seconds)
@@ -70,9 +70,9 @@ def _searched(schedule: schedules.Schedule, p: int, m: int, virtual: int, second
 
 
 def simulation_table(p: int = 4, m: int = 16, search_seconds: float = 15.0) -> str:
-    unit, slow_link = schedules.Cost(), schedules.Cost(comm=0.5)
+    unit, slow_link = schedules.Cost(per="chunk"), schedules.Cost(comm=0.5, per="chunk")  # per chunk, as before
     lines = [
-        f"Lockstep simulation, p = {p}, m = {m}, split backward, unit costs (F = I = W = 1).",
+        f"Lockstep simulation, p = {p}, m = {m}, split backward, unit costs per chunk (F = I = W = 1).",
         "",
         "| schedule | v | makespan | hidden, named order | ratio | hidden, send_latency=1 build | ratio | "
         "peak memory | bound ratio | searched, same memory | ratio | exposed, comm 0.5 | hidden, comm 0.5 | auto |",

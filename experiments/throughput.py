@@ -222,7 +222,9 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
             remat=args.remat, split_backward={"auto": "auto", "on": True, "off": False}[args.split_backward]
         ),
     )
-    pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=pipe.stage_costs().cost()))
+    pipe = dataclasses.replace(
+        pipe, options=dataclasses.replace(pipe.options, cost=pipe.stage_costs().cost(per="chunk"))
+    )
     flops_per_token, matmul_params = model_flops_per_token(config, pipe.abstract_params())
     optimizer = make_optimizer(OptimizerConfig(), args.warmup + args.steps)
     param_shardings = pipe.shardings()

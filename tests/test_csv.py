@@ -212,7 +212,7 @@ def test_dualpipev_fixture_keeps_overlapped_pairs_in_order():
 def test_torch_fixture_validates_simulates_and_round_trips(stem: str):
     schedule = load_fixture(stem)
     validate(schedule)
-    cost = Cost(f=1, b=2, i=1, w=1, comm=0)
+    cost = Cost(f=1, b=2, i=1, w=1, comm=0, per="chunk")
     for mode in ("async", "lockstep"):
         simulation = simulate(schedule, cost, mode)
         # 8 stages x 8 microbatches, a forward (1) and a backward (2) each, spread over 4 devices.

@@ -38,8 +38,8 @@ from jpipe.schedules.deps import dependencies
 from jpipe.schedules.ir import B, F
 from jpipe.schedules.streams import two_streams
 
-UNIT = Cost(f=1.0, b=2.0, i=1.0, w=1.0)
-EQUAL = Cost(f=1.0, b=1.0, i=0.5, w=0.5)  # F = B: Chimera's and BitPipe's convention
+UNIT = Cost(f=1.0, b=2.0, i=1.0, w=1.0, per="chunk")  # the formulas are in per-chunk times
+EQUAL = Cost(f=1.0, b=1.0, i=0.5, w=0.5, per="chunk")  # F = B: Chimera's and BitPipe's convention
 
 
 def exactly(value: float):
@@ -309,7 +309,7 @@ def test_dualpipe_layout():
 
 @pytest.mark.parametrize(("p", "m"), DUALPIPE_CASES)
 def test_dualpipe_matches_deepseeks_bubble_with_atomic_f_and_b(p: int, m: int):
-    cost = Cost(f=1.0, b=2.0, i=1.0, w=1.0)  # F = I = W, the formula's own setting
+    cost = Cost(f=1.0, b=2.0, i=1.0, w=1.0, per="chunk")  # F = I = W, the formula's own setting
     # DeepSeek's step 4 runs the middle devices' first F&B pair un-overlapped.
     middle = {d for d in range(p) if min(d, p - 1 - d) == p // 2 - 1}
     schedule = build("dualpipe", p, m, 2)
@@ -317,7 +317,9 @@ def test_dualpipe_matches_deepseeks_bubble_with_atomic_f_and_b(p: int, m: int):
 
 
 @pytest.mark.parametrize(("p", "m"), DUALPIPE_CASES)
-@pytest.mark.parametrize("cost", [UNIT, Cost(f=1, b=2, i=1.2, w=0.8), Cost(f=1, b=3, i=1, w=2)], ids=str)
+@pytest.mark.parametrize(
+    "cost", [UNIT, Cost(f=1, b=2, i=1.2, w=0.8, per="chunk"), Cost(f=1, b=3, i=1, w=2, per="chunk")], ids=str
+)
 def test_dualpipe_sequential_pairs_bubble_and_peak(p: int, m: int, cost: Cost):
     """Run as F then B: never above DeepSeek's formula, `m(F + B) + (p/2 - 1)F` when I <= W; every
     device holds DeepSeek's PP + 1 = p + 1 chunk activations, (p + 1) / 2 of its two chunks."""
@@ -327,7 +329,7 @@ def test_dualpipe_sequential_pairs_bubble_and_peak(p: int, m: int, cost: Cost):
     assert simulation.makespan <= dualpipe_formula(p, m, cost) + 1e-9
     if cost.i <= cost.w:
         assert simulation.makespan == exactly(work + (p // 2 - 1) * cost.f)
-    assert simulation.peak_activations == ((p + 1) / 2,) * p
+    assert simulation.peak_activations == (p + 1,) * p  # each chunk is a whole model stage: DeepSeek's PP + 1
 
 
 def test_dualpipe_unit_cost_numbers():
@@ -367,14 +369,14 @@ def test_bitpipe_layout_is_two_mirrored_vs():
 
 
 @pytest.mark.parametrize(("p", "m"), BITPIPE_CASES)
-@pytest.mark.parametrize("cost", [UNIT, EQUAL, Cost(f=1, b=3), Cost(f=2, b=3)], ids=str)
+@pytest.mark.parametrize("cost", [UNIT, EQUAL, Cost(f=1, b=3, per="chunk"), Cost(f=2, b=3, per="chunk")], ids=str)
 def test_bitpipe_bubble_and_peak(p: int, m: int, cost: Cost):
     simulation = simulate(build("bitpipe", p, m, 4), cost)
     work = 2 * m * (cost.f + cost.b)
     assert simulation.busy == tuple(exactly(work) for _ in range(p))
     idle = (p - 2) * cost.b + (m // p - 1) * (p - 2) * (cost.b - cost.f)
     assert simulation.makespan == exactly(work + idle)
-    assert simulation.peak_activations == tuple((p + p // 2 + min(d, p - 1 - d) + 1) / 4 for d in range(p))
+    assert simulation.peak_activations == tuple((p + p // 2 + min(d, p - 1 - d) + 1) / 2 for d in range(p))
 
 
 @pytest.mark.parametrize(("p", "m"), BITPIPE_CASES)
@@ -430,8 +432,8 @@ def test_skippipe_respects_the_memory_cap(cap: int):
 
 
 def test_skippipe_makespan_shrinks_with_the_skip_ratio():
-    """p = 4, 8 logical stages (v = 2), m = 16, cap 4, unit costs: 124, 94, 60."""
-    makespans = [simulate(build("skippipe", 4, 16, 2, skip_ratio=r, seed=0)).makespan for r in (0.0, 0.25, 0.5)]
+    """p = 4, 8 logical stages (v = 2), m = 16, cap 4, unit costs per chunk: 124, 94, 60."""
+    makespans = [simulate(build("skippipe", 4, 16, 2, skip_ratio=r, seed=0), UNIT).makespan for r in (0.0, 0.25, 0.5)]
     assert makespans == [124.0, 94.0, 60.0]
 
 
@@ -458,7 +460,7 @@ def test_hand_made_routes_with_skips_and_reorders_are_scheduled_within_the_cap()
         schedule = schedule_routes(4, 6, (0, 1, 2, 3, 0, 1, 2, 3), routes, memory_cap=cap)
         validate(schedule)
         assert schedule.routes == routes
-        simulation = simulate(schedule)
+        simulation = simulate(schedule, UNIT)
         assert max(simulation.peak_activations) <= cap
         assert simulation.busy[0] == exactly(3 * (6 + 3))  # stage 0 for all six, stage 4 for three
 

@@ -70,7 +70,7 @@ def test_per_stage_costs_are_checked():
     with pytest.raises(ValueError, match="cost gives times for 3 stages, the schedule has 2"):
         simulate(build("1f1b", 2, 2), Cost(f=(1.0, 1.0, 1.0)))
     assert Cost(f=[1.0, 2.0]).f == (1.0, 2.0) and Cost(f=(1.0, 2.0)).num_stages == 2 and Cost().num_stages is None
-    assert Cost(f=(1.0, 2.0), i=0.5).at(1) == Cost(f=2.0, i=0.5)
+    assert Cost(f=(1.0, 2.0), i=0.5).at(1) == Cost(f=2.0, i=0.5, per="chunk")
 
 
 def test_per_stage_costs_time_each_stage():
@@ -87,7 +87,7 @@ def test_per_stage_costs_time_each_stage():
 
 @pytest.mark.parametrize("mode", ["async", "lockstep"])
 def test_equal_per_stage_costs_simulate_like_scalars(mode):
-    scalar = Cost(f=1.0, b=2.5, i=1.5, w=1.0, comm=0.25)
+    scalar = Cost(f=1.0, b=2.5, i=1.5, w=1.0, comm=0.25, per="chunk")  # tuples are per chunk too
     for name in SCHEDULES:
         for virtual in (1, 2):
             try:
@@ -232,8 +232,8 @@ UNIFORM_CASES += [(8, 8), (8, 15), (8, 32)]  # p = 8: a sample of m in p..4p
 
 @pytest.mark.parametrize(("p", "m"), UNIFORM_CASES, ids=[f"p{p}-m{m}" for p, m in UNIFORM_CASES])
 def test_uniform_costs_never_worse_than_the_best_named_schedule(p, m):
-    """F = I = W = 1 per chunk (a 2-chunk schedule does twice the work: simulate's meaning), weight
-    residuals a quarter of a stash; limits from one microbatch to 1.5p."""
+    """F = I = W = 1 per device stage (a 2-chunk schedule's chunks take half: simulate's meaning),
+    weight residuals a quarter of a stash; limits from one microbatch to 1.5p."""
     cost = Cost(weight_residuals=0.25)
     named = []
     for name in SCHEDULES:
@@ -482,3 +482,18 @@ def test_two_stream_orders_are_baselines_with_a_send_latency():
     assert result.baseline.name == "zbv[2 streams]"
     assert result.baseline_makespan == exactly(best_named(4, 16, lambda v: lm_cost(4, v), 8.0, 2, latency=1))
     assert check_found(result.schedule, result.cost, 8.0, latency=1) <= result.baseline_makespan
+
+
+def test_a_scalar_cost_compares_virtual_on_one_model():
+    """`Cost()` is one device stage whatever `virtual`: zbv (v = 2) beats zb_h1 on the same model and
+    is chosen (it was compared as a model twice as large when `Cost` meant a chunk)."""
+    result = search_result(4, 8, Cost(), memory_limit=8, budget=300)
+    named = {(n.schedule.name, n.virtual): n.makespan for n in result.named}
+    assert named["zbv", 2] == exactly(25.5) and named["zb_h1", 1] == exactly(27.0)
+    assert result.baseline.name == "zbv" and result.schedule.virtual == 2 and result.makespan <= 25.5
+    assert result.cost == Cost().chunk_cost(2) and result.cost.per == "chunk"
+    assert simulate(result.schedule, result.cost, "lockstep").makespan == exactly(result.makespan)
+    assert simulate(result.schedule, Cost(), "lockstep").makespan == exactly(result.makespan)
+    # Per-chunk times (the old meaning) make every chunk as large as a device stage: zbv loses.
+    per_chunk = search_result(4, 8, Cost(per="chunk"), memory_limit=8, budget=300)
+    assert per_chunk.baseline.name == "zb_h1" and per_chunk.baseline_makespan == exactly(27.0)

@@ -48,8 +48,8 @@ from jpipe.schedules import (
 from jpipe.schedules.deps import dependencies
 from jpipe.schedules.ir import B, F, I, W
 
-UNIT = Cost(f=1.0, b=2.0, i=1.0, w=1.0)
-SKEW = Cost(f=1.0, b=2.0, i=1.2, w=0.8)  # I > W, W <= min(F, I): inside every formula's domain
+UNIT = Cost(per="chunk", f=1.0, b=2.0, i=1.0, w=1.0)
+SKEW = Cost(per="chunk", f=1.0, b=2.0, i=1.2, w=0.8)  # I > W, W <= min(F, I): inside every formula's domain
 DEVICES = (1, 2, 3, 4, 8)
 MAX_MICROBATCHES = 32
 ALL_NAMES = ("naive", "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb_h1", "zb_h2", "zbv", "dualpipev")
@@ -177,7 +177,7 @@ def test_zb_h2_is_a_parallelogram_at_unit_cost():
 @pytest.mark.parametrize("chunk_time", [1.0, 0.5])
 def test_zbv_makespan_and_peak(chunk_time: float):
     t = chunk_time
-    cost = Cost(f=t, b=2 * t, i=t, w=t)
+    cost = Cost(per="chunk", f=t, b=2 * t, i=t, w=t)
     for p in DEVICES:
         for m in range(2 * p - 1, MAX_MICROBATCHES + 1):
             simulation = simulate(build("zbv", p, m, 2), cost)
@@ -198,7 +198,7 @@ def dualpipev_formula(p: int, m: int, cost: Cost) -> float:
 @pytest.mark.parametrize("chunk_time", [1.0, 0.5])
 def test_dualpipev_matches_deepseeks_formula_with_atomic_f_and_b(chunk_time: float):
     t = chunk_time
-    cost = Cost(f=t, b=2 * t, i=t, w=t)
+    cost = Cost(per="chunk", f=t, b=2 * t, i=t, w=t)
     for p in DEVICES:
         for m in range(2 * p, MAX_MICROBATCHES + 1):
             schedule = build("dualpipev", p, m, 2)
@@ -206,7 +206,9 @@ def test_dualpipev_matches_deepseeks_formula_with_atomic_f_and_b(chunk_time: flo
             assert makespan_with_atomic_pairs(schedule, cost, {p - 1}) == exactly(dualpipev_formula(p, m, cost)), (p, m)
 
 
-@pytest.mark.parametrize("cost", [UNIT, SKEW, Cost(f=1, b=2, i=0.8, w=1.2), Cost(f=1, b=3, i=2, w=1)], ids=str)
+@pytest.mark.parametrize(
+    "cost", [UNIT, SKEW, Cost(per="chunk", f=1, b=2, i=0.8, w=1.2), Cost(per="chunk", f=1, b=3, i=2, w=1)], ids=str
+)
 def test_dualpipev_sequential_pairs_stay_within_the_formula(cost: Cost):
     for p in DEVICES:
         for m in microbatch_range(2 * p, cost):
@@ -229,7 +231,7 @@ positive = st.floats(0.1, 4.0, allow_nan=False, allow_infinity=False)
 @given(f=positive, i=positive, w=positive, p=st.integers(1, 5), extra=st.integers(0, 12))
 def test_zb_h1_formula_for_random_costs_with_cheapest_weight_gradient(f, i, w, p, extra):
     w = min(w, f, i)
-    cost = Cost(f=f, b=i + w, i=i, w=w)
+    cost = Cost(per="chunk", f=f, b=i + w, i=i, w=w)
     m = p + extra
     simulation = simulate(build("zb_h1", p, m), cost)
     assert simulation.makespan == pytest.approx(m * (f + i + w) + (p - 1) * (f + i - w), rel=1e-9)
@@ -238,7 +240,7 @@ def test_zb_h1_formula_for_random_costs_with_cheapest_weight_gradient(f, i, w, p
 @settings(max_examples=40, deadline=None)
 @given(f=positive, b=positive, p=st.integers(1, 5), extra=st.integers(0, 12), virtual=st.integers(2, 4))
 def test_1f1b_and_interleaved_formulas_for_random_costs(f, b, p, extra, virtual):
-    cost = Cost(f=f, b=b, i=b / 2, w=b / 2)
+    cost = Cost(per="chunk", f=f, b=b, i=b / 2, w=b / 2)
     m = p + extra
     assert simulate(build("1f1b", p, m), cost).makespan == pytest.approx((m + p - 1) * (f + b), rel=1e-9)
     interleaved = simulate(build("interleaved_1f1b", p, m, virtual), cost)
@@ -253,7 +255,7 @@ def two_stage_one_microbatch() -> Schedule:
 
 
 def test_async_adds_comm_per_cross_device_dependency():
-    cost = Cost(f=1, b=2, i=1, w=1, comm=0.5)
+    cost = Cost(per="chunk", f=1, b=2, i=1, w=1, comm=0.5)
     simulation = simulate(two_stage_one_microbatch(), cost, "async")
     timeline = {(event.device, str(event.action)): (event.start, event.end) for event in simulation.timeline}
     assert timeline == {
@@ -272,7 +274,7 @@ def test_async_adds_comm_per_cross_device_dependency():
 def test_async_same_device_dependencies_pay_no_comm():
     # V placement on one device: stage 0 feeds stage 1 locally.
     schedule = Schedule(1, 1, (0, 0), ((F(0, 0), F(1, 0), B(1, 0), B(0, 0)),))
-    simulation = simulate(schedule, Cost(comm=10.0))
+    simulation = simulate(schedule, Cost(comm=10.0, per="chunk"))
     assert simulation.makespan == 6.0
     assert simulation.peak_activations == (1.0,)  # two chunks of a v=2 device = one full stage
 
@@ -299,7 +301,7 @@ def test_input_gradient_frees_nothing_weight_gradient_frees():
 
 
 def test_lockstep_ticks_cost_their_slowest_action_plus_comm_when_sending():
-    cost = Cost(f=1, b=2, i=1, w=1, comm=0.5)
+    cost = Cost(per="chunk", f=1, b=2, i=1, w=1, comm=0.5)
     simulation = simulate(two_stage_one_microbatch(), cost, "lockstep")
     # Ticks (B run as I then W): 0F0 | 1F0 | 1I0 | 0I0 1W0 | 0W0. 0F0 and 1I0 send to the other device.
     timeline = {(event.device, str(event.action)): (event.start, event.end) for event in simulation.timeline}
@@ -384,11 +386,13 @@ def test_cost_must_be_a_cost():
     with pytest.raises(ValueError, match="cost must be a Cost"):
         simulate(two_stage_one_microbatch(), {"f": 1.0}, "async")
     with pytest.raises(ValueError, match="Cost.f must be a number"):
-        Cost(f="1")
+        Cost(per="chunk", f="1")
 
 
 def test_default_cost_and_zero_cost():
-    assert simulate(two_stage_one_microbatch()).cost == Cost(f=1.0, b=2.0, i=1.0, w=1.0, comm=0.0)
+    assert Cost().per == "device" and Cost(f=(1.0, 1.0)).per == "chunk"
+    # two stages on two devices: a chunk is a whole device stage
+    assert simulate(two_stage_one_microbatch()).cost == Cost(f=1.0, b=2.0, i=1.0, w=1.0, comm=0.0, per="chunk")
     zero = simulate(two_stage_one_microbatch(), Cost(0, 0, 0, 0, 0))
     assert zero.makespan == 0.0 and zero.bubble_fraction == 0.0
 
@@ -450,3 +454,36 @@ def test_hidden_sends_cost_max_of_compute_and_comm_per_tick():
     assert hidden.makespan == simulate(schedule, Cost(), mode="lockstep", send_latency=1).makespan
     slow_link = simulate(schedule, Cost(comm=3.0), mode="lockstep", send_latency=1)
     assert slow_link.makespan > hidden.makespan
+
+
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_a_scalar_cost_is_one_device_stage_split_over_the_chunks(mode):
+    """`Cost()` is one device stage: zbv's chunks take half of it, the same as per-chunk times halved."""
+    schedule = build("zbv", 4, 8, 2)
+    device = simulate(schedule, Cost(f=1.0, b=2.0, i=1.2, w=0.8, comm=0.25, all_reduce=0.5), mode)
+    halves = {"f": 0.5, "b": 1.0, "i": 0.6, "w": 0.4, "r": 0.5, "all_reduce": 0.25}
+    chunk = simulate(schedule, Cost(**halves, comm=0.25, per="chunk"), mode)
+    assert device.makespan == exactly(chunk.makespan) and device.cost == chunk.cost
+    unhalved = simulate(schedule, Cost(f=1.0, b=2.0, i=1.2, w=0.8, comm=0.25, all_reduce=0.5, per="chunk"), mode)
+    assert unhalved.makespan > device.makespan
+    # One model, 1 or 2 chunks per device: the chunks of zbv do each device's work of 1f1b.
+    one = simulate(build("1f1b", 4, 8), Cost(), mode)
+    assert sum(simulate(schedule, Cost(), mode).busy) == exactly(sum(one.busy))
+    halved = Cost(f=0.5, b=1.0, i=0.5, w=0.5, r=0.5, per="chunk")
+    assert Cost().chunk_cost(2) == Cost().for_schedule(schedule) == halved
+
+
+def test_replicated_chunks_are_whole_model_stages():
+    """dualpipe's chunks are copies of whole model stages: a device `Cost` is not split for them."""
+    schedule = build("dualpipe", 4, 8)
+    assert Cost().for_schedule(schedule) == Cost(per="chunk")
+    assert sum(simulate(schedule, Cost()).busy) == exactly(sum(simulate(build("1f1b", 4, 8), Cost()).busy))
+
+
+def test_per_is_checked():
+    with pytest.raises(ValueError, match="Cost.per"):
+        Cost(per="stage")
+    with pytest.raises(ValueError, match="per='device' applies to scalar times only"):
+        Cost(f=(1.0, 1.0), per="device")
+    with pytest.raises(ValueError, match="virtual must be an int >= 1"):
+        Cost().chunk_cost(0)

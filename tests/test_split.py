@@ -190,3 +190,22 @@ def test_split_backward_option_is_checked():
         jpipe.value_and_grad(
             opaque_mlp, lambda lp, y, t: jnp.sum(y), schedule=build("1f1b", 2, 2), mesh=mesh, split_backward="yes"
         )
+
+
+def test_measured_stage_costs_compare_across_virtual():
+    """A measured device stage of 2 layers read as `per="device"` (the default) and one of its
+    chunks (1 layer) read as `per="chunk"` describe the same model: the 2-chunk schedule's makespans
+    agree once the chunk's units (its F) are converted to the device stage's."""
+    params = _mlp_params(jax.random.key(1), 2)
+    x = jax.random.normal(jax.random.key(2), (BATCH, SEQ, WIDTH))
+    device = measure_costs(opaque_mlp, params, x)
+    chunk = measure_costs(opaque_mlp, params[:1], x)
+    unit = chunk.flops["f"] / device.flops["f"]  # one chunk's F in device-stage forwards
+    assert unit == pytest.approx(0.5, rel=0.02)
+    for mode in ("async", "lockstep"):
+        one = simulate(build("1f1b", 4, 8), device.cost(), mode).makespan
+        two = simulate(build("interleaved_1f1b", 4, 8, 2), device.cost(), mode).makespan
+        per_chunk = simulate(build("interleaved_1f1b", 4, 8, 2), chunk.cost(per="chunk"), mode).makespan
+        assert two == pytest.approx(per_chunk * unit, rel=0.02)
+        assert two < one  # the same model: interleaving shrinks the bubble
+    assert device.cost().per == "device" and chunk.cost(per="chunk").per == "chunk"

@@ -17,7 +17,7 @@ SIZES = ((2, 5), (2, 8), (3, 8), (4, 11), (4, 16), (6, 24))
 
 
 def unit_cost(all_reduce: float) -> Cost:
-    return Cost(f=1, b=2, i=1, w=1, all_reduce=all_reduce)
+    return Cost(f=1, b=2, i=1, w=1, all_reduce=all_reduce, per="chunk")  # the formulas' per-chunk times
 
 
 @pytest.mark.parametrize(("p", "m"), SIZES)

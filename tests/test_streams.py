@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jpipe.schedules import SCHEDULES, ScheduleError, build, default_virtual, simulate, validate
+from jpipe.schedules import SCHEDULES, Cost, ScheduleError, build, default_virtual, simulate, validate
 from jpipe.schedules.simulate import peak_activations
 from jpipe.schedules.streams import two_streams
 
@@ -49,9 +49,10 @@ def test_two_streams_interleave_even_and_odd_microbatches_tick_by_tick():
 
 @pytest.mark.parametrize(("name", "virtual", "bound"), [("zbv", 2, 102), ("zb_h1", 1, 54)])
 def test_one_tick_latency_costs_only_the_longer_fill_for_zbv_and_zb_h1(name, virtual, bound):
-    """p = 4, m = 16, unit costs: the last device cannot start before (p - 1) hops of 2 ticks."""
-    plain = simulate(build(name, 4, 16, virtual), mode="lockstep").makespan
-    hidden = simulate(build(name, 4, 16, virtual, send_latency=1), mode="lockstep", send_latency=1).makespan
+    """p = 4, m = 16, unit costs per chunk: the last device cannot start before (p - 1) hops of 2 ticks."""
+    unit = Cost(per="chunk")
+    plain = simulate(build(name, 4, 16, virtual), unit, mode="lockstep").makespan
+    hidden = simulate(build(name, 4, 16, virtual, send_latency=1), unit, mode="lockstep", send_latency=1).makespan
     assert hidden == bound  # the lower bound: (p - 1) x 2 ticks of fill, then the busiest device's work
     assert (plain, hidden / plain) == ({"zbv": 99, "zb_h1": 51}[name], bound / plain)
     if name == "zbv":

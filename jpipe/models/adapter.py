@@ -344,7 +344,9 @@ class PipelinedModel:
         return jax.jit(create, out_shardings=self.shardings())()
 
     def stage_costs(self, x: PyTree) -> StageCosts:
-        """Measured F/B/I/W FLOPs and memory of the largest stage on one microbatch.
+        """Measured F/B/I/W FLOPs and memory of the largest logical stage (one chunk) on one microbatch.
+
+        Its `cost(per="chunk")` is the simulator's per-chunk `Cost`.
 
         `x`: one microbatch's activation on one device (arrays or `jax.ShapeDtypeStruct`s).
         """

@@ -204,7 +204,9 @@ class PipelinedLM:
         return self.adapter.init(seed)
 
     def stage_costs(self, batch: int = 1) -> StageCosts:
-        """Measured F/B/I/W FLOPs and memory of this model's largest stage on one microbatch.
+        """Measured F/B/I/W FLOPs and memory of this model's largest logical stage (one chunk) on one microbatch.
+
+        Simulate with `.cost(per="chunk")` (the stage is one chunk of the schedule).
 
         `batch`: sequences of `config.seq_len` tokens per microbatch on one device (the microbatch
         batch divided by the data axis). Compiles each op alone for the default backend.

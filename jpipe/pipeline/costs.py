@@ -2,7 +2,10 @@
 
     costs = jpipe.measure_costs(stage_fn, one_stage_params, one_microbatch, remat="full")
     print(costs)                                  # FLOPs of F, B, I, W and the memory an op keeps
-    sim = jpipe.schedules.simulate(schedule, costs.cost(), mode="lockstep")
+    sim = jpipe.schedules.simulate(schedule, costs.cost(), mode="lockstep")  # the stage: one device's
+
+`StageCosts.cost()` reads the measured stage as one device stage (split over a v-chunk schedule's
+chunks); `cost(per="chunk")` as one chunk of the schedule.
 
 Each op (F, B, I, W: `jpipe.pipeline.stage.StageOps`) is compiled alone for the default backend and
 XLA's `cost_analysis()` gives its FLOPs; `memory` gives the bytes of what F stashes and what I keeps
@@ -52,11 +55,20 @@ class StageCosts:
     seconds: dict[str, float] | None = None
     recomputed_bytes: int = 0
 
-    def cost(self, comm: float = 0.0, *, measure: str = "flops") -> Cost:
-        """A simulator `Cost` in units of F (F = 1), from FLOPs or from measured seconds.
+    def cost(self, comm: float = 0.0, *, measure: str = "flops", per: str = "device") -> Cost:
+        """A simulator `Cost` in units of the measured stage's F (F = 1), from FLOPs or from seconds.
 
         `comm` is in the same unit (a fraction of an F). `weight_residuals` is the weight-residual
         bytes relative to the stash bytes.
+
+        `per` says what the measured stage is to the schedule it will be simulated with (the
+        numbers are the same, only their meaning changes): "device" (the default) when it is one
+        device stage, all of a device's layers (`measure_costs` measures whatever stage it is given;
+        `jpipe.layered` stages of one device's blocks are the usual case): a v-chunk schedule then
+        runs each chunk op in 1/v of these times, and makespans compare across `virtual` on the same
+        model. "chunk" when it is one logical stage (chunk) of that schedule, e.g.
+        `PipelinedLM.stage_costs` (the largest logical stage): times are then per chunk, in units of
+        a chunk's forward, whatever `virtual`.
         """
         if measure not in ("flops", "seconds"):
             raise ValueError(f"measure: expected 'flops' or 'seconds', got {measure!r}")
@@ -75,6 +87,7 @@ class StageCosts:
             weight_residuals=ratio,
             r=values.get("r", values["f"]) / unit,
             recomputed=rebuilt,
+            per=per,
         )
 
     def __str__(self) -> str:

@@ -40,7 +40,9 @@ class PipelineOptions:
         `BALANCE_MEMORY_LIMIT` x that of the plan it replaces). Needs `braid`. Off by default: a braided
         tick of a `jpipe.layered` stage unrolls its layers, which costs compile time and temporary
         memory; with the default `Cost()` (F = I = W) no packing is faster anyway.
-      cost: per-op costs for the "auto" choices (default `Cost()`: F=1, B=2, I=W=1).
+      cost: per-op costs for the "auto" choices (default `Cost()`: F=1, B=2, I=W=1); read as
+        `simulate` reads it (scalars are one device stage, split over the schedule's chunks, unless
+        `per="chunk"`; per-stage tuples are per logical stage).
       recompute: with `remat="full"`, run each forward's recomputation as an R op of its own, right
         before its I or B (`jpipe.schedules.recompute`); `cost.r` is its time.
     """

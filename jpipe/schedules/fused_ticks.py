@@ -128,13 +128,14 @@ def fuse_ticks(schedule: Schedule, cost: Cost | None = None, target: float = 0.0
     Args:
       schedule: a valid schedule; each B is split into I and W first.
       cost: per-op times (default `Cost()`); composites already in the schedule keep their place.
-      target: the tick length a pair may fill (a tick is never shorter than its slowest op).
+      target: the tick length a pair may fill (a tick is never shorter than its slowest op), in
+        the per-chunk times of `cost.for_schedule(schedule)` (what `targets` lists).
       send_latency: as the executor will run it (1 with hidden sends): when a result is usable.
 
     Returns:
       A valid schedule with the same actions, B split, in which some ticks hold a composite.
     """
-    cost = Cost() if cost is None else cost
+    cost = (Cost() if cost is None else cost).for_schedule(schedule)
     packer = _Packer(split_backward(schedule), cost, send_latency)
     remaining = sum(len(row) for row in packer.rows)
     tick = idle = 0
@@ -151,6 +152,7 @@ def fuse_ticks(schedule: Schedule, cost: Cost | None = None, target: float = 0.0
 
 def targets(schedule: Schedule, cost: Cost) -> list[float]:
     """Tick lengths worth trying: each op's time and each sum of two, over the schedule's stages."""
+    cost = cost.for_schedule(schedule)
     times = {
         cost.duration(action) for row in split_backward(schedule).actions for cell in row for action in members(cell)
     }
@@ -170,6 +172,7 @@ def balance_ticks(schedule: Schedule, cost: Cost | None = None, *, send_latency:
     """
     cost = Cost() if cost is None else cost
     cost.check_stages(schedule.num_stages)
+    cost = cost.for_schedule(schedule)
     baseline = min(_lockstep(schedule, cost, send_latency, split) for split in (True, False))
     best: tuple[float, float, float, Schedule] | None = None
     for target in targets(schedule, cost):

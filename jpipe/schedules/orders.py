@@ -95,7 +95,8 @@ class Orders:
       num_devices: pipeline devices `p`.
       num_microbatches: microbatches `m`.
       placement: logical stage -> device (as `Schedule.placement`).
-      cost: times per op (scalar or per stage, for `len(placement)` stages).
+      cost: times per op (scalar or per stage, for `len(placement)` stages), read as `simulate`
+        reads them (a device `Cost` is split over the chunks; `self.cost` is the per-chunk one).
       mode: "lockstep" or "async" (as `simulate`).
       send_latency: lockstep: extra ticks for a message between devices (as `pack`).
     """
@@ -111,9 +112,10 @@ class Orders:
     ) -> None:
         cost.check_stages(len(placement))
         self.num_devices, self.num_microbatches = num_devices, num_microbatches
-        self.placement, self.cost, self.mode, self.send_latency = tuple(placement), cost, mode, send_latency
         self.num_stages = len(placement)
         self.virtual = self.num_stages // num_devices
+        cost = cost.chunk_cost(self.virtual)  # per chunk, as `simulate` reads it
+        self.placement, self.cost, self.mode, self.send_latency = tuple(placement), cost, mode, send_latency
         stages, m = self.num_stages, num_microbatches
         size = 3 * stages * m
         self.device = [0] * size

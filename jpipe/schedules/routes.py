@@ -95,6 +95,7 @@ def _list_schedule(
     """Event-driven list scheduling of F and B along `routes`; returns (rows, makespan)."""
     m = len(routes)
     virtual = len(placement) // p
+    cost = cost.chunk_cost(virtual)  # per chunk, as `simulate` reads it
     capacity = memory_cap * virtual  # in stashes of one stage
     reserved = [0] * p
     releases: list[tuple[float, int]] = []  # (time, device) of a stash leaving the reservation

@@ -33,11 +33,14 @@ residual). This is at least `jpipe.schedules.peak_memory` (stash plus weight res
 moment on one device): the two peaks may come at different moments, or on different devices. Not
 counted: parameters, gradients, optimizer state, the inbox of messages in flight, temporaries.
 
-Costs: a `Cost` gives per-chunk times (per logical stage), as `simulate` reads them; a scalar `Cost`
-then means that a chunk of a v-chunk schedule costs as much as a whole stage of a 1-chunk one, so to
-compare different `virtual` for one model pass a function `virtual -> Cost` instead (e.g. built with
-`jpipe.schedules.balance.stage_costs` for that many stages). A `Cost` with per-stage tuples only
-applies to schedules with that many stages.
+Costs: read as `simulate` reads them. A scalar `Cost` (`per="device"`, the default) is one device
+stage of the model, split evenly over a v-chunk schedule's chunks (`Cost.chunk_cost(v)`: each chunk
+op takes 1/v), so schedules with different `virtual` are compared on the same model. A scalar
+`Cost(..., per="chunk")` gives every chunk the same times whatever `virtual` (a v-chunk schedule
+then runs a model v times as large). For per-chunk costs that depend on `virtual`, pass a function
+`virtual -> Cost` (e.g. `jpipe.schedules.balance.stage_costs` for that many stages; a device
+`Cost` it returns is split as above). A `Cost` with per-stage tuples only applies to schedules with
+that many stages. `SearchResult.cost` is the per-chunk `Cost` of the chosen `virtual`.
 
 Determinism: every random choice comes from `random.Random(seed)`; a run is reproducible for a seed
 and a budget unless `time_limit` cuts it short (`SearchResult.timed_out`).
@@ -85,7 +88,7 @@ class SearchResult:
         bounds, see the module docstring): `buffer_memory(slots, cost.weight_residuals, virtual)`.
       slots: per device, its peak live stashes and weight residuals (`buffer_slots` of the schedule
         the executor runs; their maxima are `compile_program`'s slot counts).
-      cost: the `Cost` of its `virtual` (what to simulate it with).
+      cost: the per-chunk `Cost` of its `virtual` (`per="chunk"`; what to simulate it with).
       baseline: the best named schedule that fits the limit.
       baseline_makespan: its simulated makespan.
       named: every named schedule built, fitting or not, in build order.
@@ -130,8 +133,9 @@ def search(
     Args:
       num_devices: pipeline devices `p`.
       num_microbatches: microbatches `m`.
-      cost: a `Cost` (per logical stage, as `simulate` reads it) or a function `virtual -> Cost`;
-        default `Cost()`.
+      cost: a `Cost` (as `simulate` reads it: scalars per device stage, split over a schedule's
+        chunks, unless `per="chunk"`; per-stage tuples per logical stage) or a function
+        `virtual -> Cost`; default `Cost()`.
       memory_limit: the most stash and weight-residual buffer memory per device, in microbatch x
         full device stage, as the executor allocates it (see the module docstring).
       virtual: the most stages (chunks) per device to consider (1 to `virtual`).
@@ -236,20 +240,20 @@ def _check_arguments(
 
 
 def _cost_model(cost: CostModel | None, p: int, virtual: int) -> dict[int, Cost]:
-    """The `Cost` of every virtual the search may use."""
+    """The per-chunk `Cost` of every virtual the search may use (`Cost.chunk_cost`)."""
     if cost is None:
         cost = Cost()
     costs = {}
     for v in range(1, virtual + 1):
         if isinstance(cost, Cost):
             if cost.num_stages in (None, p * v):
-                costs[v] = cost
+                costs[v] = cost.chunk_cost(v)
         else:
             one = cost(v)
             if not isinstance(one, Cost):
                 raise ValueError(f"cost({v}): expected a Cost, got {one!r}")
             one.check_stages(p * v)
-            costs[v] = one
+            costs[v] = one.chunk_cost(v)
     if not costs:
         raise ValueError(f"cost gives times for {cost.num_stages} stages: not p * v for p = {p}, v <= {virtual}")
     return costs

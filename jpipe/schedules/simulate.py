@@ -16,8 +16,16 @@ Both modes follow each microbatch's route (`Schedule.route`) through
 for the next one. Replicas are ordinary logical stages here (each on its own device, each with its
 own times when `Cost` is given per logical stage).
 
-Peak activations are counted in microbatches x full device stage: the forward of a chunk allocates
-`1 / virtual`; a full backward B frees it; with the split backward, I frees nothing (the weight
+Costs: a scalar `Cost` (`per="device"`, the default) gives the times of one device stage of the
+model (what a device runs in a 1-chunk schedule); a schedule with `virtual` v runs each chunk op
+in 1/v of them, so `Cost()` is the same model for 1f1b and for zbv. `Cost(..., per="chunk")` and
+per-stage tuples give the times of each logical stage (chunk) as they are. `simulate` runs with
+`cost.for_schedule(schedule)`, the per-chunk cost; everything below is per chunk.
+
+Peak activations are counted in microbatches x full device stage (one p-th of the model, the unit of
+a device `Cost`): the forward of a chunk allocates the fraction of a device stage it computes,
+`1 / virtual` (`num_devices / num_model_stages` with replicas: 1 for dualpipe's chunks, each a
+whole model stage); a full backward B frees it; with the split backward, I frees nothing (the weight
 gradient still needs the stage's saved inputs) and W frees it. A device's peak depends only on the
 order of its own list, so it is the same in both modes. Peak memory adds the weight residuals an I
 keeps for its W (`Cost.weight_residuals`, relative to what an F stashes), so it also counts the
@@ -57,11 +65,33 @@ Times = float | tuple[float, ...]
 
 _TIMED = ("f", "b", "i", "w", "r")
 _PER_STAGE = (*_TIMED, "all_reduce")
+PER = ("device", "chunk")
 
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """Per-op times for one logical stage (one chunk) on one microbatch, and a per-hop latency.
+    """Per-op times of one microbatch, and a per-hop latency.
+
+    What a time is the time of (`per`):
+      - "device" (the default for scalar times): one device stage of the model, all of the layers
+        one device runs in a 1-chunk schedule (one p-th of the model on p devices). A schedule with
+        `virtual` v splits it evenly over its chunks: each chunk op of a v-chunk schedule takes
+        `t / v`, so `Cost()` describes the same model whatever the schedule, and schedules with
+        different `virtual` compare fairly. In general a logical stage computes one model stage
+        (`Schedule.num_model_stages` of them), a fraction `p / num_model_stages` of a device
+        stage: `t / v` without replicas; a replicated schedule (dualpipe: two copies of each of p
+        model stages) runs each chunk op in `t`, bitpipe's (2p model stages) in `t / 2`.
+      - "chunk": one logical stage (one chunk) of the schedule it is simulated with, whatever its
+        `virtual` (the meaning before `per` existed; published bubble formulas are in these
+        units). Per-stage tuples are always per logical stage: a `Cost` with any tuple is
+        `per="chunk"`.
+    `for_schedule(schedule)` (what `simulate` uses) and `chunk_cost(virtual)` give the per-chunk
+    `Cost`; `of`, `at`, `duration` and `compute` read the times as given (per chunk for a
+    per-chunk cost; for a device cost, the chunk of a 1-chunk schedule).
+
+    `comm` is per message (one activation or gradient crossing devices, the same size whatever
+    `virtual`): never split. `all_reduce` is split like the compute times (a device stage's
+    all-reduces are spread over its chunks' layers). `weight_residuals` is a ratio: unchanged.
 
     Attributes:
       f: forward time.
@@ -85,6 +115,8 @@ class Cost:
     the last also runs the head and loss); all tuples must have the same length, the schedule's
     `num_stages`. All values must be finite and >= 0. `jpipe.measure_costs` measures them for a real
     stage.
+      per: "device" or "chunk" (above); default: "chunk" when some time is a per-stage tuple,
+        else "device". Per-stage tuples with `per="device"` are refused.
     """
 
     f: Times = 1.0
@@ -96,10 +128,13 @@ class Cost:
     all_reduce: Times = 0.0
     r: Times = 1.0
     recomputed: float = 0.0
+    per: str | None = None
 
     def __post_init__(self) -> None:
         lengths = set()
         for field in dataclasses.fields(self):
+            if field.name == "per":
+                continue
             value = getattr(self, field.name)
             if field.name in _PER_STAGE and isinstance(value, (tuple, list)):
                 if not value:
@@ -115,6 +150,39 @@ class Cost:
                 name: len(getattr(self, name)) for name in _PER_STAGE if isinstance(getattr(self, name), tuple)
             }
             raise ValueError(f"Cost: per-stage tuples must have one length (the number of stages), got {per_stage}")
+        per = self.per
+        if per is None:
+            per = "chunk" if lengths else "device"
+        if per not in PER:
+            raise ValueError(f"Cost.per: expected one of {PER}, got {per!r}")
+        if lengths and per == "device":
+            raise ValueError(
+                "Cost: per-stage tuples give times per logical stage (chunk); per='device' applies to scalar times only"
+            )
+        object.__setattr__(self, "per", per)
+
+    def for_schedule(self, schedule: Schedule) -> Cost:
+        """The per-chunk `Cost` of `schedule`'s logical stages (what `simulate` runs it with).
+
+        Itself when `per="chunk"`; a device cost's times (and `all_reduce`) times the fraction of a
+        device stage one logical stage computes, `num_devices / num_model_stages` (`1 / virtual`
+        without replicas).
+        """
+        return self._scaled(schedule.num_devices, schedule.num_model_stages)
+
+    def chunk_cost(self, virtual: int) -> Cost:
+        """The per-chunk `Cost` of a `virtual`-chunk schedule without replicas (`for_schedule`'s)."""
+        if isinstance(virtual, bool) or not isinstance(virtual, int) or virtual < 1:
+            raise ValueError(f"Cost.chunk_cost: virtual must be an int >= 1, got {virtual!r}")
+        return self._scaled(1, virtual)
+
+    def _scaled(self, devices: int, model_stages: int) -> Cost:
+        """Per chunk: times `devices / model_stages` of the device stage's (exactly `t / v` when
+        `model_stages = devices * v`)."""
+        if self.per == "chunk":
+            return self
+        times = {name: getattr(self, name) * devices / model_stages for name in _PER_STAGE}
+        return dataclasses.replace(self, **times, per="chunk")
 
     @property
     def num_stages(self) -> int | None:
@@ -214,7 +282,7 @@ class Simulation:
 
     Attributes:
       schedule: the simulated schedule (as given; lockstep events show each B as its I and W).
-      cost: the cost model.
+      cost: the per-chunk cost model it ran with (`cost.for_schedule(schedule)` of the given one).
       mode: "async" or "lockstep".
       makespan: end of the last action (the first starts at 0).
       bubble_fraction: `1 - sum(busy) / (num_devices * makespan)` (0 when the makespan is 0).
@@ -253,8 +321,9 @@ class Simulation:
 def peak_activations(schedule: Schedule) -> tuple[float, ...]:
     """Per device, the most live activations (microbatch x full device stage) over its action list.
 
-    F adds `1 / virtual`; B and W remove it; I changes nothing. A composite counts as its first
-    member then its second.
+    F adds `1 / virtual` (a chunk's share of a device stage; `num_devices / num_model_stages` with
+    replicas); B and W remove it; I changes nothing. A composite counts as its first member then its
+    second.
     """
     peaks = []
     for row in schedule.actions:
@@ -266,16 +335,17 @@ def peak_activations(schedule: Schedule) -> tuple[float, ...]:
                 peak = max(peak, live)
             elif action.op in (Op.B, Op.W):
                 live -= 1
-        peaks.append(peak / schedule.virtual)
+        peaks.append(peak * schedule.num_devices / schedule.num_model_stages)
     return tuple(peaks)
 
 
 def peak_memory(schedule: Schedule, weight_residuals: float = 0.0, recomputed: float = 0.0) -> tuple[float, ...]:
     """Per device, the most live stash plus weight residuals (microbatch x full device stage).
 
-    F adds a stash of `1 / virtual`, B removes it; I adds weight residuals of `weight_residuals /
-    virtual` (relative to a stash), W removes both. An R (recomputation) adds `recomputed / virtual`,
-    which its B or W removes. A composite counts as its first member then its second.
+    F adds a stash of `1 / virtual` (`num_devices / num_model_stages` with replicas), B removes it;
+    I adds weight residuals of `weight_residuals / virtual` (relative to a stash), W removes both. An
+    R (recomputation) adds `recomputed / virtual`, which its B or W removes. A composite counts as
+    its first member then its second.
     """
     has_r = any(action.op is Op.R for row in schedule.actions for action in flatten(row))
     peaks = []
@@ -295,7 +365,7 @@ def peak_memory(schedule: Schedule, weight_residuals: float = 0.0, recomputed: f
             else:
                 stash, residuals, rebuilt = stash - 1, residuals - 1, rebuilt - has_r
             peak = max(peak, stash + residuals * weight_residuals + rebuilt * recomputed)
-        peaks.append(peak / schedule.virtual)
+        peaks.append(peak * schedule.num_devices / schedule.num_model_stages)
     return tuple(peaks)
 
 
@@ -382,8 +452,10 @@ def simulate(
 
     Args:
       schedule: any schedule; it is validated first (ScheduleError if invalid).
-      cost: per-op times per logical stage (scalar, or per-stage tuples of `schedule.num_stages`
-        entries) and per-hop latency; default `Cost()` (F=1, B=2, I=W=1).
+      cost: per-op times and per-hop latency; default `Cost()` (F=1, B=2, I=W=1 for one device
+        stage: each chunk op of a v-chunk schedule takes 1/v of them). Scalars are per device stage
+        unless `per="chunk"`; per-stage tuples (`schedule.num_stages` entries) are per logical
+        stage. The simulation runs with `cost.for_schedule(schedule)`.
       mode: "async" (event-driven) or "lockstep" (ticks of `pack(schedule, split=split_backward)`).
       split_backward: lockstep only: run each B as I then W in two ticks (the executor's
         `split_backward=True`); with False a B is one tick (the executor's default).
@@ -408,6 +480,7 @@ def simulate(
     if not isinstance(cost, Cost):
         raise ValueError(f"cost must be a Cost, got {cost!r}")
     cost.check_stages(schedule.num_stages)
+    cost = cost.for_schedule(schedule)
     deps = validated_dependencies(schedule)
     given = schedule
     if not braid:

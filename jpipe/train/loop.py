@@ -288,7 +288,7 @@ def build_train_step(
     microbatch = config.data.batch_size // parallel.microbatches
     if parallel.schedule != AUTO:
         costs = pipe.stage_costs(batch=max(1, microbatch // parallel.data))
-        cost = costs.cost(comm=_send_comm(config, costs, mesh))
+        cost = costs.cost(comm=_send_comm(config, costs, mesh), per="chunk")  # the largest logical stage: one chunk
     pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=cost))
     optimizer = make_optimizer(config.optimizer, config.run.steps)
     loss_and_grads = pipe.value_and_grad()
