@@ -39,6 +39,11 @@ Document masking (`GPTConfig.document_end`): the embedding (prologue) also compu
 document from the token ids, and the activation between stages is `{"x": [B, T, D], "segments":
 [B, T]}`, so every stage's attention masks at document boundaries as the unpipelined model does.
 
+Mixture of experts (`GPTConfig(family="moe")`, `jpipe.models.moe`): the model is `MoELM`, the
+prologue runs the embedding and the dense first layers, the activation between stages is `{"x":
+[B, T, D], "aux": [B]}` (plus "segments"): each MoE block adds its per-sequence balance loss to
+"aux", and the loss at the last stage adds its weighted mean to the cross-entropy.
+
 All of this is `jpipe.models.PipelinedModel` (any NNX model with stacked blocks) applied to `GPT`:
 the prologue is `model.embed`, the loss `cross_entropy(model.head(x, table), targets)`.
 """
@@ -55,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpipe.models import moe
 from jpipe.models.adapter import PipelinedModel
 from jpipe.models.config import GPTConfig
 from jpipe.models.gpt import GPT, cross_entropy
@@ -96,6 +102,8 @@ def _head_loss(model: GPT, x: jax.Array | dict[str, jax.Array], targets: jax.Arr
 
 def activation_shape(config: GPTConfig, batch: int, seq: int) -> jax.ShapeDtypeStruct | dict[str, jax.ShapeDtypeStruct]:
     """What passes between stages for `batch` sequences of `seq` tokens (`_embed`'s output's shapes)."""
+    if config.moe:
+        return moe.activation_shape(config, batch, seq)
     x = jax.ShapeDtypeStruct((batch, seq, config.d_model), config.residual_dtype)
     if config.document_end is None:
         return x
@@ -133,6 +141,19 @@ class PipelinedLM:
     def adapter(self) -> PipelinedModel:
         """The generic pipeline of this model: `PipelinedModel` with the GPT's embedding, blocks and head."""
         config = self.config
+        if config.moe:
+            return PipelinedModel(
+                lambda rngs: moe.MoELM(config, rngs=rngs),
+                blocks="blocks",
+                prologue=lambda model, tokens: model.first(tokens),
+                loss=moe.head_loss,
+                layer=moe.moe_layer,
+                schedule=self.schedule,
+                mesh=self.mesh,
+                rules=self.rules,
+                layout=self.layout,
+                options=self.options,
+            )
         return PipelinedModel(
             lambda rngs: GPT(config, rngs=rngs),
             blocks="blocks",
