@@ -81,6 +81,18 @@ def route(config: GPTConfig, logits: jax.Array) -> dict[str, jax.Array]:
     return {"dispatch": dispatch, "combine": combine, "aux": aux, "dropped": dropped, "load": load}
 
 
+def _bound(axis: str | None) -> bool:
+    """Whether `axis` names a mesh axis of the enclosing `shard_map` (the pipeline's shape checks and
+    cost measurements trace a stage outside it: there the experts run whole on one device)."""
+    if axis is None:
+        return False
+    try:
+        lax.axis_size(axis)
+    except NameError:
+        return False
+    return True
+
+
 class Experts(nnx.Module):
     """`num_experts` SwiGLU experts stacked on a leading "expert" axis, applied to their slots."""
 
@@ -92,12 +104,30 @@ class Experts(nnx.Module):
         self.w_up = normal_param(rngs, config, (e, d, f), std, ("expert", "embed", "mlp"))
         self.w_down = normal_param(rngs, config, (e, f, d), out_std, ("expert", "mlp", "embed"))
 
-    def __call__(self, slots: jax.Array) -> jax.Array:
-        """Expert inputs `[B, E, C, D]` -> outputs `[B, E, C, D]` (expert e on slots `[:, e]`)."""
+    def __call__(self, slots: jax.Array, expert_axis: str | None = None) -> jax.Array:
+        """Expert inputs `[B, E, C, D]` -> outputs `[B, E, C, D]` (expert e on slots `[:, e]`).
+
+        `expert_axis`: a manual mesh axis (inside `shard_map`) of n devices that share the experts:
+        device r computes experts `r E/n ... (r+1) E/n - 1` for the slots of all n devices, which
+        reach it and return with `all_to_all` (expert parallelism).
+        """
         dtype = self.config.dtype
-        gate = jnp.einsum("becd,edf->becf", slots, self.w_gate[...].astype(dtype))
-        up = jnp.einsum("becd,edf->becf", slots, self.w_up[...].astype(dtype))
-        return jnp.einsum("becf,efd->becd", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+        weights = [self.w_gate[...], self.w_up[...], self.w_down[...]]
+        expert_axis = expert_axis if _bound(expert_axis) else None
+        if expert_axis is not None:
+            n = lax.axis_size(expert_axis)
+            local = self.config.num_experts // n
+            start = lax.axis_index(expert_axis) * local
+            weights = [lax.dynamic_slice_in_dim(w, start, local, axis=0) for w in weights]
+            # [B, E, C, D] -> [n B, E/n, C, D]: every device's slots of this device's experts.
+            slots = lax.all_to_all(slots, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+        w_gate, w_up, w_down = (w.astype(dtype) for w in weights)
+        gate = jnp.einsum("becd,edf->becf", slots, w_gate)
+        up = jnp.einsum("becd,edf->becf", slots, w_up)
+        out = jnp.einsum("becf,efd->becd", jax.nn.silu(gate) * up, w_down)
+        if expert_axis is not None:
+            out = lax.all_to_all(out, expert_axis, split_axis=0, concat_axis=1, tiled=True)  # back: [B, E, C, D]
+        return out
 
 
 class SharedExperts(nnx.Module):
@@ -128,13 +158,16 @@ class MoE(nnx.Module):
         if config.shared_experts:
             self.shared = SharedExperts(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """`x` `[B, T, D]` (compute dtype) -> the experts' sum `[B, T, D]`, and `route`'s `aux`, `dropped`, `load`."""
+    def __call__(self, x: jax.Array, expert_axis: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`x` `[B, T, D]` (compute dtype) -> the experts' sum `[B, T, D]`, and `route`'s `aux`, `dropped`, `load`.
+
+        `expert_axis`: see `Experts.__call__` (None: every device computes every expert).
+        """
         dtype = self.config.dtype
         logits = jnp.einsum("btd,de->bte", x, self.router[...].astype(dtype), preferred_element_type=F32)
         routing = route(self.config, logits)
         slots = jnp.einsum("btec,btd->becd", routing["dispatch"].astype(dtype), x)  # [B, E, C, D]
-        out = self.experts(slots)
+        out = self.experts(slots, expert_axis)
         y = jnp.einsum("btec,becd->btd", routing["combine"].astype(dtype), out)
         if self.config.shared_experts:
             y = y + self.shared(x)
@@ -151,13 +184,18 @@ class MoEBlock(nnx.Module):
         self.mlp_norm = RMSNorm(config)
         self.moe = MoE(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """`[B, T, D] -> ([B, T, D], statistics)`, x in the residual dtype; branches in the compute dtype."""
+    def __call__(
+        self, x: jax.Array, segments: jax.Array | None = None, expert_axis: str | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`[B, T, D] -> ([B, T, D], statistics)`, x in the residual dtype; branches in the compute dtype.
+
+        `expert_axis`: the manual mesh axis the experts are computed over (`Experts.__call__`).
+        """
         dtype = self.attention.config.dtype
         with jax.named_scope("attention"):
             x = x + self.attention(self.attention_norm(x).astype(dtype), segments).astype(x.dtype)
         with jax.named_scope("moe"):
-            y, stats = self.moe(self.mlp_norm(x).astype(dtype))
+            y, stats = self.moe(self.mlp_norm(x).astype(dtype), expert_axis)
         return x + y.astype(x.dtype), stats
 
 
@@ -216,21 +254,27 @@ class MoELM(GPT):
         return head_loss(self, {"x": x, "aux": stats["aux"]}, targets)
 
 
-def moe_step(block: MoEBlock, activation: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+def moe_step(
+    block: MoEBlock, activation: dict[str, jax.Array], expert_axis: str | None = None
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """One MoE block on the activation `{"x", "aux", ["segments"]}`: the next activation (its balance
-    loss added to `aux`) and the block's routing statistics (`dropped` `[B]`, `load` `[B, E]`)."""
+    loss added to `aux`) and the block's routing statistics (`dropped` `[B]`, `load` `[B, E]`).
+
+    `expert_axis`: the manual mesh axis the experts are computed over (expert parallelism), or None."""
     segments = activation.get("segments")
     segments = None if segments is None else lax.stop_gradient(segments)
-    x, stats = block(activation["x"], segments)
+    x, stats = block(activation["x"], segments, expert_axis)
     return {**activation, "x": x, "aux": activation["aux"] + stats["aux"]}, {
         "dropped": stats["dropped"],
         "load": stats["load"],
     }
 
 
-def moe_layer(block: MoEBlock, activation: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def moe_layer(
+    block: MoEBlock, activation: dict[str, jax.Array], expert_axis: str | None = None
+) -> dict[str, jax.Array]:
     """One MoE block on the pipeline's activation (`moe_step` without the statistics)."""
-    return moe_step(block, activation)[0]
+    return moe_step(block, activation, expert_axis)[0]
 
 
 def head_loss(model: MoELM, activation: dict[str, jax.Array], targets: jax.Array) -> jax.Array:

@@ -66,6 +66,7 @@ from jpipe.models.config import GPTConfig
 from jpipe.models.gpt import GPT, cross_entropy
 from jpipe.models.layout import StageLayout
 from jpipe.models.parts import LMParts
+from jpipe.parallel.mesh import DATA
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.options import PipelineOptions
@@ -147,7 +148,7 @@ class PipelinedLM:
                 blocks="blocks",
                 prologue=lambda model, tokens: model.first(tokens),
                 loss=moe.head_loss,
-                layer=moe.moe_layer,
+                layer=functools.partial(moe.moe_layer, expert_axis=self.expert_axis),
                 schedule=self.schedule,
                 mesh=self.mesh,
                 rules=self.rules,
@@ -166,6 +167,29 @@ class PipelinedLM:
             layout=self.layout,
             options=self.options,
         )
+
+    @property
+    def expert_axis(self) -> str | None:
+        """The mesh axis the moe family's experts are computed over (expert parallelism), or None.
+
+        The data axis when the rules map "expert" to it (`ShardingRules(rules={..., "expert": "data"})`)
+        and it has more than one device: experts are stored split over data, gathered on entering the
+        pipeline (as FSDP's parameters are), and each data-parallel device computes its share of the
+        experts for the tokens of all of them, which reach it and return with all-to-alls.
+        """
+        if not self.config.moe or DATA not in self.mesh.shape or self.mesh.shape[DATA] == 1:
+            return None
+        axes = self.rules.mesh_axes("expert") if "expert" in self.rules.rules else ()
+        if not axes:
+            return None
+        if axes != (DATA,):
+            raise ValueError(f"rules['expert']: experts are computed over the data axis {DATA!r} only, got {axes}")
+        if self.config.num_experts % self.mesh.shape[DATA]:
+            raise ValueError(
+                f"expert parallelism: num_experts={self.config.num_experts} must divide over "
+                f"{self.mesh.shape[DATA]} data-parallel devices"
+            )
+        return DATA
 
     @property
     def parts(self) -> LMParts:
