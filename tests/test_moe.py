@@ -171,14 +171,15 @@ class TestMoEModel:
     def test_balance_loss_is_in_the_loss(self):
         tokens, targets = batch(MOE)[0][0], batch(MOE)[1][0]
         without = dataclasses.replace(MOE, aux_loss_weight=0.0)
-        model, plain = _model(), _model(without)
+        graphdefs = [nnx.graphdef(nnx.eval_shape(lambda c=c: MoELM(c, rngs=nnx.Rngs(0)))) for c in (MOE, without)]
 
         @jax.jit
-        def losses(tokens, targets):
+        def losses(params, tokens, targets):
+            model, plain = (nnx.merge(graphdef, params) for graphdef in graphdefs)
             _, stats = model.hidden(tokens)
             return model.loss(tokens, targets), plain.loss(tokens, targets), stats
 
-        loss, plain_loss, stats = losses(tokens, targets)
+        loss, plain_loss, stats = losses(model_params(MOE), tokens, targets)
         assert float(loss - plain_loss) == pytest.approx(0.1 * float(jnp.mean(stats["aux"])), rel=1e-4)
         assert stats["load"].shape == (4, 4) and float(jnp.sum(stats["dropped"])) > 0
 
