@@ -16,7 +16,8 @@ from conftest import make_mesh_or_skip
 from flax import nnx
 
 from jpipe import schedules
-from jpipe.models import GPT, GPTConfig, PipelinedLM, params_of, reference_value_and_grad
+from jpipe.models import GPTConfig, PipelinedLM, params_of, reference_value_and_grad
+from jpipe.models.moe import lm_class
 from jpipe.parallel import MESH_AXES, ShardingRules
 
 NUM_MICROBATCHES, BATCH = 4, 4
@@ -63,7 +64,7 @@ def model_params(config: GPTConfig, seed: int = 0) -> dict:
     test_models). Norm scales are 1 + noise so that they matter for the gradients.
     """
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: params_of(GPT(config, rngs=nnx.Rngs(0))))
+    shapes = jax.eval_shape(lambda: params_of(lm_class(config)(config, rngs=nnx.Rngs(0))))
 
     def draw(path, leaf):
         keystr = jax.tree_util.keystr(path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
 POSITIONS = ("learned", "rope")
-FAMILIES = ("gpt", "llama")
+FAMILIES = ("gpt", "llama", "moe")
 DTYPES = ("float32", "bfloat16", "float64")
 
 
@@ -15,9 +16,10 @@ DTYPES = ("float32", "bfloat16", "float64")
 class GPTConfig:
     """A decoder-only language model: token embedding, pre-norm causal attention + MLP blocks, head.
 
-    `family` picks the block: "gpt" (multi-head attention, GELU MLP) or "llama" (grouped-query
-    attention with `num_kv_heads` key/value heads, RoPE, SwiGLU MLP; `jpipe.models.llama`). Both
-    families share the embedding, head, parameter naming and logical axes, so the pipeline,
+    `family` picks the block: "gpt" (multi-head attention, GELU MLP), "llama" (grouped-query
+    attention with `num_kv_heads` key/value heads, RoPE, SwiGLU MLP; `jpipe.models.llama`) or
+    "moe" (llama attention, and a DeepSeek-style mixture of experts in place of the MLP:
+    `jpipe.models.moe`). The families share the embedding, head, parameter naming and logical axes, so the pipeline,
     sharding rules, checkpoints and training loop treat them alike.
 
     Attributes:
@@ -53,6 +55,23 @@ class GPTConfig:
         only to earlier tokens of its own document in the window (the end-of-document token ends
         its document). Unset: attention crosses document boundaries. The training CLI sets it
         from a token folder with `data.cross_document_attention false`.
+      num_experts: the moe family's routed experts per layer (SwiGLU each).
+      experts_per_token: the moe family's top-k: routed experts each token goes to.
+      shared_experts: the moe family's shared experts (every token goes through them; one SwiGLU
+        of shared_experts x the expert width); 0: none.
+      expert_d_ff: the moe family's hidden width of one expert (of each SwiGLU branch); unset:
+        mlp_ratio x d_model.
+      capacity_factor: the moe family's expert capacity per sequence: each expert takes at most
+        ceil(capacity_factor x seq x experts_per_token / num_experts) tokens of one sequence;
+        tokens past it (in order: every token's first choice, then every token's second, ...) are
+        dropped from that expert (the residual stream and the shared experts still carry them).
+      aux_loss_weight: the moe family's load-balancing loss weight (DeepSeek's sequence-wise
+        balance loss, sum over experts of f_i x P_i per sequence, summed over layers, averaged over
+        sequences) added to the cross-entropy; 0: no balancing loss.
+      dense_layers: the moe family's dense (llama SwiGLU) blocks before the MoE blocks, as in
+        DeepSeek's first layers; they run in the pipeline's prologue, with the embedding, on the
+        device of the first stage. The model has dense_layers + num_layers blocks; num_layers MoE
+        blocks are pipelined.
     """
 
     vocab_size: int = 256
@@ -73,6 +92,13 @@ class GPTConfig:
     num_kv_heads: int | None = None
     float32_attention: bool = True
     document_end: int | None = None
+    num_experts: int = 8
+    experts_per_token: int = 2
+    shared_experts: int = 1
+    expert_d_ff: int | None = None
+    capacity_factor: float = 1.25
+    aux_loss_weight: float = 0.01
+    dense_layers: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "d_model", "num_heads", "num_layers", "mlp_ratio"):
@@ -97,6 +123,7 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.document_end: must be a token id below vocab_size={self.vocab_size}, got {end!r}"
             )
+        self._check_experts()
         if self.positions not in POSITIONS:
             raise ValueError(f"GPTConfig.positions: expected one of {POSITIONS}, got {self.positions!r}")
         if self.rope and self.head_dim % 2:
@@ -107,6 +134,42 @@ class GPTConfig:
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_base <= 0:
             raise ValueError("GPTConfig: norm_eps, init_std and rope_base must be > 0")
 
+    def _check_experts(self) -> None:
+        for name in ("num_experts", "experts_per_token"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name}: must be an integer >= 1, got {value!r}")
+        for name in ("shared_experts", "dense_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"GPTConfig.{name}: must be an integer >= 0, got {value!r}")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"GPTConfig.experts_per_token: at most num_experts={self.num_experts}, got {self.experts_per_token}"
+            )
+        width = self.expert_d_ff
+        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+            raise ValueError(f"GPTConfig.expert_d_ff: must be an integer >= 1 (or unset), got {width!r}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"GPTConfig.capacity_factor: must be > 0, got {self.capacity_factor!r}")
+        if not self.aux_loss_weight >= 0:
+            raise ValueError(f"GPTConfig.aux_loss_weight: must be >= 0, got {self.aux_loss_weight!r}")
+
+    @property
+    def moe(self) -> bool:
+        """Whether this is the mixture-of-experts family."""
+        return self.family == "moe"
+
+    @property
+    def expert_width(self) -> int:
+        """The hidden width of one expert (each SwiGLU branch): `expert_d_ff`, or `d_ff` when unset."""
+        return self.d_ff if self.expert_d_ff is None else self.expert_d_ff
+
+    def expert_capacity(self, seq: int) -> int:
+        """Tokens one expert takes from one sequence of `seq` tokens (at least 1, at most seq)."""
+        wanted = math.ceil(self.capacity_factor * seq * self.experts_per_token / self.num_experts)
+        return max(1, min(seq, wanted))
+
     @property
     def kv_heads(self) -> int:
         """Key/value heads: `num_kv_heads`, or `num_heads` when unset."""
@@ -114,8 +177,8 @@ class GPTConfig:
 
     @property
     def rope(self) -> bool:
-        """Whether attention rotates queries and keys (always for llama; `positions` for gpt)."""
-        return self.family == "llama" or self.positions == "rope"
+        """Whether attention rotates queries and keys (always for llama and moe; `positions` for gpt)."""
+        return self.family in ("llama", "moe") or self.positions == "rope"
 
     @property
     def learned_positions(self) -> bool:

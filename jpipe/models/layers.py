@@ -125,11 +125,15 @@ def block_class(config: GPTConfig) -> type[nnx.Module]:
     return BLOCK_CLASSES[config.family]
 
 
-def stacked_blocks(config: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """`config.num_layers` blocks of the config's family as one block whose parameters have a leading `[L]` axis."""
-    block = block_class(config)
+def stacked_blocks(
+    config: GPTConfig, rngs: nnx.Rngs, block: type[nnx.Module] | None = None, count: int | None = None
+) -> nnx.Module:
+    """`count` blocks (default `config.num_layers`) of class `block` (default: the config's family's)
+    as one block whose parameters have a leading `[L]` axis."""
+    block = block_class(config) if block is None else block
+    count = config.num_layers if count is None else count
 
-    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> nnx.Module:
         return block(config, rngs=rngs)

@@ -19,15 +19,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpipe.models.config import GPTConfig
-from jpipe.models.gpt import GPT, cross_entropy
+from jpipe.models.gpt import cross_entropy
 from jpipe.models.layers import block_class
+from jpipe.models.moe import lm_class
 
 PyTree = Any
 
 
 @functools.lru_cache(maxsize=32)
 def _graphdefs(config: GPTConfig) -> tuple[Any, Any, Any, Any]:
-    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: lm_class(config)(config, rngs=nnx.Rngs(0)))
     block = nnx.eval_shape(lambda: block_class(config)(config, rngs=nnx.Rngs(0)))
     return nnx.graphdef(model), nnx.graphdef(model.embed), nnx.graphdef(block), nnx.graphdef(model.head)
 
@@ -67,7 +68,8 @@ def reference_value_and_grad(config: GPTConfig) -> Callable:
 
     Returns `fn(params, tokens, targets) -> (loss, grads)` with params the model's pure dict
     (blocks `[L, ...]`) and tokens/targets `[m, B, T]`; the loss is the mean over microbatches of
-    `GPT.loss`, computed by the NNX module itself (`nnx.scan` over its stacked blocks).
+    `GPT.loss` (`MoELM.loss` for the moe family: its routing groups are sequences, so flattening the
+    microbatches changes nothing), computed by the NNX module itself (`nnx.scan` over its stacked blocks).
     """
     graphdef = _graphdefs(config)[0]
 

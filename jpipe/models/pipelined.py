@@ -39,6 +39,11 @@ Document masking (`GPTConfig.document_end`): the embedding (prologue) also compu
 document from the token ids, and the activation between stages is `{"x": [B, T, D], "segments":
 [B, T]}`, so every stage's attention masks at document boundaries as the unpipelined model does.
 
+Mixture of experts (`GPTConfig(family="moe")`, `jpipe.models.moe`): the model is `MoELM`, the
+prologue runs the embedding and the dense first layers, the activation between stages is `{"x":
+[B, T, D], "aux": [B]}` (plus "segments"): each MoE block adds its per-sequence balance loss to
+"aux", and the loss at the last stage adds its weighted mean to the cross-entropy.
+
 All of this is `jpipe.models.PipelinedModel` (any NNX model with stacked blocks) applied to `GPT`:
 the prologue is `model.embed`, the loss `cross_entropy(model.head(x, table), targets)`.
 """
@@ -55,11 +60,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpipe.models import moe
 from jpipe.models.adapter import PipelinedModel
 from jpipe.models.config import GPTConfig
 from jpipe.models.gpt import GPT, cross_entropy
 from jpipe.models.layout import StageLayout
 from jpipe.models.parts import LMParts
+from jpipe.parallel.mesh import DATA
 from jpipe.parallel.rules import ShardingRules
 from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.options import PipelineOptions
@@ -96,6 +103,8 @@ def _head_loss(model: GPT, x: jax.Array | dict[str, jax.Array], targets: jax.Arr
 
 def activation_shape(config: GPTConfig, batch: int, seq: int) -> jax.ShapeDtypeStruct | dict[str, jax.ShapeDtypeStruct]:
     """What passes between stages for `batch` sequences of `seq` tokens (`_embed`'s output's shapes)."""
+    if config.moe:
+        return moe.activation_shape(config, batch, seq)
     x = jax.ShapeDtypeStruct((batch, seq, config.d_model), config.residual_dtype)
     if config.document_end is None:
         return x
@@ -133,6 +142,19 @@ class PipelinedLM:
     def adapter(self) -> PipelinedModel:
         """The generic pipeline of this model: `PipelinedModel` with the GPT's embedding, blocks and head."""
         config = self.config
+        if config.moe:
+            return PipelinedModel(
+                lambda rngs: moe.MoELM(config, rngs=rngs),
+                blocks="blocks",
+                prologue=lambda model, tokens: model.first(tokens),
+                loss=moe.head_loss,
+                layer=functools.partial(moe.moe_layer, expert_axis=self.expert_axis),
+                schedule=self.schedule,
+                mesh=self.mesh,
+                rules=self.rules,
+                layout=self.layout,
+                options=self.options,
+            )
         return PipelinedModel(
             lambda rngs: GPT(config, rngs=rngs),
             blocks="blocks",
@@ -145,6 +167,29 @@ class PipelinedLM:
             layout=self.layout,
             options=self.options,
         )
+
+    @property
+    def expert_axis(self) -> str | None:
+        """The mesh axis the moe family's experts are computed over (expert parallelism), or None.
+
+        The data axis when the rules map "expert" to it (`ShardingRules(rules={..., "expert": "data"})`)
+        and it has more than one device: experts are stored split over data, gathered on entering the
+        pipeline (as FSDP's parameters are), and each data-parallel device computes its share of the
+        experts for the tokens of all of them, which reach it and return with all-to-alls.
+        """
+        if not self.config.moe or DATA not in self.mesh.shape or self.mesh.shape[DATA] == 1:
+            return None
+        axes = self.rules.mesh_axes("expert") if "expert" in self.rules.rules else ()
+        if not axes:
+            return None
+        if axes != (DATA,):
+            raise ValueError(f"rules['expert']: experts are computed over the data axis {DATA!r} only, got {axes}")
+        if self.config.num_experts % self.mesh.shape[DATA]:
+            raise ValueError(
+                f"expert parallelism: num_experts={self.config.num_experts} must divide over "
+                f"{self.mesh.shape[DATA]} data-parallel devices"
+            )
+        return DATA
 
     @property
     def parts(self) -> LMParts:

@@ -40,6 +40,7 @@ DEFAULT_RULES: Mapping[str, MeshAxes] = {
     "heads": TENSOR,  # q/k/v column-parallel, attention output row-parallel
     "head_dim": None,
     "mlp": TENSOR,  # up-projection column-parallel, down-projection row-parallel
+    "expert": None,  # the routed experts of a mixture of experts (jpipe.models.moe): each device holds all
 }
 
 # Logical axes FSDP never splits: they index whole layers or stages, not parameter entries.

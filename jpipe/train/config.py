@@ -148,6 +148,10 @@ class ParallelConfig:
       search_time: schedule "auto" only: seconds the search may take (single-process runs).
       skip_ratio: schedule "skippipe" only: the share of stage visits the microbatches skip (the
         first and last stage are never skipped; `jpipe.schedules.skippipe`). Unset: its default.
+      expert_parallel: model family "moe" only: split the routed experts over the data axis
+        (expert parallelism borrowing the data-parallel devices): each stores and computes
+        num_experts / data experts, and tokens reach their experts and come back with all-to-alls.
+        The data axis must divide model.num_experts.
     """
 
     data: int = 2
@@ -165,6 +169,7 @@ class ParallelConfig:
     memory_limit: float | str | None = None
     search_time: float = 30.0
     skip_ratio: float | None = None
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("data", "stage", "tensor", "virtual", "microbatches"):

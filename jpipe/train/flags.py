@@ -37,6 +37,7 @@ SHORT_NAMES = {
     "parallel.memory_limit": "memory_limit",
     "parallel.search_time": "search_time",
     "parallel.skip_ratio": "skip_ratio",
+    "parallel.expert_parallel": "expert_parallel",
     "run.steps": "steps",
     "run.checkpoint_every": "checkpoint_every",
     "run.checkpoint_every_minutes": "checkpoint_every_minutes",

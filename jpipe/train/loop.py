@@ -47,7 +47,7 @@ from jpipe import schedules
 from jpipe.models.pipelined import PipelinedLM
 from jpipe.parallel import links
 from jpipe.parallel.mesh import DATA, STAGE, TENSOR, make_mesh
-from jpipe.parallel.rules import ShardingRules
+from jpipe.parallel.rules import DEFAULT_RULES, ShardingRules
 from jpipe.pipeline.costs import StageCosts
 from jpipe.pipeline.options import PipelinePlan
 from jpipe.train import auto
@@ -282,7 +282,9 @@ def build_train_step(
         config.model,
         schedule=schedule,
         mesh=mesh,
-        rules=ShardingRules(fsdp=parallel.fsdp),
+        rules=ShardingRules(
+            {**DEFAULT_RULES, "expert": DATA} if parallel.expert_parallel else DEFAULT_RULES, fsdp=parallel.fsdp
+        ),
         options=parallel.pipeline_options(),
     )
     microbatch = config.data.batch_size // parallel.microbatches

@@ -31,6 +31,8 @@ class TrainConfig:
         from jpipe.schedules import SCHEDULES, ScheduleError, build
 
         parallel = self.parallel
+        if parallel.schedule == AUTO and self.model.moe:
+            raise ConfigError("parallel.schedule: 'auto' does not measure model.family 'moe' yet; name a schedule")
         if parallel.schedule == AUTO:
             # The search starts from the named schedules that build for some virtual <= parallel.virtual.
             if not any(
@@ -59,6 +61,20 @@ class TrainConfig:
         if self.model.num_kv_heads is not None:
             split["model.num_kv_heads"] = self.model.num_kv_heads
         split["MLP hidden units (model.mlp_ratio x model.d_model)"] = self.model.d_ff
+        if self.model.moe:
+            split["expert hidden units (model.expert_d_ff, or model.mlp_ratio x model.d_model)"] = (
+                self.model.expert_width
+            )
+        if self.parallel.expert_parallel:
+            if not self.model.moe:
+                raise ConfigError(
+                    f"parallel.expert_parallel: only for model.family 'moe', got model.family {self.model.family!r}"
+                )
+            if self.model.num_experts % self.parallel.data:
+                raise ConfigError(
+                    f"parallel.expert_parallel: {self.parallel.data} data-parallel devices must divide "
+                    f"model.num_experts = {self.model.num_experts}"
+                )
         for name, size in split.items():
             if size % tensor:
                 raise ConfigError(f"parallel.tensor: {tensor} tensor-parallel devices must divide {name} = {size}")
