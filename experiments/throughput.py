@@ -186,20 +186,70 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) -> Result:
-    """Compile, warm up and time the training step of one schedule."""
+def rates(
+    tokens_per_step: int, step_seconds: float, flops_per_token: float, num_devices: int, peak: float | None
+) -> tuple[float, float, float | None]:
+    """(tokens/s, model FLOP/s per device, MFU or None without a peak) of a step of `tokens_per_step` tokens."""
+    tokens_per_second = tokens_per_step / step_seconds
+    flops_per_device = tokens_per_second * flops_per_token / num_devices
+    return tokens_per_second, flops_per_device, None if peak is None else flops_per_device / (peak * 1e12)
+
+
+def time_training_step(
+    pipe: Any, value_and_grad: Any, *, batch_size: int, steps: int, warmup: int, seed: int = 0
+) -> tuple[float, float, float]:
+    """(seconds per step, compile seconds, last loss) of the training step over `value_and_grad`.
+
+    `pipe` (a `PipelinedLM`) gives the mesh, the parameters and their shardings and the microbatch
+    count; `value_and_grad` is `(params, tokens, targets) -> (loss, grads)` on its parameters (its
+    own `value_and_grad()`, or another step on the same parameters). AdamW, jitted by
+    `jit_train_step` (parameters and optimizer state donated); random token ids created on the
+    devices once; compiled, `warmup` untimed steps, then `steps` timed back to back.
+    """
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jpipe import schedules
-    from jpipe.models import GPTConfig, PipelinedLM
-    from jpipe.parallel import DATA, ShardingRules, make_mesh
-    from jpipe.pipeline import PipelineOptions
+    from jpipe.parallel import DATA
     from jpipe.train.config import OptimizerConfig
     from jpipe.train.optimizer import make_optimizer
     from jpipe.train.step import jit_train_step, optimizer_shardings
+
+    mesh, microbatches, seq_len = pipe.mesh, pipe.schedule.num_microbatches, pipe.config.seq_len
+    optimizer = make_optimizer(OptimizerConfig(), warmup + steps)
+    param_shardings = pipe.shardings()
+    opt_shardings = optimizer_shardings(optimizer, pipe.abstract_params(), param_shardings, mesh)
+    step = jit_train_step(value_and_grad, optimizer, param_shardings, opt_shardings)
+    params = pipe.init(seed=seed)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+
+    shape = (microbatches, batch_size // microbatches, seq_len)
+    rng = np.random.default_rng(seed)
+    host = rng.integers(0, min(256, pipe.config.vocab_size), (2, *shape), dtype=np.int32)
+    batch_sharding = NamedSharding(mesh, P(None, DATA) if DATA in mesh.shape else P())
+    # From a callback, so each process supplies only its own devices' shards (multi-host safe).
+    tokens, targets = (jax.make_array_from_callback(shape, batch_sharding, lambda index, a=a: a[index]) for a in host)
+
+    began = time.perf_counter()
+    compiled = step.lower(params, opt_state, tokens, targets).compile()
+    compile_seconds = time.perf_counter() - began
+    for _ in range(warmup):
+        params, opt_state, loss, _ = compiled(params, opt_state, tokens, targets)
+    jax.block_until_ready((params, opt_state))
+    began = time.perf_counter()
+    for _ in range(steps):
+        params, opt_state, loss, _ = compiled(params, opt_state, tokens, targets)
+    jax.block_until_ready((params, opt_state, loss))
+    return (time.perf_counter() - began) / steps, compile_seconds, float(loss)
+
+
+def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) -> Result:
+    """Compile, warm up and time the training step of one schedule."""
+    from jpipe import schedules
+    from jpipe.models import GPTConfig, PipelinedLM
+    from jpipe.parallel import ShardingRules, make_mesh
+    from jpipe.pipeline import PipelineOptions
 
     virtual = args.virtual if args.virtual is not None else VIRTUAL.get(schedule_name, 1)
     config = GPTConfig(
@@ -226,38 +276,13 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
         pipe, options=dataclasses.replace(pipe.options, cost=pipe.stage_costs().cost(per="chunk"))
     )
     flops_per_token, matmul_params = model_flops_per_token(config, pipe.abstract_params())
-    optimizer = make_optimizer(OptimizerConfig(), args.warmup + args.steps)
-    param_shardings = pipe.shardings()
-    opt_shardings = optimizer_shardings(optimizer, pipe.abstract_params(), param_shardings, mesh)
-    step = jit_train_step(pipe.value_and_grad(), optimizer, param_shardings, opt_shardings)
-    params = pipe.init(seed=args.seed)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-
-    per_microbatch = args.batch_size // args.microbatches
-    shape = (args.microbatches, per_microbatch, args.seq_len)
-    rng = np.random.default_rng(args.seed)
-    host = rng.integers(0, 256, (2, *shape), dtype=np.int32)
-    batch_sharding = NamedSharding(mesh, P(None, DATA))
-    # From a callback, so each process supplies only its own devices' shards (multi-host safe).
-    tokens, targets = (jax.make_array_from_callback(shape, batch_sharding, lambda index, a=a: a[index]) for a in host)
-
-    began = time.perf_counter()
-    compiled = step.lower(params, opt_state, tokens, targets).compile()
-    compile_seconds = time.perf_counter() - began
-    for _ in range(args.warmup):
-        params, opt_state, loss, _ = compiled(params, opt_state, tokens, targets)
-    jax.block_until_ready((params, opt_state))
-    began = time.perf_counter()
-    for _ in range(args.steps):
-        params, opt_state, loss, _ = compiled(params, opt_state, tokens, targets)
-    jax.block_until_ready((params, opt_state, loss))
-    elapsed = time.perf_counter() - began
-
-    step_seconds = elapsed / args.steps
-    tokens_per_second = args.batch_size * args.seq_len / step_seconds
+    step_seconds, compile_seconds, loss = time_training_step(
+        pipe, pipe.value_and_grad(), batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, seed=args.seed
+    )
     num_devices = args.data * args.stages * args.tensor
-    flops_per_device = tokens_per_second * flops_per_token / num_devices
-    mfu = None if peak is None else flops_per_device / (peak * 1e12)
+    tokens_per_second, flops_per_device, mfu = rates(
+        args.batch_size * args.seq_len, step_seconds, flops_per_token, num_devices, peak
+    )
     return Result(
         schedule=schedule_name,
         virtual=virtual,
@@ -271,7 +296,7 @@ def measure(args: argparse.Namespace, schedule_name: str, peak: float | None) ->
         compile_seconds=compile_seconds,
         tflops_per_device=flops_per_device / 1e12,
         mfu=mfu,
-        loss=float(loss),
+        loss=loss,
     )
 
 

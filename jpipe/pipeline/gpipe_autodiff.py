@@ -116,9 +116,15 @@ def gpipe_autodiff(
     def to_device(tree):
         return placement.split_devices(placement.to_device_order(tree, mesh))
 
+    by_device = jax.sharding.NamedSharding(mesh, P(axis))
+    explicit = dict(zip(mesh.axis_names, mesh.axis_types))[axis] == jax.sharding.AxisType.Explicit
+
+    def place(a):
+        # reshard needs an Explicit axis; on Auto axes (jpipe.parallel.make_mesh) a sharding constraint does it.
+        return jax.sharding.reshard(a, by_device) if explicit else lax.with_sharding_constraint(a, by_device)
+
     def loss_of(stage_params, loss_params, inputs, targets):
-        local = to_device(stage_params)
-        local = jax.tree.map(lambda a: jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P(axis))), local)
+        local = jax.tree.map(place, to_device(stage_params))
         return mapped(local, loss_params, inputs, targets)
 
     # Gradients come back in logical stage order through autodiff of `to_device`.
