@@ -88,6 +88,34 @@ def test_throughput(tmp_path, cache):
     assert record["backend"] == "cpu"
 
 
+def test_hardware_bench(tmp_path, cache):
+    args = ["--quick", "--steps", "1", "--repeats", "1"]  # 1f1b, DP + FSDP, AD-GPipe, one device: 4 fake CPUs
+    result = run_experiment("hardware_bench.py", *args, "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "hardware_bench.md").read_text()
+    assert table in result.stdout
+    record = json.loads((tmp_path / "hardware_bench.json").read_text())
+    assert record["backend"] == "cpu" and record["devices"] == 4 and record["peak_tflops"] is None
+    versions = record["versions"]
+    assert f"4 x cpu (cpu, 1 process(es)); jax {versions['jax']}, jaxlib {versions['jaxlib']}" in table
+    rows = {row["name"]: row for row in record["results"]}
+    assert list(rows) == ["1f1b", "dp+fsdp (no pipeline)", "ad_gpipe (baseline)", "single device"]
+    for row in rows.values():
+        assert row["step_seconds"] > 0 and row["predicted_seconds"] > 0 and row["tokens_per_second"] > 0
+        assert row["mfu"] is None and math.isfinite(row["loss"])
+    assert "| 1f1b | 1 | 2 x 2 x 1 | 2 | 8 |" in table
+    assert "| dp+fsdp (no pipeline) | 1 | 4 x 1 x 1 | 1 | 8 |" in table  # same 2 sequences per device-microbatch
+    assert "| ad_gpipe (baseline) | 1 | 2 x 2 x 1 | 2 | 8 | no |" in table
+    assert "| single device | 1 | 1 x 1 x 1 | 2 | 4 |" in table
+    # Same model, initialisation and batch: the three multi-device steps train the same loss.
+    losses = [rows[name]["loss"] for name in ("1f1b", "dp+fsdp (no pipeline)", "ad_gpipe (baseline)")]
+    assert max(losses) - min(losses) < 1e-4 * abs(losses[0])
+    # One-device calibration: every stage timed (2 layers per pipeline stage, 4 unpipelined), F, B, I, W > 0.
+    calibration = {(c["stage_layers"], c["sequences"]): c["seconds"] for c in record["calibration"]}
+    assert set(calibration) == {(2, 2), (4, 2)}
+    assert all(seconds[op] > 0 for seconds in calibration.values() for op in "fbiw")
+    assert rows["1f1b"]["stage_layers"] == 2 and rows["single device"]["stage_layers"] == 4
+
+
 def test_throughput_flops_and_peaks():
     sys.path.insert(0, str(EXPERIMENTS))
     try:
