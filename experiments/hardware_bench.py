@@ -248,6 +248,20 @@ class Bench:
         self.config = model_config(args)
         self.calibration: dict[tuple[int, int], Any] = {}  # (layers per stage, sequences) -> StageCosts
         self.matmul_params = 0
+        self.model_params = None  # model layout, from the first row's init: every row starts from them
+
+    def params(self, pipe):
+        """The model's parameters (one initialisation for all rows) in `pipe`'s layout and placement."""
+        import jax
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        if self.model_params is None:
+            params = pipe.init(seed=self.args.seed)
+            self.model_params = jax.jit(pipe.to_model)(params)
+            return params
+        # Through a replicated copy: the rows' meshes may order (or hold) the devices differently.
+        return pipe.place(jax.device_put(self.model_params, NamedSharding(pipe.mesh, P())))
 
     def pipe(self, schedule_name: str, data: int, stages: int, tensor: int, microbatches: int, fsdp: bool, devices):
         from jpipe import schedules
@@ -305,7 +319,7 @@ class Bench:
             value_and_grad = pipe.value_and_grad()
             split, overlap = value_and_grad.plan.split, value_and_grad.plan.overlap
         step_seconds, compile_seconds, loss = throughput.time_training_step(
-            pipe, value_and_grad, batch_size=batch_size, steps=args.steps, warmup=args.warmup, seed=args.seed
+            pipe, value_and_grad, batch_size=batch_size, steps=args.steps, warmup=args.warmup, params=self.params(pipe)
         )
         simulation = schedules.simulate(
             pipe.schedule, cost, "lockstep", split_backward=split, send_latency=1 if overlap else 0

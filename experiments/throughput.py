@@ -196,7 +196,7 @@ def rates(
 
 
 def time_training_step(
-    pipe: Any, value_and_grad: Any, *, batch_size: int, steps: int, warmup: int, seed: int = 0
+    pipe: Any, value_and_grad: Any, *, batch_size: int, steps: int, warmup: int, seed: int = 0, params: Any = None
 ) -> tuple[float, float, float]:
     """(seconds per step, compile seconds, last loss) of the training step over `value_and_grad`.
 
@@ -204,7 +204,8 @@ def time_training_step(
     count; `value_and_grad` is `(params, tokens, targets) -> (loss, grads)` on its parameters (its
     own `value_and_grad()`, or another step on the same parameters). AdamW, jitted by
     `jit_train_step` (parameters and optimizer state donated); random token ids created on the
-    devices once; compiled, `warmup` untimed steps, then `steps` timed back to back.
+    devices once; compiled, `warmup` untimed steps, then `steps` timed back to back. `params`:
+    pipeline-layout parameters placed with `pipe.shardings()` (donated), default `pipe.init(seed)`.
     """
     import jax
     import numpy as np
@@ -221,7 +222,7 @@ def time_training_step(
     param_shardings = pipe.shardings()
     opt_shardings = optimizer_shardings(optimizer, pipe.abstract_params(), param_shardings, mesh)
     step = jit_train_step(value_and_grad, optimizer, param_shardings, opt_shardings)
-    params = pipe.init(seed=seed)
+    params = pipe.init(seed=seed) if params is None else params
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
     shape = (microbatches, batch_size // microbatches, seq_len)
