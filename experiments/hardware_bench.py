@@ -15,7 +15,8 @@ state donated, random token ids on the devices) for:
   through a `lax.scan` of ticks, the MaxText/Praxis way) on the same mesh, microbatches and
   parameters as the pipeline rows, embedding and head outside the scan;
 - "single device": the whole model on one device (stage 1, data 1) with the pipeline's microbatch
-  count and sequences per microbatch on a device (skip with `--no-single`, e.g. when it does not fit).
+  count and sequences per microbatch on a device (`--no-single` skips it where it does not fit; on
+  one device it always runs).
 
 Beside each measured step time it prints the simulator's prediction, calibrated on one device:
 `jpipe.measure_costs(..., time=True)` times F, B, I and W of the real stage (the row's largest
@@ -415,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(bench.run("dp+fsdp (no pipeline)", "dp+fsdp", pipe, args.batch_size, sequences))
         pipe = bench.pipe("gpipe", args.data, args.stages, args.tensor, args.microbatches, args.fsdp, used)
         rows.append(bench.run("ad_gpipe (baseline)", "ad_gpipe", pipe, args.batch_size, sequences))
-    if not args.no_single and jax.process_count() == 1:
+    if (not multi or not args.no_single) and jax.process_count() == 1:  # one device: always
         pipe = bench.pipe("1f1b", 1, 1, 1, args.microbatches, False, devices[:1])
         rows.append(bench.run("single device", "single", pipe, args.microbatches * sequences, sequences))
 
