@@ -62,3 +62,22 @@ def test_one_tick_latency_costs_only_the_longer_fill_for_zbv_and_zb_h1(name, vir
 def test_send_latency_must_be_zero_or_one():
     with pytest.raises(ScheduleError, match="send_latency must be 0 or 1, got 2"):
         build("1f1b", 2, 4, send_latency=2)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb_h1", "zbv", "interleaved_1f1b"])
+def test_a_streams_memory_limit_keeps_the_named_order_unless_two_streams_fit(name):
+    free = build(name, 4, 8, send_latency=1)
+    assert free.name == f"{name}[2 streams]"  # faster with the extra tick of latency...
+    assert max(peak_activations(free)) > 1.25 * max(peak_activations(build(name, 4, 8)))  # ...at a memory cost
+    assert build(name, 4, 8, send_latency=1, streams_memory_limit=1.25).name == name
+    assert build(name, 4, 8, send_latency=1, streams_memory_limit=3.0).name == f"{name}[2 streams]"
+    with pytest.raises(ScheduleError, match="streams_memory_limit"):
+        build(name, 4, 8, send_latency=1, streams_memory_limit=0)
+
+
+def test_training_builds_hidden_sends_within_its_two_stream_memory():
+    from jpipe.train.config import ConfigError, ParallelConfig
+
+    assert ParallelConfig().two_stream_memory == 1.25
+    with pytest.raises(ConfigError, match="two_stream_memory"):
+        ParallelConfig(two_stream_memory=0)

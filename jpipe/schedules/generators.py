@@ -114,6 +114,7 @@ def build(
     virtual: int | None = None,
     *,
     send_latency: int = 0,
+    streams_memory_limit: float | None = None,
     **options,
 ) -> Schedule:
     """Build the schedule registered under `name`.
@@ -130,6 +131,10 @@ def build(
         faster, in the lockstep simulation with that latency at unit costs, of the named order and
         its two-stream version (`jpipe.schedules.streams.two_streams`: two half batches interleaved
         tick by tick; about twice the peak activations), named `<name>[2 streams]` when chosen.
+      streams_memory_limit: with `send_latency=1`, take the two-stream order only when its peak
+        activations (`jpipe.schedules.peak_activations`, device max) are at most this multiple of
+        the named order's; None (default): no limit. The training command passes its
+        `parallel.two_stream_memory` (1.25 unless set), so hidden sends never double its memory.
       **options: keyword options of the generator (e.g. skippipe's `skip_ratio`, `memory_cap`,
         `seed`); the plain schedules take none.
 
@@ -157,14 +162,25 @@ def build(
     if schedule.name != name:
         schedule = dataclasses.replace(schedule, name=name)
     validate(schedule)
+    if streams_memory_limit is not None and (
+        isinstance(streams_memory_limit, bool)
+        or not isinstance(streams_memory_limit, (int, float))
+        or not streams_memory_limit > 0
+    ):
+        raise ScheduleError(f"streams_memory_limit must be a number > 0, got {streams_memory_limit!r}")
     if send_latency and not schedule.has_composites:  # two_streams re-times single actions only
-        schedule = _for_send_latency(schedule, name, num_devices, num_microbatches, virtual, options)
+        schedule = _for_send_latency(
+            schedule, name, num_devices, num_microbatches, virtual, options, streams_memory_limit
+        )
     return schedule
 
 
-def _for_send_latency(schedule: Schedule, name: str, p: int, m: int, virtual: int, options: dict) -> Schedule:
-    """`schedule` or its two-stream version, whichever packs into less time with a one-tick latency."""
-    from jpipe.schedules.simulate import simulate  # simulate imports nothing from here; avoid a cycle
+def _for_send_latency(
+    schedule: Schedule, name: str, p: int, m: int, virtual: int, options: dict, memory_limit: float | None = None
+) -> Schedule:
+    """`schedule` or its two-stream version, whichever packs into less time with a one-tick latency
+    (the two-stream version only within `memory_limit` x the schedule's peak activations)."""
+    from jpipe.schedules.simulate import peak_activations, simulate  # no import cycle: simulate needs nothing here
     from jpipe.schedules.streams import two_streams
 
     try:
@@ -172,6 +188,8 @@ def _for_send_latency(schedule: Schedule, name: str, p: int, m: int, virtual: in
     except ScheduleError:
         return schedule  # a half batch the schedule does not support (e.g. dualpipev below 2p)
     validate(streamed)
+    if memory_limit is not None and max(peak_activations(streamed)) > memory_limit * max(peak_activations(schedule)):
+        return schedule
     plain = simulate(schedule, mode="lockstep", send_latency=1).makespan
     return streamed if simulate(streamed, mode="lockstep", send_latency=1).makespan < plain else schedule
 

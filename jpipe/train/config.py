@@ -135,6 +135,11 @@ class ParallelConfig:
         behind it, one more tick of latency): true, false, or "auto" (on when the lockstep
         simulator finds it no slower under the measured stage costs, whose send time is 0 unless
         measured, so "auto" is off).
+      two_stream_memory: with overlap_sends true, the schedule may be built as its two-stream order
+        (two half batches interleaved: shorter with the extra tick of send latency, about twice the
+        stashed activations) only when its simulated peak activations are at most this multiple of
+        the named order's. Default 1.25: the named order, so hidden sends cost no memory; e.g. 2.5
+        trades the memory for the latency.
       recompute: with remat "full", run each forward's recomputation as an op of its own (R) right
         before its backward, which then no longer carries it (`jpipe.schedules.recompute`); the
         rebuilt residuals (remat "none"'s, for the whole stage) live from R to the weight gradient.
@@ -164,6 +169,7 @@ class ParallelConfig:
     remat: str = "none"
     split_backward: bool | str = "auto"
     overlap_sends: bool | str = "auto"
+    two_stream_memory: float = 1.25
     balance_ticks: bool | str = False
     recompute: bool = False
     memory_limit: float | str | None = None
@@ -197,6 +203,12 @@ class ParallelConfig:
         _require(
             self.overlap_sends in (True, False, "auto"),
             f"parallel.overlap_sends: expected true, false or 'auto', got {self.overlap_sends!r}",
+        )
+        _require(
+            isinstance(self.two_stream_memory, (int, float))
+            and not isinstance(self.two_stream_memory, bool)
+            and self.two_stream_memory > 0,
+            f"parallel.two_stream_memory: expected a number > 0, got {self.two_stream_memory!r}",
         )
         _require(
             self.recompute in (True, False),

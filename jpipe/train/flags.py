@@ -32,6 +32,7 @@ SHORT_NAMES = {
     "parallel.fsdp": "fsdp",
     "parallel.split_backward": "split_backward",
     "parallel.overlap_sends": "overlap_sends",
+    "parallel.two_stream_memory": "two_stream_memory",
     "parallel.balance_ticks": "balance_ticks",
     "parallel.recompute": "recompute",
     "parallel.memory_limit": "memory_limit",

@@ -269,13 +269,15 @@ def build_train_step(
     elif schedule is None:
         schedule = csv_schedule(parallel)  # None unless --schedule names a CSV file
     if schedule is None:
-        # Sends hidden on request: an order built for the extra tick they take (two half-batch streams).
+        # Sends hidden on request: the two-stream order makes up the extra tick they take, where its
+        # memory stays within parallel.two_stream_memory of the named order's.
         schedule = schedules.build(
             parallel.schedule,
             parallel.stage,
             parallel.microbatches,
             parallel.virtual,
             send_latency=auto.send_latency(config),
+            streams_memory_limit=parallel.two_stream_memory,
             **parallel.schedule_options,
         )
     pipe = PipelinedLM(
