@@ -30,7 +30,7 @@ if [ "$lock" != none ]; then
   wanted="$lock $("$python" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$lock")"
 fi
 if [ ! -x "$venv/bin/python" ] || [ ! -x "$venv/bin/jpipe" ] \
-  || ! "$venv/bin/python" -c "import jpipe, pytest, hypothesis, nbclient, libtpu, tokenizers" 2>/dev/null \
+  || ! "$venv/bin/python" -c "import jpipe, pytest, xdist, hypothesis, nbclient, libtpu, tokenizers" 2>/dev/null \
   || [ "$(cat "$venv/jpipe-lock.txt" 2>/dev/null)" != "$wanted" ]; then
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
