@@ -12,9 +12,9 @@ A chunk's activations live from its F to its W: its *lifespan*. A device then ho
 `(lifespan of chunk 0 + lifespan of chunk 1) / PERIOD` chunk activations at its peak, so the
 block's shape sets the memory:
   - V-Min (`v_min`): lifespans add up to about 4p slots, peak about p/3 microbatches of a full
-    device stage (1F1B holds p), at a bubble about 2/3 of 1F1B's (F = I = W).
-  - V-Half (`v_half`): lifespans add up to about 6p slots, peak about p/2, at a bubble about 1/2
-    of 1F1B's.
+    device stage (1F1B holds p); simulated bubble 0.67-0.80 of 1F1B's (F = I = W, m >= 2p, p = 4, 8).
+  - V-Half (`v_half`): lifespans add up to about 6p slots, peak about p/2; simulated bubble
+    0.64-0.73 of 1F1B's (the authors' 1/2 needs their reordering pass, not built here).
 The authors' peaks (their sail-sg/zero-bubble-pipeline-parallelism README and paper, in
 microbatches x full device stage, freed at W, the weight gradient's inputs included): V-Min
 `(p + 4) // 3` and V-Half `(p + 2) // 2` (`authors_peak`).
@@ -112,8 +112,8 @@ def v_min(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule
     """V-Min (Qi et al. 2024), V placement, B split into I + W: about 1/3 of 1F1B's activations.
 
     The block of `v_min_block` repeated every 6 slots (module doc). Peak `(p + 4) // 3`
-    microbatches x full device stage for m large (1F1B: p); bubble about 2/3 of 1F1B's when
-    F = I = W.
+    microbatches x full device stage for m large (1F1B: p); simulated bubble 0.67-0.80 of 1F1B's
+    when F = I = W, m >= 2p (p = 4, 8; `tests/test_controllable.py`).
     """
     _require_virtual("v_min", virtual, 2)
     return from_block("v_min", v_min_block(num_devices), num_microbatches)
@@ -124,8 +124,8 @@ def v_half(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedul
     """V-Half (Qi et al. 2024), V placement, B split into I + W: about 1/2 of 1F1B's activations.
 
     The block of `v_half_block` repeated every 6 slots (module doc). Peak `(p + 2) // 2`
-    microbatches x full device stage for m large (1F1B: p); bubble about 1/2 of 1F1B's when
-    F = I = W.
+    microbatches x full device stage for m large (1F1B: p); simulated bubble 0.64-0.73 of 1F1B's
+    when F = I = W, m >= 2p (p = 4, 8; the authors' 1/2 comes after a reordering pass not built here).
     """
     _require_virtual("v_half", virtual, 2)
     return from_block("v_half", v_half_block(num_devices), num_microbatches)
