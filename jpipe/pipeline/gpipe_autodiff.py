@@ -116,16 +116,18 @@ def gpipe_autodiff(
     def to_device(tree):
         return placement.split_devices(placement.to_device_order(tree, mesh))
 
-    by_device = jax.sharding.NamedSharding(mesh, P(axis))
-    explicit = dict(zip(mesh.axis_names, mesh.axis_types))[axis] == jax.sharding.AxisType.Explicit
-
-    def place(a):
-        # reshard needs an Explicit axis; on Auto axes (jpipe.parallel.make_mesh) a sharding constraint does it.
-        return jax.sharding.reshard(a, by_device) if explicit else lax.with_sharding_constraint(a, by_device)
-
     def loss_of(stage_params, loss_params, inputs, targets):
-        local = jax.tree.map(place, to_device(stage_params))
+        local = jax.tree.map(_split_over(mesh, axis), to_device(stage_params))
         return mapped(local, loss_params, inputs, targets)
 
     # Gradients come back in logical stage order through autodiff of `to_device`.
     return jax.value_and_grad(loss_of, argnums=(0, 1, 2))
+
+
+def _split_over(mesh: jax.sharding.Mesh, axis: str):
+    """`a -> a` sharded on its leading axis over `axis`: `reshard` on an Explicit axis, a sharding
+    constraint on an Auto one (`jpipe.parallel.make_mesh`'s meshes), where `reshard` is refused."""
+    by_device = jax.sharding.NamedSharding(mesh, P(axis))
+    if dict(zip(mesh.axis_names, mesh.axis_types))[axis] == jax.sharding.AxisType.Explicit:
+        return lambda a: jax.sharding.reshard(a, by_device)
+    return lambda a: lax.with_sharding_constraint(a, by_device)
