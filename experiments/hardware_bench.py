@@ -212,7 +212,6 @@ def ad_gpipe_value_and_grad(pipe: Any) -> Callable:
     the scan at the last device, as the executor's loss does.
     """
     import jax
-    import jax.numpy as jnp
 
     from jpipe.pipeline.gpipe_autodiff import gpipe_autodiff
 
@@ -231,12 +230,8 @@ def ad_gpipe_value_and_grad(pipe: Any) -> Callable:
         x, embed_vjp = jax.vjp(lambda first: jax.vmap(lambda t: prologue(first, t))(tokens), first)
         loss, (stage_grads, loss_grads, x_grads) = step_of(stage_params, last, x, targets)
         (first_grads,) = embed_vjp(x_grads)
-        grads = [None] * len(leaves)
-        for i, g in [*zip(picked["prologue"], first_grads), *zip(picked["loss"], loss_grads)]:
-            grads[i] = g if grads[i] is None else grads[i] + g
-        grads = [jnp.zeros_like(a) if g is None else g for a, g in zip(leaves, grads)]
-        block_grads = stage_grads["layer"] if adapter.layout.padded else stage_grads
-        return loss, jax.lax.with_sharding_constraint(adapter._merge(block_grads, grads, treedef), shardings)
+        grads = adapter._gradients(picked, leaves, treedef, stage_grads, loss_grads, first_grads)
+        return loss, jax.lax.with_sharding_constraint(grads, shardings)
 
     return step
 

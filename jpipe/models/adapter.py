@@ -430,16 +430,25 @@ class PipelinedModel:
                 params, inputs, targets, picked
             )
             loss, (stage_grads, loss_grads, first_grads) = pipelined(stage_params, last, inputs, targets, first)
-            grads = [None] * len(leaves)
-            # A leaf both ends read (tied embeddings): the two contributions meet once per step.
-            for i, g in [*zip(picked["prologue"], first_grads), *zip(picked["loss"], loss_grads)]:
-                grads[i] = g if grads[i] is None else grads[i] + g
-            grads = [jnp.zeros_like(a) if g is None else g for a, g in zip(leaves, grads)]
-            block_grads = stage_grads["layer"] if self.layout.padded else stage_grads
-            return loss, jax.lax.with_sharding_constraint(self._merge(block_grads, grads, treedef), shardings)
+            grads = self._gradients(picked, leaves, treedef, stage_grads, loss_grads, first_grads)
+            return loss, jax.lax.with_sharding_constraint(grads, shardings)
 
         step.program, step.plan = pipelined.program, pipelined.plan
         return step
+
+    def _gradients(self, picked, leaves, treedef, stage_grads, loss_grads, first_grads) -> PyTree:
+        """The model's gradient tree from a pipelined step's stage, loss and prologue gradients.
+
+        `picked`, `leaves`, `treedef` are what `_pipeline_functions` and `_arguments` gave; a leaf
+        neither end reads gets zeros.
+        """
+        grads = [None] * len(leaves)
+        # A leaf both ends read (tied embeddings): the two contributions meet once per step.
+        for i, g in [*zip(picked["prologue"], first_grads), *zip(picked["loss"], loss_grads)]:
+            grads[i] = g if grads[i] is None else grads[i] + g
+        grads = [jnp.zeros_like(a) if g is None else g for a, g in zip(leaves, grads)]
+        block_grads = stage_grads["layer"] if self.layout.padded else stage_grads
+        return self._merge(block_grads, grads, treedef)
 
     def evaluate(self, schedule: Schedule | None = None) -> Callable:
         """`loss_of(params, inputs, targets) -> mean loss`, forwards only (`jpipe.forward_loss`).
