@@ -403,22 +403,58 @@ def train(
     signal. All processes stop after the same step (`jpipe.train.preemption.StepDecider`), which also
     saves every `run.checkpoint_every_minutes`.
     """
-    stream = sys.stdout if stream is None else stream
+    run = _open_run(config, resume, sys.stdout if stream is None else stream)
+    data = open_datasets(config.data, config.model.vocab_size, cache_dir())
+    checkpointer = Checkpointer(run.out / "checkpoints", keep=config.run.keep_checkpoints, async_save=True)
+    start, params, opt_state = _initial_state(run, checkpointer, resume, init_from)
+    loop = _StepLoop(run, checkpointer, start, resume, signals)
+    try:
+        stopped_by = loop.steps(data, params, opt_state)
+    finally:
+        loop.close()
+    losses = tuple(loop.losses)
+    if stopped_by is not None:
+        loop.progress.message(
+            f"preempted at step {start + len(losses)}; saved; resume with --resume "
+            f"({stopped_by.name}: exit status {exit_status(stopped_by)})"
+        )
+        return RunSummary(run.out, start + 1, start + len(losses), losses, loop.final_eval, stopped_by)
+    if run.lead:
+        title = f"{run.built.pipe.schedule.name}, {run.out.name}"
+        plot_loss_curve(read_metrics(run.out / "metrics.jsonl"), run.out / "loss.png", title=title)
+    final = losses[-1] if losses else float("nan")
+    loop.progress.message(f"done: {len(losses)} steps, final loss {final:.4f}; wrote {run.out}")
+    return RunSummary(run.out, start + 1, start + len(losses), losses, loop.final_eval)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """A run's fixed parts: its configuration, output folder, built step, and where it reports.
+
+    In a multi-process run every process trains; process 0 (`lead`) alone writes files and prints
+    (the others' `stream` is a discarded buffer).
+    """
+
+    config: TrainConfig
+    out: pathlib.Path
+    lead: bool
+    stream: IO[str]
+    built: TrainStep
+
+
+def _open_run(config: TrainConfig, resume: bool, stream: IO[str]) -> _Run:
+    """Make the output folder, build the training step and write what describes the run."""
     out = pathlib.Path(config.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    # In a multi-process run every process trains; process 0 alone writes files and prints.
     lead = jax.process_index() == 0
     if not lead:
         stream = io.StringIO()
     if lead:
         (out / "config.json").write_text(json.dumps(as_dict(config), indent=2, default=str) + "\n")
-    parallel = config.parallel
-
-    mesh = training_mesh(parallel)
+    mesh = training_mesh(config.parallel)
     # A resumed "auto" run trains with the schedule it searched before.
     searched = auto.saved_schedule(out, config, stream) if resume else None
     built = build_train_step(config, mesh, schedule=searched, stream=stream)
-    pipe = built.pipe
     chart = describe(config, built, stream, show_chart=built.search is None)
     if lead:
         if built.search is not None:
@@ -426,63 +462,165 @@ def train(
             stream.write(f"wrote the searched schedule to {out / auto.SCHEDULE_CSV}\n")
         (out / "schedule.txt").write_text(chart + "\n")
         schedules.plot(built.lockstep, out / "schedule.png")
+    return _Run(config, out, lead, stream, built)
 
-    train_data, eval_data = open_datasets(config.data, config.model.vocab_size, cache_dir())
 
-    total_steps = config.run.steps
-    learning_rate, train_step, eval_loss = built.learning_rate, built.step, built.eval_loss
-    params_structure = jax.tree.structure(pipe.abstract_params())
+def _initial_state(
+    run: _Run, checkpointer: Checkpointer, resume: bool, init_from: InitSource | None
+) -> tuple[int, PyTree, PyTree]:
+    """`(step, params, opt_state)` to start from: the newest checkpoint when resuming, else a new state.
 
-    checkpointer = Checkpointer(out / "checkpoints", keep=config.run.keep_checkpoints, async_save=True)
-    start = 0
-    if resume and checkpointer.latest_step() is not None:
-        start, params, opt_state = _restore(checkpointer, built, stream)
-        _report_skipped(checkpointer, start, stream)
-        if start > total_steps:
+    Raises (closing `checkpointer`) when a resume would start after the last step, or when a new run's
+    folder already holds checkpoints.
+    """
+    latest, total = checkpointer.latest_step(), run.config.run.steps
+    if resume and latest is not None:
+        start, params, opt_state = _restore(checkpointer, run.built, run.stream)
+        _report_skipped(checkpointer, start, run.stream)
+        if start > total:
             checkpointer.close()
             raise ConfigError(
-                f"run.steps: the run in {out} resumes from its checkpoint at step {start}, after its last step "
-                f"{total_steps}; pass --steps {start} or more"
+                f"run.steps: the run in {run.out} resumes from its checkpoint at step {start}, after its last step "
+                f"{total}; pass --steps {start} or more"
             )
-    elif checkpointer.latest_step() is not None:
+        return start, params, opt_state
+    if latest is not None:
         checkpointer.close()
         raise FileExistsError(
-            f"{out / 'checkpoints'} already holds checkpoints (latest step {checkpointer.latest_step()}); "
+            f"{run.out / 'checkpoints'} already holds checkpoints (latest step {latest}); "
             "pass --resume to continue that run, or choose another --out"
         )
-    else:
-        if resume:
-            stream.write("resume: no checkpoint yet; starting from step 0\n")
-            _report_skipped(checkpointer, 0, stream)
-        params, opt_state = built.init_state(config.run.seed)
-        if init_from is not None:
-            params = _weights_from(init_from, built, stream)
+    if resume:
+        run.stream.write("resume: no checkpoint yet; starting from step 0\n")
+        _report_skipped(checkpointer, 0, run.stream)
+    params, opt_state = run.built.init_state(run.config.run.seed)
+    if init_from is not None:
+        params = _weights_from(init_from, run.built, run.stream)
+    return 0, params, opt_state
 
-    metrics_path = out / "metrics.jsonl" if lead else out / f".metrics.process{jax.process_index()}.jsonl"
-    metrics = MetricsWriter(metrics_path, resume_from_step=start + 1 if resume else None, events=out if lead else None)
-    if lead:
-        stream.write(f"metrics: {out / 'metrics.jsonl'}, and TensorBoard event files (tensorboard --logdir {out})\n")
-    progress = Progress(total_steps, stream)
-    # Each process traces its own host; on one machine, processes other than 0 write beside process 0.
-    profiler = StepProfiler(
-        config.run.profile_range, out / ("profile" if lead else f"profile-process{jax.process_index()}"), progress
-    )
-    if profiler.steps is not None and profiler.steps[1] <= start:
-        progress.message(f"profile: steps {config.run.profile_steps} were run before step {start + 1}; no trace")
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    losses: list[float] = []
-    final_eval: float | None = None
-    decider = StepDecider(signals, config.run.checkpoint_every_minutes, processes=jax.process_count(), lead=lead)
-    stopped_by: signal.Signals | None = None
 
-    # One compiled program for the layout change: with several processes, a string of eager ops on
-    # arrays spanning them can deadlock between the processes' collectives.
-    to_model_state = jax.jit(
-        lambda params, opt_state: (pipe.to_model(params), map_params_like(pipe.to_model, opt_state, params_structure))
-    )
+class _StepLoop:
+    """The steps of a run after `start`: train, log, evaluate, profile, save, and stop when asked.
 
-    def save(step: int) -> None:
-        model_params, model_opt_state = to_model_state(params, opt_state)
+    `steps` runs them and returns the signal that stopped the run early (None when it ran to its last
+    step or to `--stop-at-step`); `losses` and `final_eval` hold what it measured; `close` stops the
+    profiler and closes the metrics writers and the checkpointer (waiting for the last save).
+    """
+
+    def __init__(self, run: _Run, checkpointer: Checkpointer, start: int, resume: bool, signals: SignalWatch | None):
+        config, out, lead, process = run.config, run.out, run.lead, jax.process_index()
+        self.run, self.checkpointer, self.start, self.signals = run, checkpointer, start, signals
+        metrics_path = out / "metrics.jsonl" if lead else out / f".metrics.process{process}.jsonl"
+        self.metrics = MetricsWriter(
+            metrics_path, resume_from_step=start + 1 if resume else None, events=out if lead else None
+        )
+        if lead:
+            run.stream.write(
+                f"metrics: {out / 'metrics.jsonl'}, and TensorBoard event files (tensorboard --logdir {out})\n"
+            )
+        self.progress = Progress(config.run.steps, run.stream)
+        # Each process traces its own host; on one machine, processes other than 0 write beside process 0.
+        trace_dir = out / ("profile" if lead else f"profile-process{process}")
+        self.profiler = StepProfiler(config.run.profile_range, trace_dir, self.progress)
+        if self.profiler.steps is not None and self.profiler.steps[1] <= start:
+            self.progress.message(
+                f"profile: steps {config.run.profile_steps} were run before step {start + 1}; no trace"
+            )
+        self.decider = StepDecider(
+            signals, config.run.checkpoint_every_minutes, processes=jax.process_count(), lead=lead
+        )
+        self.losses: list[float] = []
+        self.final_eval: float | None = None
+        pipe = run.built.pipe
+        structure = jax.tree.structure(pipe.abstract_params())
+        # One compiled program for the layout change: with several processes, a string of eager ops on
+        # arrays spanning them can deadlock between the processes' collectives.
+        self._to_model_state = jax.jit(
+            lambda params, opt_state: (pipe.to_model(params), map_params_like(pipe.to_model, opt_state, structure))
+        )
+
+    def steps(
+        self, data: tuple[TokenDataset, TokenDataset], params: PyTree, opt_state: PyTree
+    ) -> signal.Signals | None:
+        """Run steps `start + 1 ..` (see the class); `data` is `(train, eval)`."""
+        run_config = self.run.config.run
+        for step in range(self.start + 1, run_config.steps + 1):
+            params, opt_state, record = self._train(data[0], step, params, opt_state)
+            if step % run_config.eval_every == 0 or step == run_config.steps:
+                self.final_eval = _evaluate(
+                    self.run.built.eval_loss, params, data[1], self.run.config, self.run.built.batch_sharding
+                )
+                record["eval_loss"] = self.final_eval
+            self.metrics.write(record)
+            if step % run_config.log_every == 0 or step == run_config.steps:
+                extra = f"  eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                self.progress.update(step, record["loss"], record["tokens_per_second"], record["step_seconds"], extra)
+            self.profiler.after(step, (params, opt_state))
+            fire_test_signal("after-step", step, self.signals, jax.process_index())
+            stop, stopped_by = self._save_or_stop(step, params, opt_state)
+            if stop:
+                return stopped_by
+        return None
+
+    def _train(
+        self, dataset: TokenDataset, step: int, params: PyTree, opt_state: PyTree
+    ) -> tuple[PyTree, PyTree, dict]:
+        """One training step -> `(params, opt_state, metrics record)`; a non-finite loss stops the run."""
+        config, built = self.run.config, self.run.built
+        tokens, targets = _microbatches(
+            dataset,
+            config.data.seed,
+            step - 1,
+            config.data.batch_size,
+            config.parallel.microbatches,
+            built.batch_sharding,
+        )
+        self.profiler.before(step)
+        began = time.perf_counter()
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            params, opt_state, loss, grad_norm = built.step(params, opt_state, tokens, targets)
+            loss = float(loss)
+        seconds = time.perf_counter() - began
+        record = {
+            "step": step,
+            "loss": loss,
+            "grad_norm": float(grad_norm),
+            "learning_rate": float(built.learning_rate(step - 1)),
+            "step_seconds": seconds,
+            "tokens_per_second": config.data.batch_size * config.data.seq_len / seconds,
+        }
+        if not math.isfinite(loss):
+            self.metrics.write({**record, "loss": None, "nonfinite": True})
+            self.progress.message(
+                f"stopping: the loss is {loss} at step {step}; no checkpoint was written after step "
+                f"{self.checkpointer.latest_step()} (the last good one). Lower the learning rate or check the data."
+            )
+            raise TrainingDivergedError(f"non-finite loss {loss} at step {step}")
+        self.losses.append(loss)
+        return params, opt_state, record
+
+    def _save_or_stop(self, step: int, params: PyTree, opt_state: PyTree) -> tuple[bool, signal.Signals | None]:
+        """Save when due; `(stop, signal)`: whether the run stops after `step`, and the signal that stopped it."""
+        run_config = self.run.config.run
+        stopping = step == run_config.stop_at_step
+        saved = step % run_config.checkpoint_every == 0 or step == run_config.steps or stopping
+        if saved:
+            self._save(step, params, opt_state)
+        # After the last step (or --stop-at-step's) the run saves and ends anyway: nothing to decide.
+        if step < run_config.steps and not stopping and self.decider.active:
+            decision = self.decider.decide()  # the same on every process
+            if (decision.stop_signal or decision.save_due) and not saved:
+                self._save(step, params, opt_state)
+            if decision.stop_signal:
+                return True, decision.stop_signal
+        if stopping:
+            self.progress.message(f"stopping at step {step} as asked (--stop-at-step); resume with --resume")
+        return stopping, None
+
+    def _save(self, step: int, params: PyTree, opt_state: PyTree) -> None:
+        """Checkpoint the state after `step` in the model layout, with the run's metadata."""
+        config = self.run.config
+        model_params, model_opt_state = self._to_model_state(params, opt_state)
         state = {
             "params": model_params,
             "opt_state": model_opt_state,
@@ -495,83 +633,14 @@ def train(
             "config": as_dict(config),
             "head_layout": HEAD_LAYOUT,
         }
-        checkpointer.save(step, state, json.loads(json.dumps(metadata, default=str)))
-        decider.saved()
-        fire_test_signal("in-save", step, signals, jax.process_index())
+        self.checkpointer.save(step, state, json.loads(json.dumps(metadata, default=str)))
+        self.decider.saved()
+        fire_test_signal("in-save", step, self.signals, jax.process_index())
 
-    try:
-        for step in range(start + 1, total_steps + 1):
-            tokens, targets = _microbatches(
-                train_data,
-                config.data.seed,
-                step - 1,
-                config.data.batch_size,
-                parallel.microbatches,
-                built.batch_sharding,
-            )
-            profiler.before(step)
-            began = time.perf_counter()
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                params, opt_state, loss, grad_norm = train_step(params, opt_state, tokens, targets)
-                loss = float(loss)
-            seconds = time.perf_counter() - began
-            record = {
-                "step": step,
-                "loss": loss,
-                "grad_norm": float(grad_norm),
-                "learning_rate": float(learning_rate(step - 1)),
-                "step_seconds": seconds,
-                "tokens_per_second": tokens_per_step / seconds,
-            }
-            if not math.isfinite(loss):
-                metrics.write({**record, "loss": None, "nonfinite": True})
-                progress.message(
-                    f"stopping: the loss is {loss} at step {step}; no checkpoint was written after step "
-                    f"{checkpointer.latest_step()} (the last good one). Lower the learning rate or check the data."
-                )
-                raise TrainingDivergedError(f"non-finite loss {loss} at step {step}")
-            losses.append(loss)
-            extra = ""
-            if step % config.run.eval_every == 0 or step == total_steps:
-                final_eval = _evaluate(eval_loss, params, eval_data, config, built.batch_sharding)
-                record["eval_loss"] = final_eval
-                extra = f"  eval {final_eval:.4f}"
-            metrics.write(record)
-            if step % config.run.log_every == 0 or step == total_steps:
-                progress.update(step, loss, record["tokens_per_second"], seconds, extra)
-            profiler.after(step, (params, opt_state))
-            fire_test_signal("after-step", step, signals, jax.process_index())
-            stopping = step == config.run.stop_at_step
-            saved = step % config.run.checkpoint_every == 0 or step == total_steps or stopping
-            if saved:
-                save(step)
-            # After the last step (or --stop-at-step's) the run saves and ends anyway: nothing to decide.
-            if step < total_steps and not stopping and decider.active:
-                decision = decider.decide()  # the same on every process
-                if (decision.stop_signal or decision.save_due) and not saved:
-                    save(step)
-                if decision.stop_signal:
-                    stopped_by = decision.stop_signal
-                    break
-            if stopping:
-                progress.message(f"stopping at step {step} as asked (--stop-at-step); resume with --resume")
-                break
-    finally:
-        profiler.close()
-        metrics.close()
-        checkpointer.close()  # waits for the last save to commit
-    if stopped_by is not None:
-        progress.message(
-            f"preempted at step {start + len(losses)}; saved; resume with --resume "
-            f"({stopped_by.name}: exit status {exit_status(stopped_by)})"
-        )
-        return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval, stopped_by)
-    if lead:
-        plot_loss_curve(
-            read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{pipe.schedule.name}, {out.name}"
-        )
-    progress.message(f"done: {len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.4f}; wrote {out}")
-    return RunSummary(out, start + 1, start + len(losses), tuple(losses), final_eval)
+    def close(self) -> None:
+        self.profiler.close()
+        self.metrics.close()
+        self.checkpointer.close()  # waits for the last save to commit
 
 
 def _evaluate(
