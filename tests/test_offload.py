@@ -1,9 +1,9 @@
 """Activation offload (`jpipe.pipeline.offload`): the stash and weight stash in host memory.
 
 On CPU the host is the device, so an offloaded program must give exactly the sequential model's
-loss and every gradient (float32, 1e-5), for 1F1B, zero-bubble and V schedules, with and without
-remat, hidden sends and braided (cost-balanced) ticks. The host placement itself is checked where a
-TPU compiler is installed: the offloaded buffers leave the device's temp memory for host memory.
+loss and every gradient (float32, 1e-5): zb_h1 and zbv under remat full, with hidden sends, braided
+(cost-balanced) ticks and R. The host placement itself is checked where the TPU compiler is
+installed (`tests/test_compile.py`).
 """
 
 from __future__ import annotations
