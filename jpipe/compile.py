@@ -221,7 +221,7 @@ class CompiledStep:
         lines.append(f"  {'code':<10}{self.generated_code_bytes / MIB:>12.2f}   generated code (not in total)")
         if self.host_temp_bytes:
             lines.append(
-                f"  {'host temp':<10}{self.host_temp_bytes / MIB:>12.2f}   offloaded buffers, host memory (not in total)"
+                f"  {'host temp':<10}{self.host_temp_bytes / MIB:>12.2f}   offloaded buffers on the host (not in total)"
             )
         lines.append(f"{'collectives':<20}{'count':>6}{'in tick loop':>14}")
         lines += [
