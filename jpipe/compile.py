@@ -140,6 +140,8 @@ class CompiledStep:
       alias_bytes: outputs that reuse a donated input's buffer (parameters and optimizer state),
         counted in both `argument_bytes` and `output_bytes`.
       generated_code_bytes: the executable's code (not part of `total_bytes`).
+      host_temp_bytes: temporaries in host memory: the buffers `--offload` keeps there (not part
+        of `total_bytes`, which is device memory; 0 without offload, and on CPU).
       memory_capacity_bytes: HBM per device: `HBM_PER_CHIP[device_kind]` / devices per chip for
         TPUs, the target config's `device_memory_size` for GPUs; None for CPU topologies and unknown
         TPU generations.
@@ -177,6 +179,7 @@ class CompiledStep:
     hlo_text: str = dataclasses.field(repr=False)
     compiler_options: dict = dataclasses.field(default_factory=dict)
     plan: str = ""
+    host_temp_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -216,6 +219,10 @@ class CompiledStep:
             share = self.total_bytes / self.memory_capacity_bytes
             lines.append(f"  {'fits':<10}{'yes' if self.fits else 'NO':>12}   total is {share:.1%} of capacity")
         lines.append(f"  {'code':<10}{self.generated_code_bytes / MIB:>12.2f}   generated code (not in total)")
+        if self.host_temp_bytes:
+            lines.append(
+                f"  {'host temp':<10}{self.host_temp_bytes / MIB:>12.2f}   offloaded buffers on the host (not in total)"
+            )
         lines.append(f"{'collectives':<20}{'count':>6}{'in tick loop':>14}")
         lines += [
             f"  {kind:<18}{count:>6}{self.collectives_in_loop[kind]:>14}" for kind, count in self.collectives.items()
@@ -419,6 +426,7 @@ def compile_training_step(
         argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
+        host_temp_bytes=getattr(memory, "host_temp_size_in_bytes", 0),
         alias_bytes=memory.alias_size_in_bytes,
         generated_code_bytes=memory.generated_code_size_in_bytes,
         memory_capacity_bytes=memory_capacity(devices),

@@ -120,6 +120,17 @@ def test_arguments_hold_the_sharded_state():
 
 
 @needs_libtpu
+def test_offloaded_stash_is_host_memory_on_tpu():
+    """`--offload stash` puts the stash in host memory (reported apart from the device's temp)."""
+    config = _small("1f1b")
+    parallel = dataclasses.replace(config.parallel, offload="stash")
+    compiled = compile_training_step(dataclasses.replace(config, parallel=parallel), "v5e:2x2")
+    assert _compiled("1f1b").host_temp_bytes == 0
+    assert compiled.host_temp_bytes > 0 and "host temp" in str(compiled)
+    assert "S(5)" in compiled.hlo_text  # XLA's host memory space
+
+
+@needs_libtpu
 def test_describe_prints_the_per_device_table():
     compiled = _compiled("1f1b")
     text = str(compiled)

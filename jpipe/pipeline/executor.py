@@ -29,6 +29,7 @@ from jpipe.pipeline import program as prog
 from jpipe.pipeline.arrays import spec_of, take, take_first, varying, zeros_like
 from jpipe.pipeline.checks import check_call, check_mesh
 from jpipe.pipeline.end_slots import EndSlots
+from jpipe.pipeline.offload import offloaded
 from jpipe.pipeline.options import PipelineOptions, resolve_overlap, resolve_split
 from jpipe.pipeline.placement import StagePlacement
 from jpipe.pipeline.stage import StageOps, stage_ops
@@ -59,6 +60,7 @@ def value_and_grad(
     braid: bool = True,
     balance_ticks: bool | str = False,
     recompute: bool = False,
+    offload: str = "none",
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -130,6 +132,11 @@ def value_and_grad(
         remat "none" keeps them) and I/B and W read them, so I no longer carries the recomputation.
         The rebuilt residuals live from R to W. A schedule that already holds R actions runs them
         whatever this says.
+      offload: keep long-lived buffers in host memory (`jpipe.pipeline.offload`): "none"
+        (default), "stash" (the forwards' residuals, F to backward), "weights" (what an I keeps for
+        its W) or "all". The op that writes a slot copies it to the host and the op that reads it
+        copies it back; on TPU the copies are asynchronous inside the tick loop. On CPU the host is
+        the device: the same program, the same results.
 
     Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
     over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
@@ -150,14 +157,24 @@ def value_and_grad(
     check_mesh(schedule, mesh, stage_axis, data_axes)
     if stage_order not in ("logical", "device"):
         raise ValueError(f"stage_order: expected 'logical' or 'device', got {stage_order!r}")
-    options = PipelineOptions(remat, split_backward, overlap_sends, braid, cost, balance_ticks, recompute)
+    options = PipelineOptions(
+        remat=remat,
+        split_backward=split_backward,
+        overlap_sends=overlap_sends,
+        braid=braid,
+        cost=cost,
+        balance_ticks=balance_ticks,
+        recompute=recompute,
+        offload=offload,
+    )
     plan = options.plan(schedule)
     program = prog.compile_program(
         plan.schedule, split=plan.split, deliver=prologue is None, send_latency=int(plan.overlap), braid=braid
     )
     remat = "none" if program.recompute else remat  # R ops rebuild the whole forward's residuals
     braid_ops = stage_ops(stage_fn, remat, unroll=True) if program.braided else None
-    run = _build_runner(program, stage_ops(stage_fn, remat), loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops)
+    ops = stage_ops(stage_fn, remat)
+    run = _build_runner(program, ops, loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops, offloaded(offload))
     placement = program.placement
 
     device_params = _device_params_of("value_and_grad", schedule, stage_fn, mesh, data_axes, prologue, stage_order)
@@ -293,6 +310,7 @@ class _Setup:
       loss_fn, prologue: the model's ends (None when absent).
       axis, data_axes: the stage mesh axis and the data-parallel ones.
       num_data: the data-parallel degree (product of the data axes' sizes).
+      offload: the buffers kept in host memory (`jpipe.pipeline.offload`).
     """
 
     program: prog.Program
@@ -303,6 +321,7 @@ class _Setup:
     axis: str
     data_axes: tuple[str, ...]
     num_data: int
+    offload: frozenset = frozenset()
 
     @property
     def evaluating(self) -> bool:
@@ -323,14 +342,23 @@ class _Setup:
 
 
 def _build_runner(
-    program: prog.Program, ops, loss_fn, mesh, axis: str, data_axes: tuple[str, ...], prologue=None, braid_ops=None
+    program: prog.Program,
+    ops,
+    loss_fn,
+    mesh,
+    axis: str,
+    data_axes: tuple[str, ...],
+    prologue=None,
+    braid_ops=None,
+    offload: frozenset = frozenset(),
 ) -> Callable:
     """The shard_map'ed scan over ticks, on the batch padded to a multiple of the pipeline size.
 
     `ops`: a `jpipe.pipeline.stage` op implementation; `braid_ops`: the one braided ticks run (its
     layers unrolled, `stage_ops(..., unroll=True)`), default `ops`.
     """
-    setup = _Setup(program, ops, braid_ops or ops, loss_fn, prologue, axis, data_axes, _axes_size(mesh, data_axes))
+    num_data = _axes_size(mesh, data_axes)
+    setup = _Setup(program, ops, braid_ops or ops, loss_fn, prologue, axis, data_axes, num_data, offload)
     in_specs, out_specs = _specs(setup)
     manual = {axis, *data_axes}
 
@@ -396,6 +424,7 @@ def _per_device(setup: _Setup, local_params, loss_params, inputs, targets, prolo
         end_slots=EndSlots.of(setup.program, loss_params, prologue_params) if training else None,
         manual_axes=manual_axes,
         recompute=setup.program.recompute,
+        offload=setup.offload,
     )
     machine = TickMachine(setup.program, context, setup.kernels(), setup.ops, setup.braid_ops, setup.axis)
     device = lax.axis_index(setup.axis)

@@ -56,6 +56,8 @@ class TickContext:
       end_slots: the end-gradient accumulators' layout (training only).
       manual_axes: the `shard_map`'s manual axes (stage, data).
       recompute: the schedule has R ops: F stashes its input, B/I/W read what R rebuilt.
+      offload: the buffers that live in host memory (`jpipe.pipeline.offload`). The tick machine
+        stages them: the ops see a device buffer of one slot per lane (see `TickMachine`).
     """
 
     local_params: PyTree
@@ -70,6 +72,15 @@ class TickContext:
     end_slots: EndSlots | None
     manual_axes: tuple[str, ...]
     recompute: bool = False
+    offload: frozenset[Buffer] = frozenset()
+
+    def store(self, state: Carry, buffer: Buffer, slot, value: PyTree) -> Carry:
+        """`state` with `value` in slot `slot` of `buffer`."""
+        return dataclasses.replace(state, **{buffer.value: put(getattr(state, buffer.value), slot, value)})
+
+    def load(self, view: View, buffer: Buffer, slot) -> PyTree:
+        """Slot `slot` of `buffer` as the tick started."""
+        return take(getattr(view, buffer.value), slot)
 
     def stage_input(self, row: LaneRow, view: View) -> PyTree:
         """The op's input: its inbox slot, or the prologue of its microbatch at a first hop."""
@@ -89,8 +100,8 @@ class TickContext:
     def residuals(self, row: LaneRow, view: View) -> PyTree:
         """What B, I and W rebuild the vjp from: the F's stash, or with R what the R rebuilt."""
         if self.recompute:
-            return take(view.recomputed, row.recompute_slot)
-        return take(view.stash, row.stash_slot)
+            return self.load(view, Buffer.RECOMPUTED, row.recompute_slot)
+        return self.load(view, Buffer.STASH, row.stash_slot)
 
     def add_loss(self, state: Carry, loss: jax.Array) -> Carry:
         return dataclasses.replace(state, loss=state.loss + loss.astype(state.loss.dtype) * self.scale)
@@ -152,7 +163,7 @@ def forward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, vie
     kept = x if context.recompute else residuals  # with R, the R rebuilds the residuals from x
 
     def finish(state):
-        state = dataclasses.replace(state, stash=put(state.stash, row.stash_slot, kept))
+        state = context.store(state, Buffer.STASH, row.stash_slot, kept)
         return if_(row.is_last, with_loss, lambda s: (s, y), state)
 
     return finish
@@ -160,13 +171,11 @@ def forward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, vie
 
 def recompute(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """R: the forward again from the input its F kept, its residuals into the recompute slot (no message)."""
-    x = take(view.stash, row.stash_slot)
+    x = context.load(view, Buffer.STASH, row.stash_slot)
     _, residuals = yield from ops.forward_layerwise(context.stage_params(row), x)
 
     def finish(state):
-        return dataclasses.replace(
-            state, recomputed=put(state.recomputed, row.recompute_slot, residuals)
-        ), context.x_like
+        return context.store(state, Buffer.RECOMPUTED, row.recompute_slot, residuals), context.x_like
 
     return finish
 
@@ -188,7 +197,7 @@ def input_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, 
     )
 
     def finish(state):
-        state = dataclasses.replace(state, weight_stash=put(state.weight_stash, row.weight_slot, weight_residuals))
+        state = context.store(state, Buffer.WEIGHT_STASH, row.weight_slot, weight_residuals)
         return context.prologue_backward(state, row, d_x), d_x
 
     return finish
@@ -196,7 +205,7 @@ def input_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, 
 
 def weight_grad(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
     """W: the parameter gradients from the weight stash, added into the accumulator (no message)."""
-    weight_residuals = take(view.weight_stash, row.weight_slot)
+    weight_residuals = context.load(view, Buffer.WEIGHT_STASH, row.weight_slot)
     grads = yield from ops.weight_grad_into_layerwise(
         context.stage_params(row),
         context.residuals(row, view),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from jpipe.pipeline.offload import offloaded
 from jpipe.schedules.fused_ticks import balance_ticks
 from jpipe.schedules.ir import Schedule
 from jpipe.schedules.recompute import with_recompute
@@ -45,6 +46,8 @@ class PipelineOptions:
         `per="chunk"`; per-stage tuples are per logical stage).
       recompute: with `remat="full"`, run each forward's recomputation as an R op of its own, right
         before its I or B (`jpipe.schedules.recompute`); `cost.r` is its time.
+      offload: which long-lived buffers live in host memory: "none" (default), "stash", "weights"
+        or "all" (`jpipe.pipeline.offload`).
     """
 
     remat: str | Callable | None = "none"
@@ -54,8 +57,10 @@ class PipelineOptions:
     cost: Cost | None = None
     balance_ticks: bool | str = False
     recompute: bool = False
+    offload: str = "none"
 
     def __post_init__(self):
+        offloaded(self.offload)  # a clear error for an unknown choice
         for name in ("split_backward", "overlap_sends", "balance_ticks"):
             value = getattr(self, name)
             if value != AUTO and not isinstance(value, bool):

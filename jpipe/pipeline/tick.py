@@ -26,6 +26,7 @@ from jax import lax
 from jpipe.pipeline.arrays import accumulator_dtype, put, slots, take, varying, zeros
 from jpipe.pipeline.kernels import Kernel, TickContext
 from jpipe.pipeline.lockstep import run_alone, run_in_lockstep
+from jpipe.pipeline.offload import to_device, to_host
 from jpipe.pipeline.program import Program
 from jpipe.pipeline.stage import StageOps
 from jpipe.pipeline.state import Buffer, Carry, LaneRow, TickRow, View
@@ -70,7 +71,15 @@ class TickMachine:
         if Buffer.LOSS in self._written():
             dtype = accumulator_dtype(*(a.dtype for a in jax.tree.leaves(context.loss_params)))
             carry = dataclasses.replace(carry, loss=jnp.zeros((), dtype))
-        return varying(carry, context.manual_axes)
+        carry = varying(carry, context.manual_axes)
+        # Offloaded buffers get a scratch slot: a tick writes every lane's staged slot back, there
+        # when the lane's op wrote nothing.
+        offloaded = {
+            buffer.value: to_host(varying(_with_scratch(getattr(carry, buffer.value)), context.manual_axes))
+            for buffer in context.offload
+            if _slot_count(getattr(carry, buffer.value))  # a buffer no op uses stays as it is
+        }
+        return dataclasses.replace(carry, **offloaded)
 
     def _written(self) -> set[Buffer]:
         return {buffer for kernel in self.kernels for buffer in kernel.buffers(self.context)}
@@ -99,7 +108,7 @@ class TickMachine:
     def tick(self, state: Carry, row: TickRow) -> tuple[Carry, None]:
         """One tick: the lanes' ops, then the sends (`lax.scan` body)."""
         in_flight = self._send_outboxes(state) if self.program.send_latency else None
-        state, messages = self._compute(state, row)
+        state, messages = self._compute_staged(state, row) if self.context.offload else self._compute(state, row)
         inbox, results = state.inbox, state.results
         for index, lane in enumerate(self.program.lanes):
             lane_in_flight = in_flight[index] if in_flight is not None else None
@@ -138,6 +147,36 @@ class TickMachine:
             state = state.update(part, buffers)
             messages = [_where(runs_here, new, old) for new, old in zip(produced, messages)]
         return state, messages
+
+    def _compute_staged(self, state: Carry, row: TickRow) -> tuple[Carry, list[PyTree]]:
+        """`_compute` with the offloaded buffers staged through device memory, outside every `lax.cond`.
+
+        Before the ops, each lane's slot of each offloaded buffer is copied from the host into a
+        device buffer of one slot per lane, and the lanes' rows point at their own staging slot; the
+        ops read and write only that. After them, each lane's staging slot is copied back to the
+        host: to the lane's slot when its op writes the buffer, else to the scratch slot. (Inside a
+        conditional branch the TPU compiler copies a whole host buffer to the device and back.)
+        """
+        host = {buffer: getattr(state, buffer.value) for buffer in self.context.offload}
+        host = {buffer: stored for buffer, stored in host.items() if _slot_count(stored)}
+        staged = {
+            buffer.value: to_device(_stacked([take(host[buffer], _slot(lane, buffer)) for lane in row.lanes]))
+            for buffer in host
+        }
+        lanes = tuple(
+            dataclasses.replace(lane, **{_SLOT_FIELD[buffer]: jnp.int32(index) for buffer in host})
+            for index, lane in enumerate(row.lanes)
+        )
+        state, messages = self._compute(dataclasses.replace(state, **staged), dataclasses.replace(row, lanes=lanes))
+        written = {}
+        for buffer, stored in host.items():
+            writers = jnp.asarray([kernel.code for kernel in self.kernels if buffer in kernel.buffers(self.context)])
+            scratch = _slot_count(stored) - 1
+            for index, lane in enumerate(row.lanes):
+                slot = jnp.where(jnp.isin(lane.op, writers), _slot(lane, buffer), scratch)
+                stored = put(stored, slot, to_host(take(getattr(state, buffer.value), index)))
+            written[buffer.value] = stored
+        return dataclasses.replace(state, **written), messages
 
     def _alone(self, kernel: Kernel):
         """A kernel as one branch `(state, row, view) -> (state, message)` of a tick with one op."""
@@ -237,3 +276,26 @@ class TickMachine:
 
 def _where(flag, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+_SLOT_FIELD = {Buffer.STASH: "stash_slot", Buffer.WEIGHT_STASH: "weight_slot"}
+"""The `LaneRow` field that names an offloadable buffer's slot."""
+
+
+def _slot(lane: LaneRow, buffer: Buffer) -> jax.Array:
+    return getattr(lane, _SLOT_FIELD[buffer])
+
+
+def _slot_count(tree: PyTree) -> int:
+    """The slots of a buffer (its leaves' leading axis)."""
+    return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _stacked(trees: list[PyTree]) -> PyTree:
+    """Trees of like leaves -> one tree whose leaves are stacked on a new leading axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _with_scratch(tree: PyTree) -> PyTree:
+    """Zeros shaped like a buffer with one more slot (a new buffer, not built from the old one)."""
+    return jax.tree.map(lambda a: jnp.zeros((a.shape[0] + 1, *a.shape[1:]), a.dtype), tree)

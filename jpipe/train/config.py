@@ -143,6 +143,10 @@ class ParallelConfig:
       recompute: with remat "full", run each forward's recomputation as an op of its own (R) right
         before its backward, which then no longer carries it (`jpipe.schedules.recompute`); the
         rebuilt residuals (remat "none"'s, for the whole stage) live from R to the weight gradient.
+      offload: keep long-lived activation buffers in host memory (`jpipe.pipeline.offload`):
+        "none" (default), "stash" (each forward's residuals, F to backward), "weights" (what an I
+        keeps for its W) or "all". On TPU the copies are asynchronous in the tick loop; on CPU the
+        host is the device (the same run).
       balance_ticks: cost-balanced ticks (`jpipe.schedules.fused_ticks`): a device runs two ops of
         different microbatches in one tick where they fit in its length under the measured costs:
         true, false (default), or "auto" (when the lockstep simulator finds it faster).
@@ -172,6 +176,7 @@ class ParallelConfig:
     two_stream_memory: float = 1.25
     balance_ticks: bool | str = False
     recompute: bool = False
+    offload: str = "none"
     memory_limit: float | str | None = None
     search_time: float = 30.0
     skip_ratio: float | None = None
@@ -219,6 +224,10 @@ class ParallelConfig:
             f"parallel.recompute: runs remat's recomputation as its own op: needs --remat full, got {self.remat!r}",
         )
         _require(
+            self.offload in ("none", "stash", "weights", "all"),
+            f"parallel.offload: expected 'none', 'stash', 'weights' or 'all', got {self.offload!r}",
+        )
+        _require(
             self.balance_ticks in (True, False, "auto"),
             f"parallel.balance_ticks: expected true, false or 'auto', got {self.balance_ticks!r}",
         )
@@ -254,7 +263,7 @@ class ParallelConfig:
         return self.stage * self.virtual
 
     def pipeline_options(self) -> PipelineOptions:
-        """The executor's options these fields set (`remat`, `split_backward`, `overlap_sends`, `balance_ticks`)."""
+        """The executor's options these fields set (remat, backward split, sends, ticks, recompute, offload)."""
         from jpipe.pipeline.options import PipelineOptions  # here: importing jpipe.pipeline starts JAX
 
         return PipelineOptions(
@@ -263,6 +272,7 @@ class ParallelConfig:
             overlap_sends=self.overlap_sends,
             balance_ticks=self.balance_ticks,
             recompute=self.recompute,
+            offload=self.offload,
         )
 
 

@@ -35,6 +35,7 @@ SHORT_NAMES = {
     "parallel.two_stream_memory": "two_stream_memory",
     "parallel.balance_ticks": "balance_ticks",
     "parallel.recompute": "recompute",
+    "parallel.offload": "offload",
     "parallel.memory_limit": "memory_limit",
     "parallel.search_time": "search_time",
     "parallel.skip_ratio": "skip_ratio",
