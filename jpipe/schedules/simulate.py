@@ -44,11 +44,13 @@ idle time is its PP bubble (`Simulation.pp_bubble`).
 Expert parallelism (`Cost.all_to_all`, default 0: no expert parallelism, every time as before): a
 chunk's forward dispatches its tokens to their experts' devices and combines the outputs back (two
 all-to-alls), and its input-gradient backward runs the transposed pair; `all_to_all` is one op's
-dispatch + combine time. It is modelled exactly as the all-reduce (both run on the one
-communication stream, so an action's communication is `all_reduce + all_to_all`): run alone, F and
-I wait for it and B hides it under its own weight gradient (Megatron's `--delay-wgrad-compute`);
-in a composite (DualPipe's overlapped F&B, Megatron's combined 1F1B) each member's all-to-all runs
-under the other member's compute. `Simulation.exposed_all_to_all` is the time a device waits on
+dispatch + combine time. It is modelled as the all-reduce (both run on the one communication
+stream, so an action's communication is `all_reduce + all_to_all`): run alone, F and I wait for
+it; in a composite (DualPipe's overlapped F&B, Megatron's combined 1F1B) each member's all-to-all
+runs under the other member's compute. One difference: a B run alone waits for its all-to-alls
+too (no hiding under its own weight gradient), so that B alone lasts I alone + W; with that,
+DeepSeek's published DualPipe bubble with overlap is what `dualpipev(overlap=True)` simulates
+(`tests/test_moe_simulate.py`). `Simulation.exposed_all_to_all` is the time a device waits on
 them: its exposed communication split over the two kinds in proportion to their times.
 
 Composites run as one step (`braid=True`, the default): it starts when the inputs of both members
@@ -254,18 +256,21 @@ class Cost:
 
     def _alone(self, action: Action) -> float:
         """An action run by itself: compute plus the collective time it waits for."""
-        collective = self.communication(action)
-        if action.op is Op.B:  # the input-gradient collectives run under B's own weight gradient
-            return self.of(Op.B, action.stage) + max(0.0, collective - self.of(Op.W, action.stage))
-        return self.of(action.op, action.stage) + collective
+        if action.op is not Op.B:
+            return self.of(action.op, action.stage) + self.communication(action)
+        # The input-gradient all-reduce runs under B's own weight gradient; the all-to-alls do not.
+        reduce = self.all_reduce_of(action.stage)
+        hidden = self.of(Op.B, action.stage) + max(0.0, reduce - self.of(Op.W, action.stage))
+        return hidden + self.all_to_all_of(action.stage)
 
     def duration(self, step: Cell) -> float:
         """Time of an action, or of a composite run as one braided step.
 
         Below, an action's collective time `r` is its `all_reduce + all_to_all` (`communication`).
-        An action alone: F and I last compute + `r`; B lasts `b + max(0, r - w)` (its
-        input-gradient collectives run while it computes the weight gradient); W lasts `w`. With
-        both collective times 0 this is `of(op, stage)`.
+        An action alone: F and I last compute + `r`; B lasts `b + max(0, all_reduce - w) +
+        all_to_all` (its input-gradient all-reduce runs while it computes the weight gradient; its
+        all-to-alls are exposed, so that B alone lasts I alone + W, as DeepSeek's formulas count
+        it); W lasts `w`. With both collective times 0 this is `of(op, stage)`.
 
         A composite of `a` and `b` (compute `c_a`, `c_b`; collectives `r_a`, `r_b`, 0 for a W):
         the device computes one member while the other's all-reduce is in flight, on one compute
