@@ -36,13 +36,17 @@ def one_f_one_b_overlap(num_devices: int, num_microbatches: int, virtual: int = 
     two pairs per microbatch (simulated 1.7-1.8x 1F1B's makespan at p = 4-8, m = 4p, no
     collectives). `2(p - r) - 1` forwards is the least warm-up at which every pair's inputs arrived
     a pair earlier. The price is memory: device r holds up to `2(p - r)` microbatches during a
-    pair (`peak_activations`: 2p on device 0, twice 1F1B's p).
+    pair (`peak_activations`: 2p on device 0, twice 1F1B's p). This warm-up is derived from jpipe's
+    model of a braided step; Megatron-Core's own warm-up count was not checked against it. With the
+    split backward (`split_backward=True`) a pair keeps the I and its W runs after it, which is
+    what `--delay-wgrad-compute` does.
 
     Simulated (async; F = 1, B = 2, I = W = 1 per device stage, an all-to-all of `a <= F` per F and
     per backward, `Cost.all_to_all`; `tests/test_moe_simulate.py`), for m >= 2p - 1: makespan
     `(m + p - 1)(F + B) + 2pa` against 1F1B's `(m + p - 1)(F + B + 2a)`: the all-to-alls of the
     steady pairs are hidden, the fill's and drain's are not. Without collectives (a = 0) it equals
-    1F1B's; in lockstep ticks with whole backwards it is shorter (p = 4, m = 16: 57 against 72).
+    1F1B's; in lockstep ticks with whole backwards it is shorter (p = 4, m = 16: 57 against 72;
+    1F1B with the split backward, one op per tick: 54).
     """
     _require_virtual("1f1b_overlap", virtual, 1)
     p, m = num_devices, num_microbatches
