@@ -121,7 +121,8 @@ class Cost:
         See `duration` for when it is exposed.
       all_to_all: expert-parallel all-to-all time of one chunk's forward (dispatch + combine), and
         the same again for its input-gradient backward (the transposed pair); compute times exclude
-        it. Default 0. Exposed and hidden as `all_reduce` (see `duration`).
+        it. Default 0. Exposed and hidden as `all_reduce`, except that a B run alone waits for it
+        (see `duration`).
       r: recomputation time (R actions, `jpipe.schedules.recompute`): the forward rebuilding its
         residuals; in a schedule with R, `b` and `i` are then the backward without it.
       recomputed: memory, not time: what an R keeps until its I (or B) and W (the forward's full
@@ -251,7 +252,7 @@ class Cost:
         return sum(self._collective(name, action.stage) for name in _COMMS if kind in (None, name))
 
     def compute(self, step: Cell) -> float:
-        """Compute time of an action or a composite (both members'), all-reduces excluded."""
+        """Compute time of an action or a composite (both members'), collectives excluded."""
         return sum(self.of(action.op, action.stage) for action in members(step))
 
     def _alone(self, action: Action) -> float:
