@@ -1,7 +1,7 @@
 """Braided ticks: the executor runs a composite's two ops in one tick (`braid=True`, the default).
 
 Tables: the second member of each composite is the tick's second op, its message travels on the
-second channels. Parity: STP, DualPipeV's overlapped pairs and torch's DualPipeV CSV (its
+second channels. Parity: STP, DualPipeV's overlapped pairs, the overlapped 1F1B and torch's DualPipeV CSV (its
 `OVERLAP_F_B` cells read as composites) give the sequential model's loss and every gradient, braided
 and flattened, with a layered stage (whose layers braided ticks unroll), hidden sends, the I/W split
 and a prologue (whose first/last-hop work braided ticks trace without a nested conditional).
@@ -74,6 +74,7 @@ def _sequential_layered(stage_params, loss_params, inputs, targets):
 CASES = {
     "stp-p4-split-sends": (lambda: schedules.build("stp", 4, 11), {"split_backward": True, "overlap_sends": True}),
     "dualpipev-pairs": (lambda: schedules.build("dualpipev", 4, 8, overlap=True), {}),
+    "1f1b-overlap-p4": (lambda: schedules.build("1f1b_overlap", 4, 9), {}),
     "torch-dualpipev-csv": (_torch_dualpipev, {"split_backward": False}),
 }
 

@@ -67,6 +67,7 @@ CASES = [
     MoECase((1, 2, 2), "1f1b", 1, fsdp=False, expert_parallel=False),  # experts tensor-parallel on their width
     MoECase((2, 2, 1), "zbv", 2, fsdp=False, expert_parallel=True),
     MoECase((2, 2, 1), "dualpipev", 2, fsdp=True, expert_parallel=True),
+    MoECase((2, 2, 1), "1f1b_overlap", 1, fsdp=False, expert_parallel=True),  # braided F&B pairs
     MoECase((4, 2, 1), "dualpipe", 2, fsdp=False, expert_parallel=True),  # replicas; EP 4
 ]
 

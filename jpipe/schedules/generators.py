@@ -18,6 +18,7 @@ Limits on the arguments (each violation raises `ScheduleError` naming the argume
 | dualpipev | 2 | m >= 2p (DeepSeek's DualPipeV requires it) |
 | v_half, v_min (`jpipe.schedules.controllable`) | 2 | any m >= 1 |
 | stp (`COMPOSITE_SCHEDULES`) | 2 | m >= 3p - 1 (STP's step counts) |
+| 1f1b_overlap (`COMPOSITE_SCHEDULES`) | 1 | any m >= 1 |
 
 Schedules with replicas or per-microbatch routes (`Schedule.model_stage`, `Schedule.routes`) are
 registered apart, in `ROUTED_SCHEDULES` (`@register(name, routed=True)`): `bitpipe`, `dualpipe`
@@ -27,9 +28,9 @@ training config, the schedule search), so code iterating over it does not meet r
 
 Schedules whose rows hold composites (`jpipe.schedules.ir.Composite`: two actions of different
 microbatches run together) are registered apart too, in `COMPOSITE_SCHEDULES`
-(`@register(name, composite=True)`): `stp` (`jpipe.schedules.braided`). The schedule side runs
-them; the executor runs each composite as its two actions one after the other
-(`jpipe.schedules.ticks.pack`). `dualpipev` emits its overlapped F&B pairs as composites with
+(`@register(name, composite=True)`): `stp` and `1f1b_overlap` (`jpipe.schedules.braided`). The
+executor runs each composite's two ops in one braided tick (or one after the other with
+`braid=False`). `dualpipev` emits its overlapped F&B pairs as composites with
 `build("dualpipev", p, m, overlap=True)`.
 """
 
@@ -121,7 +122,8 @@ def build(
 
     Args:
       name: a key of `SCHEDULES` (e.g. "gpipe", "1f1b", "interleaved_1f1b", "zbv"), of
-        `ROUTED_SCHEDULES` ("bitpipe", "dualpipe", "skippipe") or of `COMPOSITE_SCHEDULES` ("stp").
+        `ROUTED_SCHEDULES` ("bitpipe", "dualpipe", "skippipe") or of `COMPOSITE_SCHEDULES` ("stp",
+        "1f1b_overlap").
       num_devices: pipeline devices `p` (>= 1).
       num_microbatches: microbatches `m` per step (>= 1; some schedules need more, see the module doc).
       virtual: stages (chunks) per device `v` (>= 1); the schedule has `p * v` logical stages.

@@ -41,6 +41,18 @@ hides each member's all-reduce under the other member's compute (`Cost.duration`
 device waits on all-reduces is its TP bubble (`Simulation.exposed_all_reduce`); the rest of its
 idle time is its PP bubble (`Simulation.pp_bubble`).
 
+Expert parallelism (`Cost.all_to_all`, default 0: no expert parallelism, every time as before): a
+chunk's forward dispatches its tokens to their experts' devices and combines the outputs back (two
+all-to-alls), and its input-gradient backward runs the transposed pair; `all_to_all` is one op's
+dispatch + combine time. It is modelled as the all-reduce (both run on the one communication
+stream, so an action's communication is `all_reduce + all_to_all`): run alone, F and I wait for
+it; in a composite (DualPipe's overlapped F&B, Megatron's combined 1F1B) each member's all-to-all
+runs under the other member's compute. One difference: a B run alone waits for its all-to-alls
+too (no hiding under its own weight gradient), so that B alone lasts I alone + W; with that,
+DeepSeek's published DualPipe bubble with overlap is what `dualpipev(overlap=True)` simulates
+(`tests/test_moe_simulate.py`). `Simulation.exposed_all_to_all` is the time a device waits on
+them: its exposed communication split over the two kinds in proportion to their times.
+
 Composites run as one step (`braid=True`, the default): it starts when the inputs of both members
 are there, lasts `Cost.duration(composite)`, and both results are ready at its end; in lockstep
 mode it fills one tick. With `braid=False` each composite runs as its two actions one after the
@@ -64,7 +76,8 @@ Times = float | tuple[float, ...]
 """An op's time: one number for every logical stage, or a tuple with one entry per logical stage."""
 
 _TIMED = ("f", "b", "i", "w", "r")
-_PER_STAGE = (*_TIMED, "all_reduce")
+_COMMS = ("all_reduce", "all_to_all")
+_PER_STAGE = (*_TIMED, *_COMMS)
 PER = ("device", "chunk")
 
 
@@ -90,8 +103,9 @@ class Cost:
     per-chunk cost; for a device cost, the chunk of a 1-chunk schedule).
 
     `comm` is per message (one activation or gradient crossing devices, the same size whatever
-    `virtual`): never split. `all_reduce` is split like the compute times (a device stage's
-    all-reduces are spread over its chunks' layers). `weight_residuals` is a ratio: unchanged.
+    `virtual`): never split. `all_reduce` and `all_to_all` are split like the compute times (a
+    device stage's collectives are spread over its chunks' layers). `weight_residuals` is a ratio:
+    unchanged.
 
     Attributes:
       f: forward time.
@@ -105,16 +119,20 @@ class Cost:
       all_reduce: tensor-parallel all-reduce time of one chunk's forward, and the same again for its
         input-gradient backward (STP's T_AR); `f`, `b`, `i`, `w` are then compute only. Default 0.
         See `duration` for when it is exposed.
+      all_to_all: expert-parallel all-to-all time of one chunk's forward (dispatch + combine), and
+        the same again for its input-gradient backward (the transposed pair); compute times exclude
+        it. Default 0. Exposed and hidden as `all_reduce`, except that a B run alone waits for it
+        (see `duration`).
       r: recomputation time (R actions, `jpipe.schedules.recompute`): the forward rebuilding its
         residuals; in a schedule with R, `b` and `i` are then the backward without it.
       recomputed: memory, not time: what an R keeps until its I (or B) and W (the forward's full
         residuals), relative to what an F stashes (which, with R, is the stage input). Used by
         `Simulation.peak_memory`.
-    Each of `f`, `b`, `i`, `w`, `all_reduce` is either one number (every logical stage costs the same) or a tuple
-    with one number per logical stage (`f[s]` is stage s's forward; e.g. the first stage also embeds,
-    the last also runs the head and loss); all tuples must have the same length, the schedule's
-    `num_stages`. All values must be finite and >= 0. `jpipe.measure_costs` measures them for a real
-    stage.
+    Each of `f`, `b`, `i`, `w`, `all_reduce`, `all_to_all` is either one number (every logical
+    stage costs the same) or a tuple with one number per logical stage (`f[s]` is stage s's
+    forward; e.g. the first stage also embeds, the last also runs the head and loss); all tuples
+    must have the same length, the schedule's `num_stages`. All values must be finite and >= 0.
+    `jpipe.measure_costs` measures them for a real stage.
       per: "device" or "chunk" (above); default: "chunk" when some time is a per-stage tuple,
         else "device". Per-stage tuples with `per="device"` are refused.
     """
@@ -129,6 +147,7 @@ class Cost:
     r: Times = 1.0
     recomputed: float = 0.0
     per: str | None = None
+    all_to_all: Times = 0.0
 
     def __post_init__(self) -> None:
         lengths = set()
@@ -164,7 +183,7 @@ class Cost:
     def for_schedule(self, schedule: Schedule) -> Cost:
         """The per-chunk `Cost` of `schedule`'s logical stages (what `simulate` runs it with).
 
-        Itself when `per="chunk"`; a device cost's times (and `all_reduce`) times the fraction of a
+        Itself when `per="chunk"`; a device cost's times (and collectives) times the fraction of a
         device stage one logical stage computes, `num_devices / num_model_stages` (`1 / virtual`
         without replicas).
         """
@@ -205,50 +224,82 @@ class Cost:
     def at(self, stage: int) -> Cost:
         """The scalar cost of logical stage `stage` (comm and weight_residuals unchanged)."""
         times = {name: self.of(Op(name.upper()), stage) for name in _TIMED}
-        return dataclasses.replace(self, **times, all_reduce=self.all_reduce_of(stage))
+        comms = {name: self._collective(name, stage) for name in _COMMS}
+        return dataclasses.replace(self, **times, **comms)
 
     def all_reduce_of(self, stage: int | None = None) -> float:
         """The all-reduce time of one F (or one I, or the backward of one B) of logical stage `stage`."""
-        if not isinstance(self.all_reduce, tuple):
-            return self.all_reduce
+        return self._collective("all_reduce", stage)
+
+    def all_to_all_of(self, stage: int | None = None) -> float:
+        """The all-to-all time (dispatch + combine) of one F (or one I, or the backward of one B) of
+        logical stage `stage`."""
+        return self._collective("all_to_all", stage)
+
+    def _collective(self, name: str, stage: int | None) -> float:
+        value = getattr(self, name)
+        if not isinstance(value, tuple):
+            return value
         if stage is None:
-            raise ValueError("Cost.all_reduce_of: the all-reduce time is given per stage; pass the stage")
-        return self.all_reduce[stage]
+            raise ValueError(f"Cost.{name}_of: the {name.replace('_', '-')} time is given per stage; pass the stage")
+        return value[stage]
+
+    def communication(self, action: Action, kind: str | None = None) -> float:
+        """The collective time `action` waits for alone: all-reduce plus all-to-all (only `kind`,
+        "all_reduce" or "all_to_all", when given); 0 for a W."""
+        if action.op is Op.W:
+            return 0.0
+        return sum(self._collective(name, action.stage) for name in _COMMS if kind in (None, name))
 
     def compute(self, step: Cell) -> float:
-        """Compute time of an action or a composite (both members'), all-reduces excluded."""
+        """Compute time of an action or a composite (both members'), collectives excluded."""
         return sum(self.of(action.op, action.stage) for action in members(step))
 
     def _alone(self, action: Action) -> float:
-        """An action run by itself: compute plus the all-reduce time it waits for."""
-        if action.op is Op.W:
-            return self.of(Op.W, action.stage)
+        """An action run by itself: compute plus the collective time it waits for."""
+        if action.op is not Op.B:
+            return self.of(action.op, action.stage) + self.communication(action)
+        # The input-gradient all-reduce runs under B's own weight gradient; the all-to-alls do not.
         reduce = self.all_reduce_of(action.stage)
-        if action.op is Op.B:  # the input-gradient all-reduce runs under B's own weight gradient
-            return self.of(Op.B, action.stage) + max(0.0, reduce - self.of(Op.W, action.stage))
-        return self.of(action.op, action.stage) + reduce
+        hidden = self.of(Op.B, action.stage) + max(0.0, reduce - self.of(Op.W, action.stage))
+        return hidden + self.all_to_all_of(action.stage)
 
     def duration(self, step: Cell) -> float:
         """Time of an action, or of a composite run as one braided step.
 
-        An action alone: F and I last compute + `all_reduce`; B lasts `b + max(0, all_reduce - w)`
-        (its input-gradient all-reduce runs while it computes the weight gradient); W lasts `w`.
-        With `all_reduce = 0` this is `of(op, stage)`.
+        Below, an action's collective time `r` is its `all_reduce + all_to_all` (`communication`).
+        An action alone: F and I last compute + `r`; B lasts `b + max(0, all_reduce - w) +
+        all_to_all` (its input-gradient all-reduce runs while it computes the weight gradient; its
+        all-to-alls are exposed, so that B alone lasts I alone + W, as DeepSeek's formulas count
+        it); W lasts `w`. With both collective times 0 this is `of(op, stage)`.
 
-        A composite of `a` and `b` (compute `c_a`, `c_b`; all-reduces `r_a`, `r_b`, 0 for a W):
+        A composite of `a` and `b` (compute `c_a`, `c_b`; collectives `r_a`, `r_b`, 0 for a W):
         the device computes one member while the other's all-reduce is in flight, on one compute
         stream and one communication stream, so the step lasts
         `max(c_a + c_b, alone(a), alone(b), r_a + r_b)`: both computes back to back; neither member
         faster than alone (its all-reduce still follows its own compute); both all-reduces back to
         back. With all-reduces no longer than the other member's compute this is `c_a + c_b`: the
-        all-reduces are hidden (STP's braided block; DualPipe's overlapped F&B when `all_reduce` is
-        read as its all-to-all). This is a model of perfect interleaving, not a measurement.
+        all-reduces are hidden (STP's braided block) and so are the all-to-alls (DualPipe's
+        overlapped F&B, Megatron's combined 1F1B). This is a model of perfect interleaving, not a
+        measurement.
         """
         if not isinstance(step, Composite):
             return self._alone(step)
         a, b = step.first, step.second
-        reduces = sum(self.all_reduce_of(x.stage) for x in (a, b) if x.op is not Op.W)
-        return max(self.compute(step), self._alone(a), self._alone(b), reduces)
+        collectives = self.communication(a) + self.communication(b)
+        return max(self.compute(step), self._alone(a), self._alone(b), collectives)
+
+    def exposed(self, step: Cell, kind: str) -> float:
+        """The part of `step`'s wait on collectives (`duration - compute`) charged to `kind`
+        ("all_reduce" or "all_to_all"): the whole wait split in proportion to their times."""
+        if kind not in _COMMS:
+            raise ValueError(f"Cost.exposed: kind must be one of {_COMMS}, got {kind!r}")
+        total = sum(self.communication(action) for action in members(step))
+        if total == 0:
+            return 0.0
+        share = sum(self.communication(action, kind) for action in members(step)) / total
+        wait = self.duration(step) - self.compute(step)
+        return wait if share == 1 else wait * share
 
     def check_stages(self, num_stages: int) -> None:
         """Raise ValueError unless the per-stage tuples (if any) have `num_stages` entries."""
@@ -296,7 +347,11 @@ class Simulation:
       spans: per device, end of its last action minus start of its first one; `span - busy` is the
         device's own bubble, the quantity a parallelogram-shaped schedule (ZB-H2) minimises.
       exposed_all_reduce: per device, the time its actions wait for tensor-parallel all-reduces
-        (busy time minus compute time; all zero when `cost.all_reduce` is 0): the TP bubble.
+        (busy time minus compute time when `cost.all_to_all` is 0; all zero when `cost.all_reduce`
+        is 0): the TP bubble.
+      exposed_all_to_all: per device, the time its actions wait for expert-parallel all-to-alls
+        (all zero when `cost.all_to_all` is 0); with both kinds, each step's wait is split over them
+        in proportion to their times (`Cost.exposed`).
     """
 
     schedule: Schedule
@@ -311,10 +366,11 @@ class Simulation:
     num_ticks: int | None
     spans: tuple[float, ...]
     exposed_all_reduce: tuple[float, ...] = ()
+    exposed_all_to_all: tuple[float, ...] = ()
 
     @property
     def pp_bubble(self) -> tuple[float, ...]:
-        """Per device, the time it neither computes nor waits for an all-reduce: `makespan - busy`."""
+        """Per device, the time it neither computes nor waits for a collective: `makespan - busy`."""
         return tuple(self.makespan - busy for busy in self.busy)
 
 
@@ -492,12 +548,13 @@ def simulate(
     events.sort(key=lambda event: (event.start, event.device))
     p = schedule.num_devices
     busy = [0.0] * p
-    exposed = [0.0] * p
+    exposed = {kind: [0.0] * p for kind in _COMMS}
     first = [math.inf] * p
     last = [0.0] * p
     for event in events:
         busy[event.device] += event.end - event.start
-        exposed[event.device] += cost.duration(event.action) - cost.compute(event.action)
+        for kind, waits in exposed.items():
+            waits[event.device] += cost.exposed(event.action, kind)
         first[event.device] = min(first[event.device], event.start)
         last[event.device] = max(last[event.device], event.end)
     makespan = max(last, default=0.0)
@@ -515,5 +572,6 @@ def simulate(
         timeline=tuple(events),
         num_ticks=num_ticks,
         spans=spans,
-        exposed_all_reduce=tuple(exposed),
+        exposed_all_reduce=tuple(exposed["all_reduce"]),
+        exposed_all_to_all=tuple(exposed["all_to_all"]),
     )
