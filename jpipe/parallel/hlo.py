@@ -15,6 +15,10 @@ named `async-collective-start.N` and `async-collective-done.N`, each calling a c
 holds the collective, and between them fusions that call `async_collective_fusion.*` computations,
 which run the collective's transfer fused with other compute. One such chain is one asynchronous
 collective here; its in-flight matmuls are those of the instructions between its start and done.
+
+An asynchronous all-to-all (the TPU compiler's under `--xla_tpu_enable_async_all_to_all=true`, the
+GPU compiler's by default) is an `async-start` wrapping it: printed `all-to-all-start` ...
+`all-to-all-done(%start)`, or in full `async-start(...), calls=%computation` ... `async-done`.
 """
 
 from __future__ import annotations
@@ -147,6 +151,17 @@ def _op_name(line: str) -> str:
     return match.group(1) if match else ""
 
 
+def op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the `op_name` of its metadata (the JAX operations that traced it), for every
+    instruction that has one: e.g. what a collective's `matmuls_in_flight` belong to."""
+    names = {}
+    for lines in computations(hlo_text).values():
+        for line in lines:
+            if (parsed := _parse(line)) and (op_name := _op_name(line)):
+                names[parsed[0]] = op_name
+    return names
+
+
 def _parse(line: str) -> tuple[str, str] | None:
     """(instruction name, opcode) of an instruction line, or None."""
     match = _INSTRUCTION.match(line)
@@ -163,14 +178,16 @@ def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
 
     A synchronous collective (`<kind>(...)`, which the compiler leaves when it found nothing to run
     beside it) has none; an asynchronous one has what the schedule puts between its start and done:
-    `<kind>-start` ... `<kind>-done`, or the TPU compiler's async collective fusion chain (the module
-    docstring).
+    `<kind>-start` ... `<kind>-done` (XLA prints an `async-start` that wraps one collective so, e.g.
+    `all-to-all-start`), the unabridged `async-start` ... `async-done` whose computation holds the
+    collective, or the TPU compiler's async collective fusion chain (the module docstring).
     """
     if kind not in COLLECTIVES:
         raise ValueError(f"kind: expected one of {COLLECTIVES}, got {kind!r}")
     module = _Module(hlo_text)
     chains, in_chains = _fusion_chain_overlaps(module, kind)
-    return chains + _direct_overlaps(module, kind, in_chains)
+    wrapped, in_async = _async_wrapper_overlaps(module, kind)
+    return chains + wrapped + _direct_overlaps(module, kind, in_chains | in_async)
 
 
 class _Module:
@@ -276,9 +293,30 @@ def _chain(module: _Module, lines: list[str], index: int, start: str, start_call
     return in_flight, parts
 
 
+def _async_wrapper_overlaps(module: _Module, kind: str) -> tuple[list[CollectiveOverlap], set[str]]:
+    """Collectives of `kind` run by a generic `async-start` ... `async-done(%start)`, and the computations
+    those starts wrap (whose collective is not counted again as a synchronous one)."""
+    found, wrapped = [], set()
+    for comp, lines in module.comps.items():
+        for index, line in enumerate(lines):
+            parsed = _parse(line)
+            if parsed is None or parsed[1] != "async-start":
+                continue
+            hits = [hit for c in sorted(_callees([line])) if (hit := module.collective_line(c, kind))]
+            if not hits:
+                continue
+            wrapped |= module.reachable(_callees([line]))
+            in_flight = module.in_flight(lines, index, _done_of("async", parsed[0]))
+            overlap = CollectiveOverlap(
+                kind, parsed[0], comp, comp in module.in_loop, tuple(in_flight), True, _op_name(hits[0])
+            )
+            found.append(overlap)
+    return found, wrapped
+
+
 def _done_of(prefix: str, start: str):
-    """A test for the line of `<prefix>-done(%start)`."""
-    done = re.compile(re.escape(prefix) + r"-done\(%?" + re.escape(start) + r"\b")
+    """A test for the line of `<prefix>-done(%start)`: `start` whole, not `start.1`."""
+    done = re.compile(re.escape(prefix) + r"-done\(%?" + re.escape(start) + r"(?![\w.\-])")
     return lambda line: done.search(line) is not None
 
 
