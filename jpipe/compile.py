@@ -68,6 +68,13 @@ tensor-parallel all-reduces of a braided tick's two ops, combined, would wait fo
 all four, every all-reduce in the tick loop stays synchronous (libtpu 0.0.42.1 with jax 0.10.2;
 with them, libtpu 0.0.50.1 with jax 0.12 hides as many: `experiments/tp_overlap.py`)."""
 
+TPU_ASYNC_ALL_TO_ALL_FLAGS = ("--xla_tpu_enable_async_all_to_all=true",)
+"""The libtpu flag (`LIBTPU_INIT_ARGS`, set before JAX starts) under which XLA's TPU compiler runs an
+all-to-all asynchronously (`all-to-all-start` ... `all-to-all-done`), with independent compute
+scheduled in between. Without it every all-to-all is synchronous, `TPU_ASYNC_ALL_REDUCE_FLAGS` or
+not; `--xla_tpu_force_async_all_to_all=true` on top changes nothing (libtpu 0.0.50.1 with jax 0.12:
+`experiments/moe_overlap.py`)."""
+
 GPU_COMPILER_OPTIONS = step_module.GPU_COMPILER_OPTIONS
 """XLA options every GPU compilation gets, as the training step on GPUs does (`jpipe.train.step`);
 `compile_training_step` adds the caller's on top."""

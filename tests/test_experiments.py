@@ -193,6 +193,21 @@ def test_tp_overlap_counts_the_tick_loops_all_reduces(tmp_path, cache):
     assert int(rows["stp braided"][7].split()[0]) > 0  # under the async flags some are hidden
 
 
+def test_moe_overlap_counts_the_tick_loops_all_to_alls(tmp_path, cache):
+    pytest.importorskip("libtpu")
+    labels = "dualpipev pairs flattened,dualpipev pairs braided"
+    result = run_experiment("moe_overlap.py", "--quick", "--schedules", labels, "--out", str(tmp_path), cache=cache)
+    table = (tmp_path / "moe_overlap.md").read_text()
+    assert table.strip() in result.stdout and "libtpu" in table
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    flat, braided = rows["dualpipev pairs flattened"], rows["dualpipev pairs braided"]
+    for cells in (flat, braided):
+        in_loop, asynchronous = int(cells[3]), int(cells[4])
+        assert in_loop > 0 and 0 <= int(cells[5].split()[0]) <= asynchronous <= in_loop  # expert parallelism's
+    assert flat[6] == "0" and int(braided[6]) > 0  # only braided ticks are braided
+    assert int(braided[7].split()[0]) > 0  # under the async all-to-all flag some are hidden
+
+
 def test_skippipe(tmp_path, cache):
     result = run_experiment("skippipe.py", "--quick", "--out", str(tmp_path), cache=cache)
     table = (tmp_path / "skippipe.md").read_text()

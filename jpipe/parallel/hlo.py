@@ -15,6 +15,10 @@ named `async-collective-start.N` and `async-collective-done.N`, each calling a c
 holds the collective, and between them fusions that call `async_collective_fusion.*` computations,
 which run the collective's transfer fused with other compute. One such chain is one asynchronous
 collective here; its in-flight matmuls are those of the instructions between its start and done.
+
+An asynchronous all-to-all (the TPU compiler's under `--xla_tpu_enable_async_all_to_all=true`, the
+GPU compiler's by default) is an `async-start` wrapping it: printed `all-to-all-start` ...
+`all-to-all-done(%start)`, or in full `async-start(...), calls=%computation` ... `async-done`.
 """
 
 from __future__ import annotations
@@ -147,6 +151,17 @@ def _op_name(line: str) -> str:
     return match.group(1) if match else ""
 
 
+def op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the `op_name` of its metadata (the JAX operations that traced it), for every
+    instruction that has one: e.g. what a collective's `matmuls_in_flight` belong to."""
+    names = {}
+    for lines in computations(hlo_text).values():
+        for line in lines:
+            if (parsed := _parse(line)) and (op_name := _op_name(line)):
+                names[parsed[0]] = op_name
+    return names
+
+
 def _parse(line: str) -> tuple[str, str] | None:
     """(instruction name, opcode) of an instruction line, or None."""
     match = _INSTRUCTION.match(line)
@@ -162,110 +177,164 @@ def collective_overlaps(hlo_text: str, kind: str) -> list[CollectiveOverlap]:
     """Every collective of `kind` (e.g. `"all-reduce"`) in a scheduled module, with the matmuls in flight.
 
     A synchronous collective (`<kind>(...)`, which the compiler leaves when it found nothing to run
-    beside it) has none; an asynchronous one (`<kind>-start` ... `<kind>-done`) has what the
-    schedule puts between the two.
+    beside it) has none; an asynchronous one has what the schedule puts between its start and done:
+    `<kind>-start` ... `<kind>-done` (XLA prints an `async-start` that wraps one collective so, e.g.
+    `all-to-all-start`), the unabridged `async-start` ... `async-done` whose computation holds the
+    collective, or the TPU compiler's async collective fusion chain (the module docstring).
     """
     if kind not in COLLECTIVES:
         raise ValueError(f"kind: expected one of {COLLECTIVES}, got {kind!r}")
-    comps = computations(hlo_text)
-    in_loop = loop_computations(hlo_text)
-    has_matmul: dict[str, bool] = {}
+    module = _Module(hlo_text)
+    chains, in_chains = _fusion_chain_overlaps(module, kind)
+    wrapped, in_async = _async_wrapper_overlaps(module, kind)
+    return chains + wrapped + _direct_overlaps(module, kind, in_chains | in_async)
 
-    def computes_matmul(name: str, seen: frozenset = frozenset()) -> bool:
-        if name not in has_matmul:
-            lines = comps.get(name, [])
-            direct = any(
-                (parsed := _parse(line)) and (parsed[1] in MATMUL_OPCODES or _runs_library_matmul(line, parsed[1]))
-                for line in lines
-            )
+
+class _Module:
+    """A scheduled module's computations, and (memoised) what they and their callees hold."""
+
+    def __init__(self, hlo_text: str):
+        self.comps = computations(hlo_text)
+        self.in_loop = loop_computations(hlo_text)
+        self._has_matmul: dict[str, bool] = {}
+
+    def computes_matmul(self, name: str, seen: frozenset = frozenset()) -> bool:
+        """Whether computation `name`, or anything it calls, runs a matmul."""
+        if name not in self._has_matmul:
+            lines = self.comps.get(name, [])
+            direct = any((parsed := _parse(line)) and _is_matmul(line, parsed[1]) for line in lines)
             called = _callees(lines) - seen - {name}
-            has_matmul[name] = direct or any(computes_matmul(c, seen | {name}) for c in called)
-        return has_matmul[name]
+            self._has_matmul[name] = direct or any(self.computes_matmul(c, seen | {name}) for c in called)
+        return self._has_matmul[name]
 
-    def line_runs_matmul(line: str) -> bool:
+    def runs_matmul(self, line: str) -> bool:
+        """Whether instruction `line` runs a matmul itself or in a computation it calls."""
         parsed = _parse(line)
         if parsed is None:
             return False
-        return (
-            parsed[1] in MATMUL_OPCODES
-            or _runs_library_matmul(line, parsed[1])
-            or any(computes_matmul(c) for c in _callees([line]))
-        )
+        return _is_matmul(line, parsed[1]) or any(self.computes_matmul(c) for c in _callees([line]))
 
-    def holds(name: str, seen: frozenset = frozenset()) -> bool:
-        """Whether computation `name`, or anything it calls, holds a collective of `kind`."""
-        lines = comps.get(name, [])
-        if any((parsed := _parse(line)) and parsed[1] in (kind, f"{kind}-start") for line in lines):
-            return True
-        return any(holds(c, seen | {name}) for c in _callees(lines) - seen - {name})
-
-    def collective_line(name: str, seen: frozenset = frozenset()) -> str:
-        """The first line of a collective of `kind` in computation `name` or what it calls."""
-        lines = comps.get(name, [])
+    def collective_line(self, name: str, kind: str, seen: frozenset = frozenset()) -> str:
+        """The first line of a collective of `kind` in computation `name` or what it calls ("" if none)."""
+        lines = self.comps.get(name, [])
         for line in lines:
             if (parsed := _parse(line)) and parsed[1] in (kind, f"{kind}-start"):
                 return line
         for callee in sorted(_callees(lines) - seen - {name}):
-            if found_line := collective_line(callee, seen | {name}):
+            if found_line := self.collective_line(callee, kind, seen | {name}):
                 return found_line
         return ""
 
-    def reachable(names: set[str]) -> set[str]:
+    def reachable(self, names: set[str]) -> set[str]:
+        """`names` and every computation they call, directly or not."""
         pending, seen = list(names), set()
         while pending:
             name = pending.pop()
-            if name not in seen and name in comps:
+            if name not in seen and name in self.comps:
                 seen.add(name)
-                pending.extend(_callees(comps[name]))
+                pending.extend(_callees(self.comps[name]))
         return seen
 
-    found = []
-    # TPU async collective fusions: one chain (start ... done) per collective; the computations its
-    # start, done and `async_collective_fusion` parts call are not searched for collectives again.
-    in_chains: set[str] = set()
-    for comp, lines in comps.items():
+    def in_flight(self, lines: list[str], index: int, is_done) -> list[str]:
+        """Names of the matmul-running instructions after `lines[index]`, up to the first that `is_done`."""
+        found = []
+        for later in lines[index + 1 :]:
+            if is_done(later):
+                break
+            if self.runs_matmul(later):
+                found.append(_parse(later)[0])
+        return found
+
+
+def _is_matmul(line: str, opcode: str) -> bool:
+    return opcode in MATMUL_OPCODES or _runs_library_matmul(line, opcode)
+
+
+def _starts(module: _Module, prefix: str):
+    """(computation, its lines, index, instruction name) of each instruction whose name starts with `prefix`."""
+    for comp, lines in module.comps.items():
         for index, line in enumerate(lines):
             parsed = _parse(line)
-            if parsed is None or not parsed[0].startswith("async-collective-start"):
+            if parsed is not None and parsed[0].startswith(prefix):
+                yield comp, lines, index, parsed[0]
+
+
+def _fusion_chain_overlaps(module: _Module, kind: str) -> tuple[list[CollectiveOverlap], set[str]]:
+    """The TPU async collective fusion chains of `kind`, and every computation they use (not searched again)."""
+    found, in_chains = [], set()
+    for comp, lines, index, name in _starts(module, "async-collective-start"):
+        start_callees = _callees([lines[index]])
+        hits = [hit for c in sorted(start_callees) if (hit := module.collective_line(c, kind))]
+        if not hits:
+            continue
+        in_flight, parts = _chain(module, lines, index, name, start_callees)
+        in_chains |= module.reachable(parts)
+        overlap = CollectiveOverlap(kind, name, comp, comp in module.in_loop, tuple(in_flight), True, _op_name(hits[0]))
+        found.append(overlap)
+    return found, in_chains
+
+
+def _chain(module: _Module, lines: list[str], index: int, start: str, start_callees: set[str]):
+    """The matmuls between a fusion chain's start (`lines[index]`) and its done, and the computations
+    its start, done and `async_collective_fusion` parts call."""
+    done_name = start.replace("async-collective-start", "async-collective-done", 1)
+    in_flight, parts = [], set(start_callees)
+    for later in lines[index + 1 :]:
+        parsed = _parse(later)
+        if parsed is None:
+            continue
+        callees = _callees([later])
+        if parsed[0] == done_name:
+            parts |= callees
+            break
+        parts |= {c for c in callees if c.startswith("async_collective_fusion")}
+        if module.runs_matmul(later):
+            in_flight.append(parsed[0])
+    return in_flight, parts
+
+
+def _async_wrapper_overlaps(module: _Module, kind: str) -> tuple[list[CollectiveOverlap], set[str]]:
+    """Collectives of `kind` run by a generic `async-start` ... `async-done(%start)`, and the computations
+    those starts wrap (whose collective is not counted again as a synchronous one)."""
+    found, wrapped = [], set()
+    for comp, lines in module.comps.items():
+        for index, line in enumerate(lines):
+            parsed = _parse(line)
+            if parsed is None or parsed[1] != "async-start":
                 continue
-            start_callees = _callees([line])
-            if not any(holds(c) for c in start_callees):
+            hits = [hit for c in sorted(_callees([line])) if (hit := module.collective_line(c, kind))]
+            if not hits:
                 continue
-            done_name = parsed[0].replace("async-collective-start", "async-collective-done", 1)
-            in_flight, parts = [], set(start_callees)
-            for later in lines[index + 1 :]:
-                later_parsed = _parse(later)
-                if later_parsed is None:
-                    continue
-                callees = _callees([later])
-                if later_parsed[0] == done_name:
-                    parts |= callees
-                    break
-                if any(c.startswith("async_collective_fusion") for c in callees):
-                    parts |= {c for c in callees if c.startswith("async_collective_fusion")}
-                if line_runs_matmul(later):
-                    in_flight.append(later_parsed[0])
-            in_chains |= reachable(parts)
-            op_name = next((_op_name(hit) for c in sorted(start_callees) if (hit := collective_line(c))), "")
-            found.append(CollectiveOverlap(kind, parsed[0], comp, comp in in_loop, tuple(in_flight), True, op_name))
-    for comp, lines in comps.items():
-        if comp in in_chains:
+            wrapped |= module.reachable(_callees([line]))
+            in_flight = module.in_flight(lines, index, _done_of("async", parsed[0]))
+            overlap = CollectiveOverlap(
+                kind, parsed[0], comp, comp in module.in_loop, tuple(in_flight), True, _op_name(hits[0])
+            )
+            found.append(overlap)
+    return found, wrapped
+
+
+def _done_of(prefix: str, start: str):
+    """A test for the line of `<prefix>-done(%start)`: `start` whole, not `start.1`."""
+    done = re.compile(re.escape(prefix) + r"-done\(%?" + re.escape(start) + r"(?![\w.\-])")
+    return lambda line: done.search(line) is not None
+
+
+def _direct_overlaps(module: _Module, kind: str, skip: set[str]) -> list[CollectiveOverlap]:
+    """The `<kind>-start` ... `<kind>-done` pairs and synchronous `<kind>`s outside the computations in `skip`."""
+    found = []
+    for comp, lines in module.comps.items():
+        if comp in skip:
             continue
         for index, line in enumerate(lines):
             parsed = _parse(line)
             if parsed is None or parsed[1] not in (kind, f"{kind}-start"):
                 continue
             name, opcode = parsed
-            in_flight: list[str] = []
-            if opcode == f"{kind}-start":
-                done = re.compile(re.escape(kind) + r"-done\(%?" + re.escape(name) + r"\b")
-                for later in lines[index + 1 :]:
-                    if done.search(later):
-                        break
-                    if line_runs_matmul(later):
-                        in_flight.append(_parse(later)[0])
             asynchronous = opcode == f"{kind}-start"
-            found.append(
-                CollectiveOverlap(kind, name, comp, comp in in_loop, tuple(in_flight), asynchronous, _op_name(line))
+            in_flight = module.in_flight(lines, index, _done_of(kind, name)) if asynchronous else []
+            overlap = CollectiveOverlap(
+                kind, name, comp, comp in module.in_loop, tuple(in_flight), asynchronous, _op_name(line)
             )
+            found.append(overlap)
     return found
