@@ -33,6 +33,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import re
 import sys
 import tempfile
@@ -149,6 +150,11 @@ class CompiledStep:
       generated_code_bytes: the executable's code (not part of `total_bytes`).
       host_temp_bytes: temporaries in host memory: the buffers `--offload` keeps there (not part
         of `total_bytes`, which is device memory; 0 without offload, and on CPU).
+      device_temp_bytes: on a TPU, the temp allocation in device memory read from the compiler's
+        buffer assignment (`device_temp_allocation`; None elsewhere). It leaves out the generated
+        code that `temp_bytes` counts, and under `--offload` it is the number to read:
+        libtpu's `memory_analysis()` then counts some of the host allocation in `temp_bytes` (all of
+        it for a stash-offloaded 1f1b step, part of it for zbv).
       memory_capacity_bytes: HBM per device: `HBM_PER_CHIP[device_kind]` / devices per chip for
         TPUs, the target config's `device_memory_size` for GPUs; None for CPU topologies and unknown
         TPU generations.
@@ -187,6 +193,7 @@ class CompiledStep:
     compiler_options: dict = dataclasses.field(default_factory=dict)
     plan: str = ""
     host_temp_bytes: int = 0
+    device_temp_bytes: int | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -225,7 +232,14 @@ class CompiledStep:
         if self.fits is not None:
             share = self.total_bytes / self.memory_capacity_bytes
             lines.append(f"  {'fits':<10}{'yes' if self.fits else 'NO':>12}   total is {share:.1%} of capacity")
-        lines.append(f"  {'code':<10}{self.generated_code_bytes / MIB:>12.2f}   generated code (not in total)")
+        lines.append(
+            f"  {'code':<10}{self.generated_code_bytes / MIB:>12.2f}   generated code (on TPU, counted in temp)"
+        )
+        if self.device_temp_bytes is not None:
+            lines.append(
+                f"  {'temp alloc':<10}{self.device_temp_bytes / MIB:>12.2f}   device temp allocation "
+                "(buffer assignment: no code, no host buffers)"
+            )
         if self.host_temp_bytes:
             lines.append(
                 f"  {'host temp':<10}{self.host_temp_bytes / MIB:>12.2f}   offloaded buffers on the host (not in total)"
@@ -387,7 +401,6 @@ def compile_training_step(
     unknown compiler option, and `DoesNotFitError` when the TPU compiler finds the step needs more
     memory than a device has.
     """
-    import jax
 
     from jpipe.train.loop import build_train_step, training_mesh
 
@@ -405,19 +418,14 @@ def compile_training_step(
     lowered_at = time.perf_counter()
     if devices[0].platform == "gpu":
         compiler_options = {**GPU_COMPILER_OPTIONS, **(compiler_options or {})}
-    try:
-        compiled = lowered.compile(compiler_options=compiler_options or None)
-    except jax.errors.JaxRuntimeError as error:
-        reason = str(error).splitlines()[0].removeprefix("INVALID_ARGUMENT: ")
-        if "No such compile option" in reason or "While setting option" in reason:
-            raise CompileSetupError(f"compiler_options: {reason}") from error
-        if reason.startswith("RESOURCE_EXHAUSTED: "):
-            kind = devices[0].device_kind
-            # Newer libtpu names the error before the message: "E1000: CompileTimeHbmOom: Ran out of ...".
-            reason = re.sub(r"^E\d+: \w+: ", "", reason.removeprefix("RESOURCE_EXHAUSTED: "))
-            raise DoesNotFitError(topology, kind, reason.rstrip(".")) from error
-        raise
-    compiled_at = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        options = dict(compiler_options or {})
+        reads_buffers = devices[0].platform == "tpu"  # see CompiledStep.device_temp_bytes
+        if reads_buffers and "xla_dump_to" not in options:
+            options["xla_dump_to"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="jpipe-buffers-"))
+        compiled = _compiled_for(lowered, options, topology, devices[0])
+        compiled_at = time.perf_counter()
+        device_temp = device_temp_allocation(pathlib.Path(options["xla_dump_to"])) if reads_buffers else None
     memory = compiled.memory_analysis()
     text = compiled.as_text()
     found = hlo.collectives(text)
@@ -434,6 +442,7 @@ def compile_training_step(
         output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
         host_temp_bytes=getattr(memory, "host_temp_size_in_bytes", 0),
+        device_temp_bytes=device_temp,
         alias_bytes=memory.alias_size_in_bytes,
         generated_code_bytes=memory.generated_code_size_in_bytes,
         memory_capacity_bytes=memory_capacity(devices),
@@ -446,6 +455,38 @@ def compile_training_step(
         compiler_options=dict(compiler_options or {}),
         plan=train_step.plan.describe() if train_step.plan is not None else "",
     )
+
+
+def _compiled_for(lowered, options: dict, topology: str, device):
+    """`lowered.compile(options)`, its errors as `CompileSetupError` (an option) or `DoesNotFitError`."""
+    import jax
+
+    try:
+        return lowered.compile(compiler_options=options or None)
+    except jax.errors.JaxRuntimeError as error:
+        reason = str(error).splitlines()[0].removeprefix("INVALID_ARGUMENT: ")
+        if "No such compile option" in reason or "While setting option" in reason:
+            raise CompileSetupError(f"compiler_options: {reason}") from error
+        if reason.startswith("RESOURCE_EXHAUSTED: "):
+            # Newer libtpu names the error before the message: "E1000: CompileTimeHbmOom: Ran out of ...".
+            reason = re.sub(r"^E\d+: \w+: ", "", reason.removeprefix("RESOURCE_EXHAUSTED: "))
+            raise DoesNotFitError(topology, device.device_kind, reason.rstrip(".")) from error
+        raise
+
+
+def device_temp_allocation(dump: pathlib.Path) -> int:
+    """The device-memory temp allocation of the largest module in an `xla_dump_to` folder, in bytes.
+
+    The buffer assignment's `preallocated-temp` allocations in the default memory space (those
+    without a `color`; host memory is color 5), summed.
+    """
+    assignments = sorted(dump.glob("*after_optimizations-buffer-assignment.txt"), key=lambda p: p.stat().st_size)
+    if not assignments:
+        raise FileNotFoundError(f"no buffer assignment in {dump}")
+    sizes = re.findall(
+        r"^allocation \d+: size (\d+),(?: page \d+,)? preallocated-temp", assignments[-1].read_text(), re.M
+    )
+    return sum(int(size) for size in sizes)
 
 
 def memory_capacity(devices: Sequence) -> int | None:

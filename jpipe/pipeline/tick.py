@@ -26,7 +26,7 @@ from jax import lax
 from jpipe.pipeline.arrays import accumulator_dtype, put, slots, take, varying, zeros
 from jpipe.pipeline.kernels import Kernel, TickContext
 from jpipe.pipeline.lockstep import run_alone, run_in_lockstep
-from jpipe.pipeline.offload import to_device, to_host
+from jpipe.pipeline.offload import HostBuffer
 from jpipe.pipeline.program import Program
 from jpipe.pipeline.stage import StageOps
 from jpipe.pipeline.state import Buffer, Carry, LaneRow, TickRow, View
@@ -72,10 +72,8 @@ class TickMachine:
             dtype = accumulator_dtype(*(a.dtype for a in jax.tree.leaves(context.loss_params)))
             carry = dataclasses.replace(carry, loss=jnp.zeros((), dtype))
         carry = varying(carry, context.manual_axes)
-        # Offloaded buffers get a scratch slot: a tick writes every lane's staged slot back, there
-        # when the lane's op wrote nothing.
         offloaded = {
-            buffer.value: to_host(varying(_with_scratch(getattr(carry, buffer.value)), context.manual_axes))
+            buffer.value: HostBuffer.zeros_like(getattr(carry, buffer.value), context.manual_axes)
             for buffer in context.offload
             if _slot_count(getattr(carry, buffer.value))  # a buffer no op uses stays as it is
         }
@@ -158,10 +156,9 @@ class TickMachine:
         conditional branch the TPU compiler copies a whole host buffer to the device and back.)
         """
         host = {buffer: getattr(state, buffer.value) for buffer in self.context.offload}
-        host = {buffer: stored for buffer, stored in host.items() if _slot_count(stored)}
+        host = {buffer: stored for buffer, stored in host.items() if isinstance(stored, HostBuffer)}
         staged = {
-            buffer.value: to_device(_stacked([take(host[buffer], _slot(lane, buffer)) for lane in row.lanes]))
-            for buffer in host
+            buffer.value: stored.load([_slot(lane, buffer) for lane in row.lanes]) for buffer, stored in host.items()
         }
         lanes = tuple(
             dataclasses.replace(lane, **{_SLOT_FIELD[buffer]: jnp.int32(index) for buffer in host})
@@ -171,10 +168,9 @@ class TickMachine:
         written = {}
         for buffer, stored in host.items():
             writers = jnp.asarray([kernel.code for kernel in self.kernels if buffer in kernel.buffers(self.context)])
-            scratch = _slot_count(stored) - 1
             for index, lane in enumerate(row.lanes):
-                slot = jnp.where(jnp.isin(lane.op, writers), _slot(lane, buffer), scratch)
-                stored = put(stored, slot, to_host(take(getattr(state, buffer.value), index)))
+                slot = jnp.where(jnp.isin(lane.op, writers), _slot(lane, buffer), stored.scratch)
+                stored = stored.store(slot, take(getattr(state, buffer.value), index))
             written[buffer.value] = stored
         return dataclasses.replace(state, **written), messages
 
@@ -289,13 +285,3 @@ def _slot(lane: LaneRow, buffer: Buffer) -> jax.Array:
 def _slot_count(tree: PyTree) -> int:
     """The slots of a buffer (its leaves' leading axis)."""
     return jax.tree.leaves(tree)[0].shape[0]
-
-
-def _stacked(trees: list[PyTree]) -> PyTree:
-    """Trees of like leaves -> one tree whose leaves are stacked on a new leading axis."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-def _with_scratch(tree: PyTree) -> PyTree:
-    """Zeros shaped like a buffer with one more slot (a new buffer, not built from the old one)."""
-    return jax.tree.map(lambda a: jnp.zeros((a.shape[0] + 1, *a.shape[1:]), a.dtype), tree)
