@@ -47,6 +47,8 @@ SCHEDULES = {
     "dualpipev pairs braided": {"name": "dualpipev", "overlap": True},
     "stp flattened": {"name": "stp", "flatten": True},
     "stp braided": {"name": "stp"},
+    "1f1b_overlap flattened": {"name": "1f1b_overlap", "flatten": True},
+    "1f1b_overlap braided": {"name": "1f1b_overlap"},
 }
 FULL = {"layers": 4, "d_model": 256, "seq_len": 256, "microbatches": 8}
 QUICK = {"layers": 2, "d_model": 128, "seq_len": 64, "microbatches": 4}

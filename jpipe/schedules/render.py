@@ -216,63 +216,9 @@ def plot(
     points_per_time = figure_width * 0.85 * 72 / longest
     ops_drawn: set[Op] = set()
     for axes, sim in zip(axes_column, simulations, strict=True):
-        schedule = sim.schedule
-        for op in Op:
-            # (row centre, bar height) of each bar of this op: whole actions, then composite halves.
-            bars = [(e, e.device, 0.8) for e in sim.timeline if isinstance(e.action, Action) and e.action.op is op]
-            for e in sim.timeline:
-                if isinstance(e.action, Composite):
-                    if e.action.first.op is op:
-                        bars.append((e, e.device - 0.2, 0.4))
-                    if e.action.second.op is op:
-                        bars.append((e, e.device + 0.2, 0.4))
-            if not bars:
-                continue
-            ops_drawn.add(op)
-            axes.barh(
-                [y for _, y, _ in bars],
-                [e.end - e.start for e, _, _ in bars],
-                left=[e.start for e, _, _ in bars],
-                height=[h for _, _, h in bars],
-                color=OP_COLORS[op],
-                edgecolor="black",
-                linewidth=0.4,
-            )
-        braided = [e for e in sim.timeline if isinstance(e.action, Composite)]
-        if braided:  # one outline around both halves: the composite is one step
-            axes.barh(
-                [e.device for e in braided],
-                [e.end - e.start for e in braided],
-                left=[e.start for e in braided],
-                height=0.8,
-                fill=False,
-                edgecolor="black",
-                linewidth=1.2,
-            )
-        for event in sim.timeline:
-            label = _event_label(event.action, schedule)
-            bar_points = (event.end - event.start) * points_per_time
-            font_size = min(8.0, bar_points / (0.62 * len(label) + 0.4))
-            if font_size >= 4.0:
-                axes.text(
-                    (event.start + event.end) / 2,
-                    event.device,
-                    label,
-                    ha="center",
-                    va="center",
-                    fontsize=font_size,
-                    color="white",
-                )
-        axes.set_yticks(range(schedule.num_devices), [f"device {d}" for d in range(schedule.num_devices)])
-        axes.set_ylim(schedule.num_devices - 0.5, -0.5)
-        axes.set_xlim(0, longest)
-        axes.grid(axis="x", linewidth=0.3, alpha=0.5)
-        axes.set_axisbelow(True)
-        axes.set_title(
-            f"{schedule.name} (p={schedule.num_devices}, m={schedule.num_microbatches}, v={schedule.virtual})"
-            f" — {sim.mode}: makespan {sim.makespan:.4g}, bubble {sim.bubble_fraction:.1%}",
-            fontsize=10,
-        )
+        ops_drawn |= _draw_bars(axes, sim)
+        _draw_labels(axes, sim, points_per_time)
+        _style_panel(axes, sim, longest)
     axes_column[-1].set_xlabel("time")
     handles = [
         Patch(facecolor=OP_COLORS[op], edgecolor="black", label=f"{op.value} ({OP_NAMES[op]})")
@@ -286,3 +232,74 @@ def plot(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format=file_format, dpi=120)
     return path
+
+
+def _draw_bars(axes, sim: Simulation) -> set[Op]:
+    """One bar per event on its device's row (a composite: two half-height bars in one outline); the ops drawn."""
+    drawn = set()
+    for op in Op:
+        # (row centre, bar height) of each bar of this op: whole actions, then composite halves.
+        bars = [(e, e.device, 0.8) for e in sim.timeline if isinstance(e.action, Action) and e.action.op is op]
+        for e in sim.timeline:
+            if isinstance(e.action, Composite):
+                if e.action.first.op is op:
+                    bars.append((e, e.device - 0.2, 0.4))
+                if e.action.second.op is op:
+                    bars.append((e, e.device + 0.2, 0.4))
+        if not bars:
+            continue
+        drawn.add(op)
+        axes.barh(
+            [y for _, y, _ in bars],
+            [e.end - e.start for e, _, _ in bars],
+            left=[e.start for e, _, _ in bars],
+            height=[h for _, _, h in bars],
+            color=OP_COLORS[op],
+            edgecolor="black",
+            linewidth=0.4,
+        )
+    braided = [e for e in sim.timeline if isinstance(e.action, Composite)]
+    if braided:  # one outline around both halves: the composite is one step
+        axes.barh(
+            [e.device for e in braided],
+            [e.end - e.start for e in braided],
+            left=[e.start for e in braided],
+            height=0.8,
+            fill=False,
+            edgecolor="black",
+            linewidth=1.2,
+        )
+    return drawn
+
+
+def _draw_labels(axes, sim: Simulation, points_per_time: float) -> None:
+    """Each event's microbatch label, inside its bar where it fits at 4 points or more."""
+    for event in sim.timeline:
+        label = _event_label(event.action, sim.schedule)
+        bar_points = (event.end - event.start) * points_per_time
+        font_size = min(8.0, bar_points / (0.62 * len(label) + 0.4))
+        if font_size >= 4.0:
+            axes.text(
+                (event.start + event.end) / 2,
+                event.device,
+                label,
+                ha="center",
+                va="center",
+                fontsize=font_size,
+                color="white",
+            )
+
+
+def _style_panel(axes, sim: Simulation, longest: float) -> None:
+    """Device rows, the shared time axis and the panel's title (schedule, mode, makespan, bubble)."""
+    schedule = sim.schedule
+    axes.set_yticks(range(schedule.num_devices), [f"device {d}" for d in range(schedule.num_devices)])
+    axes.set_ylim(schedule.num_devices - 0.5, -0.5)
+    axes.set_xlim(0, longest)
+    axes.grid(axis="x", linewidth=0.3, alpha=0.5)
+    axes.set_axisbelow(True)
+    axes.set_title(
+        f"{schedule.name} (p={schedule.num_devices}, m={schedule.num_microbatches}, v={schedule.virtual})"
+        f" — {sim.mode}: makespan {sim.makespan:.4g}, bubble {sim.bubble_fraction:.1%}",
+        fontsize=10,
+    )
