@@ -93,95 +93,117 @@ def _list_schedule(
     p: int, placement: tuple[int, ...], routes: tuple[Route, ...], memory_cap: int, cost: Cost
 ) -> tuple[list[list[Action]], float]:
     """Event-driven list scheduling of F and B along `routes`; returns (rows, makespan)."""
-    m = len(routes)
-    virtual = len(placement) // p
-    cost = cost.chunk_cost(virtual)  # per chunk, as `simulate` reads it
-    capacity = memory_cap * virtual  # in stashes of one stage
-    reserved = [0] * p
-    releases: list[tuple[float, int]] = []  # (time, device) of a stash leaving the reservation
-    free = [0.0] * p
-    rows: list[list[Action]] = [[] for _ in range(p)]
-    # ready[d]: (ready time, kind, rank, hop, mb) of actions whose inputs are scheduled; kind 0 = B, 1 = F.
-    ready: list[list[tuple[float, int, int, int, int]]] = [[] for _ in range(p)]
-    forward_end: dict[tuple[int, int], float] = {}
-    backward_end: dict[tuple[int, int], float] = {}
-    rank = [-1] * m  # admission order
-    waiting = {d: [k for k in range(m) if placement[routes[k][0]] == d] for d in range(p)}
-    need = []
-    for route in routes:
-        per_device = [0] * p
-        for stage in route:
-            per_device[placement[stage]] += 1
-        need.append(per_device)
-    admitted = 0
-    remaining = 2 * sum(len(route) for route in routes)
-    now = 0.0
-    makespan = 0.0
+    return _ListScheduler(p, placement, routes, memory_cap, cost).run()
 
-    def arrival(end: float, producer_stage: int, consumer_stage: int) -> float:
-        return end + (cost.comm if placement[producer_stage] != placement[consumer_stage] else 0.0)
 
-    def start(d: int, kind: int, k: int, hop: int) -> None:
-        nonlocal remaining, makespan
-        route = routes[k]
-        stage = route[hop]
-        op = Op.B if kind == 0 else Op.F
-        end = now + cost.of(op, stage)
-        rows[d].append(Action(stage, op, k))
-        free[d] = end
-        makespan = max(makespan, end)
-        remaining -= 1
-        if op is Op.F:
-            forward_end[k, hop] = end
-            if hop + 1 < len(route):
-                nxt = route[hop + 1]
-                ready[placement[nxt]].append((arrival(end, stage, nxt), 1, rank[k], hop + 1, k))
-            else:  # the loss: the last hop's backward needs only its forward
-                ready[d].append((end, 0, rank[k], hop, k))
-        else:
-            backward_end[k, hop] = end
-            heapq.heappush(releases, (end, d))
-            if hop > 0:
-                prev = route[hop - 1]
-                at = max(arrival(end, stage, prev), forward_end[k, hop - 1])
-                ready[placement[prev]].append((at, 0, rank[k], hop - 1, k))
+class _ListScheduler:
+    """`_list_schedule`'s state: the clock, each device's ready actions, and the stash reservations.
 
-    while remaining:
-        while releases and releases[0][0] <= now:
-            _, d = heapq.heappop(releases)
-            reserved[d] -= 1
-        started = True
-        while started:  # again after a start: a zero-time action may make more ready now
-            started = False
-            for d in range(p):
-                if free[d] > now:
-                    continue
-                candidates = [item for item in ready[d] if item[0] <= now]
-                if candidates:
-                    item = min(candidates, key=lambda c: (c[1], c[2], -c[3]))
-                    ready[d].remove(item)
-                    start(d, item[1], item[4], item[3])
-                    started = True
-                    continue
-                for k in waiting[d]:
-                    if all(reserved[e] + need[k][e] <= capacity for e in range(p)):
-                        waiting[d].remove(k)
-                        for e in range(p):
-                            reserved[e] += need[k][e]
-                        rank[k] = admitted
-                        admitted += 1
-                        start(d, 1, k, 0)
-                        started = True
-                        break
-        if not remaining:
-            break
-        upcoming = [t for t in free if t > now]
-        upcoming += [item[0] for d in range(p) for item in ready[d] if item[0] > now]
-        upcoming += [t for t, _ in releases if t > now]
+    A microbatch is admitted (its first F starts) only when every device it visits has room for its
+    stashes (`memory_cap` per device, in stashes of a whole device stage); its stashes are released
+    as its backwards end. At each moment a free device starts its most urgent ready action: a B
+    before an F, then the earlier-admitted microbatch, then the later hop.
+    """
+
+    def __init__(self, p: int, placement: tuple[int, ...], routes: tuple[Route, ...], memory_cap: int, cost: Cost):
+        virtual = len(placement) // p
+        self.p, self.placement, self.routes = p, placement, routes
+        self.cost = cost.chunk_cost(virtual)  # per chunk, as `simulate` reads it
+        self.capacity = memory_cap * virtual  # in stashes of one stage
+        m = len(routes)
+        self.reserved = [0] * p
+        self.releases: list[tuple[float, int]] = []  # (time, device) of a stash leaving the reservation
+        self.free = [0.0] * p
+        self.rows: list[list[Action]] = [[] for _ in range(p)]
+        # ready[d]: (ready time, kind, rank, hop, mb) of actions whose inputs are scheduled; kind 0 = B, 1 = F.
+        self.ready: list[list[tuple[float, int, int, int, int]]] = [[] for _ in range(p)]
+        self.forward_end: dict[tuple[int, int], float] = {}
+        self.rank = [-1] * m  # admission order
+        self.waiting = {d: [k for k in range(m) if placement[routes[k][0]] == d] for d in range(p)}
+        self.need = [[sum(placement[stage] == d for stage in route) for d in range(p)] for route in routes]
+        self.admitted = 0
+        self.remaining = 2 * sum(len(route) for route in routes)
+        self.now = 0.0
+        self.makespan = 0.0
+
+    def run(self) -> tuple[list[list[Action]], float]:
+        while self.remaining:
+            while self.releases and self.releases[0][0] <= self.now:
+                _, d = heapq.heappop(self.releases)
+                self.reserved[d] -= 1
+            while self._start_one_round():  # again after a start: a zero-time action may make more ready now
+                pass
+            if not self.remaining:
+                break
+            self.now = self._next_event()
+        return self.rows, self.makespan
+
+    def _start_one_round(self) -> bool:
+        """Let every free device start one action (a ready one, else an admitted microbatch); any started."""
+        started = False
+        for d in range(self.p):
+            if self.free[d] > self.now:
+                continue
+            candidates = [item for item in self.ready[d] if item[0] <= self.now]
+            if candidates:
+                item = min(candidates, key=lambda c: (c[1], c[2], -c[3]))
+                self.ready[d].remove(item)
+                self._start(d, item[1], item[4], item[3])
+                started = True
+            elif self._admit(d):
+                started = True
+        return started
+
+    def _admit(self, d: int) -> bool:
+        """Start the first forward of the first microbatch waiting on `d` that fits everywhere it goes."""
+        for k in self.waiting[d]:
+            if all(self.reserved[e] + self.need[k][e] <= self.capacity for e in range(self.p)):
+                self.waiting[d].remove(k)
+                for e in range(self.p):
+                    self.reserved[e] += self.need[k][e]
+                self.rank[k] = self.admitted
+                self.admitted += 1
+                self._start(d, 1, k, 0)
+                return True
+        return False
+
+    def _next_event(self) -> float:
+        """The next time a device frees, an action becomes ready or a stash is released."""
+        now = self.now
+        upcoming = [t for t in self.free if t > now]
+        upcoming += [item[0] for d in range(self.p) for item in self.ready[d] if item[0] > now]
+        upcoming += [t for t, _ in self.releases if t > now]
         if not upcoming:  # cannot happen: an admitted microbatch never waits for memory
             raise AssertionError("list scheduler stalled")
-        now = min(upcoming)
-    return rows, makespan
+        return min(upcoming)
+
+    def _arrival(self, end: float, producer_stage: int, consumer_stage: int) -> float:
+        crosses = self.placement[producer_stage] != self.placement[consumer_stage]
+        return end + (self.cost.comm if crosses else 0.0)
+
+    def _start(self, d: int, kind: int, k: int, hop: int) -> None:
+        """Run hop `hop` of microbatch `k` (kind 0: B, 1: F) on `d` now; make its successor ready."""
+        route, placement = self.routes[k], self.placement
+        stage = route[hop]
+        op = Op.B if kind == 0 else Op.F
+        end = self.now + self.cost.of(op, stage)
+        self.rows[d].append(Action(stage, op, k))
+        self.free[d] = end
+        self.makespan = max(self.makespan, end)
+        self.remaining -= 1
+        if op is Op.F:
+            self.forward_end[k, hop] = end
+            if hop + 1 < len(route):
+                nxt = route[hop + 1]
+                self.ready[placement[nxt]].append((self._arrival(end, stage, nxt), 1, self.rank[k], hop + 1, k))
+            else:  # the loss: the last hop's backward needs only its forward
+                self.ready[d].append((end, 0, self.rank[k], hop, k))
+            return
+        heapq.heappush(self.releases, (end, d))
+        if hop > 0:
+            prev = route[hop - 1]
+            at = max(self._arrival(end, stage, prev), self.forward_end[k, hop - 1])
+            self.ready[placement[prev]].append((at, 0, self.rank[k], hop - 1, k))
 
 
 # --- the route search ------------------------------------------------------------------------------
