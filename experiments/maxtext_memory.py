@@ -16,9 +16,26 @@ stages (mesh data 1 x stage 4 x tensor 1), m = 32 microbatches of one sequence (
   object): GPipe with 2 layers per stage (`num_layers_per_pipeline_stage=2`) and circular
   (`num_layers_per_pipeline_stage=1`, 2 repeats).
 - jpipe: `PipelinedLM` gradient + optax AdamW with clipping (`jpipe.train.optimizer`), parameters
-  and optimizer state donated, for gpipe, 1f1b, interleaved_1f1b (v 2), zb_h1 and zbv (v 2). The
-  stage costs for `split_backward="auto"` are measured as the training loop does
-  (`PipelinedLM.stage_costs`, compiled for the default backend, here CPU).
+  and optimizer state donated, for gpipe, 1f1b, interleaved_1f1b (v 2), zb_h1, zbv, v_half and
+  v_min (v 2). The stage costs for the executor's "auto" choices are measured as the training loop
+  does (`PipelinedLM.stage_costs`, compiled for the default backend, here CPU).
+
+Memory against time (`--tradeoff`): every jpipe schedule also with cost-balanced ticks
+(`PipelineOptions(balance_ticks=True)`), with the forward recomputation as R ops
+(`recompute=True`) and with both; each row's temp memory beside its simulated step: the lockstep
+simulator's makespan of what the executor runs (the step's `PipelinePlan`: its schedule, B split
+or whole, sends hidden or not) under the measured per-chunk costs, in layer forwards, relative to
+1f1b's; and the Pareto front of the two. The summary gives jpipe's least temp memory at a step no
+slower than 1f1b's against MaxText's best on this job with jax 0.12.1 / libtpu 0.0.52 (26.58 MiB,
+`MAXTEXT_BEST_JOB1`). The jpipe side needs only jax[tpu] and jpipe (no MaxText):
+
+    python3.12 -m venv /work/venv-tpu-new
+    /work/venv-tpu-new/bin/pip install jax==0.12.1 jaxlib==0.12.1 libtpu==0.0.52
+    /work/venv-tpu-new/bin/pip install -e .
+    /work/venv-tpu-new/bin/python experiments/maxtext_memory.py --jpipe-only --tradeoff --buffers 1f1b,gpipe
+
+(jax 0.12.1's own `jax[tpu]` extra asks for libtpu 0.0.53, which PyPI does not serve; 0.0.52 is the
+newest. About 25 minutes on 2 busy CPU cores: 28 compiles, each measuring its costs first.)
 
 Where the two models differ: MaxText's llama2 decoder block with `mlp_activations=[gelu]` and
 jpipe's `Block` are both pre-RMSNorm attention + GELU MLP (no gate, no biases) with RoPE (jpipe
@@ -43,7 +60,7 @@ Command (from the repository root; about 5 minutes on 2 CPU cores):
 `--jpipe-commit REV` measures jpipe as of a commit (so work in progress in the checkout does not
 enter the numbers). `--buffers 1f1b,interleaved_1f1b` also dumps the TPU compiler's buffer assignment of those jpipe
 schedules (`xla_dump_to`) and prints the largest temp buffers with the HLO instructions that define
-them. `--jpipe-only` / `--maxtext-only` run one side.
+them. `--jpipe-only` / `--maxtext-only` run one side; `--schedules a,b` picks jpipe schedules.
 """
 
 from __future__ import annotations
@@ -454,15 +471,13 @@ def run_jpipe(variant: Variant, mesh, dump: str | None = None) -> Result:
         options["xla_dump_to"] = dump
     compiled, compile_s, pipe, plan, costs = compile_jpipe(variant, mesh, options)
     step, buffers = simulated_step(plan, costs, max(pipe.layout.layer_counts))
-    return Result(
-        "jpipe",
-        variant.label,
-        compile_s=compile_s,
-        step=step,
-        buffer_bytes=buffers,
-        plan=plan.describe(),
-        **stats_of(compiled),
-    )
+    from jpipe.schedules.ir import Op, flatten
+
+    described = plan.describe()
+    if not any(action.op is Op.B for row in plan.schedule.actions for action in flatten(row)):
+        described = described.replace("backward whole", "backward I + W as written")  # no B to run whole
+    stats = stats_of(compiled)
+    return Result("jpipe", variant.label, compile_s=compile_s, step=step, buffer_bytes=buffers, plan=described, **stats)
 
 
 # --- buffer assignment -------------------------------------------------------------------------
