@@ -274,8 +274,8 @@ def test_lm_costs_beat_the_best_named_schedule(m, limit):
 
     (The issue asks for 0.95x; `experiments/schedule_search.py` reports what a longer search reaches.)
     At limits 6 and 8 DualPipeV with B whole (no weight residuals) is the best named schedule:
-    3.5% (m = 8) and 6% (m = 16) under the best one run split; the searched F/I/W orders beat it by
-    1.6% at m = 8 and not at m = 16, where the search returns it.
+    2.4% (m = 8) and 6.2% (m = 16) under the best one run split; in this budget the searched F/I/W
+    orders beat it by 1.6% at m = 8 and not at m = 16, where the search returns it.
     """
     p = 4
     # The budget also pays one evaluation per fitting named schedule: at 4000, v_half and v_min (two
