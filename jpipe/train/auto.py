@@ -212,10 +212,13 @@ class AutoSchedule:
 
 
 def send_latency(config: TrainConfig) -> int:
-    """The lockstep send latency the executor runs with: 1 when `overlap_sends` is true, else 0.
+    """The lockstep send latency the search assumes: 1 when `overlap_sends` is true, else 0.
 
-    ("auto" turns the overlap on only when the simulator finds it no slower; with measured FLOPs
-    sends cost nothing and it stays off.)
+    With "auto" the executor turns the overlap on for the chosen schedule wherever the simulator
+    finds it no slower, which the search does not foresee: with measured FLOPs (sends cost nothing)
+    the one-tick latency can still pack faster, e.g. interleaved_1f1b on the MaxText job of
+    `experiments/maxtext_memory.py` runs with hidden sends at 0.70 of 1F1B's step, 0.96 exposed
+    (docs/memory.md).
     """
     return 1 if config.parallel.overlap_sends is True else 0
 
