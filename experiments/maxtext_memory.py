@@ -16,9 +16,26 @@ stages (mesh data 1 x stage 4 x tensor 1), m = 32 microbatches of one sequence (
   object): GPipe with 2 layers per stage (`num_layers_per_pipeline_stage=2`) and circular
   (`num_layers_per_pipeline_stage=1`, 2 repeats).
 - jpipe: `PipelinedLM` gradient + optax AdamW with clipping (`jpipe.train.optimizer`), parameters
-  and optimizer state donated, for gpipe, 1f1b, interleaved_1f1b (v 2), zb_h1 and zbv (v 2). The
-  stage costs for `split_backward="auto"` are measured as the training loop does
-  (`PipelinedLM.stage_costs`, compiled for the default backend, here CPU).
+  and optimizer state donated, for gpipe, 1f1b, interleaved_1f1b (v 2), zb_h1, zbv, v_half and
+  v_min (v 2). The stage costs for the executor's "auto" choices are measured as the training loop
+  does (`PipelinedLM.stage_costs`, compiled for the default backend, here CPU).
+
+Memory against time (`--tradeoff`): every jpipe schedule also with cost-balanced ticks
+(`PipelineOptions(balance_ticks=True)`), with the forward recomputation as R ops
+(`recompute=True`) and with both; each row's temp memory beside its simulated step: the lockstep
+simulator's makespan of what the executor runs (the step's `PipelinePlan`: its schedule, B split
+or whole, sends hidden or not) under the measured per-chunk costs, in layer forwards, relative to
+1f1b's; and the Pareto front of the two. The summary gives jpipe's least temp memory at a step no
+slower than 1f1b's against MaxText's best on this job with jax 0.12.1 / libtpu 0.0.52 (26.58 MiB,
+`MAXTEXT_BEST_JOB1`). The jpipe side needs only jax[tpu] and jpipe (no MaxText):
+
+    python3.12 -m venv /work/venv-tpu-new
+    /work/venv-tpu-new/bin/pip install jax==0.12.1 jaxlib==0.12.1 libtpu==0.0.52
+    /work/venv-tpu-new/bin/pip install -e .
+    /work/venv-tpu-new/bin/python experiments/maxtext_memory.py --jpipe-only --tradeoff --buffers 1f1b,gpipe
+
+(jax 0.12.1's own `jax[tpu]` extra asks for libtpu 0.0.53, which PyPI does not serve; 0.0.52 is the
+newest. About 25 minutes on 2 busy CPU cores: 28 compiles, each measuring its costs first.)
 
 Where the two models differ: MaxText's llama2 decoder block with `mlp_activations=[gelu]` and
 jpipe's `Block` are both pre-RMSNorm attention + GELU MLP (no gate, no biases) with RoPE (jpipe
@@ -43,7 +60,7 @@ Command (from the repository root; about 5 minutes on 2 CPU cores):
 `--jpipe-commit REV` measures jpipe as of a commit (so work in progress in the checkout does not
 enter the numbers). `--buffers 1f1b,interleaved_1f1b` also dumps the TPU compiler's buffer assignment of those jpipe
 schedules (`xla_dump_to`) and prints the largest temp buffers with the HLO instructions that define
-them. `--jpipe-only` / `--maxtext-only` run one side.
+them. `--jpipe-only` / `--maxtext-only` run one side; `--schedules a,b` picks jpipe schedules.
 """
 
 from __future__ import annotations
@@ -109,7 +126,43 @@ MAXTEXT_OPTIONS = {
     "gpipe": ("GPipe, 2 layers/stage", ["num_layers_per_pipeline_stage=2"]),
     "circular": ("circular, 1 layer/stage x 2 repeats", ["num_layers_per_pipeline_stage=1"]),
 }
-JPIPE_SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "zbv": 2}
+JPIPE_SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "zbv": 2, "v_half": 2, "v_min": 2}
+MAXTEXT_BEST_JOB1 = 26.58 * MIB  # MaxText's best temp on this job, jax 0.12.1 / libtpu 0.0.52 (issue 27)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One jpipe configuration of the job: a schedule and the executor options that change its ticks.
+
+    Attributes:
+      schedule: a name in `JPIPE_SCHEDULES` (built with its `virtual` there).
+      balance_ticks: `PipelineOptions.balance_ticks` (cost-balanced ticks, `jpipe.schedules.fused_ticks`).
+      recompute: `PipelineOptions.recompute` (the forward recomputation as R ops, remat full).
+    """
+
+    schedule: str
+    balance_ticks: bool = False
+    recompute: bool = False
+
+    @property
+    def virtual(self) -> int:
+        return JPIPE_SCHEDULES[self.schedule]
+
+    @property
+    def label(self) -> str:
+        extras = ["R"] * self.recompute + ["balanced"] * self.balance_ticks
+        chunks = f" (v={self.virtual})" if self.virtual > 1 else ""
+        return self.schedule + chunks + "".join(f" +{extra}" for extra in extras)
+
+
+def tradeoff_variants() -> list[Variant]:
+    """Every schedule of `JPIPE_SCHEDULES` as is, with balanced ticks, with R ops, and with both."""
+    return [
+        Variant(name, balance_ticks=balanced, recompute=recompute)
+        for name in JPIPE_SCHEDULES
+        for recompute in (False, True)
+        for balanced in (False, True)
+    ]
 
 
 @dataclasses.dataclass
@@ -122,6 +175,9 @@ class Result:
     alias: int
     compile_s: float
     code: int = 0
+    step: float | None = None  # simulated, in layer forwards (`simulated_step`)
+    buffer_bytes: int | None = None
+    plan: str = ""
 
     @property
     def total(self) -> int:
@@ -183,14 +239,16 @@ def _run_step(command: list[str]) -> None:
     print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def check_environment() -> None:
-    if sys.version_info[:2] != (3, 12):
+def check_environment(maxtext: bool = True) -> None:
+    """Exit with the setup commands unless this Python can compile for TPU (and run MaxText if `maxtext`)."""
+    if maxtext and sys.version_info[:2] != (3, 12):
         sys.exit(
             f"maxtext_memory.py: MaxText {MAXTEXT_VERSION} needs Python 3.12, this is {sys.version.split()[0]} "
             f"({sys.executable}). Create its environment with `python3.12 {__file__} --setup` and run "
             f"{DEFAULT_ENV}/bin/python {__file__}"
         )
-    missing = [name for name in ("maxtext", "libtpu", "jpipe") if importlib.util.find_spec(name) is None]
+    needed = ("maxtext", "libtpu", "jpipe") if maxtext else ("libtpu", "jpipe")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         sys.exit(
             f"maxtext_memory.py: not installed in {sys.prefix}: {', '.join(missing)}. "
@@ -320,8 +378,13 @@ def jpipe_model_config():
     )
 
 
-def compile_jpipe(schedule_name: str, virtual: int, mesh, compiler_options: dict):
-    """The jpipe training step (gradient + AdamW with clipping, state donated), compiled for the topology."""
+def compile_jpipe(variant: Variant, mesh, compiler_options: dict):
+    """The jpipe training step (gradient + AdamW with clipping, state donated), compiled for the topology.
+
+    Returns `(compiled, compile seconds, pipe, plan, costs)`: `plan` is the `PipelinePlan` the step
+    runs (its "auto" choices resolved under the measured costs), `costs` the largest chunk's
+    `StageCosts` measured as the training loop measures them (`PipelinedLM.stage_costs`).
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -334,8 +397,9 @@ def compile_jpipe(schedule_name: str, virtual: int, mesh, compiler_options: dict
     from jpipe.train.config import OptimizerConfig
     from jpipe.train.optimizer import make_optimizer
 
-    schedule = schedules.build(schedule_name, STAGES, MICROBATCHES, virtual)
-    pipe = PipelinedLM(jpipe_model_config(), schedule=schedule, mesh=mesh, options=PipelineOptions(remat="full"))
+    schedule = schedules.build(variant.schedule, STAGES, MICROBATCHES, variant.virtual)
+    options = PipelineOptions(remat="full", balance_ticks=variant.balance_ticks, recompute=variant.recompute)
+    pipe = PipelinedLM(jpipe_model_config(), schedule=schedule, mesh=mesh, options=options)
     costs = pipe.stage_costs(batch=GLOBAL_BATCH // MICROBATCHES)
     pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=costs.cost(per="chunk")))
 
@@ -372,16 +436,48 @@ def compile_jpipe(schedule_name: str, virtual: int, mesh, compiler_options: dict
     step = jax.jit(train_step, out_shardings=(param_shardings, opt_shardings, None, None), donate_argnums=(0, 1))
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, tokens, tokens).compile(compiler_options=compiler_options)
-    return compiled, time.perf_counter() - start, pipe
+    return compiled, time.perf_counter() - start, pipe, loss_and_grads.plan, costs
 
 
-def run_jpipe(schedule_name: str, virtual: int, mesh, dump: str | None = None) -> Result:
+def simulated_step(plan, costs, layers_per_chunk: int) -> tuple[float, int]:
+    """The lockstep simulator's step for what the executor runs, and the buffers it allocates.
+
+    Returns `(step, buffer bytes)`: the makespan of `plan.schedule` (B split as `plan.split`, sends
+    as `plan.overlap`) under the measured per-chunk costs (units of one chunk's forward), times the
+    layers of a chunk: in layer forwards, so schedules with different chunk sizes compare. (Not
+    times the chunk's forward FLOPs: `cost_analysis()` counts the body of the chunk's scan over
+    its layers once, so a 2-layer chunk reports one layer's FLOPs; the ratios between its ops hold.)
+    And the stash, weight-residual and recompute slots `compile_program` allocates per device times
+    their measured bytes.
+    """
+    from jpipe import schedules
+    from jpipe.pipeline.program import compile_program
+
+    latency = int(plan.overlap)
+    cost = costs.cost(per="chunk")
+    sim = schedules.simulate(plan.schedule, cost, "lockstep", split_backward=plan.split, send_latency=latency)
+    program = compile_program(plan.schedule, split=plan.split, send_latency=latency, braid=plan.options.braid)
+    buffers = (
+        program.num_stash_slots * costs.stash_bytes
+        + program.num_weight_slots * costs.weight_residual_bytes
+        + program.num_recompute_slots * costs.recomputed_bytes
+    )
+    return sim.makespan * layers_per_chunk, buffers
+
+
+def run_jpipe(variant: Variant, mesh, dump: str | None = None) -> Result:
     options = dict(COMPILER_OPTIONS)
     if dump:
         options["xla_dump_to"] = dump
-    compiled, compile_s, _ = compile_jpipe(schedule_name, virtual, mesh, options)
-    label = schedule_name + (f" (v={virtual})" if virtual > 1 else "")
-    return Result("jpipe", label, compile_s=compile_s, **stats_of(compiled))
+    compiled, compile_s, pipe, plan, costs = compile_jpipe(variant, mesh, options)
+    step, buffers = simulated_step(plan, costs, max(pipe.layout.layer_counts))
+    from jpipe.schedules.ir import Op, flatten
+
+    described = plan.describe()
+    if not any(action.op is Op.B for row in plan.schedule.actions for action in flatten(row)):
+        described = described.replace("backward whole", "backward I + W as written")  # no B to run whole
+    stats = stats_of(compiled)
+    return Result("jpipe", variant.label, compile_s=compile_s, step=step, buffer_bytes=buffers, plan=described, **stats)
 
 
 # --- buffer assignment -------------------------------------------------------------------------
@@ -508,6 +604,78 @@ def ratio_lines(results: list[Result]) -> list[str]:
     return lines
 
 
+def tradeoff_lines(results: list[Result]) -> list[str]:
+    """jpipe's memory against time: temp MiB per device and simulated step relative to 1f1b's.
+
+    A row is on the Pareto front (*) when no other row has both less temp memory and a shorter
+    simulated step. Then jpipe's least temp memory at a step no slower than 1f1b's, against MaxText's
+    best on this job (`MAXTEXT_BEST_JOB1`), and the fastest row within 1.25x 1f1b's temp memory.
+    """
+    rows = [r for r in results if r.system == "jpipe" and r.step]
+    base = next((r for r in rows if r.option == "1f1b"), None)
+    if base is None:
+        return []
+    front = {id(r) for r in rows if not any(_dominates(o, r) for o in rows)}
+    lines = [
+        "Memory against time (jpipe): temp MiB per device from `memory_analysis()`; step: the lockstep simulator's "
+        "makespan of what the executor runs (its plan), measured per-chunk FLOP costs, relative to 1f1b's; "
+        "buffers: the stash, weight-residual and recompute slots the executor allocates x measured bytes; "
+        "* on the Pareto front (temp, step).",
+        "",
+        "| schedule | temp MiB | step (layer F) | step / 1f1b | buffers MiB | code MiB | plan | front |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r.temp):
+        lines.append(
+            f"| {r.option} | {r.temp / MIB:.2f} | {r.step:.1f} | {r.step / base.step:.3f} | "
+            f"{(r.buffer_bytes or 0) / MIB:.2f} | {r.code / MIB:.2f} | {r.plan} | {'*' if id(r) in front else ''} |"
+        )
+    no_slower = [r for r in rows if r.step <= base.step * (1 + 1e-9)]
+    best = min(no_slower, key=lambda r: r.temp)
+    within = [r for r in rows if r.temp <= 1.25 * base.temp]
+    fastest = min(within, key=lambda r: (r.step, r.temp))
+    lines += [
+        "",
+        f"- least temp at a simulated step no slower than 1f1b's: {best.option}, {best.temp / MIB:.2f} MiB "
+        f"(step {best.step / base.step:.3f}); / MaxText's best on this job "
+        f"({MAXTEXT_BEST_JOB1 / MIB:.2f} MiB, jax 0.12.1 / libtpu 0.0.52) = {best.temp / MAXTEXT_BEST_JOB1:.3f}; "
+        f"/ jpipe 1f1b ({base.temp / MIB:.2f} MiB) = {best.temp / base.temp:.3f}",
+        f"- fastest within 1.25x 1f1b's temp ({1.25 * base.temp / MIB:.2f} MiB): {fastest.option}, "
+        f"{fastest.temp / MIB:.2f} MiB, step {fastest.step / base.step:.3f}",
+    ]
+    return lines
+
+
+def _dominates(a: Result, b: Result) -> bool:
+    """Whether `a` is at least as good as `b` in temp and step, and better in one."""
+    return a.temp <= b.temp and a.step <= b.step and (a.temp < b.temp or a.step < b.step)
+
+
+def measure_jpipe(variants: list[Variant], buffers: list[str], top: int, workdir: pathlib.Path, notes: list[str]):
+    """Compile every variant (a failure becomes a note) and print the buffer reports asked for."""
+    mesh = topology_mesh()
+    results = []
+    for variant in variants:
+        try:
+            result = run_jpipe(variant, mesh)
+        except Exception as error:  # noqa: BLE001 - one variant that does not compile must not end the sweep
+            notes.append(f"jpipe {variant.label}: not measured ({type(error).__name__}: {str(error)[:200]})")
+            print(notes[-1], flush=True)
+            continue
+        print(
+            f"jpipe {result.option}: temp {result.temp / MIB:.2f} MiB, total {result.total / MIB:.2f} MiB, "
+            f"simulated step {result.step:.1f} layer forwards, compile {result.compile_s:.0f} s",
+            flush=True,
+        )
+        results.append(result)
+    for name in buffers:
+        dump = workdir / f"dump_{name}"
+        result = run_jpipe(Variant(name), mesh, dump=str(dump))
+        print(f"\n== jpipe {result.option}: largest temp buffers ==")
+        print(buffer_report(dump, result.temp, result.code, top), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup", action="store_true", help="create the Python 3.12 environment (--env)")
@@ -522,6 +690,12 @@ def main() -> None:
     )
     parser.add_argument("--jpipe-only", action="store_true")
     parser.add_argument("--maxtext-only", action="store_true")
+    parser.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="jpipe: every schedule also with balanced ticks, R ops and both; print memory against simulated step",
+    )
+    parser.add_argument("--schedules", help="comma-separated jpipe schedules (default: all of JPIPE_SCHEDULES)")
     parser.add_argument("--maxtext-worker", choices=sorted(MAXTEXT_OPTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -534,13 +708,15 @@ def main() -> None:
     if args.maxtext_worker:
         maxtext_worker(args.maxtext_worker, args.result, args.workdir, args.dump)
         return
-    check_environment()
+    check_environment(maxtext=not args.jpipe_only)
     exported = export_jpipe(args.jpipe_commit) if args.jpipe_commit else None
     info = versions()
     if exported:
         info["jpipe"] = f"{args.jpipe_commit} (exported)"
     print("versions:", ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
-    notes = []
+    names = args.schedules.split(",") if args.schedules else list(JPIPE_SCHEDULES)
+    variants = [v for v in tradeoff_variants() if v.schedule in names] if args.tradeoff else list(map(Variant, names))
+    notes: list[str] = []
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="maxtext_memory_") as scratch:
         workdir = pathlib.Path(scratch)
@@ -553,20 +729,10 @@ def main() -> None:
                 )
                 results.append(result)
         if not args.maxtext_only:
-            mesh = topology_mesh()
-            for name, virtual in JPIPE_SCHEDULES.items():
-                result = run_jpipe(name, virtual, mesh)
-                print(
-                    f"jpipe {result.option}: temp {result.temp / MIB:.2f} MiB, total {result.total / MIB:.2f} MiB",
-                    flush=True,
-                )
-                results.append(result)
-            for name in filter(None, args.buffers.split(",")):
-                dump = workdir / f"dump_{name}"
-                result = run_jpipe(name, JPIPE_SCHEDULES[name], mesh, dump=str(dump))
-                print(f"\n== jpipe {result.option}: largest temp buffers ==")
-                print(buffer_report(dump, result.temp, result.code, args.top), flush=True)
+            buffers = list(filter(None, args.buffers.split(",")))
+            results += measure_jpipe(variants, buffers, args.top, workdir, notes)
     text = table(results, info, notes)
+    text += "\n" + "\n".join(tradeoff_lines(results)) + "\n"
     print("\n" + text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

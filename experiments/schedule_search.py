@@ -98,9 +98,10 @@ def quickstart_cost() -> tuple[Callable[[int], Cost], Callable[[int], int]]:
     return measure.cost, measure.stash_bytes
 
 
-def slots(schedule: Schedule) -> str:
-    """The executor's stash + weight-residual slots for `schedule` (B split into I and W)."""
-    per_device = buffer_slots(split_backward(schedule))
+def slots(schedule: Schedule, split: bool = True) -> str:
+    """The executor's stash + weight-residual slots for `schedule` (B split into I and W, or whole:
+    the search counts a named schedule as the executor runs it, `SearchResult.split`)."""
+    per_device = buffer_slots(split_backward(schedule) if split else schedule)
     return f"{max(s for s, _ in per_device)} + {max(w for _, w in per_device)}"
 
 
@@ -127,8 +128,8 @@ def row(result: SearchResult, latency: int, limit: float, stash_bytes: Callable[
         f"{result.makespan:.1f}",
         f"{result.ratio:.3f}",
         str(result.schedule.virtual),
-        slots(baseline),
-        slots(result.schedule),
+        slots(baseline, next((n.split for n in result.named if n.schedule is baseline), True)),
+        slots(result.schedule, result.split),
         memory,
         f"{busiest_work(result):.1f}",
         str(result.evaluations),

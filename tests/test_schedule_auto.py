@@ -134,7 +134,7 @@ def test_the_limit_holds_for_the_buffers_the_executor_allocates(virtual, limit):
     out = io.StringIO()
     searched = auto.search_schedule(config, QUICKSTART, out)
     chosen = searched.result.schedule
-    buffers = auto.executor_buffers(chosen, QUICKSTART, auto.send_latency(config))
+    buffers = auto.executor_buffers(chosen, QUICKSTART, auto.send_latency(config), split=searched.result.split)
     assert (buffers.stash_slots, buffers.weight_slots) == tuple(map(max, zip(*searched.result.slots)))
     assert buffers.stashes == pytest.approx(searched.result.memory, rel=1e-12)
     assert buffers.stashes <= searched.limit + 1e-9
@@ -148,6 +148,41 @@ def test_the_limit_holds_for_the_buffers_the_executor_allocates(virtual, limit):
     report = out.getvalue()
     assert f"{buffers.stash_slots} x {format_bytes(buffers.stash_slot_bytes)} + {buffers.weight_slots} x " in report
     assert f"= {format_bytes(buffers.bytes)}" in report and f"limit {searched.limit:.3g} stashes = " in report
+    assert "memory/time trade-off of the named schedules (Pareto front" in report
+
+
+@pytest.mark.parametrize("virtual", ["1", "2"])
+def test_within_1_25x_1f1b_memory_auto_is_never_slower_than_1f1b(virtual):
+    """Quick-start costs, limit 1.25x the default (1F1B's buffers): the chosen schedule is no slower
+    (simulated lockstep) than 1F1B as the search counts it (B split or whole, as the executor runs it)."""
+    argv = ["--preset", "quickstart", "--schedule", "auto", "--virtual", virtual, "--search-time", "2"]
+    default = auto.search_schedule(cli.build_config(cli.parse(argv)), QUICKSTART, io.StringIO())
+    config = cli.build_config(cli.parse([*argv, "--memory-limit", f"{1.25 * default.limit:.6g}"]))
+    searched = auto.search_schedule(config, QUICKSTART, io.StringIO())
+    one_f_one_b = next(n for n in searched.result.named if n.schedule.name == "1f1b" and n.virtual == 1)
+    assert one_f_one_b.memory <= searched.limit and searched.result.memory <= searched.limit + 1e-9
+    assert searched.result.makespan <= one_f_one_b.makespan + 1e-9
+
+
+def test_the_report_and_the_record_keep_the_pareto_front(tmp_path):
+    """The named schedules' memory/time front is printed (makespan also relative to 1F1B's) and kept
+    in schedule_search.json; v_half and v_min are among the schedules it is taken from."""
+    argv = ["--preset", "quickstart", "--schedule", "auto", "--virtual", "2", "--search-time", "2"]
+    config = cli.build_config(cli.parse(argv))
+    out = io.StringIO()
+    searched = auto.search_schedule(config, QUICKSTART, out)
+    result = searched.result
+    assert {"v_half", "v_min"} <= {n.schedule.name for n in result.named}
+    assert [point["label"] for point in searched.front] == [n.label for n in result.front]
+    one_f_one_b = next(n for n in result.named if n.schedule.name == "1f1b" and n.virtual == 1)
+    report = out.getvalue()
+    for point in searched.front:
+        ratio = point["makespan"] / one_f_one_b.makespan
+        assert f"{point['label']:<34}{point['makespan']:>10.1f}{ratio:>8.3f}  {point['memory']:.3g} stashes" in report
+        assert point["bytes"] == int(point["memory"] * QUICKSTART.stash_bytes(point["virtual"]))
+    auto.save(tmp_path, searched)
+    record = json.loads((tmp_path / auto.SEARCH_JSON).read_text())
+    assert record["pareto_front"] == list(searched.front) and record["split"] == result.split
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -171,9 +206,11 @@ def test_auto_run_writes_its_schedule_trains_and_resumes_with_it(tmp_path, measu
     assert (schedule.num_devices, schedule.num_microbatches) == (2, 2)
     # Simulated anew under the same measured costs: the searched one is no slower than the best named.
     cost = measure.cost(schedule.virtual)
-    searched = schedules.simulate(schedule, cost, "lockstep")
+    searched = schedules.simulate(schedule, cost, "lockstep", split_backward=record["split"])
     named = schedules.build(record["baseline"], 2, 2, record["baseline_virtual"])
-    baseline = schedules.simulate(named, measure.cost(named.virtual), "lockstep")
+    baseline = schedules.simulate(
+        named, measure.cost(named.virtual), "lockstep", split_backward=record["baseline_split"]
+    )
     assert math.isclose(searched.makespan, record["makespan"]) and max(searched.peak_memory) <= 3 + 1e-9
     assert math.isclose(baseline.makespan, record["baseline_makespan"]) and searched.makespan <= baseline.makespan
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]

@@ -41,6 +41,7 @@ from jpipe.schedules import (
     stage_costs,
     validate,
 )
+from jpipe.schedules.ir import Op, flatten
 from jpipe.schedules.orders import Orders
 
 LAYERS = 32
@@ -192,16 +193,28 @@ def test_the_joint_count_is_not_what_the_executor_allocates():
 # --- the search ---------------------------------------------------------------------------------
 
 
-def executor_memory(schedule, weight_residuals: float, latency: int = 0) -> float:
+def executor_memory(schedule, weight_residuals: float, latency: int = 0, split: bool = True) -> float:
     """The stash and weight-residual buffers `compile_program` allocates per device, in microbatch x
     full device stage (one slot holds one chunk's stash, `1 / virtual`)."""
-    program = compile_program(schedule, split=True, send_latency=latency)
+    program = compile_program(schedule, split=split, send_latency=latency)
     return (program.num_stash_slots + weight_residuals * program.num_weight_slots) / schedule.virtual
+
+
+def as_run(schedule, cost, latency: int = 0) -> tuple[float, float]:
+    """`(lockstep makespan, executor memory)` of `schedule` with each B split or whole, whichever is
+    faster (ties: whole), as the executor's `split_backward="auto"` runs it and the search counts it."""
+    split = simulate(schedule, cost, "lockstep", send_latency=latency).makespan
+    if not any(a.op is Op.B for row in schedule.actions for a in flatten(row)):
+        return split, executor_memory(schedule, cost.weight_residuals, latency)
+    whole = simulate(schedule, cost, "lockstep", split_backward=False, send_latency=latency).makespan
+    if whole <= split:
+        return whole, executor_memory(schedule, cost.weight_residuals, latency, split=False)
+    return split, executor_memory(schedule, cost.weight_residuals, latency)
 
 
 def best_named(p: int, m: int, cost_of, limit: float, virtual: int, latency: int = 0) -> float:
     """The least lockstep makespan of the named schedules whose executor buffers fit `limit` (with a
-    send latency, also of `build`'s versions for it)."""
+    send latency, also of `build`'s versions for it), each run as `as_run` runs it."""
     best = float("inf")
     for name in SCHEDULES:
         for v in range(1, virtual + 1):
@@ -210,20 +223,19 @@ def best_named(p: int, m: int, cost_of, limit: float, virtual: int, latency: int
             except ScheduleError:
                 continue
             for schedule in built:
-                sim = simulate(schedule, cost_of(v), "lockstep", send_latency=latency)
-                if executor_memory(schedule, cost_of(v).weight_residuals, latency) <= limit + 1e-9:
-                    best = min(best, sim.makespan)
+                makespan, memory = as_run(schedule, cost_of(v), latency)
+                if memory <= limit + 1e-9:
+                    best = min(best, makespan)
     return best
 
 
 def check_found(schedule, cost, limit: float, latency: int = 0) -> float:
     """Validate, check the memory limit against what the executor allocates and return the lockstep
-    makespan."""
+    makespan (B split or whole as `as_run` runs it)."""
     validate(schedule)
-    sim = simulate(schedule, cost, "lockstep", send_latency=latency)
-    assert executor_memory(schedule, cost.weight_residuals, latency) <= limit + 1e-9
-    assert max(peak_memory(split_backward(schedule), cost.weight_residuals)) <= limit + 1e-9
-    return sim.makespan
+    makespan, memory = as_run(schedule, cost, latency)
+    assert memory <= limit + 1e-9
+    return makespan
 
 
 UNIFORM_CASES = [(p, m) for p in (2, 4) for m in sorted({p, p + 1, 2 * p - 1, 3 * p, 4 * p})]
@@ -242,8 +254,8 @@ def test_uniform_costs_never_worse_than_the_best_named_schedule(p, m):
                 schedule = build(name, p, m, virtual)
             except ScheduleError:
                 continue
-            sim = simulate(schedule, cost, "lockstep")
-            named.append((executor_memory(schedule, cost.weight_residuals), sim.makespan))
+            makespan, memory = as_run(schedule, cost)
+            named.append((memory, makespan))
     for limit in (1.25, p / 2 + 1.25, p + 0.25, 1.5 * p + 0.25):
         result = search_result(p, m, cost, memory_limit=limit, virtual=2, budget=300 if p < 8 else 100, seed=1)
         baseline = min(makespan for memory, makespan in named if memory <= limit + 1e-9)
@@ -257,20 +269,26 @@ LM_CASES = [(m, limit) for m in (8, 16) for limit in (4.0, 6.0, 8.0)]
 
 @pytest.mark.parametrize(("m", "limit"), LM_CASES, ids=[f"m{m}-L{x:g}" for m, x in LM_CASES])
 def test_lm_costs_beat_the_best_named_schedule(m, limit):
-    """p = 4, limits p, 1.5p and 2p: at least 2% under the best named schedule in a short search.
+    """p = 4, limits p, 1.5p and 2p: at least 2% under the best named schedule run with B split in a
+    short search, and never slower than the best named schedule as the executor runs it.
 
     (The issue asks for 0.95x; `experiments/schedule_search.py` reports what a longer search reaches.)
+    At limits 6 and 8 DualPipeV with B whole (no weight residuals) is the best named schedule:
+    2.4% (m = 8) and 6.2% (m = 16) under the best one run split; in this budget the searched F/I/W
+    orders beat it by 1.6% at m = 8 and not at m = 16, where the search returns it.
     """
     p = 4
     # The budget also pays one evaluation per fitting named schedule: at 4000, v_half and v_min (two
     # more named schedules) left m = 8, limit 8 at 0.9804x; 5000 gives every case <= 0.973x.
     result = search_result(p, m, lambda v: lm_cost(p, v), memory_limit=limit, virtual=2, budget=5000)
-    assert result.schedule.name == "auto"
     makespan = check_found(result.schedule, result.cost, limit)
     assert makespan == exactly(result.makespan)
     baseline = best_named(p, m, lambda v: lm_cost(p, v), limit, 2)
-    assert result.baseline_makespan == exactly(baseline)
-    assert makespan <= 0.98 * baseline
+    assert result.baseline_makespan == exactly(baseline) and makespan <= baseline + 1e-9
+    split = min(n.makespan for n in result.named if n.split and n.memory <= limit + 1e-9)
+    assert makespan <= 0.98 * split
+    if result.schedule is not result.baseline:
+        assert result.schedule.name == "auto"
 
 
 def test_hidden_send_latency_is_searched_for():
@@ -469,10 +487,12 @@ def test_any_costs_give_a_valid_schedule_within_the_limit(p, extra, seed, latenc
     latency = latency if mode == "lockstep" else 0
     result = search_result(p, m, costs.__getitem__, memory_limit=limit, mode=mode, send_latency=latency, budget=400)
     validate(result.schedule)
-    sim = simulate(result.schedule, result.cost, mode, send_latency=latency)
+    # A named schedule may be chosen with B whole (`result.split`), as the executor runs it.
+    sim = simulate(result.schedule, result.cost, mode, split_backward=result.split, send_latency=latency)
     assert max(sim.peak_memory) <= result.memory + 1e-9 and result.memory <= limit + 1e-9
     if mode == "lockstep":
-        assert executor_memory(result.schedule, result.cost.weight_residuals, latency) == exactly(result.memory)
+        memory = executor_memory(result.schedule, result.cost.weight_residuals, latency, split=result.split)
+        assert memory == exactly(result.memory)
     assert sim.makespan == exactly(result.makespan) and result.makespan <= result.baseline_makespan + 1e-9
 
 
@@ -497,3 +517,72 @@ def test_a_scalar_cost_compares_virtual_on_one_model():
     # Per-chunk times (the old meaning) make every chunk as large as a device stage: zbv loses.
     per_chunk = search_result(4, 8, Cost(per="chunk"), memory_limit=8, budget=300)
     assert per_chunk.baseline.name == "zb_h1" and per_chunk.baseline_makespan == exactly(27.0)
+
+
+# --- the memory/time trade-off ------------------------------------------------------------------
+
+# Per-chunk costs measured on GPT blocks with remat "full" (XLA FLOPs of the executor's ops, F = 1):
+# the MaxText job of experiments/maxtext_memory.py (2 blocks of d_model 256 per chunk, seq 256; its
+# weight residuals are 28 stashes: under remat they are recomputed activations, the stash only the
+# stage input), and issue 25's 2-block d_model 1024 stages at seq 128 and 4096 (remat full, and none
+# at 4096), whose weight-residual bytes are not in that table: 8 and 0.5 stashes are assumed.
+MEASURED = {
+    "maxtext-job": Cost(f=1.0, b=2.71, i=1.89, w=0.84, weight_residuals=28.0),
+    "seq128-full": Cost(f=1.0, b=2.68, i=1.70, w=0.98, weight_residuals=8.0),
+    "seq4096-full": Cost(f=1.0, b=2.80, i=2.20, w=0.59, weight_residuals=8.0),
+    "seq4096-none": Cost(f=1.0, b=1.99, i=1.40, w=0.59, weight_residuals=0.5),
+}
+# (p, m, costs, virtual, send latency); p = 8, m = 16, seq 4096, virtual 1 was 1% slower than 1F1B
+# when the search counted every named schedule with B split (1F1B runs faster with B whole there).
+ACCEPTANCE = [
+    (4, 32, "maxtext-job", 1, 0),
+    (4, 32, "maxtext-job", 2, 1),
+    (4, 16, "seq128-full", 2, 0),
+    (8, 16, "seq4096-full", 1, 0),
+    (4, 16, "seq4096-none", 1, 1),
+]
+
+
+@pytest.mark.parametrize(("p", "m", "shape", "virtual", "latency"), ACCEPTANCE, ids=lambda x: str(x))
+def test_within_1_25x_1f1b_memory_auto_is_never_slower_than_1f1b(p, m, shape, virtual, latency):
+    """Issue 25's rule: with a limit of 1.25x 1F1B's buffer memory (1F1B as the executor runs it,
+    B split or whole), the search's schedule is no slower in lockstep than 1F1B (it may be 1F1B)."""
+    cost = MEASURED[shape]
+    one_f_one_b, one_f_one_b_memory = as_run(build("1f1b", p, m), cost, latency)
+    limit = 1.25 * one_f_one_b_memory
+    result = search_result(p, m, cost, memory_limit=limit, virtual=virtual, send_latency=latency, budget=1500)
+    makespan = check_found(result.schedule, result.cost, limit, latency)
+    assert makespan == exactly(result.makespan) and result.memory <= limit + 1e-9
+    assert makespan <= one_f_one_b + 1e-9, (result.schedule.name, makespan, one_f_one_b)
+    named = next(n for n in result.named if n.schedule.name == "1f1b")
+    assert (named.makespan, named.memory) == (exactly(one_f_one_b), exactly(one_f_one_b_memory))
+
+
+def test_named_schedules_are_counted_as_the_executor_runs_them():
+    """A named schedule with B ops is counted with B whole where that is no slower in lockstep (what
+    `best_split`, the executor's "auto", picks): the MaxText job's costs run 1F1B and GPipe whole."""
+    cost = MEASURED["maxtext-job"]
+    result = search_result(4, 32, cost, memory_limit=100, virtual=1, budget=0)
+    for n in result.named:
+        has_b = any(a.op is Op.B for row in n.schedule.actions for a in flatten(row))
+        assert n.split == (not has_b or schedules.best_split(n.schedule, cost)), n.label
+        assert (n.makespan, n.memory) == tuple(map(exactly, as_run(n.schedule, cost)))
+    whole = {n.schedule.name for n in result.named if not n.split}
+    assert {"1f1b", "gpipe"} <= whole and "zb_h1" not in whole
+
+
+@pytest.mark.parametrize("shape", ["maxtext-job", "seq4096-none"])
+def test_the_front_is_the_named_schedules_memory_time_trade_off(shape):
+    """`SearchResult.front`: the named schedules (v_half and v_min among them) that no other beats in
+    both makespan and memory, least memory first, covering every named schedule."""
+    result = search_result(4, 16, MEASURED[shape], memory_limit=100, virtual=2, budget=0)
+    assert {"1f1b", "zbv", "v_half", "v_min"} <= {n.schedule.name for n in result.named}
+    front = result.front
+    assert front == schedules.pareto_front(result.named) and len(front) >= 2
+    assert all(a.memory < b.memory and a.makespan > b.makespan for a, b in zip(front, front[1:]))
+    for n in result.named:
+        assert any(f.memory <= n.memory and f.makespan <= n.makespan for f in front), n.label
+        better = [o for o in result.named if o.memory <= n.memory and o.makespan < n.makespan - 1e-9]
+        assert (n in front) <= (not better), n.label
+    assert min(n.memory for n in result.named) == front[0].memory
+    assert min(n.makespan for n in result.named) == front[-1].makespan

@@ -32,7 +32,7 @@ from jpipe.schedules.ir import (
 from jpipe.schedules.orders import buffer_memory, buffer_slots
 from jpipe.schedules.render import plot, render
 from jpipe.schedules.routes import schedule_routes, skippipe
-from jpipe.schedules.search import SearchResult, search, search_result
+from jpipe.schedules.search import Named, SearchResult, pareto_front, search, search_result
 from jpipe.schedules.simulate import Cost, Event, Simulation, best_split, peak_memory, simulate
 from jpipe.schedules.ticks import TickTable, pack, split_backward
 from jpipe.schedules.validate import validate
@@ -53,6 +53,7 @@ __all__ = [
     "SCHEDULES",
     "Schedule",
     "ScheduleError",
+    "Named",
     "SearchResult",
     "Simulation",
     "TickTable",
@@ -67,6 +68,7 @@ __all__ = [
     "from_csv",
     "loop_placement",
     "pack",
+    "pareto_front",
     "peak_memory",
     "plot",
     "register",

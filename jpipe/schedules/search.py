@@ -4,10 +4,14 @@
     result = jpipe.schedules.search_result(4, 16, cost, memory_limit=4, virtual=2)  # with the baseline
 
 The search
-  1. builds every named schedule (`SCHEDULES`) for every `virtual` from 1 to the given one that it
-     accepts (with `send_latency=1` also `build(..., send_latency=1)`'s version of it, e.g. its
-     two-stream order), simulates it (the objective: `simulate(schedule, cost, mode, send_latency=...)`'s
-     makespan) and keeps those whose buffer memory (below) fits: the best of them is the baseline;
+  1. builds every named schedule (`SCHEDULES`, `v_half` and `v_min` included) for every `virtual`
+     from 1 to the given one that it accepts (with `send_latency=1` also `build(..., send_latency=1)`'s
+     version of it, e.g. its two-stream order), simulates it (the objective:
+     `simulate(schedule, cost, mode, send_latency=...)`'s makespan; in lockstep mode with each B
+     split into I and W or whole, whichever is faster, as the executor's `split_backward="auto"`
+     runs it) and keeps those whose buffer memory (below) fits: the best of them is the baseline.
+     Their Pareto front (makespan against memory, `SearchResult.front`) is the memory/time
+     trade-off the named schedules offer;
   2. proposes more starting points with a lockstep list scheduler (`jpipe.schedules.greedy`) under
      a grid of policies (backward or forward first, weight-gradient lag, warm-up depth, chunk
      order) on every placement those named schedules use (loop with 1..virtual chunks, V);
@@ -16,7 +20,9 @@ The search
      best found (a work-conserving repack of its orders, `jpipe.schedules.greedy.repack`) and
      climbs again with the rest (iterated local search);
   4. returns the best schedule found, checked with `validate` and `simulate`, or the baseline itself
-     when nothing beats it: never worse than the best named schedule that fits.
+     when nothing beats it: never worse than the best named schedule that fits. So with a limit
+     that 1F1B fits (e.g. 1.25x its memory), the result is never slower than 1F1B as the executor
+     runs it (`tests/test_search.py`, measured GPT costs with remat).
 
 Every searched schedule has F, I and W actions only (B split) and a named schedule's placement, so
 the executor runs it unchanged.
@@ -28,10 +34,11 @@ stashes and R the most weight residuals (an I's, until its W) any one device hol
 counted at its own peak: `compile_program(schedule, split=True)`'s `num_stash_slots` and
 `num_weight_slots`. The executor is one SPMD program, so every device allocates those slots, and the
 limit bounds them on every device. Named schedules are counted as the executor runs them in
-lockstep mode (every B split into I and W); in async mode as written (a whole B holds no weight
-residual). This is at least `jpipe.schedules.peak_memory` (stash plus weight residuals live at one
-moment on one device): the two peaks may come at different moments, or on different devices. Not
-counted: parameters, gradients, optimizer state, the inbox of messages in flight, temporaries.
+lockstep mode (B split into I and W, or whole where that is no slower: a whole B holds no weight
+residual); in async mode as written. This is at least `jpipe.schedules.peak_memory` (stash plus
+weight residuals live at one moment on one device): the two peaks may come at different moments,
+or on different devices. Not counted: parameters, gradients, optimizer state, the inbox of messages
+in flight, temporaries.
 
 Costs: read as `simulate` reads them. A scalar `Cost` (`per="device"`, the default) is one device
 stage of the model, split evenly over a v-chunk schedule's chunks (`Cost.chunk_cost(v)`: each chunk
@@ -52,11 +59,11 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from jpipe.schedules.generators import SCHEDULES, build
 from jpipe.schedules.greedy import Policy, list_schedule, repack
-from jpipe.schedules.ir import Schedule, ScheduleError
+from jpipe.schedules.ir import Op, Schedule, ScheduleError, flatten
 from jpipe.schedules.local_search import EPSILON, improve
 from jpipe.schedules.orders import Orders, buffer_memory, buffer_slots
 from jpipe.schedules.simulate import MODES, Cost, simulate
@@ -69,12 +76,31 @@ CostModel = Cost | Callable[[int], Cost]
 @dataclasses.dataclass(frozen=True)
 class Named:
     """A named schedule as the search saw it: its simulated makespan and buffer memory (microbatch x
-    full device stage, the count the limit bounds)."""
+    full device stage, the count the limit bounds), with each B run as the executor's
+    `split_backward="auto"` would run it (`split`: as I then W; else whole, holding no weight
+    residual)."""
 
     schedule: Schedule
     virtual: int
     makespan: float
     memory: float
+    split: bool = True
+
+    @property
+    def label(self) -> str:
+        """E.g. "zbv (v=2)", "1f1b (v=1, B whole)"."""
+        whole = ", B whole" if not self.split and _has_b(self.schedule) else ""
+        return f"{self.schedule.name} (v={self.virtual}{whole})"
+
+
+def pareto_front(named: Sequence[Named]) -> tuple[Named, ...]:
+    """The memory/time trade-off: the schedules no other is at least as good as in both makespan
+    and memory (and better in one), least memory first; of equal points the first given."""
+    front: list[Named] = []
+    for candidate in sorted(named, key=lambda n: (n.memory, n.makespan)):
+        if not front or candidate.makespan < front[-1].makespan - EPSILON:
+            front.append(candidate)
+    return tuple(front)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +118,14 @@ class SearchResult:
       baseline: the best named schedule that fits the limit.
       baseline_makespan: its simulated makespan.
       named: every named schedule built, fitting or not, in build order.
+      front: the Pareto front of `named` (makespan against memory, `pareto_front`), least memory
+        first: the memory/time trade-off the named schedules offer.
       evaluations: orders evaluated (list-scheduled and local-search moves).
       seconds: wall time of the search.
       timed_out: whether `time_limit` stopped the search before its budget was spent.
+      split: whether `makespan` and `memory` count each B of the schedule split into I and W (else
+        whole: a named schedule whose B ran no slower whole in lockstep; the executor's
+        `split_backward="auto"` runs it so).
     """
 
     schedule: Schedule
@@ -105,9 +136,11 @@ class SearchResult:
     baseline: Schedule
     baseline_makespan: float
     named: tuple[Named, ...]
+    front: tuple[Named, ...]
     evaluations: int
     seconds: float
     timed_out: bool
+    split: bool = True
 
     @property
     def ratio(self) -> float:
@@ -205,14 +238,16 @@ def search_result(
         schedule=chosen.schedule,
         makespan=chosen.makespan,
         memory=chosen.memory,
-        slots=_slots(chosen.schedule, mode),
+        slots=_slots(chosen),
         cost=cost_of[chosen.virtual],
         baseline=baseline.schedule,
         baseline_makespan=baseline.makespan,
         named=tuple(named),
+        front=pareto_front(named),
         evaluations=evaluations,
         seconds=time.monotonic() - started,
         timed_out=timed_out,
+        split=chosen.split,
     )
 
 
@@ -265,8 +300,10 @@ def _named(
     """Every named schedule that builds, simulated, and one search space per placement they use.
 
     In lockstep mode `simulate` runs every B as I then W, so the fast evaluation of the split
-    schedule gives its makespan and memory exactly; in async mode `simulate` itself is used, and
-    the memory of the schedule as written.
+    schedule gives its makespan and memory exactly; a schedule with B actions is also simulated with
+    B whole, and kept so when that is no slower (what the executor's `split_backward="auto"`
+    runs; a whole B holds no weight residual). In async mode `simulate` itself is used, and the
+    memory of the schedule as written.
     """
     named, spaces = [], {}
     for name in SCHEDULES:
@@ -276,14 +313,29 @@ def _named(
                 if placement not in spaces:
                     spaces[placement] = Orders(p, m, placement, cost_of[v], mode, latency)
                 if mode == "lockstep":
-                    space = spaces[placement]
-                    score = space.evaluate(space.rows_of(schedule))
-                    named.append(Named(schedule, v, score.makespan, score.memory))
+                    named.append(_lockstep_named(schedule, v, spaces[placement], latency))
                 else:
                     sim = simulate(schedule, cost_of[v], mode, send_latency=latency)
                     memory = buffer_memory(buffer_slots(schedule), cost_of[v].weight_residuals, v)
-                    named.append(Named(schedule, v, sim.makespan, memory))
+                    named.append(Named(schedule, v, sim.makespan, memory, split=False))
     return named, spaces
+
+
+def _lockstep_named(schedule: Schedule, virtual: int, space: Orders, latency: int) -> Named:
+    """`schedule` in lockstep with B split (the fast evaluation) or whole, whichever is faster (ties: whole)."""
+    score = space.evaluate(space.rows_of(schedule))
+    split = Named(schedule, virtual, score.makespan, score.memory)
+    if not _has_b(schedule):
+        return split
+    whole = simulate(schedule, space.cost, "lockstep", split_backward=False, send_latency=latency).makespan
+    if whole > split.makespan:
+        return split
+    memory = buffer_memory(buffer_slots(schedule), space.cost.weight_residuals, virtual)
+    return Named(schedule, virtual, whole, memory, split=False)
+
+
+def _has_b(schedule: Schedule) -> bool:
+    return any(action.op is Op.B for row in schedule.actions for action in flatten(row))
 
 
 def _built(name: str, p: int, m: int, v: int, latency: int) -> list[Schedule]:
@@ -435,6 +487,6 @@ def _chosen(
     return Named(schedule, space.virtual, sim.makespan, memory)
 
 
-def _slots(schedule: Schedule, mode: str) -> tuple[tuple[int, int], ...]:
-    """Per device, the buffer slots of `schedule` as the search counted it (lockstep: B split)."""
-    return buffer_slots(split_backward(schedule) if mode == "lockstep" else schedule)
+def _slots(chosen: Named) -> tuple[tuple[int, int], ...]:
+    """Per device, the buffer slots of the chosen schedule as the search counted it (B split or whole)."""
+    return buffer_slots(split_backward(chosen.schedule) if chosen.split else chosen.schedule)

@@ -22,6 +22,14 @@ What a run with schedule "auto" does before it builds its training step:
    measured bytes) next to the limit and to the best named schedule's that fits, and the run writes
    it to `<out>/schedule.csv` (torch.pipelining's format, `jpipe.schedules.to_csv`) with the numbers
    in `<out>/schedule_search.json`.
+4. Prints the memory/time trade-off of the named schedules (`v_half` and `v_min` among them): their
+   Pareto front of simulated makespan against buffer memory (`SearchResult.front`; each B split or
+   whole as the executor's `split_backward="auto"` runs it), makespans also relative to 1F1B's, and
+   keeps it in `schedule_search.json` (`"pareto_front"`). With a limit of 1.25x 1F1B's memory the
+   chosen schedule is never slower (simulated) than 1F1B: 1F1B fits, and the search returns at
+   worst the best named schedule that fits. Cost-balanced ticks (`balance_ticks`) are not on the
+   front (their packing takes seconds per schedule); `experiments/maxtext_memory.py --tradeoff`
+   measures them.
 
 A resumed run (`--resume`) reads the schedule back from `schedule.csv` instead of searching again,
 unless what the search depends on changed (stages, microbatches, virtual, memory limit, remat, data
@@ -191,7 +199,8 @@ class AutoSchedule:
       limit: the memory limit searched with, in microbatch x stage stashes.
       stash_bytes: bytes of one stash with the chosen schedule's `virtual` (`ModelMeasure.stash_bytes`).
       key: what the search depends on (`search_key`): a resumed run reuses the schedule while it holds.
-      report: the text printed (chart and comparison).
+      report: the text printed (chart, comparison and the named schedules' memory/time trade-off).
+      front: the named schedules' Pareto front (makespan against memory) as records (`front_records`).
     """
 
     result: SearchResult
@@ -199,13 +208,17 @@ class AutoSchedule:
     stash_bytes: int
     key: dict[str, Any]
     report: str
+    front: tuple[dict[str, Any], ...] = ()
 
 
 def send_latency(config: TrainConfig) -> int:
-    """The lockstep send latency the executor runs with: 1 when `overlap_sends` is true, else 0.
+    """The lockstep send latency the search assumes: 1 when `overlap_sends` is true, else 0.
 
-    ("auto" turns the overlap on only when the simulator finds it no slower; with measured FLOPs
-    sends cost nothing and it stays off.)
+    With "auto" the executor turns the overlap on for the chosen schedule wherever the simulator
+    finds it no slower, which the search does not foresee: with measured FLOPs (sends cost nothing)
+    the one-tick latency can still pack faster, e.g. interleaved_1f1b on the MaxText job of
+    `experiments/maxtext_memory.py` runs with hidden sends at 0.70 of 1F1B's step, 0.96 exposed
+    (docs/memory.md).
     """
     return 1 if config.parallel.overlap_sends is True else 0
 
@@ -249,7 +262,8 @@ def search_schedule(config: TrainConfig, measure: ModelMeasure, stream: IO[str])
     report = describe_search(result, latency, measure, limit)
     stream.write(report + "\n")
     stream.flush()
-    return AutoSchedule(result, limit, chosen_bytes, search_key(config), report)
+    front = tuple(front_records(result, measure, limit))
+    return AutoSchedule(result, limit, chosen_bytes, search_key(config), report, front)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,9 +289,10 @@ class Buffers:
         return self.stash_slots * self.stash_slot_bytes + self.weight_slots * self.weight_slot_bytes
 
 
-def executor_buffers(schedule: Schedule, measure: ModelMeasure, latency: int) -> Buffers:
-    """What `compile_program` allocates for `schedule`'s stashes and weight residuals, with measured bytes."""
-    program = compile_program(schedule, split=True, send_latency=latency)
+def executor_buffers(schedule: Schedule, measure: ModelMeasure, latency: int, *, split: bool = True) -> Buffers:
+    """What `compile_program` allocates for `schedule`'s stashes and weight residuals, with measured
+    bytes (`split`: each B run as I then W, else whole)."""
+    program = compile_program(schedule, split=split, send_latency=latency)
     v = schedule.virtual
     chunk = measure.stage_costs(v)
     wr = measure.layer.cost().weight_residuals
@@ -293,9 +308,14 @@ def executor_buffers(schedule: Schedule, measure: ModelMeasure, latency: int) ->
 def describe_search(result: SearchResult, latency: int, measure: ModelMeasure, limit: float) -> str:
     """The search's time, the chosen schedule's chart, and its numbers and buffers next to the limit
     and the best named schedule's."""
-    searched = schedules.simulate(result.schedule, result.cost, "lockstep", send_latency=latency)
+    split = _runs_split(result)
+    searched = schedules.simulate(
+        result.schedule, result.cost, "lockstep", split_backward=split[result.schedule], send_latency=latency
+    )
     baseline = result.baseline
-    named = schedules.simulate(baseline, measure.cost(baseline.virtual), "lockstep", send_latency=latency)
+    named = schedules.simulate(
+        baseline, measure.cost(baseline.virtual), "lockstep", split_backward=split[baseline], send_latency=latency
+    )
     stopped = ", stopped by the time limit" if result.timed_out else ""
     if result.schedule is baseline:
         verdict = "nothing beat the best named schedule: training with it"
@@ -311,7 +331,7 @@ def describe_search(result: SearchResult, latency: int, measure: ModelMeasure, l
         f"  {'':<12}{'schedule':<20}{'makespan':>10}{'bubble':>9}  buffers: stash + weight-residual slots",
     ]
     for label, schedule, sim in (("best named", baseline, named), ("chosen", result.schedule, searched)):
-        buffers = executor_buffers(schedule, measure, latency)
+        buffers = executor_buffers(schedule, measure, latency, split=split[schedule])
         slots = (
             f"{buffers.stash_slots} x {format_bytes(buffers.stash_slot_bytes)} + {buffers.weight_slots} x "
             f"{format_bytes(buffers.weight_slot_bytes)} = {buffers.stashes:.3g} = {format_bytes(buffers.bytes)}"
@@ -319,7 +339,56 @@ def describe_search(result: SearchResult, latency: int, measure: ModelMeasure, l
         name = f"{schedule.name} (v={schedule.virtual})"
         lines.append(f"  {label:<12}{name:<20}{sim.makespan:>10.1f}{sim.bubble_fraction:>9.1%}  {slots}")
     lines.append(f"  ratio chosen / best named makespan: {result.ratio:.3f}")
+    lines += describe_front(result, measure, limit)
     return "\n".join(lines)
+
+
+def _runs_split(result: SearchResult) -> dict[Schedule, bool]:
+    """Whether the search counted the chosen schedule and the baseline with each B split (else whole)."""
+    baseline = next((n.split for n in result.named if n.schedule is result.baseline), True)
+    return {result.baseline: baseline, result.schedule: result.split}
+
+
+def describe_front(result: SearchResult, measure: ModelMeasure, limit: float) -> list[str]:
+    """The named schedules' memory/time trade-off: their Pareto front (`SearchResult.front`), one line
+    each, makespan also relative to 1F1B's (as the executor runs it) when 1F1B was built."""
+    reference = _one_f_one_b(result)
+    relative = f"{'/ 1f1b':>8}" if reference else ""
+    lines = [
+        "memory/time trade-off of the named schedules (Pareto front: none is both faster and smaller):",
+        f"  {'schedule':<34}{'makespan':>10}{relative}  buffers",
+    ]
+    for point in front_records(result, measure, limit):
+        ratio = f"{point['makespan'] / reference.makespan:>8.3f}" if reference else ""
+        fits = "" if point["fits"] else "  (over the limit)"
+        lines.append(
+            f"  {point['label']:<34}{point['makespan']:>10.1f}{ratio}  {point['memory']:.3g} stashes = "
+            f"{format_bytes(point['bytes'])}{fits}"
+        )
+    return lines
+
+
+def front_records(result: SearchResult, measure: ModelMeasure, limit: float) -> list[dict[str, Any]]:
+    """`result.front` as records (kept in schedule_search.json): label, schedule, virtual, split,
+    makespan, memory (stashes), bytes (memory x one stash's bytes for its `virtual`), fits."""
+    return [
+        {
+            "label": point.label,
+            "schedule": point.schedule.name,
+            "virtual": point.virtual,
+            "split": point.split,
+            "makespan": point.makespan,
+            "memory": point.memory,
+            "bytes": int(point.memory * measure.stash_bytes(point.virtual)),
+            "fits": point.memory <= limit * (1 + 1e-9),
+        }
+        for point in result.front
+    ]
+
+
+def _one_f_one_b(result: SearchResult) -> schedules.Named | None:
+    """1F1B (virtual 1) as the search simulated it (B split or whole as the executor runs it), if built."""
+    return next((n for n in result.named if n.schedule.name == "1f1b" and n.virtual == 1), None)
 
 
 def _limit(limit: MemoryLimit | None, measure: ModelMeasure, p: int, m: int, virtual: int) -> tuple[float, str]:
@@ -399,10 +468,13 @@ def save(out: pathlib.Path, searched: AutoSchedule) -> None:
         "baseline": result.baseline.name,
         "baseline_virtual": result.baseline.virtual,
         "baseline_makespan": result.baseline_makespan,
+        "split": result.split,
+        "baseline_split": _runs_split(result)[result.baseline],
         "ratio": result.ratio,
         "evaluations": result.evaluations,
         "seconds": result.seconds,
         "timed_out": result.timed_out,
+        "pareto_front": searched.front,
     }
     (out / SEARCH_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
