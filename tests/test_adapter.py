@@ -197,6 +197,28 @@ def test_round_trip_and_the_module_back():
     np.testing.assert_allclose(pipe.to_module(params)(tokens), lm(tokens), rtol=1e-6)
 
 
+def test_stage_costs_count_every_layer_of_a_chunk():
+    """XLA counts a scan's body once: the measured FLOPs are scaled to the chunk's layers.
+
+    Two layers per chunk cost twice one layer's (the pinned behaviour of `cost_analysis()` on
+    jax 0.10 and 0.12; should a JAX count every iteration, this fails rather than double counting).
+    """
+    mesh = make_mesh_or_skip((2,), (STAGE,))
+    flops = {}
+    for layers in (2, 4):
+        pipe = PipelinedModel(
+            model=model(layers, False),
+            blocks="blocks",
+            prologue=lambda lm, tokens: lm.embed(tokens),
+            loss=head_loss,
+            schedule=schedules.build("1f1b", 2, MICROBATCHES),
+            mesh=mesh,
+        )
+        flops[layers] = pipe.stage_costs(jax.ShapeDtypeStruct((BATCH, SEQ, DIM), jnp.float32)).flops
+    for op in ("f", "b", "i", "w"):
+        assert flops[4][op] == pytest.approx(2 * flops[2][op], rel=0.01), op
+
+
 def test_pipelined_lm_is_the_adapter_on_gpt():
     assert "PipelinedModel" in jpipe.__all__ and jpipe.PipelinedModel is PipelinedModel
     assert isinstance(PipelinedLM.adapter, functools.cached_property)

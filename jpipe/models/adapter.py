@@ -349,17 +349,22 @@ class PipelinedModel:
         Its `cost(per="chunk")` is the simulator's per-chunk `Cost`.
 
         `x`: one microbatch's activation on one device (arrays or `jax.ShapeDtypeStruct`s).
+
+        XLA's `cost_analysis()` counts the body of the stage's scan over its layers once, so the
+        FLOPs are scaled to the chunk's `layers` (absolute FLOPs matter where a send's time is
+        expressed in forwards: `jpipe.parallel.links.send_comm`); their ratios are unchanged.
         """
         layers = max(self.layout.layer_counts)
         blocks = _get(self._structure.params, self.blocks)
         stage_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape[1:]), a.dtype), blocks)
-        return measure_costs(
+        costs = measure_costs(
             layered(self.layer_fn),
             stage_params,
             _abstract(x),
             remat=self.options.remat,
             recompute=self.options.recompute,
         )
+        return dataclasses.replace(costs, flops={op: flops * layers for op, flops in costs.flops.items()})
 
     # The step.
 
