@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from jpipe.pipeline.offload import offloaded
 from jpipe.schedules.fused_ticks import balance_ticks
-from jpipe.schedules.ir import Schedule
+from jpipe.schedules.ir import Op, Schedule, members
 from jpipe.schedules.recompute import with_recompute
 from jpipe.schedules.simulate import Cost, best_split, simulate
 
@@ -91,9 +91,9 @@ class PipelineOptions:
         balanced = balance_ticks(schedule, self.cost, send_latency=int(overlap))
         if self.balance_ticks == AUTO and not _fits(balanced.schedule, schedule, self.cost, split, overlap):
             return PipelinePlan(self, split=split, overlap=overlap, schedule=schedule)
-        if balanced.fused or self.balance_ticks is True:
-            fused = balanced.schedule if balanced.fused else schedule
-            return PipelinePlan(self, split=True, overlap=overlap, schedule=fused, balanced=balanced.fused)
+        if balanced.fused:
+            return PipelinePlan(self, split=True, overlap=overlap, schedule=balanced.schedule, balanced=True)
+        # Nothing packed (no two ops fit in a tick): the plain plan, B whole where that is faster.
         return PipelinePlan(self, split=split, overlap=overlap, schedule=schedule)
 
 
@@ -121,12 +121,20 @@ class PipelinePlan:
         def how(value, option) -> str:
             return f"{value} (auto)" if option == AUTO else value
 
-        split = how("split into I and W" if self.split else "whole", self.options.split_backward)
+        if self.schedule is not None and _writes_split(self.schedule):
+            split = "split into I and W (as written)"
+        else:
+            split = how("split into I and W" if self.split else "whole", self.options.split_backward)
         sends = how("overlapped" if self.overlap else "exposed", self.options.overlap_sends)
         text = f"backward {split}, sends {sends}"
         if self.balanced:
             text += f", ticks {how('cost-balanced', self.options.balance_ticks)}"
         return text
+
+
+def _writes_split(schedule: Schedule) -> bool:
+    """Whether the schedule itself holds I or W actions (it runs them split whatever `split` says)."""
+    return any(action.op in (Op.I, Op.W) for row in schedule.actions for step in row for action in members(step))
 
 
 BALANCE_MEMORY_LIMIT = 1.25
