@@ -96,6 +96,32 @@ def test_pipelined_moe_matches_unpipelined(case):
     assert_trees_close(pipe.to_model(grads), ref_grads)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[CASES[0].id, CASES[2].id])
+def test_pipelined_routing_metrics_match_unpipelined(case):
+    """`value_and_grad(has_aux=True)`: the routing metrics equal the one-device model's, the loss
+    and gradients are those without metrics (float32, 1e-5)."""
+    pipe = pipeline(case)
+    params = pipe.place(model_params(MOE))
+    (loss, metrics), grads = jax.jit(pipe.value_and_grad(has_aux=True))(params, *batch(MOE))
+    tokens, targets = (a.reshape((-1,) + a.shape[2:]) for a in batch(MOE))
+    ref_loss, ref_metrics = jax.jit(lambda p, t, y: _model_of(p).loss_and_metrics(t, y))(
+        model_params(MOE), tokens, targets
+    )
+    assert set(metrics) == {"balance_loss", "expert_load", "dropped_fraction"}
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(metrics, ref_metrics)
+    assert_trees_close(pipe.to_model(grads), reference_of(MOE)[1])
+    assert float(jnp.sum(metrics["expert_load"])) == pytest.approx(1.0, rel=1e-5)
+    assert 0 < float(metrics["dropped_fraction"]) < 1
+    evaluated_loss, evaluated = jax.jit(pipe.evaluate(has_aux=True))(params, *batch(MOE))
+    assert_trees_close((evaluated_loss, evaluated), (ref_loss, ref_metrics))
+
+
+def _model_of(params) -> MoELM:
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoELM(MOE, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, params)
+
+
 def _model(config=MOE) -> MoELM:
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoELM(config, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, model_params(config))
