@@ -243,8 +243,15 @@ def test_model_moe_trains_with_dualpipev(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2" in result.stdout
-    losses = [record["loss"] for record in read_metrics(out / "metrics.jsonl") if "loss" in record]
+    records = read_metrics(out / "metrics.jsonl")
+    losses = [record["loss"] for record in records if "loss" in record]
     assert len(losses) >= 2 and all(np.isfinite(losses))
+    routing = ("balance_loss", "dropped_fraction", "expert_load_max", "expert_load_min")
+    for record in records:
+        assert all(np.isfinite(record[name]) for name in routing), record
+        assert 0 <= record["dropped_fraction"] <= 1
+        assert 0 <= record["expert_load_min"] <= 0.25 <= record["expert_load_max"] <= 1  # 4 experts
+    assert "balance " in result.stdout and "dropped " in result.stdout and "expert load " in result.stdout
 
 
 @pytest.mark.parametrize(
