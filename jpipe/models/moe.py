@@ -300,7 +300,8 @@ def routing_metrics(config: GPTConfig, activation: dict[str, jax.Array]) -> dict
     """The batch's routing metrics from the last MoE block's activation (float32, no gradient).
 
     With `n = num_layers x experts_per_token x T` routed choices per sequence:
-      balance_loss: the mean per-sequence balance loss `aux` (unweighted), a scalar.
+      balance_loss: the mean per-sequence balance loss `aux` (unweighted; summed over the MoE
+        layers, so `num_layers` when balanced), a scalar.
       expert_load: `[E]`, the fraction of routed choices that chose each expert (before capacity),
         mean over sequences (and hence over the MoE layers); sums to 1.
       dropped_fraction: choices past capacity / all routed choices, a scalar.
