@@ -42,12 +42,21 @@ def reference_metrics(stage_params, loss_params, inputs, targets):
     return jax.tree.map(lambda a: jnp.mean(a, axis=0), per_microbatch)
 
 
-@pytest.mark.parametrize(("name", "p", "m"), [("1f1b", 4, 6), ("zbv", 2, 5), ("dualpipev", 2, 4)])
-def test_metrics_match_the_sequential_reference(name, p, m):
-    schedule = schedules.build(name, p, m, schedules.default_virtual(name))
+@pytest.mark.parametrize(
+    ("name", "p", "m", "options", "braided"),
+    [
+        ("1f1b", 4, 6, {}, False),
+        ("zbv", 2, 5, {}, False),
+        ("dualpipev", 2, 4, {"overlap": True}, True),  # F&B pairs braided in one tick
+        ("1f1b_overlap", 2, 4, {}, True),
+    ],
+)
+def test_metrics_match_the_sequential_reference(name, p, m, options, braided):
+    schedule = schedules.build(name, p, m, schedules.default_virtual(name), **options)
     mesh = make_mesh_or_skip((p,), ("stage",))
     problem = make_problem(schedule.num_model_stages, m)
     step = jpipe.value_and_grad(stage_fn, loss_with_metrics, schedule=schedule, mesh=mesh, has_aux=True)
+    assert step.program.braided == braided
     (loss, metrics), grads = jax.jit(step)(*problem)
     ref_loss, ref_grads = reference_value_and_grad(*problem)
     assert_trees_close(loss, ref_loss)
@@ -57,7 +66,7 @@ def test_metrics_match_the_sequential_reference(name, p, m):
 
 
 def test_forward_loss_returns_the_metrics_too():
-    schedule = schedules.build("dualpipev", 2, 4)
+    schedule = schedules.build("dualpipev", 2, 4, overlap=True)
     mesh = make_mesh_or_skip((2,), ("stage",))
     problem = make_problem(schedule.num_model_stages, 4)
     evaluate = jpipe.forward_loss(stage_fn, loss_with_metrics, schedule=schedule, mesh=mesh, has_aux=True)
