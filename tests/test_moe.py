@@ -96,6 +96,32 @@ def test_pipelined_moe_matches_unpipelined(case):
     assert_trees_close(pipe.to_model(grads), ref_grads)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0].id, CASES[3].id])
+def test_pipelined_routing_metrics_match_unpipelined(case):
+    """`value_and_grad(has_aux=True)`: the routing metrics equal the one-device model's, the loss
+    and gradients are those without metrics (float32, 1e-5)."""
+    pipe = pipeline(case)
+    params = pipe.place(model_params(MOE))
+    (loss, metrics), grads = jax.jit(pipe.value_and_grad(has_aux=True))(params, *batch(MOE))
+    tokens, targets = (a.reshape((-1,) + a.shape[2:]) for a in batch(MOE))
+    ref_loss, ref_metrics = jax.jit(lambda p, t, y: _model_of(p).loss_and_metrics(t, y))(
+        model_params(MOE), tokens, targets
+    )
+    assert set(metrics) == {"balance_loss", "expert_load", "dropped_fraction"}
+    assert_trees_close(loss, ref_loss)
+    assert_trees_close(metrics, ref_metrics)
+    assert_trees_close(pipe.to_model(grads), reference_of(MOE)[1])
+    assert float(jnp.sum(metrics["expert_load"])) == pytest.approx(1.0, rel=1e-5)
+    assert 0 < float(metrics["dropped_fraction"]) < 1
+    evaluated_loss, evaluated = jax.jit(pipe.evaluate(has_aux=True))(params, *batch(MOE))
+    assert_trees_close((evaluated_loss, evaluated), (ref_loss, ref_metrics))
+
+
+def _model_of(params) -> MoELM:
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoELM(MOE, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, params)
+
+
 def _model(config=MOE) -> MoELM:
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoELM(config, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, model_params(config))
@@ -217,8 +243,15 @@ def test_model_moe_trains_with_dualpipev(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2" in result.stdout
-    losses = [record["loss"] for record in read_metrics(out / "metrics.jsonl") if "loss" in record]
+    records = read_metrics(out / "metrics.jsonl")
+    losses = [record["loss"] for record in records if "loss" in record]
     assert len(losses) >= 2 and all(np.isfinite(losses))
+    routing = ("balance_loss", "dropped_fraction", "expert_load_max", "expert_load_min")
+    for record in records:
+        assert all(np.isfinite(record[name]) for name in routing), record
+        assert 0 <= record["dropped_fraction"] <= 1
+        assert 0 <= record["expert_load_min"] <= 0.25 <= record["expert_load_max"] <= 1  # 4 experts
+    assert "balance " in result.stdout and "dropped " in result.stdout and "expert load " in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 
 from jpipe.train import cli
 from jpipe.train.config import ConfigError
-from jpipe.train.metrics import read_metrics
+from jpipe.train.metrics import flat_metrics, read_metrics, routing_summary
 from jpipe.train.presets import preset
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -290,3 +290,15 @@ def test_metrics_reach_tensorboard_and_profile_steps_write_a_trace(tmp_path):
     for log in (first.getvalue(), resumed.getvalue()):
         assert str(out / "profile" / "plugins" / "profile") in log
     assert "TensorBoard event files (tensorboard --logdir" in first.getvalue()
+
+
+def test_auxiliary_metrics_are_logged_as_flat_scalars():
+    """A step's metrics in metrics.jsonl: scalars as they are, vectors as their largest and smallest entries."""
+    metrics = {"balance_loss": np.float32(4.5), "expert_load": np.array([0.1, 0.4, 0.5]), "dropped_fraction": 0.25}
+    flat = flat_metrics(metrics)
+    assert flat == pytest.approx(
+        {"balance_loss": 4.5, "expert_load_max": 0.5, "expert_load_min": 0.1, "dropped_fraction": 0.25}
+    )
+    assert all(type(value) is float for value in flat.values())
+    assert routing_summary(flat) == "  balance 4.500  dropped 25.0%  expert load 0.100-0.500"
+    assert routing_summary({"loss": 1.0}) == ""

@@ -176,6 +176,9 @@ class PipelinedModel:
       layout: layers per logical stage: a `StageLayout`, explicit counts, or None (balanced).
       options: the executor's options (`jpipe.pipeline.PipelineOptions`: remat, split_backward,
         overlap_sends, braid, and the cost that decides the "auto" ones).
+      has_aux: `loss` returns `(loss, metrics)`, metrics a dict of float arrays (e.g. routing
+        statistics) that the pipeline averages like the loss and returns beside it (the executor's
+        `has_aux`); the steps then return `(loss, metrics)` where they returned the loss.
     """
 
     model: ModelSource
@@ -188,6 +191,7 @@ class PipelinedModel:
     rules: ShardingRules = dataclasses.field(default_factory=ShardingRules)
     layout: StageLayout | Sequence[int] | None = None
     options: PipelineOptions = PipelineOptions()
+    has_aux: bool = False
 
     def __post_init__(self):
         if not isinstance(self.options, PipelineOptions):
@@ -415,7 +419,8 @@ class PipelinedModel:
 
         inputs, targets: leaves `[m, B, ...]` (m = `schedule.num_microbatches`; B divisible by the
         data axis). The loss is the mean over microbatches of `loss`; grads have the structure and
-        sharding of params (padding slots get zero gradients).
+        sharding of params (padding slots get zero gradients). With `has_aux`, `loss` is
+        `(loss, metrics)`, the metrics' mean over microbatches (float32).
         """
         stage_fn, prologue, loss_fn, picked = self._pipeline_functions()
         pipelined = executor.value_and_grad(
@@ -426,11 +431,12 @@ class PipelinedModel:
             data_axes=self.data_axes,
             stage_order="device",
             prologue=prologue,
+            has_aux=self.has_aux,
             **self.options.keywords(),
         )
         shardings = self.shardings()
 
-        def step(params: PyTree, inputs: PyTree, targets: PyTree) -> tuple[jax.Array, PyTree]:
+        def step(params: PyTree, inputs: PyTree, targets: PyTree) -> tuple[jax.Array | tuple, PyTree]:
             stage_params, last, inputs, targets, first, leaves, treedef = self._arguments(
                 params, inputs, targets, picked
             )
@@ -456,7 +462,8 @@ class PipelinedModel:
         return self._merge(block_grads, grads, treedef)
 
     def evaluate(self, schedule: Schedule | None = None) -> Callable:
-        """`loss_of(params, inputs, targets) -> mean loss`, forwards only (`jpipe.forward_loss`).
+        """`loss_of(params, inputs, targets) -> mean loss`, forwards only (`jpipe.forward_loss`); with
+        `has_aux`, `-> (mean loss, mean metrics)`.
 
         The loss `value_and_grad` computes, without backward ops, residuals or gradients: what an
         evaluation should cost. `schedule` (default: the training schedule) must place the stages
@@ -478,9 +485,10 @@ class PipelinedModel:
             data_axes=self.data_axes,
             stage_order="device",
             prologue=prologue,
+            has_aux=self.has_aux,
         )
 
-        def loss_of(params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+        def loss_of(params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array | tuple:
             stage_params, last, inputs, targets, first, _, _ = self._arguments(params, inputs, targets, picked)
             return pipelined(stage_params, last, inputs, targets, first)
 

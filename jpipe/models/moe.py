@@ -22,8 +22,13 @@ Load balancing: DeepSeek's sequence-wise auxiliary loss, per sequence `sum_i f_i
 E / (k T) x` (choices of expert i in the sequence, before capacity) and `P_i` the mean router
 probability of expert i over the sequence; summed over the MoE layers, averaged over sequences,
 times `aux_loss_weight`, added to the cross-entropy. In the pipeline the running per-sequence sum
-travels with the activation (`{"x": [B, T, D], "aux": [B]}`) from stage to stage, and the loss at
-the last stage adds it, so its gradient reaches every stage's router.
+travels with the activation (`{"x": [B, T, D], "aux": [B], "load": [B, E], "dropped": [B]}`) from
+stage to stage, and the loss at the last stage adds it, so its gradient reaches every stage's router.
+
+Routing statistics travel the same way: `load` (choices per expert, before capacity) and `dropped`
+(choices past capacity), summed over the MoE layers per sequence (no gradient). At the last stage
+`head_loss_and_metrics` turns them into the metrics the pipeline returns beside the loss
+(`routing_metrics`: `balance_loss`, `expert_load` `[E]`, `dropped_fraction`).
 
 Shapes: B batch, T sequence, D d_model, E routed experts, k experts per token, C capacity, F one
 expert's width (`config.expert_width`).
@@ -212,9 +217,11 @@ class MoELM(GPT):
             self.dense_blocks = stacked_blocks(config, rngs, LlamaBlock, config.dense_layers)
 
     def first(self, tokens: jax.Array) -> dict[str, jax.Array]:
-        """Token ids `[B, T]` -> the activation entering the MoE blocks: `{"x", "aux", ["segments"]}`.
+        """Token ids `[B, T]` -> the activation entering the MoE blocks: `{"x", "aux", "load", "dropped",
+        ["segments"]}`.
 
-        The embedding, then the dense blocks; `aux` `[B]` float32 zeros (the running balance loss).
+        The embedding, then the dense blocks; float32 zeros for the running sums over the MoE
+        layers: `aux` `[B]` (balance loss), `load` `[B, E]` and `dropped` `[B]` (routing statistics).
         """
         x = self.embed(tokens)
         segments = self.segments(tokens)
@@ -226,7 +233,9 @@ class MoELM(GPT):
 
             x = dense(self.dense_blocks, x, segments)
         # Zeros computed from the tokens, so that inside the pipeline's shard_map they vary over its axes as x does.
-        activation = {"x": x, "aux": (tokens[:, 0] * 0).astype(F32)}
+        zeros = (tokens[:, 0] * 0).astype(F32)  # [B]
+        load = zeros[:, None] + jnp.zeros((1, self.config.num_experts), F32)
+        activation = {"x": x, "aux": zeros, "load": load, "dropped": zeros}
         if segments is not None:
             # Float32 as the pipeline carries them (exact for ids up to 2^24; no gradient).
             activation["segments"] = segments.astype(F32)
@@ -236,12 +245,12 @@ class MoELM(GPT):
         """Token ids `[B, T]` -> the last block's output `[B, T, D]`, and statistics summed over the MoE layers."""
         activation = self.first(tokens)
 
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
-        def run(block: nnx.Module, activation: dict) -> tuple[dict, dict]:
-            return moe_step(block, activation)
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def run(block: nnx.Module, activation: dict) -> dict:
+            return moe_layer(block, activation)
 
-        last, stats = run(self.blocks, activation)
-        return last["x"], {"aux": last["aux"], **{k: jnp.sum(v, axis=0) for k, v in stats.items()}}
+        last = run(self.blocks, activation)
+        return last["x"], {name: last[name] for name in ("aux", "load", "dropped")}
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Token ids `[B, T]` -> float32 logits `[B, T, V]`."""
@@ -250,31 +259,32 @@ class MoELM(GPT):
 
     def loss(self, tokens: jax.Array, targets: jax.Array) -> jax.Array:
         """Mean next-token cross-entropy plus `aux_loss_weight` x the mean per-sequence balance loss."""
+        return self.loss_and_metrics(tokens, targets)[0]
+
+    def loss_and_metrics(self, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`loss` and the routing metrics of the batch (`routing_metrics`)."""
         x, stats = self.hidden(tokens)
-        return head_loss(self, {"x": x, "aux": stats["aux"]}, targets)
-
-
-def moe_step(
-    block: MoEBlock, activation: dict[str, jax.Array], expert_axis: str | None = None
-) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """One MoE block on the activation `{"x", "aux", ["segments"]}`: the next activation (its balance
-    loss added to `aux`) and the block's routing statistics (`dropped` `[B]`, `load` `[B, E]`).
-
-    `expert_axis`: the manual mesh axis the experts are computed over (expert parallelism), or None."""
-    segments = activation.get("segments")
-    segments = None if segments is None else lax.stop_gradient(segments)
-    x, stats = block(activation["x"], segments, expert_axis)
-    return {**activation, "x": x, "aux": activation["aux"] + stats["aux"]}, {
-        "dropped": stats["dropped"],
-        "load": stats["load"],
-    }
+        return head_loss_and_metrics(self, {"x": x, **stats}, targets)
 
 
 def moe_layer(
     block: MoEBlock, activation: dict[str, jax.Array], expert_axis: str | None = None
 ) -> dict[str, jax.Array]:
-    """One MoE block on the pipeline's activation (`moe_step` without the statistics)."""
-    return moe_step(block, activation, expert_axis)[0]
+    """One MoE block on the activation `{"x", "aux", "load", "dropped", ["segments"]}`: the next
+    activation, the block's balance loss added to `aux` and its routing statistics to `load` `[B, E]`
+    and `dropped` `[B]`.
+
+    `expert_axis`: the manual mesh axis the experts are computed over (expert parallelism), or None."""
+    segments = activation.get("segments")
+    segments = None if segments is None else lax.stop_gradient(segments)
+    x, stats = block(activation["x"], segments, expert_axis)
+    return {
+        **activation,
+        "x": x,
+        "aux": activation["aux"] + stats["aux"],
+        "load": activation["load"] + lax.stop_gradient(stats["load"]),
+        "dropped": activation["dropped"] + lax.stop_gradient(stats["dropped"]),
+    }
 
 
 def head_loss(model: MoELM, activation: dict[str, jax.Array], targets: jax.Array) -> jax.Array:
@@ -286,11 +296,40 @@ def head_loss(model: MoELM, activation: dict[str, jax.Array], targets: jax.Array
     return loss
 
 
+def routing_metrics(config: GPTConfig, activation: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch's routing metrics from the last MoE block's activation (float32, no gradient).
+
+    With `n = num_layers x experts_per_token x T` routed choices per sequence:
+      balance_loss: the mean per-sequence balance loss `aux` (unweighted; summed over the MoE
+        layers, so `num_layers` when balanced), a scalar.
+      expert_load: `[E]`, the fraction of routed choices that chose each expert (before capacity),
+        mean over sequences (and hence over the MoE layers); sums to 1.
+      dropped_fraction: choices past capacity / all routed choices, a scalar.
+    """
+    seq = activation["x"].shape[1]
+    choices = max(config.num_layers * config.experts_per_token * seq, 1)
+    load, dropped = (lax.stop_gradient(activation[name]) for name in ("load", "dropped"))
+    return {
+        "balance_loss": jnp.mean(lax.stop_gradient(activation["aux"])),
+        "expert_load": jnp.mean(load, axis=0) / choices,
+        "dropped_fraction": jnp.mean(dropped) / choices,
+    }
+
+
+def head_loss_and_metrics(
+    model: MoELM, activation: dict[str, jax.Array], targets: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`head_loss` and `routing_metrics`: the pipeline's `has_aux` loss function for the moe family."""
+    return head_loss(model, activation, targets), routing_metrics(model.config, activation)
+
+
 def activation_shape(config: GPTConfig, batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
     """What passes between the stages of an moe model (`MoELM.first`'s output's shapes)."""
     shapes = {
         "x": jax.ShapeDtypeStruct((batch, seq, config.d_model), config.residual_dtype),
         "aux": jax.ShapeDtypeStruct((batch,), F32),
+        "load": jax.ShapeDtypeStruct((batch, config.num_experts), F32),
+        "dropped": jax.ShapeDtypeStruct((batch,), F32),
     }
     if config.document_end is not None:
         shapes["segments"] = jax.ShapeDtypeStruct((batch, seq), F32)

@@ -41,8 +41,10 @@ document from the token ids, and the activation between stages is `{"x": [B, T, 
 
 Mixture of experts (`GPTConfig(family="moe")`, `jpipe.models.moe`): the model is `MoELM`, the
 prologue runs the embedding and the dense first layers, the activation between stages is `{"x":
-[B, T, D], "aux": [B]}` (plus "segments"): each MoE block adds its per-sequence balance loss to
-"aux", and the loss at the last stage adds its weighted mean to the cross-entropy.
+[B, T, D], "aux": [B], "load": [B, E], "dropped": [B]}` (plus "segments"): each MoE block adds its
+per-sequence balance loss to "aux" and its routing statistics to "load" and "dropped", and the loss
+at the last stage adds the balance loss's weighted mean to the cross-entropy and returns the routing
+metrics beside it (`has_aux`; `value_and_grad(has_aux=True)`).
 
 All of this is `jpipe.models.PipelinedModel` (any NNX model with stacked blocks) applied to `GPT`:
 the prologue is `model.embed`, the loss `cross_entropy(model.head(x, table), targets)`.
@@ -147,8 +149,9 @@ class PipelinedLM:
                 lambda rngs: moe.MoELM(config, rngs=rngs),
                 blocks="blocks",
                 prologue=lambda model, tokens: model.first(tokens),
-                loss=moe.head_loss,
+                loss=moe.head_loss_and_metrics,
                 layer=functools.partial(moe.moe_layer, expert_axis=self.expert_axis),
+                has_aux=True,
                 schedule=self.schedule,
                 mesh=self.mesh,
                 rules=self.rules,
@@ -261,15 +264,44 @@ class PipelinedLM:
 
     # The step.
 
-    def value_and_grad(self) -> Callable:
+    def value_and_grad(self, *, has_aux: bool = False) -> Callable:
         """`step(params, tokens, targets) -> (loss, grads)`, params in pipeline layout.
 
         tokens, targets: int `[m, B, T]` (m = `schedule.num_microbatches`; B divisible by the data
-        axis). The loss is the mean over microbatches of the mean next-token cross-entropy; grads
-        have the structure and sharding of params (padding slots get zero gradients).
+        axis). The loss is the mean over microbatches of the mean next-token cross-entropy (plus the
+        weighted balance loss for moe); grads have the structure and sharding of params (padding
+        slots get zero gradients). With `has_aux`, `step(...) -> ((loss, metrics), grads)`: metrics
+        a dict of float32 arrays averaged over microbatches like the loss, the moe family's
+        `jpipe.models.moe.routing_metrics` (`balance_loss`, `expert_load` `[E]`,
+        `dropped_fraction`), empty for the other families.
         """
-        return self.adapter.value_and_grad()
+        step = self.adapter.value_and_grad()
+        if has_aux == self.adapter.has_aux:
+            return step
 
-    def evaluate(self, schedule: Schedule | None = None) -> Callable:
-        """`loss_of(params, tokens, targets) -> mean loss`, forwards only (see `PipelinedModel.evaluate`)."""
-        return self.adapter.evaluate(schedule)
+        def with_or_without_metrics(params: PyTree, tokens: jax.Array, targets: jax.Array) -> tuple:
+            loss, grads = step(params, tokens, targets)
+            return (_with_metrics(loss, has_aux), grads)
+
+        with_or_without_metrics.program, with_or_without_metrics.plan = step.program, step.plan
+        return with_or_without_metrics
+
+    def evaluate(self, schedule: Schedule | None = None, *, has_aux: bool = False) -> Callable:
+        """`loss_of(params, tokens, targets) -> mean loss`, forwards only (see `PipelinedModel.evaluate`);
+        with `has_aux`, `-> (mean loss, metrics)` as `value_and_grad`'s."""
+        loss_of = self.adapter.evaluate(schedule)
+        if has_aux == self.adapter.has_aux:
+            return loss_of
+
+        def with_or_without_metrics(params: PyTree, tokens: jax.Array, targets: jax.Array):
+            return _with_metrics(loss_of(params, tokens, targets), has_aux)
+
+        with_or_without_metrics.program = loss_of.program
+        return with_or_without_metrics
+
+
+def _with_metrics(loss: jax.Array | tuple, has_aux: bool) -> jax.Array | tuple:
+    """A step's loss as asked: `(loss, metrics)` with `has_aux` (no metrics: `{}`), else the loss alone."""
+    if has_aux:
+        return loss if isinstance(loss, tuple) else (loss, {})
+    return loss[0] if isinstance(loss, tuple) else loss

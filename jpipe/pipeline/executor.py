@@ -61,6 +61,7 @@ def value_and_grad(
     balance_ticks: bool | str = False,
     recompute: bool = False,
     offload: str = "none",
+    has_aux: bool = False,
 ) -> Callable:
     """Pipelined loss and gradients of `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`.
 
@@ -137,6 +138,11 @@ def value_and_grad(
         its W) or "all". The op that writes a slot copies it to the host and the op that reads it
         copies it back; on TPU the copies are asynchronous inside the tick loop. On CPU the host is
         the device: the same program, the same results.
+      has_aux: `loss_fn` returns `(loss, metrics)` (as `jax.value_and_grad`'s `has_aux`), metrics a
+        dict of float arrays (scalars, or e.g. `[E]`). They are averaged over microbatches exactly
+        like the loss (accumulated in float32 at each microbatch's last hop, summed over the
+        pipeline, averaged over `data_axes`: a per-microbatch mean over the batch, as the loss is)
+        and returned beside it; gradients flow through the loss only.
 
     Without a prologue, the batch is not replicated over the pipeline: `inputs` are stored sharded
     over `stage_axis` on their leading (microbatch) axis, microbatch i on device `i // ceil(m / p)`
@@ -150,7 +156,8 @@ def value_and_grad(
       input_grads))` where stage_params leaves are `[K, ...]` in model-stage order (see `stage_order`),
       inputs/targets leaves are `[num_microbatches, ...]`; gradients match their arguments. With a
       `prologue`: `step(stage_params, loss_params, inputs, targets, prologue_params) -> (loss,
-      (stage_grads, loss_grads, prologue_grads))`. `step.plan` is the `PipelineOptions.plan` it runs
+      (stage_grads, loss_grads, prologue_grads))`. With `has_aux`, `loss` is `(loss, metrics)`:
+      `step(...) -> ((loss, metrics), grads)`, metrics float32. `step.plan` is the `PipelineOptions.plan` it runs
       (`split_backward` and `overlap_sends` resolved), `step.program` its tick tables.
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
@@ -174,7 +181,9 @@ def value_and_grad(
     remat = "none" if program.recompute else remat  # R ops rebuild the whole forward's residuals
     braid_ops = stage_ops(stage_fn, remat, unroll=True) if program.braided else None
     ops = stage_ops(stage_fn, remat)
-    run = _build_runner(program, ops, loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops, offloaded(offload))
+    run = _build_runner(
+        program, ops, loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops, offloaded(offload), has_aux
+    )
     placement = program.placement
 
     device_params = _device_params_of("value_and_grad", schedule, stage_fn, mesh, data_axes, prologue, stage_order)
@@ -237,6 +246,7 @@ def forward_loss(
     stage_order: str = "logical",
     prologue: Callable[[PyTree, PyTree], PyTree] | None = None,
     overlap_sends: bool = False,
+    has_aux: bool = False,
 ) -> Callable:
     """Pipelined evaluation: `mean_m loss_fn(loss_params, stages(inputs[m]), targets[m])`, forwards only.
 
@@ -247,7 +257,8 @@ def forward_loss(
 
     Returns:
       `loss(stage_params, loss_params, inputs, targets) -> scalar`, or with a `prologue`
-      `loss(stage_params, loss_params, inputs, targets, prologue_params) -> scalar`.
+      `loss(stage_params, loss_params, inputs, targets, prologue_params) -> scalar`; with
+      `has_aux`, `-> (scalar, metrics)`, the metrics averaged as `value_and_grad`'s are.
     """
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     check_mesh(schedule, mesh, stage_axis, data_axes)
@@ -258,7 +269,8 @@ def forward_loss(
     program = prog.compile_program(
         schedule, forward_only=True, deliver=prologue is None, send_latency=int(overlap_sends)
     )
-    run = _build_runner(program, stage_ops(stage_fn, "none"), loss_fn, mesh, stage_axis, data_axes, prologue)
+    ops = stage_ops(stage_fn, "none")
+    run = _build_runner(program, ops, loss_fn, mesh, stage_axis, data_axes, prologue, has_aux=has_aux)
     device_params = _device_params_of("forward_loss", schedule, stage_fn, mesh, data_axes, prologue, stage_order)
 
     def loss(stage_params, loss_params, inputs, targets, prologue_params=None):
@@ -311,6 +323,7 @@ class _Setup:
       axis, data_axes: the stage mesh axis and the data-parallel ones.
       num_data: the data-parallel degree (product of the data axes' sizes).
       offload: the buffers kept in host memory (`jpipe.pipeline.offload`).
+      has_aux: `loss_fn` returns `(loss, metrics)`; the loss output is then that pair.
     """
 
     program: prog.Program
@@ -322,6 +335,7 @@ class _Setup:
     data_axes: tuple[str, ...]
     num_data: int
     offload: frozenset = frozenset()
+    has_aux: bool = False
 
     @property
     def evaluating(self) -> bool:
@@ -351,6 +365,7 @@ def _build_runner(
     prologue=None,
     braid_ops=None,
     offload: frozenset = frozenset(),
+    has_aux: bool = False,
 ) -> Callable:
     """The shard_map'ed scan over ticks, on the batch padded to a multiple of the pipeline size.
 
@@ -358,7 +373,7 @@ def _build_runner(
     layers unrolled, `stage_ops(..., unroll=True)`), default `ops`.
     """
     num_data = _axes_size(mesh, data_axes)
-    setup = _Setup(program, ops, braid_ops or ops, loss_fn, prologue, axis, data_axes, num_data, offload)
+    setup = _Setup(program, ops, braid_ops or ops, loss_fn, prologue, axis, data_axes, num_data, offload, has_aux)
     in_specs, out_specs = _specs(setup)
     manual = {axis, *data_axes}
 
@@ -374,7 +389,8 @@ def _specs(setup: _Setup) -> tuple[tuple, Any]:
 
     Arguments are `(stage_params, loss_params, inputs, targets[, prologue_params])`, forward only
     `(stage_params, inputs)`; outputs `(loss, stage_grads, loss_grads, input or prologue grads)`,
-    the loss alone when evaluating, the outputs forward only.
+    the loss alone when evaluating, the outputs forward only (with `has_aux`, "loss" is
+    `(loss, metrics)`, replicated as the loss is: `P()` is a prefix of both).
     """
     axis, data_axes = setup.axis, setup.data_axes
     stage_spec = P(axis)
@@ -425,6 +441,7 @@ def _per_device(setup: _Setup, local_params, loss_params, inputs, targets, prolo
         manual_axes=manual_axes,
         recompute=setup.program.recompute,
         offload=setup.offload,
+        has_aux=setup.has_aux,
     )
     machine = TickMachine(setup.program, context, setup.kernels(), setup.ops, setup.braid_ops, setup.axis)
     device = lax.axis_index(setup.axis)
@@ -446,7 +463,7 @@ def _device_outputs(setup: _Setup, context: kernels.TickContext, state: Carry, d
     program, axis = setup.program, setup.axis
     results = take_first(state.results, program.microbatches_per_device) if program.deliver else None
     if setup.evaluating:
-        return setup.data_mean(lax.psum(state.loss, axis))
+        return _loss_output(setup, state)
     if program.forward_only:
         return results
     grads = jax.tree.map(lambda g, a: g.astype(a.dtype)[None], setup.data_mean(state.grads), context.local_params)
@@ -463,7 +480,16 @@ def _device_outputs(setup: _Setup, context: kernels.TickContext, state: Carry, d
         first_grads = end_slots.reduce(
             state.end_grads, end_slots.prologue, holds_first, context.prologue_params, axis, setup.data_mean
         )
-    return setup.data_mean(lax.psum(state.loss, axis)), grads, loss_grads, first_grads
+    return _loss_output(setup, state), grads, loss_grads, first_grads
+
+
+def _loss_output(setup: _Setup, state: Carry) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """The mean loss (with `has_aux`, and the mean metrics): summed over the pipeline (only the
+    devices of last hops hold non-zero values), averaged over the data axes."""
+    loss = setup.data_mean(lax.psum(state.loss, setup.axis))
+    if not setup.has_aux:
+        return loss
+    return loss, setup.data_mean(jax.tree.map(lambda a: lax.psum(a, setup.axis), state.metrics))
 
 
 def _padded(setup: _Setup, mapped: Callable, mesh, in_specs: tuple) -> Callable:

@@ -16,13 +16,15 @@ its input in the stash, R rebuilds the forward's residuals from it into `Buffer.
 B, I and W read them there; the stage's ops are then those of remat "none".
 
 The mode picks the kernel set: `TRAINING` (F, B, I, W, R), `FORWARD_ONLY` (F returning its output)
-or `EVALUATION` (F adding the loss at the last hop). A new op kind is one `OpCode`, one kernel
-function, one `Kernel` entry here and the `StageOps` method it calls.
+or `EVALUATION` (F adding the loss at the last hop). With `has_aux`, F's last hop also adds the
+loss function's metrics into `Buffer.METRICS` (None, an empty subtree, without it). A new op kind
+is one `OpCode`, one kernel function, one `Kernel` entry here and the `StageOps` method it calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,13 +51,15 @@ class TickContext:
       loss_params, prologue_params: the model's ends (None when absent).
       inputs: the device's own microbatches `[k, ...]` with `deliver`, else all `[m, ...]`.
       targets: `[m, ...]`, replicated (None forward only).
-      loss_fn: `(loss_params, y, target) -> scalar`, or None.
+      loss_fn: `(loss_params, y, target) -> scalar`, or None; with `has_aux`, `-> (scalar, metrics)`.
       prologue: `(prologue_params, inputs[i]) -> x`, or None.
       x_like: zeros shaped like one stage input (a message), varying over the manual axes.
       scale: 1 / m (the loss is the mean over microbatches).
       end_slots: the end-gradient accumulators' layout (training only).
       manual_axes: the `shard_map`'s manual axes (stage, data).
       recompute: the schedule has R ops: F stashes its input, B/I/W read what R rebuilt.
+      has_aux: `loss_fn` returns `(loss, metrics)`, metrics a dict of float arrays averaged over the
+        microbatches like the loss (`Carry.metrics`); gradients flow through the loss only.
       offload: the buffers that live in host memory (`jpipe.pipeline.offload`). The tick machine
         stages them: the ops see a device buffer of one slot per lane (see `TickMachine`).
     """
@@ -73,6 +77,7 @@ class TickContext:
     manual_axes: tuple[str, ...]
     recompute: bool = False
     offload: frozenset[Buffer] = frozenset()
+    has_aux: bool = False
 
     def store(self, state: Carry, buffer: Buffer, slot, value: PyTree) -> Carry:
         """`state` with `value` in slot `slot` of `buffer`."""
@@ -103,8 +108,18 @@ class TickContext:
             return self.load(view, Buffer.RECOMPUTED, row.recompute_slot)
         return self.load(view, Buffer.STASH, row.stash_slot)
 
-    def add_loss(self, state: Carry, loss: jax.Array) -> Carry:
-        return dataclasses.replace(state, loss=state.loss + loss.astype(state.loss.dtype) * self.scale)
+    def add_loss(self, state: Carry, loss: jax.Array, metrics: dict[str, jax.Array] | None = None) -> Carry:
+        """`state` with one microbatch's loss (and metrics, with `has_aux`) added, scaled by 1 / m."""
+        state = dataclasses.replace(state, loss=state.loss + loss.astype(state.loss.dtype) * self.scale)
+        if not self.has_aux:
+            return state
+        added = jax.tree.map(lambda acc, v: acc + v.astype(acc.dtype) * self.scale, state.metrics, metrics)
+        return dataclasses.replace(state, metrics=added)
+
+    def loss_and_metrics(self, loss_params: PyTree, y: PyTree, target: PyTree) -> tuple[jax.Array, PyTree]:
+        """`loss_fn`'s loss and metrics (None without `has_aux`)."""
+        out = self.loss_fn(loss_params, y, target)
+        return out if self.has_aux else (out, None)
 
     def prologue_backward(self, state: Carry, row: LaneRow, d_x: PyTree) -> Carry:
         """A first hop's input gradient -> the prologue's parameter gradients (with a prologue only)."""
@@ -119,6 +134,20 @@ class TickContext:
             return self.end_slots.add(acc, self.end_slots.prologue, d_prologue)
 
         return dataclasses.replace(state, end_grads=if_(row.is_first, accumulate, lambda g: g, state.end_grads))
+
+
+def check_metrics(out: PyTree) -> None:
+    """Raise unless `out` (shapes of a `has_aux` loss function's output) is `(scalar loss, dict of float arrays)`."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+        raise ValueError(
+            f"loss_fn: with has_aux=True it must return (loss, metrics), metrics a dict; got {jax.tree.structure(out)}"
+        )
+    loss, metrics = out
+    if getattr(loss, "shape", None) != ():
+        raise ValueError(f"loss_fn: the loss must be a scalar, got shape {getattr(loss, 'shape', None)}")
+    for name, value in metrics.items():
+        if not isinstance(value, jax.ShapeDtypeStruct | jax.Array) or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(f"loss_fn: metric {name!r} must be a float array, got {value!r}")
 
 
 KernelFn = Callable[[TickContext, StageOps, Carry, LaneRow, View], Layerwise[Finish]]
@@ -149,16 +178,17 @@ class Kernel:
 
 
 def forward(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
-    """F: stash the residuals; at the last hop, the loss, its parameter gradients and the output gradient."""
+    """F: stash the residuals; at the last hop, the loss (and metrics), its parameter gradients and d(loss)/dy."""
     x = varying(context.stage_input(row, view), context.manual_axes)
     y, residuals = yield from ops.forward_layerwise(context.stage_params(row), x)
 
     def with_loss(state):
         target = take(context.targets, row.microbatch)
-        loss, loss_vjp = jax.vjp(lambda lp, out: context.loss_fn(lp, out, target), context.loss_params, y)
+        loss_of = functools.partial(context.loss_and_metrics, target=target)
+        loss, loss_vjp, metrics = jax.vjp(loss_of, context.loss_params, y, has_aux=True)  # metrics: no gradient
         d_loss_params, d_y = loss_vjp(varying(jnp.asarray(context.scale, loss.dtype), context.manual_axes))
         end_grads = context.end_slots.add(state.end_grads, context.end_slots.loss, d_loss_params)
-        return dataclasses.replace(context.add_loss(state, loss), end_grads=end_grads), d_y
+        return dataclasses.replace(context.add_loss(state, loss, metrics), end_grads=end_grads), d_y
 
     kept = x if context.recompute else residuals  # with R, the R rebuilds the residuals from x
 
@@ -224,21 +254,22 @@ def forward_only(context: TickContext, ops: StageOps, state: Carry, row: LaneRow
 
 
 def forward_loss(context: TickContext, ops: StageOps, state: Carry, row: LaneRow, view: View) -> Layerwise[Finish]:
-    """F, evaluation: the output is the message; at the last hop the loss is added (no gradients)."""
+    """F, evaluation: the output is the message; at the last hop the loss (and metrics) are added (no gradients)."""
     y = ops.fn(context.stage_params(row), varying(context.stage_input(row, view), context.manual_axes))
 
     def add_loss(state):
-        return context.add_loss(state, context.loss_fn(context.loss_params, y, take(context.targets, row.microbatch)))
+        loss, metrics = context.loss_and_metrics(context.loss_params, y, take(context.targets, row.microbatch))
+        return context.add_loss(state, loss, metrics)
 
     return no_layers(lambda state: (if_(row.is_last, add_loss, lambda s: s, state), y))
 
 
 TRAINING = (
-    Kernel(OpCode.FORWARD, forward, (Buffer.STASH, Buffer.LOSS, Buffer.END_GRADS)),
+    Kernel(OpCode.FORWARD, forward, (Buffer.STASH, Buffer.LOSS, Buffer.METRICS, Buffer.END_GRADS)),
     Kernel(OpCode.BACKWARD, backward, (Buffer.GRADS,), (Buffer.END_GRADS,), accumulates=True),
     Kernel(OpCode.INPUT_GRAD, input_grad, (Buffer.WEIGHT_STASH,), (Buffer.END_GRADS,)),
     Kernel(OpCode.WEIGHT_GRAD, weight_grad, (Buffer.GRADS,), accumulates=True),
     Kernel(OpCode.RECOMPUTE, recompute, (Buffer.RECOMPUTED,)),
 )
 FORWARD_ONLY = (Kernel(OpCode.FORWARD, forward_only, ()),)
-EVALUATION = (Kernel(OpCode.FORWARD, forward_loss, (Buffer.LOSS,)),)
+EVALUATION = (Kernel(OpCode.FORWARD, forward_loss, (Buffer.LOSS, Buffer.METRICS)),)

@@ -27,6 +27,7 @@ class Buffer(enum.Enum):
     RECOMPUTED = "recomputed"
     GRADS = "grads"
     LOSS = "loss"
+    METRICS = "metrics"
     END_GRADS = "end_grads"
 
 
@@ -41,6 +42,8 @@ class Carry:
       grads: float32 accumulators of the device's stage gradients, leaves `[v, ...]`.
       inbox: arrived messages and inputs, leaves `[num_inbox_slots + 1, ...]` (+ a scratch slot).
       loss: the summed (mean over microbatches) loss, a float32 scalar.
+      metrics: the summed (mean over microbatches) auxiliary outputs of a `has_aux` loss, a dict of
+        float32 arrays (None without `has_aux`).
       outboxes: per lane, the message of the previous tick, sent during this one (overlapped sends).
       results: input gradients (or outputs, forward only) of the device's own microbatches,
         leaves `[k + 1, ...]` (+ a scratch slot); with `deliver`.
@@ -53,6 +56,7 @@ class Carry:
     grads: PyTree = None
     inbox: PyTree = None
     loss: jax.Array | None = None
+    metrics: dict[str, jax.Array] | None = None
     outboxes: tuple | None = None
     results: PyTree = None
     stash: PyTree = None

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jpipe.pipeline.arrays import accumulator_dtype, put, slots, take, varying, zeros
-from jpipe.pipeline.kernels import Kernel, TickContext
+from jpipe.pipeline.kernels import Kernel, TickContext, check_metrics
 from jpipe.pipeline.lockstep import run_alone, run_in_lockstep
 from jpipe.pipeline.offload import HostBuffer
 from jpipe.pipeline.program import Program
@@ -70,7 +70,7 @@ class TickMachine:
             carry = dataclasses.replace(carry, **self._training_buffers(rows))
         if Buffer.LOSS in self._written():
             dtype = accumulator_dtype(*(a.dtype for a in jax.tree.leaves(context.loss_params)))
-            carry = dataclasses.replace(carry, loss=jnp.zeros((), dtype))
+            carry = dataclasses.replace(carry, loss=jnp.zeros((), dtype), metrics=self._zero_metrics())
         carry = varying(carry, context.manual_axes)
         offloaded = {
             buffer.value: HostBuffer.zeros_like(getattr(carry, buffer.value), context.manual_axes)
@@ -78,6 +78,16 @@ class TickMachine:
             if _slot_count(getattr(carry, buffer.value))  # a buffer no op uses stays as it is
         }
         return dataclasses.replace(carry, **offloaded)
+
+    def _zero_metrics(self) -> dict[str, jax.Array] | None:
+        """Float32 zeros shaped like one microbatch's metrics of a `has_aux` loss (None without)."""
+        context = self.context
+        if not context.has_aux:
+            return None
+        target = take(context.targets, 0)
+        shapes = jax.eval_shape(context.loss_and_metrics, context.loss_params, context.x_like, target)
+        check_metrics(shapes)
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes[1])
 
     def _written(self) -> set[Buffer]:
         return {buffer for kernel in self.kernels for buffer in kernel.buffers(self.context)}

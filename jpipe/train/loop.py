@@ -8,7 +8,9 @@ Everything a run writes goes under `config.run.out`:
   and `schedule_search.json`, the search's numbers; a resumed run trains with that schedule again
   (`jpipe.train.auto`);
 - `metrics.jsonl`: one JSON object per step (`step`, `loss`, `grad_norm`, `learning_rate`,
-  `step_seconds`, `tokens_per_second`, and `eval_loss` on evaluation steps);
+  `step_seconds`, `tokens_per_second`, and `eval_loss` on evaluation steps; for the moe family the
+  training batch's routing metrics too: `balance_loss`, `dropped_fraction`, `expert_load_max` and
+  `expert_load_min`, see `jpipe.models.moe.routing_metrics`);
 - `events.out.tfevents.*`: the same numbers as TensorBoard scalars of the same names
   (`tensorboard --logdir <out>`);
 - with `--profile-steps N..M`: `profile/plugins/profile/<time>/`, a `jax.profiler` trace of steps N
@@ -55,7 +57,7 @@ from jpipe.train.checkpoint import Checkpointer
 from jpipe.train.config import AUTO, ConfigError, as_dict
 from jpipe.train.data import TokenDataset, cache_dir, open_datasets
 from jpipe.train.init_from import InitSource
-from jpipe.train.metrics import MetricsWriter, Progress, plot_loss_curve, read_metrics
+from jpipe.train.metrics import MetricsWriter, Progress, flat_metrics, plot_loss_curve, read_metrics, routing_summary
 from jpipe.train.optimizer import learning_rate_schedule, make_optimizer
 from jpipe.train.preemption import SignalWatch, StepDecider, exit_status, fire_test_signal
 from jpipe.train.presets import TrainConfig
@@ -191,8 +193,9 @@ class TrainStep:
         when set (`jpipe.train.optimizer`).
       learning_rate: its schedule, step -> learning rate.
       step: `jpipe.train.step.train_step`, jitted: `(params, opt_state, tokens, targets) -> (params,
-        opt_state, loss, grad_norm)`. The state arguments are donated (updated in place) and come
-        back with the same shardings, so the second call does not recompile.
+        opt_state, loss, grad_norm)`, then the batch's metrics with `has_aux`. The state arguments
+        are donated (updated in place) and come back with the same shardings, so the second call
+        does not recompile.
       eval_loss: `jpipe.train.step.eval_step`, jitted: `(params, tokens, targets) -> loss`.
       param_shardings: a `NamedSharding` per parameter (pipeline layout).
       opt_shardings: a `NamedSharding` per optimizer-state leaf: Adam's moments like the parameters,
@@ -203,6 +206,7 @@ class TrainStep:
         was given, e.g. read back on resume).
       plan: what the step runs: `pipe.options` with its "auto" choices resolved, once
         (`jpipe.pipeline.PipelinePlan`).
+      has_aux: the step returns auxiliary metrics (the moe family's routing metrics).
     """
 
     pipe: PipelinedLM
@@ -217,6 +221,7 @@ class TrainStep:
     batch_shape: tuple[int, int, int]
     search: auto.AutoSchedule | None = None
     plan: PipelinePlan | None = None
+    has_aux: bool = False
 
     @functools.cached_property
     def lockstep(self) -> schedules.Simulation:
@@ -295,7 +300,8 @@ def build_train_step(
         cost = costs.cost(comm=_send_comm(config, costs, mesh), per="chunk")  # the largest logical stage: one chunk
     pipe = dataclasses.replace(pipe, options=dataclasses.replace(pipe.options, cost=cost))
     optimizer = make_optimizer(config.optimizer, config.run.steps)
-    loss_and_grads = pipe.value_and_grad()
+    has_aux = config.model.moe  # the routing metrics come out of the pipeline beside the loss
+    loss_and_grads = pipe.value_and_grad(has_aux=has_aux)
     param_shardings = pipe.shardings()
     opt_shardings = optimizer_shardings(optimizer, pipe.abstract_params(), param_shardings, mesh)
     return TrainStep(
@@ -306,7 +312,12 @@ def build_train_step(
         # Outputs keep the inputs' shardings (so the second step does not recompile); the old state is
         # donated, so parameters and optimizer state are updated in place.
         step=jit_train_step(
-            loss_and_grads, optimizer, param_shardings, opt_shardings, compiler_options_for(mesh.devices.flat)
+            loss_and_grads,
+            optimizer,
+            param_shardings,
+            opt_shardings,
+            compiler_options_for(mesh.devices.flat),
+            has_aux=has_aux,
         ),
         eval_loss=jit_eval_step(pipe.evaluate(_evaluation_schedule(pipe.schedule))),
         param_shardings=param_shardings,
@@ -315,6 +326,7 @@ def build_train_step(
         batch_shape=(parallel.microbatches, microbatch, config.data.seq_len),
         search=search,
         plan=loss_and_grads.plan,
+        has_aux=has_aux,
     )
 
 
@@ -553,7 +565,7 @@ class _StepLoop:
                 record["eval_loss"] = self.final_eval
             self.metrics.write(record)
             if step % run_config.log_every == 0 or step == run_config.steps:
-                extra = f"  eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                extra = routing_summary(record) + (f"  eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
                 self.progress.update(step, record["loss"], record["tokens_per_second"], record["step_seconds"], extra)
             self.profiler.after(step, (params, opt_state))
             fire_test_signal("after-step", step, self.signals, jax.process_index())
@@ -578,7 +590,7 @@ class _StepLoop:
         self.profiler.before(step)
         began = time.perf_counter()
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            params, opt_state, loss, grad_norm = built.step(params, opt_state, tokens, targets)
+            params, opt_state, loss, grad_norm, *metrics = built.step(params, opt_state, tokens, targets)
             loss = float(loss)
         seconds = time.perf_counter() - began
         record = {
@@ -588,6 +600,7 @@ class _StepLoop:
             "learning_rate": float(built.learning_rate(step - 1)),
             "step_seconds": seconds,
             "tokens_per_second": config.data.batch_size * config.data.seq_len / seconds,
+            **(flat_metrics(metrics[0]) if metrics else {}),
         }
         if not math.isfinite(loss):
             self.metrics.write({**record, "loss": None, "nonfinite": True})

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import IO, Any
 
+import numpy as np
+
 EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's name for its event files
 
 
@@ -60,6 +62,32 @@ class MetricsWriter:
         self._file.close()
         if self._events is not None:
             self._events.close()
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """A step's auxiliary metrics as flat scalars for `metrics.jsonl` and TensorBoard.
+
+    A scalar keeps its name; a vector (e.g. the moe family's `expert_load` `[E]`) becomes its
+    largest and smallest entries, `<name>_max` and `<name>_min`.
+    """
+    flat = {}
+    for name, value in metrics.items():
+        value = np.asarray(value, np.float64)
+        if value.ndim == 0:
+            flat[name] = float(value)
+        else:
+            flat[f"{name}_max"], flat[f"{name}_min"] = float(value.max()), float(value.min())
+    return flat
+
+
+def routing_summary(record: dict) -> str:
+    """A short routing summary for a log line from a record's moe metrics ("" without them)."""
+    if "balance_loss" not in record:
+        return ""
+    return (
+        f"  balance {record['balance_loss']:.3f}  dropped {100 * record['dropped_fraction']:.1f}%"
+        f"  expert load {record['expert_load_min']:.3f}-{record['expert_load_max']:.3f}"
+    )
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:

@@ -7,6 +7,9 @@ arguments, bound once with `functools.partial` before `jax.jit`:
     step = jit_train_step(pipe.value_and_grad(), optimizer, param_shardings, opt_shardings)
     params, opt_state, loss, grad_norm = step(params, opt_state, tokens, targets)
 
+With `has_aux` (the moe family's routing metrics: `PipelinedLM.value_and_grad(has_aux=True)`),
+`value_and_grad` returns `((loss, metrics), grads)` and the step returns the metrics last.
+
 `value_and_grad` is any `(params, tokens, targets) -> (loss, grads)`: `PipelinedLM.value_and_grad()`
 in the training loop and `experiments/throughput.py`, the unpipelined model's
 (`jpipe.models.reference_value_and_grad`) in `experiments/parity.py`.
@@ -34,21 +37,29 @@ def train_step(
     *,
     value_and_grad: ValueAndGrad,
     optimizer: optax.GradientTransformation,
-) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
-    """One optimizer step: `(params, opt_state, loss, grad_norm)` after the update.
+    has_aux: bool = False,
+) -> tuple:
+    """One optimizer step: `(params, opt_state, loss, grad_norm)` after the update (`+ (metrics,)` with `has_aux`).
 
     Args:
       params, opt_state: the parameters and `optimizer`'s state (any layout `value_and_grad` takes).
       tokens, targets: int32 `[m, B / m, T]`: microbatches of byte ids and their next bytes.
       value_and_grad: `(params, tokens, targets) -> (mean loss, gradients shaped like params)`.
       optimizer: the update rule (`jpipe.train.optimizer.make_optimizer`).
+      has_aux: `value_and_grad` returns `((mean loss, metrics), gradients)`, metrics a dict of
+        float32 arrays (e.g. the moe family's routing metrics).
 
     Returns the updated parameters and optimizer state, the loss before the update (float32 `[]`)
-    and the global L2 norm of the gradients (before clipping, float32 `[]`).
+    and the global L2 norm of the gradients (before clipping, float32 `[]`); with `has_aux`, then
+    the metrics of the batch (before the update).
     """
     loss, grads = value_and_grad(params, tokens, targets)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+    updated = (optax.apply_updates(params, updates), opt_state)
+    if has_aux:
+        loss, metrics = loss
+        return *updated, loss, optax.tree.norm(grads), metrics
+    return *updated, loss, optax.tree.norm(grads)
 
 
 def eval_step(params: PyTree, tokens: jax.Array, targets: jax.Array, *, loss: LossFn) -> jax.Array:
@@ -86,16 +97,19 @@ def jit_train_step(
     param_shardings: PyTree | None = None,
     opt_shardings: PyTree | None = None,
     compiler_options: dict | None = None,
+    has_aux: bool = False,
 ) -> Callable:
     """`train_step` bound to `value_and_grad` and `optimizer`, jitted, parameters and optimizer state donated.
 
     With `param_shardings` and `opt_shardings` (`NamedSharding` trees, see `optimizer_shardings`)
     the updated state comes back on the shardings it came in with, so the second call does not
     recompile; without them the compiler chooses. `compiler_options` are XLA options for its
-    compilation (`compiler_options_for(devices)`: those for GPUs).
+    compilation (`compiler_options_for(devices)`: those for GPUs). `has_aux`: see `train_step`.
     """
-    step = functools.partial(train_step, value_and_grad=value_and_grad, optimizer=optimizer)
-    out_shardings = None if param_shardings is None else (param_shardings, opt_shardings, None, None)
+    step = functools.partial(train_step, value_and_grad=value_and_grad, optimizer=optimizer, has_aux=has_aux)
+    out_shardings = None
+    if param_shardings is not None:
+        out_shardings = (param_shardings, opt_shardings, None, None) + ((None,) if has_aux else ())
     return jax.jit(step, out_shardings=out_shardings, donate_argnums=(0, 1), compiler_options=compiler_options)
 
 
