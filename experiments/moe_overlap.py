@@ -47,6 +47,8 @@ SCHEDULES = {
     "dualpipev pairs braided": {"name": "dualpipev", "overlap": True},
     "stp flattened": {"name": "stp", "flatten": True},
     "stp braided": {"name": "stp"},
+    "dualpipe pairs flattened": {"name": "dualpipe", "overlap": True, "flatten": True},
+    "dualpipe pairs braided": {"name": "dualpipe", "overlap": True},
     "1f1b_overlap flattened": {"name": "1f1b_overlap", "flatten": True},
     "1f1b_overlap braided": {"name": "1f1b_overlap"},
 }

@@ -226,3 +226,18 @@ def test_1f1b_overlap_needs_its_warmup():
     cost = Cost(f=1, b=2, i=1, w=1)
     assert simulate(shallow, cost).makespan == 99.0
     assert simulate(build("1f1b_overlap", p, m), cost).makespan == 57.0
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 4), (4, 8), (4, 16), (6, 12)])
+def test_dualpipe_overlapped_pairs_hide_all_to_alls(p, m):
+    """`dualpipe(overlap=True)`: the same actions, its F&B pairs as composites, valid; with an
+    all-to-all per op the pairs hide each other's (shorter); without one a pair's results wait for
+    its end, which costs p / 2 - 1 unit forwards here (0, 1, 1, 2)."""
+    plain = build("dualpipe", p, m)
+    paired = build("dualpipe", p, m, overlap=True)
+    validate(paired)
+    actions = [[a for step in row for a in members(step)] for row in paired.actions]
+    assert paired.has_composites and actions == [list(row) for row in plain.actions]
+    a2a = Cost(all_to_all=1.0)
+    assert simulate(paired, a2a, "async").makespan < simulate(plain, a2a, "async").makespan
+    assert simulate(paired, Cost(), "async").makespan == simulate(plain, Cost(), "async").makespan + p // 2 - 1

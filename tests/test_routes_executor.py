@@ -34,6 +34,8 @@ def _schedule(name: str, p: int, m: int) -> schedules.Schedule:
         return schedules.build("skippipe", p, m, 2, skip_ratio=0.25, reorder=False, steps=20)
     if name == "skippipe-reorders":
         return schedules.build("skippipe", p, m, 2, skip_ratio=0.25, seed=0, steps=40)
+    if name == "dualpipe-pairs":  # overlapped F&B pairs as composites: braided ticks on replicated stages
+        return schedules.build("dualpipe", p, m, overlap=True)
     if name == "hand-routes":
         return schedules.schedule_routes(p, m, schedules.loop_placement(p, 2), HAND_ROUTES, memory_cap=2)
     return schedules.build(name, p, m)
@@ -92,6 +94,7 @@ def _check(schedule, **options):
         ("dualpipe", 4, 8, True),
         ("dualpipe", 4, 16, False),
         ("dualpipe", 2, 4, False),
+        ("dualpipe-pairs", 4, 8, False),
         ("bitpipe", 4, 4, True),
         ("bitpipe", 4, 8, False),
         ("bitpipe", 4, 16, True),

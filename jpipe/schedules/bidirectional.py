@@ -13,7 +13,7 @@ a device's distance from the nearer end. Costs F, B, I, W are per logical stage 
 
 from __future__ import annotations
 
-from jpipe.schedules.generators import _dualpipe_order, _require_virtual, register
+from jpipe.schedules.generators import _dualpipe_order, _overlapped_pairs, _require_virtual, register
 from jpipe.schedules.ir import Action, Op, Schedule, ScheduleError
 
 
@@ -26,8 +26,8 @@ def _require_even_devices(name: str, num_devices: int) -> None:
 
 
 @register("dualpipe", routed=True)
-def dualpipe(num_devices: int, num_microbatches: int, virtual: int = 2) -> Schedule:
-    """DualPipe (DeepSeek-V3 technical report; deepseek-ai/DualPipe, `DualPipe.step`), F&B not overlapped.
+def dualpipe(num_devices: int, num_microbatches: int, virtual: int = 2, overlap: bool = False) -> Schedule:
+    """DualPipe (DeepSeek-V3 technical report; deepseek-ai/DualPipe, `DualPipe.step`).
 
     Layout (2p logical stages for p model stages, virtual 2): the down copy of model stage i is
     logical stage i on device i; the up copy is logical stage p + i on device p - 1 - i (so device d
@@ -50,6 +50,11 @@ def dualpipe(num_devices: int, num_microbatches: int, virtual: int = 2) -> Sched
     pairing or the I/W split). Peak: `p + 1` chunk activations on every device, i.e.
     `(p + 1) / 2` in `peak_activations`' unit (a device's two chunks). Measured at unit costs
     (F = 1, B = 2, I = W = 1; p in {2, 4, 6}, m from 2p to 32): `tests/test_routes.py`.
+
+    With `overlap=True` each overlapped pair is a `Composite(F, B)` step (the same actions in the
+    same order), as in `dualpipev(overlap=True)`: the executor runs the two in one braided tick, so
+    one's expert-parallel all-to-alls can run under the other's matmuls (DualPipe's purpose); the
+    last rank of each direction runs its first pair apart, as DeepSeek's code does.
     """
     _require_virtual("dualpipe", virtual, 2)
     p, m = num_devices, num_microbatches
@@ -65,7 +70,8 @@ def dualpipe(num_devices: int, num_microbatches: int, virtual: int = 2) -> Sched
         down, up = d, 2 * p - 1 - d  # the device's copies in the two directions
         own, other = (down, up) if d < half else (up, down)
         order = _dualpipe_order(half, n, min(d, p - 1 - d), own, other)
-        rows.append([Action(a.stage, a.op, a.microbatch + (n if a.stage >= p else 0)) for a in order])
+        row = [Action(a.stage, a.op, a.microbatch + (n if a.stage >= p else 0)) for a in order]
+        rows.append(_overlapped_pairs(row, skip_first=min(d, p - 1 - d) == half - 1) if overlap else row)
     return Schedule(
         num_devices=p,
         num_microbatches=m,
