@@ -157,6 +157,9 @@ class ParallelConfig:
       search_time: schedule "auto" only: seconds the search may take (single-process runs).
       skip_ratio: schedule "skippipe" only: the share of stage visits the microbatches skip (the
         first and last stage are never skipped; `jpipe.schedules.skippipe`). Unset: its default.
+      overlap_pairs: schedules "dualpipev" and "dualpipe" only: run DeepSeek's overlapped F&B
+        pairs as braided ticks (`build(..., overlap=True)`), so one microbatch's expert all-to-alls
+        can run under another's matmuls. Default false: each pair runs as its forward then its backward.
       expert_parallel: model family "moe" only: split the routed experts over the data axis
         (expert parallelism borrowing the data-parallel devices): each stores and computes
         num_experts / data experts, and tokens reach their experts and come back with all-to-alls.
@@ -181,6 +184,7 @@ class ParallelConfig:
     search_time: float = 30.0
     skip_ratio: float | None = None
     expert_parallel: bool = False
+    overlap_pairs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("data", "stage", "tensor", "virtual", "microbatches"):
@@ -224,6 +228,14 @@ class ParallelConfig:
             f"parallel.recompute: runs remat's recomputation as its own op: needs --remat full, got {self.remat!r}",
         )
         _require(
+            self.overlap_pairs in (True, False),
+            f"parallel.overlap_pairs: expected true or false, got {self.overlap_pairs!r}",
+        )
+        _require(
+            not self.overlap_pairs or self.schedule in ("dualpipev", "dualpipe"),
+            f"parallel.overlap_pairs: only schedules 'dualpipev' and 'dualpipe' have F&B pairs, got {self.schedule!r}",
+        )
+        _require(
             self.offload in ("none", "stash", "weights", "all"),
             f"parallel.offload: expected 'none', 'stash', 'weights' or 'all', got {self.offload!r}",
         )
@@ -255,8 +267,9 @@ class ParallelConfig:
 
     @property
     def schedule_options(self) -> dict[str, Any]:
-        """Keyword options for `jpipe.schedules.build(schedule, ...)` (skippipe's `skip_ratio`)."""
-        return {} if self.skip_ratio is None else {"skip_ratio": self.skip_ratio}
+        """Keyword options for `jpipe.schedules.build(schedule, ...)`: skip_ratio, the pairs' overlap."""
+        options = {} if self.skip_ratio is None else {"skip_ratio": self.skip_ratio}
+        return options | ({"overlap": True} if self.overlap_pairs else {})
 
     @property
     def num_stages(self) -> int:

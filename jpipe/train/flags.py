@@ -40,6 +40,7 @@ SHORT_NAMES = {
     "parallel.search_time": "search_time",
     "parallel.skip_ratio": "skip_ratio",
     "parallel.expert_parallel": "expert_parallel",
+    "parallel.overlap_pairs": "overlap_pairs",
     "run.steps": "steps",
     "run.checkpoint_every": "checkpoint_every",
     "run.checkpoint_every_minutes": "checkpoint_every_minutes",
