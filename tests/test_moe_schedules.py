@@ -3,7 +3,8 @@ plain (`SCHEDULES`), routed (`ROUTED_SCHEDULES`) and composite (`COMPOSITE_SCHED
 dualpipev's overlapped F&B pairs; loss and every gradient equal the one-device model's (float32, 1e-5).
 
 A file of its own so that pytest-xdist (`--dist loadfile`) runs it beside test_moe.py; each case
-compiles one pipelined step (the one-device reference is compiled once per worker).
+compiles one pipelined step (the one-device reference is compiled once per worker): 7-26 s a case on
+2 busy CPU cores (jax 0.10), about 3.5 minutes for the file.
 """
 
 from __future__ import annotations
