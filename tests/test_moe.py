@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from lm_cases import batch, mesh_of, model_params
+from lm_cases import batch, mesh_of, model_params, reference_step
 from lm_cases import reference as reference_of
 from pipeline_cases import assert_trees_close
 
@@ -49,54 +49,100 @@ MOE = moe_config(
 
 @dataclasses.dataclass(frozen=True)
 class MoECase:
-    """mesh (data, stage, tensor), schedule, FSDP, and whether experts are split over data."""
+    """mesh (data, stage, tensor), schedule (with `build` options), FSDP, whether experts are split
+    over data, and the microbatch count (a multiple of 4: see `moe_batch`)."""
 
     mesh: tuple[int, int, int]
     schedule: str
     virtual: int
     fsdp: bool
     expert_parallel: bool
+    options: tuple[tuple[str, object], ...] = ()
+    microbatches: int = 4
 
     @property
     def id(self) -> str:
-        extra = ("-fsdp" if self.fsdp else "") + (f"-ep{self.mesh[0]}" if self.expert_parallel else "")
+        extra = "".join(f"-{key}{'' if value is True else value}" for key, value in self.options)
+        extra += ("-fsdp" if self.fsdp else "") + (f"-ep{self.mesh[0]}" if self.expert_parallel else "")
         return f"{self.schedule}-mesh{'x'.join(map(str, self.mesh))}{extra}"
 
 
 CASES = [
     MoECase((1, 2, 2), "1f1b", 1, fsdp=False, expert_parallel=False),  # experts tensor-parallel on their width
-    MoECase((2, 2, 1), "zbv", 2, fsdp=False, expert_parallel=True),
     MoECase((2, 2, 1), "dualpipev", 2, fsdp=True, expert_parallel=True),
-    MoECase((2, 2, 1), "1f1b_overlap", 1, fsdp=False, expert_parallel=True),  # braided F&B pairs
-    MoECase((4, 2, 1), "dualpipe", 2, fsdp=False, expert_parallel=True),  # replicas; EP 4
+    # Expert parallelism 4 (stage 2 x data 4, every fake device), alone and with FSDP; every other
+    # schedule with expert parallelism 2 is in test_moe_schedules.py.
+    *(
+        MoECase((4, 2, 1), name, virtual, fsdp=fsdp, expert_parallel=True)
+        for name, virtual in [("1f1b", 1), ("zbv", 2), ("dualpipev", 2), ("dualpipe", 2)]
+        for fsdp in (False, True)
+    ),
 ]
 
 
 @functools.cache
 def pipeline(case: MoECase) -> PipelinedLM:
-    schedule = schedules.build(case.schedule, case.mesh[1], 4, case.virtual)
+    schedule = schedules.build(case.schedule, case.mesh[1], case.microbatches, case.virtual, **dict(case.options))
     rules = {**DEFAULT_RULES, "expert": "data"} if case.expert_parallel else DEFAULT_RULES
     return PipelinedLM(MOE, schedule=schedule, mesh=mesh_of(case.mesh), rules=ShardingRules(rules, fsdp=case.fsdp))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_pipelined_moe_matches_unpipelined(case):
+@functools.cache
+def moe_batch(microbatches: int) -> tuple[jax.Array, jax.Array]:
+    """tokens, targets `[microbatches, B, T]`: `batch(MOE)` then fresh draws, 4 microbatches at a time."""
+    chunks = [batch(MOE)]
+    rng = np.random.default_rng(1)
+    for _ in range(microbatches // 4 - 1):
+        ids = rng.integers(0, MOE.vocab_size, (4, *batch(MOE)[0].shape[1:-1], MOE.seq_len + 1))
+        chunks.append((jnp.asarray(ids[..., :-1], jnp.int32), jnp.asarray(ids[..., 1:], jnp.int32)))
+    return tuple(jnp.concatenate(parts) for parts in zip(*chunks))
+
+
+@functools.cache
+def moe_reference(microbatches: int) -> tuple[jax.Array, dict]:
+    """The one-device loss and gradients of `moe_batch(microbatches)`.
+
+    Routing and capacity are per sequence and the loss is the mean over equal microbatches, so the
+    reference of 4k microbatches is the mean of k references of 4 (one compiled reference serves all).
+    """
+    if microbatches == 4:
+        return reference_of(MOE)
+    tokens, targets = moe_batch(microbatches)
+    step = reference_step(MOE)
+    parts = [step(model_params(MOE), tokens[i : i + 4], targets[i : i + 4]) for i in range(0, microbatches, 4)]
+    return jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *parts)
+
+
+def check_parity(case: MoECase) -> None:
     """Loss (cross-entropy + balance loss) and every gradient equal the one-device model's (float32, 1e-5)."""
+    assert case.microbatches % 4 == 0
     pipe = pipeline(case)
     assert pipe.expert_axis == ("data" if case.expert_parallel else None)
     params = pipe.place(model_params(MOE))
-    step = jax.jit(pipe.value_and_grad()).lower(params, *batch(MOE)).compile()
+    inputs = moe_batch(case.microbatches)
+    step = jax.jit(pipe.value_and_grad()).lower(params, *inputs).compile()
     if case.expert_parallel:
         assert "all-to-all" in step.as_text()
         experts = params["blocks"]["moe"]["experts"]["w_up"]  # [S, layers, E, D, F]: E stored over data
         assert experts.sharding.spec[2] == "data"
-    loss, grads = step(params, *batch(MOE))
-    ref_loss, ref_grads = reference_of(MOE)
+    loss, grads = step(params, *inputs)
+    ref_loss, ref_grads = moe_reference(case.microbatches)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(pipe.to_model(grads), ref_grads)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0].id, CASES[3].id])
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_pipelined_moe_matches_unpipelined(case):
+    check_parity(case)
+
+
+METRICS_CASES = [
+    CASES[0],
+    MoECase((2, 2, 1), "1f1b_overlap", 1, fsdp=False, expert_parallel=True),
+]  # TP 2; braided EP 2
+
+
+@pytest.mark.parametrize("case", METRICS_CASES, ids=[case.id for case in METRICS_CASES])
 def test_pipelined_routing_metrics_match_unpipelined(case):
     """`value_and_grad(has_aux=True)`: the routing metrics equal the one-device model's, the loss
     and gradients are those without metrics (float32, 1e-5)."""
