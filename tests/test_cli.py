@@ -347,3 +347,15 @@ class TestScheduleFlag:
         assert "--schedule: parallel.schedule: cannot read the CSV schedule" in _error(capsys, "--schedule", "no.csv")
         err = _error(capsys, "--schedule", "InterleavedZeroBubble")
         assert "unknown schedule 'InterleavedZeroBubble'" in err and "a CSV file's path" in err
+
+
+def test_overlap_pairs_builds_braided_pairs_and_only_for_paired_schedules():
+    from jpipe.train.config import ParallelConfig
+
+    config = ParallelConfig(data=1, stage=2, schedule="dualpipev", virtual=2, overlap_pairs=True)
+    assert config.schedule_options == {"overlap": True}
+    with pytest.raises(ConfigError, match="only schedules 'dualpipev' and 'dualpipe' have F&B pairs, got '1f1b'"):
+        ParallelConfig(schedule="1f1b", overlap_pairs=True)
+    from jpipe import schedules
+
+    assert schedules.build("dualpipev", 2, 4, **config.schedule_options).has_composites
