@@ -151,8 +151,10 @@ class CompiledStep:
       host_temp_bytes: temporaries in host memory: the buffers `--offload` keeps there (not part
         of `total_bytes`, which is device memory; 0 without offload, and on CPU).
       device_temp_bytes: on a TPU, the temp allocation in device memory read from the compiler's
-        buffer assignment (`device_temp_allocation`; None elsewhere). It leaves out the generated
-        code that `temp_bytes` counts, and under `--offload` it is the number to read:
+        buffer assignment (`device_temp_allocation`; None elsewhere): the preallocated temp buffer.
+        It leaves out the generated code that `temp_bytes` counts, and any allocation outside that
+        buffer (1.7 GiB of a 24-layer zbv step's 14.3 GiB: docs/compile.md). Under `--offload`
+        compare it, not `temp_bytes`, between runs:
         libtpu's `memory_analysis()` then counts some of the host allocation in `temp_bytes` (all of
         it for a stash-offloaded 1f1b step, part of it for zbv).
       memory_capacity_bytes: HBM per device: `HBM_PER_CHIP[device_kind]` / devices per chip for

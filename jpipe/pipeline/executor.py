@@ -182,7 +182,7 @@ def value_and_grad(
     braid_ops = stage_ops(stage_fn, remat, unroll=True) if program.braided else None
     ops = stage_ops(stage_fn, remat)
     run = _build_runner(
-        program, ops, loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops, offloaded(offload), has_aux
+        program, ops, loss_fn, mesh, stage_axis, data_axes, prologue, braid_ops, offloaded(options.offload), has_aux
     )
     placement = program.placement
 

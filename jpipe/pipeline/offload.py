@@ -3,10 +3,12 @@
 A forward's stash lives from its F to its backward, a weight stash from its I to its W: in 1F1B the
 first stage holds p stashes at once, and the zero-bubble schedules' deferred W's hold their weight
 residuals for many ticks. With offload, such a buffer is allocated in the host's memory space
-(`jax.memory.Space.Host`, XLA's `S(5)` on TPU): the op that writes a slot copies its value to the
-host, the op that reads it copies it back. Inside the tick loop the TPU compiler makes these
-copies asynchronous (`dynamic-update-slice-start/done` into the host buffer), so they can run
-under the other ops' compute; the device keeps only the slot being written or read.
+(`jax.memory.Space.Host`, XLA's `S(5)` on TPU) as a `HostBuffer`. Each tick stages it (the tick
+machine's `_compute_staged`): every lane's slot is copied to a device buffer of one slot per lane
+before the ops and back to the host after them, outside the tick's conditionals. The TPU compiler
+makes these copies asynchronous (`dynamic-slice-start/done`, `dynamic-update-slice-start/done`);
+the device keeps the staged slots and their copies in flight, not the buffer. What that saves, and
+where it costs more than it saves, is measured in docs/memory.md (no transfer time is measured).
 
 On CPU the host is the device: the copies are no-ops, the program runs as without offload, and the
 results are identical (what the test suite checks); `memory_analysis()` then reports no host bytes.
